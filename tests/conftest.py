@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random models of several architectures, built on the fly (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ARCHS = ("llama", "gpt2", "llama_untied")
+
+
+def make_tokenizer():
+    """A tiny byte-level BPE tokenizer trained in memory, with bos/eos/pad and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["the quick brown fox jumps over the lazy dog", "12 + 35 = 47", "def f(x):\n    return x",
+              "日本語のテキスト", "中文文本"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return fast
+
+
+def make_model(arch: str = "llama", vocab_size: int = 320, seed: int = 0):
+    """A randomly initialised causal LM with a few thousand parameters."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                         bos_token_id=1, eos_token_id=2)
+        return GPT2LMHeadModel(cfg).eval()
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=(arch == "llama"), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def perturbed(model, scale: float, seed: int):
+    """A copy of ``model`` with every float parameter shifted by seeded Gaussian noise (a fake CPT)."""
+    import copy
+
+    new = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return new
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_pool(tmp_path: Path, tiny_tokenizer):
+    """Factory: ``tiny_pool(arch, n)`` saves a base and ``n`` perturbed 'CPT' models as HF dirs.
+
+    Returns ``(base_dir, [tuned_dir, ...])``.
+    """
+
+    def build(arch: str = "llama", n: int = 2) -> tuple[Path, list[Path]]:
+        base = make_model(arch)
+        base_dir = tmp_path / f"{arch}-base"
+        base.save_pretrained(base_dir)
+        tiny_tokenizer.save_pretrained(base_dir)
+        tuned = []
+        for i in range(n):
+            d = tmp_path / f"{arch}-tuned{i}"
+            perturbed(base, 0.02, seed=100 + i).save_pretrained(d)
+            tiny_tokenizer.save_pretrained(d)
+            tuned.append(d)
+        return base_dir, tuned
+
+    return build
