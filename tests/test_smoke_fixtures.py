@@ -9,7 +9,7 @@ def test_pool_loads(tiny_pool, arch):
     t = load_model(tuned[0])
     tok = load_tokenizer(base_dir)
     assert tok.decode(tok("the fox 12 + 35")["input_ids"]) == "the fox 12 + 35"
-    diff = sum((a - b).abs().sum().item() for a, b in zip(m.parameters(), t.parameters()))
+    diff = sum((a - b).abs().sum().item() for a, b in zip(m.parameters(), t.parameters(), strict=True))
     assert diff > 0
 
 

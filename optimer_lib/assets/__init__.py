@@ -1,0 +1,1 @@
+"""The embedded tiny world: corpora, tokenizer and models shipped in ``assets/`` (see build.py)."""

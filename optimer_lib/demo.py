@@ -1,0 +1,154 @@
+"""The whole OptiMer pipeline on the embedded tiny world.
+
+    optimer demo [--workdir runs/demo] [--quick]
+
+1. CPT of the base (``assets/base``) on each of ja, zh, math and code;
+2. distribution vectors τ_i = θ_i − θ_base (plus the instruction vector of ``assets/instruct``);
+3. a TPE search of α on the dev splits (100 trials, top-3 re-scored on more samples);
+4. export of the best merge (HF checkpoint + model card + mergekit YAML);
+5. a results table — base, each CPT model alone, uniform average, OptiMer best — on dev and
+   test, written to ``results.json`` and ``results.md`` in the workdir.
+
+Every stage is cached in the workdir: re-running skips finished CPT runs and vectors and
+continues an interrupted search to its trial count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from optimer_lib.data import assets_dir, load_eval_suite
+from optimer_lib.evaluate import evaluate_suite
+from optimer_lib.objectives import parse_objective
+from optimer_lib.search import SearchConfig, run_search
+from optimer_lib.train import TrainConfig, train_cpt
+from optimer_lib.vectors import extract_vector, save_vector
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs; ``DemoConfig.quick()`` is the few-minute version."""
+
+    workdir: Path = Path("runs/demo")
+    corpora: tuple[str, ...] = ("ja", "zh", "math", "code")
+    eval_corpora: tuple[str, ...] = ("en", "ja", "zh", "math", "code")
+    cpt_tokens: int = 400_000
+    cpt_lr: float = 1e-3
+    objective: str = "balanced"
+    sampler: str = "tpe"
+    trials: int = 100
+    search_limit: int = 100
+    rescore_limit: int = 300
+    top_k: int = 3
+    table_limit: int = 300
+    seed: int = 0
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, workdir: Path = Path("runs/quick")) -> DemoConfig:
+        return cls(workdir=workdir, cpt_tokens=60_000, trials=20, search_limit=30, rescore_limit=80, top_k=2,
+                   table_limit=80)
+
+
+def _stage(cfg: DemoConfig, name: str, t0: float) -> None:
+    cfg.timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"[demo] {name}: {cfg.timings[name]:.1f} s", flush=True)
+
+
+def build_pool(cfg: DemoConfig) -> tuple[list[Path], Path]:
+    """CPT runs and vector files (cached): returns (vector paths, instruction vector path)."""
+    base = assets_dir() / "base"
+    paths = []
+    for name in cfg.corpora:
+        out = cfg.workdir / "cpt" / name
+        if not (out / "training.json").exists():
+            train_cpt(base, name, out, TrainConfig(tokens=cfg.cpt_tokens, lr=cfg.cpt_lr, seed=cfg.seed))
+        vec_path = cfg.workdir / "vectors" / f"{name}.safetensors"
+        if not vec_path.exists():
+            info = json.loads((out / "training.json").read_text())
+            vec = extract_vector(base, out, name=name, source=str(out), tokens_trained=info["tokens_trained"])
+            save_vector(vec, vec_path)
+        paths.append(vec_path)
+    inst_path = cfg.workdir / "vectors" / "instruct.safetensors"
+    if not inst_path.exists():
+        save_vector(extract_vector(base, assets_dir() / "instruct", name="instruct",
+                                   source=str(assets_dir() / "instruct")), inst_path)
+    return paths, inst_path
+
+
+def candidates(names: list[str], best: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The rows of the results table as weight vectors over the pool."""
+    rows = {"base": dict.fromkeys(names, 0.0)}
+    for n in names:
+        rows[f"CPT {n} alone"] = {m: float(m == n) for m in names}
+    rows["uniform average"] = dict.fromkeys(names, 1.0 / len(names))
+    rows["OptiMer best"] = dict(best)
+    return rows
+
+
+def results_markdown(results: dict) -> str:
+    metrics = results["metric_names"]
+    lines = [f"# OptiMer demo results\n\nObjective `{results['objective']}` (lower is better), "
+             f"first {results['table_limit']} documents per distribution.\n"]
+    for split in ("dev", "test"):
+        lines += [f"## {split}\n", "| model | objective | " + " | ".join(metrics) + " |",
+                  "|---|---|" + "---|" * len(metrics)]
+        for row, r in results["rows"].items():
+            m = r[split]
+            lines.append(f"| {row} | {r[split + '_objective']:.4f} | "
+                         + " | ".join(f"{m[k]:.3f}" for k in metrics) + " |")
+        lines.append("")
+    w = results["rows"]["OptiMer best"]["weights"]
+    lines.append("OptiMer weights: " + ", ".join(f"{k}={v:.3f}" for k, v in w.items()) + "\n")
+    lines.append("Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings"].items()) + "\n")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or resume) the demo; returns the results dict also written to ``results.json``."""
+    from optimer_lib.export import export_merged
+    from optimer_lib.pool import open_pool
+
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    vec_paths, inst_path = build_pool(cfg)
+    _stage(cfg, "cpt+vectors", t0)
+
+    pool = open_pool(assets_dir() / "base", vec_paths)
+    dev = load_eval_suite(cfg.eval_corpora, "dev")
+    test = load_eval_suite(cfg.eval_corpora, "test")
+    objective = parse_objective(cfg.objective, list(dev.texts), qa_names=list(dev.qa))
+    t1 = time.perf_counter()
+    result = run_search(pool.merger, pool.tokenizer, dev, objective, SearchConfig(
+        trials=cfg.trials, sampler=cfg.sampler, seed=cfg.seed, workdir=cfg.workdir, study_name="demo",
+        search_limit=cfg.search_limit, rescore_limit=cfg.rescore_limit, top_k=cfg.top_k))
+    _stage(cfg, "search", t1)
+
+    t2 = time.perf_counter()
+    rows = {}
+    for row, weights in candidates(pool.names, result.best_weights).items():
+        pool.merger.set_weights(weights)
+        r: dict = {"weights": weights}
+        for split, suite in (("dev", dev), ("test", test)):
+            r[split] = evaluate_suite(pool.model, pool.tokenizer, suite, limit=cfg.table_limit)
+            r[f"{split}_objective"] = objective(r[split])
+        rows[row] = r
+    _stage(cfg, "table", t2)
+
+    pool.merger.set_weights(result.best_weights)
+    export_merged(pool.model, pool.tokenizer, cfg.workdir / "best-model", base_path=str(assets_dir() / "base"),
+                  vectors=pool.vectors, weights=result.best_weights, method="optimer",
+                  scores={f"dev {k}": v for k, v in rows["OptiMer best"]["dev"].items()}, overwrite=True)
+    cfg.timings["total"] = round(time.perf_counter() - t0, 1)
+    results = {"objective": objective.spec, "table_limit": cfg.table_limit, "rows": rows,
+               "metric_names": sorted(rows["base"]["dev"]), "best_json": str(result.path),
+               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+               "timings": cfg.timings}
+    (cfg.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    md = results_markdown(results)
+    (cfg.workdir / "results.md").write_text(md)
+    print(md)
+    return results

@@ -1,0 +1,417 @@
+"""Merge methods (pure tensor functions) and the resident merger that re-merges a model in place.
+
+    from optimer_lib.merge import ResidentMerger, merge_state_dict
+    merger = ResidentMerger(model, [ja, zh], instruction=it)   # model holds the base weights
+    merger.set_weights({"ja": 0.3, "zh": 0.1})                 # theta = base + 0.3 ja + 0.1 zh + 1.0 it
+    with merger.lock:                                           # a re-merge never races a generation
+        out = merger.model.generate(...)
+    merged = merge_state_dict(base.state_dict(), [ja, zh], {"ja": 1, "zh": 1}, method="ties", density=0.2)
+
+Every method in :data:`MERGE_METHODS` is ``fn(base, deltas, weights, **params) -> Tensor``: it never
+modifies its inputs, computes in fp32 and returns the base's dtype. Add one with
+``@register_merge_method("name")``; CLI users pick it with ``--method name``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from optimer_lib.errors import ConfigError
+from optimer_lib.vectors import DistributionVector, check_compatible, unique_tensors
+
+MergeMethod = Callable[..., Tensor]
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge_method(*names: str) -> Callable[[MergeMethod], MergeMethod]:
+    """Decorator: register a pure merge function under one or more names."""
+
+    def deco(fn: MergeMethod) -> MergeMethod:
+        for n in names:
+            MERGE_METHODS[n] = fn
+        return fn
+
+    return deco
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    """The merge function called ``name``, or ConfigError listing the valid choices."""
+    if name not in MERGE_METHODS:
+        raise ConfigError(f"unknown merge method {name!r}: choose one of {', '.join(sorted(MERGE_METHODS))}")
+    return MERGE_METHODS[name]
+
+
+def check_method_params(name: str, params: Mapping[str, object]) -> None:
+    """ConfigError if ``params`` holds an option the method does not take (catches typos early)."""
+    sig = inspect.signature(get_merge_method(name))
+    valid = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    bad = sorted(set(params) - set(valid))
+    if bad:
+        raise ConfigError(f"merge method {name!r} has no option(s) {bad}: valid options are {valid or 'none'}")
+
+
+@register_merge_method("optimer", "linear")
+def optimer_merge(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """base + sum_i w_i d_i with free per-vector weights.
+
+    OptiMer (Song & Utiyama 2026, arXiv 2603.28858); identical to mergekit ``task_arithmetic`` with
+    per-model weights. Zero weights are skipped, so all-zero weights return the base bit for bit.
+    """
+    out = base.to(torch.float32, copy=True)
+    for d, w in zip(deltas, weights, strict=True):
+        if w:
+            out.add_(d.to(out.device), alpha=float(w))
+    return out.to(base.dtype)
+
+
+@register_merge_method("average")
+def average_merge(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """base + mean_i d_i, i.e. the uniform average of the tuned models; ``weights`` are ignored.
+
+    Model soups (Wortsman et al. 2022, arXiv 2203.05482).
+    """
+    out = base.to(torch.float32, copy=True)
+    if deltas:
+        acc = torch.zeros_like(out)
+        for d in deltas:
+            acc.add_(d.to(out.device))
+        out.add_(acc, alpha=1.0 / len(deltas))
+    return out.to(base.dtype)
+
+
+@register_merge_method("task_arithmetic")
+def task_arithmetic_merge(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *,
+                          lam: float = 1.0) -> Tensor:
+    """base + lam * sum_i d_i with one scaling coefficient; ``weights`` are ignored.
+
+    Task arithmetic (Ilharco et al. 2023, arXiv 2212.04089).
+    """
+    return optimer_merge(base, deltas, [lam] * len(deltas))
+
+
+def _check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density}: e.g. density=0.2 keeps 20% of entries")
+
+
+def _trim(d: Tensor, density: float) -> Tensor:
+    """Keep the top ``density`` fraction of entries by magnitude (at least one), zero the rest."""
+    if density >= 1.0:
+        return d
+    k = max(1, int(density * d.numel()))
+    flat = d.reshape(-1)
+    mask = torch.zeros_like(flat)
+    mask[flat.abs().topk(k).indices] = 1
+    return (flat * mask).view_as(d)
+
+
+@register_merge_method("ties")
+def ties_merge(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, density: float = 0.2,
+               lam: float = 1.0, normalize: bool = True) -> Tensor:
+    """TIES: trim each delta to its top-``density`` magnitudes, elect a sign per entry, disjoint mean.
+
+    TIES-Merging (Yadav et al. 2023, arXiv 2306.01708), with mergekit's semantics: the elected sign is
+    the sign of sum_i w_i trim(d_i) (ties go to +); entries whose weighted sign disagrees (or is zero)
+    are dropped; with ``normalize`` the sum is divided by the summed weights of the agreeing entries;
+    the result is scaled by ``lam``. Unlike mergekit, a tiny tensor keeps at least one entry.
+    """
+    _check_density(density)
+    if not deltas:
+        return base.clone()
+    out = base.to(torch.float32, copy=True)
+    stacked = torch.stack([_trim(d.to(out.device, torch.float32), density) for d in deltas])
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=out.device)
+    w = w.view(-1, *([1] * base.dim()))
+    weighted = stacked * w
+    majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = (weighted.sign() == majority).to(torch.float32)
+    mixed = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return out.add_(mixed, alpha=float(lam)).to(base.dtype)
+
+
+@register_merge_method("dare")
+def dare_merge(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], *, density: float = 0.5,
+               seed: int = 0) -> Tensor:
+    """DARE: drop each delta entry with probability 1 - density, rescale survivors by 1/density, then
+    combine linearly (base + sum_i w_i dare(d_i)); mergekit's ``dare_linear``.
+
+    Language Models are Super Mario (Yu et al. 2024, arXiv 2311.03099). Masks come from a generator
+    seeded with ``seed`` and are drawn for every delta, so changing one weight leaves other masks alone.
+    """
+    _check_density(density)
+    if density >= 1.0:
+        return optimer_merge(base, deltas, weights)
+    out = base.to(torch.float32, copy=True)
+    gen = torch.Generator(device=out.device).manual_seed(int(seed))
+    for d, w in zip(deltas, weights, strict=True):
+        keep = torch.rand(d.shape, generator=gen, device=out.device) < density
+        if w:
+            out.add_(d.to(out.device, torch.float32) * keep, alpha=float(w) / density)
+    return out.to(base.dtype)
+
+
+def _tensor_params(params: Mapping[str, object], name: str) -> dict[str, object]:
+    """Per-tensor method options: a ``seed`` is mixed with the tensor name so masks differ by tensor."""
+    p = dict(params)
+    if "seed" in p:
+        seed = int(str(p["seed"]))
+        p["seed"] = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+    return p
+
+
+def _ordered_weights(names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
+    """Weights in vector order; ConfigError naming missing or unknown keys, or non-finite values."""
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if list(names).count(n) > 1})
+        raise ConfigError(f"vector names must be unique, {dup} repeat: rename with --name when extracting")
+    missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+    if missing or extra:
+        raise ConfigError(f"weights must name every vector exactly once (vectors: {list(names)}); "
+                          f"missing: {missing}, unknown: {extra}")
+    try:
+        out = [float(weights[n]) for n in names]
+    except (TypeError, ValueError):
+        raise ConfigError(f"weights must be numbers, got {dict(weights)}") from None
+    bad = [n for n, w in zip(names, out, strict=True) if not math.isfinite(w)]
+    if bad:
+        raise ConfigError(f"weights of {bad} are not finite numbers: give a number such as 0.3")
+    return out
+
+
+def _delta(vec: DistributionVector, name: str, aliases_of: Mapping[str, list[str]]) -> Tensor | None:
+    """The vector's delta for ``name``, found under a tied alias if the vector used that name."""
+    for n in (name, *aliases_of.get(name, ())):
+        if n in vec.tensors:
+            return vec.tensors[n]
+    return None
+
+
+def _split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, list[str]]]:
+    """``(kept, {alias: kept_name}, {kept_name: [aliases]})`` for a state dict with tied weights."""
+    kept, aliases = unique_tensors(state)
+    aliases_of: dict[str, list[str]] = {}
+    for alias, canon in aliases.items():
+        aliases_of.setdefault(canon, []).append(alias)
+    return kept, aliases, aliases_of
+
+
+def _merge_tensor(name: str, base: Tensor, deltas: Sequence[Tensor | None], weights: Sequence[float],
+                  method: str, params: Mapping[str, object], instr: Tensor | None, instr_w: float) -> Tensor:
+    fn = get_merge_method(method)
+    ds = [torch.zeros_like(base) if d is None else d.to(base.device) for d in deltas]
+    ws = list(weights)
+    if fn is optimer_merge:  # linear: the instruction is one more term, summed in the same fp32 pass
+        if instr is not None:
+            ds.append(instr.to(base.device))
+            ws.append(instr_w)
+        return optimer_merge(base, ds, ws)
+    merged = fn(base, ds, ws, **_tensor_params(params, name))
+    if instr is not None and instr_w:
+        merged = merged.float().add_(instr.to(base.device), alpha=instr_w).to(base.dtype)
+    return merged
+
+
+def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors: Sequence[DistributionVector],
+                     weights: Mapping[str, float], *, method: str = "optimer",
+                     instruction: DistributionVector | None = None, instruction_weight: float = 1.0,
+                     **params: object) -> dict[str, Tensor]:
+    """A merged state dict, built tensor by tensor; ``weights`` maps each vector's name to its weight.
+
+    Tensors no vector touches (and non-float ones) are the base's own tensor objects, not copies; tied
+    aliases map to the same merged tensor. The instruction vector is added linearly with its own weight
+    after the method's merge. Names and shapes are checked; the base fingerprint is the caller's job
+    (see :func:`optimer_lib.vectors.check_compatible`).
+    """
+    check_method_params(method, params)
+    ws = _ordered_weights([v.name for v in vectors], weights)
+    state = base_state.state_dict() if isinstance(base_state, torch.nn.Module) else base_state
+    extra = [instruction] if instruction is not None else []
+    for v in [*vectors, *extra]:
+        check_compatible(v, state, allow_fingerprint_mismatch=True)
+    kept, aliases, aliases_of = _split_aliases(state)
+    out: dict[str, Tensor] = {}
+    for name, base in kept.items():
+        deltas = [_delta(v, name, aliases_of) for v in vectors]
+        instr = _delta(instruction, name, aliases_of) if instruction is not None else None
+        if not base.is_floating_point() or (instr is None and all(d is None for d in deltas)):
+            out[name] = base
+            continue
+        out[name] = _merge_tensor(name, base.detach(), deltas, ws, method, params, instr,
+                                  float(instruction_weight))
+    for alias, canon in aliases.items():
+        out[alias] = out[canon]
+    return {k: out[k] for k in state}
+
+
+class _Target:
+    """One parameter the merger rewrites: the live tensor, its base copy and each vector's delta."""
+
+    __slots__ = ("name", "param", "base", "deltas", "instr")
+
+    def __init__(self, name: str, param: Tensor, deltas: list[Tensor | None], instr: Tensor | None):
+        self.name, self.param = name, param
+        self.base = param.detach().clone()
+        cast = {"device": param.device, "dtype": param.dtype}
+        self.deltas = [None if d is None else d.to(**cast) for d in deltas]
+        self.instr = None if instr is None else instr.to(**cast)
+
+
+class ResidentMerger:
+    """Keeps ``model`` loaded and rewrites its parameters in place for each new set of weights.
+
+    The model must hold the base weights when the merger is built; names and shapes are checked here,
+    the base fingerprint is the caller's job (``optimer_lib.pool.open_pool`` does it, once). ``method``
+    and ``params`` are plain attributes read at each ``set_weights``. Memory: one copy of every touched
+    parameter plus each vector, all on the model's device and in its dtype. Tied parameters are one
+    tensor and are written once, so they stay tied. ``method="optimer"`` takes a fast path (in-place
+    ``add`` with ``alpha``; low-precision models accumulate in one reused fp32 scratch buffer); other
+    methods run their pure function per tensor.
+    """
+
+    def __init__(self, model: torch.nn.Module, vectors: Sequence[DistributionVector], *,
+                 method: str = "optimer", instruction: DistributionVector | None = None,
+                 instruction_weight: float = 1.0, **params: object) -> None:
+        check_method_params(method, params)
+        _ordered_weights([v.name for v in vectors], {v.name: 0.0 for v in vectors})  # unique names
+        self._model, self._vectors, self.method, self.params = model, list(vectors), method, dict(params)
+        self.instruction = instruction
+        self.instruction_weight = float(instruction_weight)
+        self.lock = threading.RLock()
+        state = model.state_dict(keep_vars=True)
+        extra = [instruction] if instruction is not None else []
+        for v in [*vectors, *extra]:
+            check_compatible(v, state, allow_fingerprint_mismatch=True)
+        kept, _, aliases_of = _split_aliases(state)
+        self._targets: list[_Target] = []
+        for name, p in kept.items():
+            deltas = [_delta(v, name, aliases_of) for v in vectors]
+            instr = _delta(instruction, name, aliases_of) if instruction is not None else None
+            if p.is_floating_point() and (instr is not None or any(d is not None for d in deltas)):
+                self._targets.append(_Target(name, p, deltas, instr))
+        # One fp32 accumulator per device, reused by every low-precision parameter on it.
+        sizes: dict[torch.device, int] = {}
+        for t in self._targets:
+            if t.param.dtype != torch.float32:
+                sizes[t.param.device] = max(sizes.get(t.param.device, 0), t.param.numel())
+        self._scratch = {d: torch.empty(n, dtype=torch.float32, device=d) for d, n in sizes.items()}
+        self._weights = {v.name: 0.0 for v in vectors}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self._vectors]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weights currently merged into the model (all 0 after construction or reset)."""
+        return dict(self._weights)
+
+    def set_weights(self, weights: Mapping[str, float], instruction_weight: float | None = None) -> None:
+        """Re-merge in place: theta = base + merge(weights) (+ instruction_weight * instruction).
+
+        ``instruction_weight=None`` keeps the merger's current ``instruction_weight``.
+        """
+        ws = _ordered_weights(self.names, weights)
+        iw = self.instruction_weight if instruction_weight is None else float(instruction_weight)
+        with self.lock, torch.no_grad():
+            for t in self._targets:
+                if self.method in ("optimer", "linear"):
+                    self._write_linear(t, ws, iw)
+                else:
+                    t.param.copy_(_merge_tensor(t.name, t.base, t.deltas, ws, self.method, self.params,
+                                                t.instr, iw))
+            self._weights = dict(zip(self.names, ws, strict=True))
+            self.instruction_weight = iw
+
+    def _write_linear(self, t: _Target, ws: Sequence[float], iw: float) -> None:
+        terms = [(d, w) for d, w in zip(t.deltas, ws, strict=True) if d is not None and w]
+        if t.instr is not None and iw:
+            terms.append((t.instr, iw))
+        if t.param.dtype == torch.float32:
+            if not terms:
+                t.param.copy_(t.base)
+                return
+            torch.add(t.base, terms[0][0], alpha=terms[0][1], out=t.param)
+            for d, w in terms[1:]:
+                t.param.add_(d, alpha=w)
+            return
+        acc = self._scratch[t.param.device][: t.param.numel()].view(t.param.shape)
+        acc.copy_(t.base)
+        for d, w in terms:
+            acc.add_(d, alpha=w)
+        t.param.copy_(acc)
+
+    def reset(self) -> None:
+        """Put the base weights back (no vector, no instruction)."""
+        with self.lock, torch.no_grad():
+            for t in self._targets:
+                t.param.copy_(t.base)
+            self._weights = {n: 0.0 for n in self.names}
+
+
+_SPEC_EXAMPLE = "e.g. --vector vectors/ja.safetensors=0.3 (or just the file to let the search choose)"
+
+
+def parse_vector_spec(spec: str) -> tuple[str, float | None]:
+    """Parse ``FILE=WEIGHT`` or ``FILE`` (CLI ``--vector``) into ``(file, weight or None)``."""
+    if spec.count("=") > 1:
+        raise ConfigError(f"bad --vector {spec!r}: use one '=' between file and weight, {_SPEC_EXAMPLE}")
+    path, sep, raw = spec.partition("=")
+    path = path.strip()
+    if not path:
+        raise ConfigError(f"bad --vector {spec!r}: the file is missing, {_SPEC_EXAMPLE}")
+    if not sep:
+        return path, None
+    try:
+        weight = float(raw)
+    except ValueError:
+        raise ConfigError(f"bad --vector {spec!r}: weight {raw!r} is not a number, {_SPEC_EXAMPLE}") from None
+    if not math.isfinite(weight):
+        raise ConfigError(f"bad --vector {spec!r}: the weight must be a finite number, {_SPEC_EXAMPLE}")
+    return path, weight
+
+
+_BOUNDS_EXAMPLE = "e.g. --bounds 0:1 or --bounds ja=0:1.5,zh=0:1"
+
+
+def _parse_range(raw: str, spec: str) -> tuple[float, float]:
+    parts = raw.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        low, high = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(f"bad bounds {spec!r}: {raw!r} is not LOW:HIGH, {_BOUNDS_EXAMPLE}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise ConfigError(f"bad bounds {spec!r}: need finite LOW < HIGH in {raw!r}, {_BOUNDS_EXAMPLE}")
+    return low, high
+
+
+def parse_bounds(spec: str) -> tuple[float, float] | dict[str, tuple[float, float]]:
+    """Parse ``LOW:HIGH`` (same for every vector) or ``NAME=LOW:HIGH,...`` (per vector) search bounds."""
+    spec = spec.strip()
+    if "=" not in spec:
+        return _parse_range(spec, spec)
+    out: dict[str, tuple[float, float]] = {}
+    for part in spec.split(","):
+        name, sep, raw = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"bad bounds {spec!r}: {part!r} is not NAME=LOW:HIGH, {_BOUNDS_EXAMPLE}")
+        if name in out:
+            raise ConfigError(f"bad bounds {spec!r}: {name!r} is given twice, {_BOUNDS_EXAMPLE}")
+        out[name] = _parse_range(raw.strip(), spec)
+    return out

@@ -1,0 +1,255 @@
+"""What a merge-weight search minimises: presets, weighted metric lists, or a user callable.
+
+    from optimer_lib.objectives import parse_objective
+    obj = parse_objective("balanced", ["en", "ja", "math"], qa_names=["math"])
+    obj = parse_objective("ppl:ja=1,loss:en=0.5,acc:math=2", ["en", "ja"], qa_names=["math"])
+    obj = parse_objective("my_pkg.scoring:score", ["en"])      # or "path/to/file.py:score"
+    value, metrics = obj.evaluate(model, tokenizer, suite, limit=100)   # value: lower is better
+
+Metrics are named ``kind:name``: ``loss`` and ``ppl`` (lower is better) for text distributions and
+``acc`` (higher is better) for QA tasks. A weighted list is normalised, ``Σ w·v / Σ|w|`` with acc
+entering as ``-v``, so weights are relative and values stay on the metrics' own scale.
+
+A callable is called as ``fn(model, tokenizer, **kw)``, where ``kw`` holds whichever of ``suite``,
+``limit``, ``seq_len`` and ``batch_size`` it accepts, and returns either the float to minimise or a
+dict of metrics with an ``"objective"`` entry (the float to minimise; the rest is recorded).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimer_lib.errors import ConfigError
+from optimer_lib.evaluate import EvalSuite, evaluate_suite
+
+LOWER_IS_BETTER = ("loss", "ppl")
+HIGHER_IS_BETTER = ("acc",)
+KINDS = LOWER_IS_BETTER + HIGHER_IS_BETTER
+
+# Weight of every other distribution in a single-target preset. Optimising one target alone lets
+# the search push that vector's α up until the rest of the model is forgotten; a small guard term
+# keeps such solutions from winning on a hair of target gain while the target still dominates.
+RETENTION_WEIGHT = 0.1
+
+_EXAMPLE = "example: --objective 'loss:ja=1,loss:en=0.5,acc:math=2' (weights optional, default 1)"
+_CALL_KWARGS = ("suite", "limit", "seq_len", "batch_size")
+
+
+@dataclass
+class Objective:
+    """A scalar to minimise, from weighted metrics (``terms``) or from a user callable (``fn``).
+
+    ``obj(metrics)`` maps already computed metrics to the value; ``obj.evaluate(model, ...)``
+    computes only the metrics it needs and returns ``(value, metrics)``.
+    """
+
+    terms: dict[str, float] = field(default_factory=dict)
+    fn: Callable[..., Any] | None = None
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.fn is None) == (not self.terms):
+            raise ConfigError("an Objective needs either metric terms or a callable (exactly one of them)")
+        if self.terms and not sum(abs(w) for w in self.terms.values()) > 0:
+            raise ConfigError("objective weights are all zero: give at least one metric a non-zero weight")
+        if not self.spec:
+            self.spec = (",".join(f"{k}={w:g}" for k, w in self.terms.items()) if self.terms
+                         else f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', '?')}")
+
+    @property
+    def needed_metrics(self) -> tuple[str, ...]:
+        """The metric names this objective reads (empty for a callable, which scores for itself)."""
+        return tuple(self.terms)
+
+    @property
+    def needed_texts(self) -> set[str]:
+        """Text distributions whose loss must be computed."""
+        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in LOWER_IS_BETTER}
+
+    @property
+    def needed_qa(self) -> set[str]:
+        """QA tasks whose accuracy must be computed."""
+        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in HIGHER_IS_BETTER}
+
+    def __call__(self, metrics: Mapping[str, float]) -> float:
+        """The value to minimise given computed ``metrics``."""
+        if self.fn is not None:
+            if "objective" not in metrics:
+                raise ConfigError(f"objective {self.spec}: metrics lack the 'objective' entry")
+            return float(metrics["objective"])
+        missing = [k for k in self.terms if k not in metrics]
+        if missing:
+            raise ConfigError(f"objective {self.spec}: metrics {missing} were not computed "
+                              f"(have {sorted(metrics)})")
+        total = sum(w * (-metrics[k] if k.split(":", 1)[0] in HIGHER_IS_BETTER else metrics[k])
+                    for k, w in self.terms.items())
+        return total / sum(abs(w) for w in self.terms.values())
+
+    def evaluate(self, model: Any, tokenizer: Any, suite: EvalSuite, *, limit: int | None = None,
+                 seq_len: int = 128, batch_size: int = 16) -> tuple[float, dict[str, float]]:
+        """Score ``model``: returns ``(value to minimise, metrics)``."""
+        if self.fn is None:
+            sub = suite.select(texts=self.needed_texts, qa=self.needed_qa)
+            metrics = evaluate_suite(model, tokenizer, sub, limit=limit, seq_len=seq_len, batch_size=batch_size)
+            return self(metrics), metrics
+        offered = {"suite": suite, "limit": limit, "seq_len": seq_len, "batch_size": batch_size}
+        out = self.fn(model, tokenizer, **_accepted(self.fn, offered))
+        if isinstance(out, Mapping):
+            if "objective" not in out:
+                raise ConfigError(f"objective callable {self.spec} returned a dict without an 'objective' "
+                                  f"entry (keys: {sorted(out)}); add 'objective': <float to minimise>")
+            metrics = {str(k): float(v) for k, v in out.items()}
+            return metrics["objective"], metrics
+        try:
+            value = float(out)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"objective callable {self.spec} returned {type(out).__name__}; "
+                              "return a float (lower is better) or a dict with an 'objective' entry") from exc
+        return value, {"objective": value}
+
+
+def _accepted(fn: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``offered`` that ``fn`` declares (all of them if it takes ``**kw``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return offered
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in offered.items() if k in names}
+
+
+def presets(available: Sequence[str], qa_names: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """Named objectives for a suite: ``balanced`` and one per distribution / QA task name.
+
+    ``balanced`` weighs the loss of every text distribution and the accuracy of every QA task
+    equally. ``<name>`` is ``loss:<name>`` (or ``acc:<name>`` for a QA-only task) with weight 1 plus
+    the loss of every other distribution at :data:`RETENTION_WEIGHT`. ``balanced`` wins over a
+    distribution of that name (use ``loss:balanced`` for it).
+    """
+    table: dict[str, dict[str, float]] = {}
+    if available or qa_names:
+        table["balanced"] = {**{f"loss:{n}": 1.0 for n in available}, **{f"acc:{n}": 1.0 for n in qa_names}}
+    for name in [*available, *[q for q in qa_names if q not in available]]:
+        target = f"loss:{name}" if name in available else f"acc:{name}"
+        table.setdefault(name, {target: 1.0, **{f"loss:{o}": RETENTION_WEIGHT for o in available if o != name}})
+    return table
+
+
+def valid_metrics(available: Sequence[str], qa_names: Sequence[str] = ()) -> list[str]:
+    """Every metric a weighted list may name."""
+    return [f"{k}:{n}" for n in available for k in LOWER_IS_BETTER] + [f"acc:{n}" for n in qa_names]
+
+
+def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[str] = ()) -> Objective:
+    """Turn an ``--objective`` string into an :class:`Objective`; every problem raises ConfigError.
+
+    ``available`` are the text distribution names of the dev suite, ``qa_names`` its QA tasks.
+    Forms: a preset name (see :func:`presets`), a list ``kind:name[=weight],...``, or a callable
+    ``module:function`` / ``path/to/file.py:function``. A ``kind:`` prefix that is a metric kind
+    (loss, ppl, acc) always means a metric, never a module of that name.
+    """
+    spec = (spec or "").strip()
+    table = presets(available, qa_names)
+    help_text = (f"valid presets: {', '.join(table) or '(none: the suite is empty)'}; "
+                 f"metrics: {', '.join(valid_metrics(available, qa_names)) or '(none)'}; {_EXAMPLE}; "
+                 "or a callable 'module:function' / 'path/to/file.py:function'")
+    if not spec:
+        raise ConfigError(f"empty --objective; {help_text}")
+    if spec in table:
+        return Objective(terms=dict(table[spec]), spec=spec)
+    head = spec.split(":", 1)[0].strip()
+    if "=" in spec or "," in spec or head in KINDS:
+        return Objective(terms=_parse_terms(spec, available, qa_names, help_text), spec=spec)
+    if ":" in spec:
+        return Objective(fn=_load_callable(spec, help_text), spec=spec)
+    raise ConfigError(f"unknown objective preset {spec!r}; {help_text}")
+
+
+def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str], help_text: str) -> dict[str, float]:
+    terms: dict[str, float] = {}
+    problems: list[str] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            problems.append("empty item (stray comma)")
+            continue
+        metric, _, weight_text = item.partition("=")
+        metric = metric.strip()
+        kind, sep, name = metric.partition(":")
+        kind, name = kind.strip(), name.strip()
+        if not sep:
+            problems.append(f"{item!r}: expected kind:name, e.g. loss:{next(iter(available), 'en')}")
+        elif kind not in KINDS:
+            problems.append(f"{item!r}: unknown metric kind {kind!r} (kinds: {', '.join(KINDS)})")
+        elif kind in LOWER_IS_BETTER and name not in available:
+            problems.append(f"{item!r}: unknown distribution {name!r} (distributions: "
+                            f"{', '.join(available) or 'none'})")
+        elif kind == "acc" and name not in qa_names:
+            problems.append(f"{item!r}: no QA task {name!r} (QA tasks: {', '.join(qa_names) or 'none'})")
+        weight = 1.0
+        if weight_text.strip() or "=" in item:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                problems.append(f"{item!r}: weight {weight_text.strip()!r} is not a number")
+            else:
+                if not math.isfinite(weight):
+                    problems.append(f"{item!r}: weight must be finite")
+        key = f"{kind}:{name}"
+        if key in terms:
+            problems.append(f"{item!r}: {key} given twice (give it once with the summed weight)")
+        terms[key] = weight
+    if not problems and not sum(abs(w) for w in terms.values()) > 0:
+        problems.append("all weights are zero")
+    if problems:
+        listed = "\n  - ".join(problems)
+        raise ConfigError(f"bad --objective {spec!r}:\n  - {listed}\n{help_text}")
+    return terms
+
+
+def _load_callable(spec: str, help_text: str) -> Callable[..., Any]:
+    target, _, attr = spec.rpartition(":")
+    target, attr = target.strip(), attr.strip()
+    hint = f"(metric kinds are {', '.join(KINDS)}; {help_text})"
+    if not target or not attr:
+        raise ConfigError(f"bad --objective {spec!r}: expected 'module:function' or 'file.py:function' {hint}")
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"objective file {str(path)!r} does not exist {hint}")
+            mod_name = f"optimer_user_objective_{abs(hash(str(path.resolve())))}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ConfigError(f"cannot import {str(path)!r} as Python {hint}")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module  # dataclasses/pickle look modules up here
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as exc:  # any error while importing user code is the user's to fix
+        raise ConfigError(f"cannot import objective module {target!r}: {type(exc).__name__}: {exc} "
+                          f"(is it on PYTHONPATH / is the file path right?) {hint}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            raise ConfigError(f"{target!r} has no attribute {attr!r}; its callables: "
+                              f"{', '.join(public) or 'none'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{target}:{attr} is a {type(obj).__name__}, not callable: point --objective at a "
+                          "function fn(model, tokenizer, **kw) returning a float or a dict with 'objective'")
+    return obj

@@ -1,0 +1,227 @@
+"""Continual pre-training (CPT): one model per dataset, or one model on a data mixture.
+
+    optimer train --base assets/base --data ja --out runs/cpt-ja --tokens 400000 --lr 1e-3
+
+    from optimer_lib.train import TrainConfig, train_cpt
+    train_cpt("assets/base", "ja", "runs/cpt-ja", TrainConfig(tokens=400_000))
+    train_cpt("assets/base", {"ja": 0.5, "math": 0.5}, "runs/mix", TrainConfig(tokens=800_000))
+
+Batches are sampled (seeded) from packed token blocks of each dataset in proportion to the
+ratios. The output directory is a normal Hugging Face checkpoint plus ``training.json``.
+Training is resumable: a ``resume/`` folder is written every ``checkpoint_every`` steps and
+picked up by re-running the same command; it is removed once the final model is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from optimer_lib.data import load_corpus, pack_tokens
+from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.models import load_model, load_tokenizer, resolve_device
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one CPT run. ``tokens`` is the total budget (steps x batch x seq_len)."""
+
+    tokens: int = 400_000
+    lr: float = 1e-3
+    batch_size: int = 16
+    seq_len: int = 128
+    warmup: float = 0.05          # fraction of steps with linear warm-up
+    schedule: str = "cosine"      # "cosine" (to 10% of lr) or "constant"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    trajectory: int = 0           # save this many evenly spaced checkpoints along the run
+    checkpoint_every: int = 200   # steps between resume points (0 disables)
+
+    def validate(self) -> None:
+        problems = []
+        if self.tokens < self.batch_size * self.seq_len:
+            problems.append(f"--tokens {self.tokens} is less than one batch ({self.batch_size}x{self.seq_len})")
+        if not (0 < self.lr < 1):
+            problems.append(f"--lr {self.lr} must be in (0, 1)")
+        if self.schedule not in ("cosine", "constant"):
+            problems.append(f"--schedule {self.schedule!r}: choose cosine or constant")
+        if self.batch_size < 1 or self.seq_len < 2:
+            problems.append("--batch-size must be >= 1 and --seq-len >= 2")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float
+    seconds: float
+    tokens_by_dataset: dict[str, int]
+
+
+def normalise_ratios(data: str | Mapping[str, float]) -> dict[str, float]:
+    """``"ja"`` -> {"ja": 1}; {"ja": 2, "zh": 2} -> {"ja": .5, "zh": .5}; refuses negatives and all-zero."""
+    if isinstance(data, (str, os.PathLike)):
+        return {str(data): 1.0}
+    ratios = {str(k): float(v) for k, v in data.items()}
+    bad = [k for k, v in ratios.items() if not math.isfinite(v) or v < 0]
+    if bad or not ratios or sum(ratios.values()) <= 0:
+        raise ConfigError(f"mixture ratios must be finite, >= 0 and not all zero (got {ratios})")
+    total = sum(ratios.values())
+    return {k: v / total for k, v in ratios.items() if v > 0}
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_model(model, tokenizer, out: Path, extra: dict | None = None, keep: tuple[str, ...] = ()) -> None:
+    """save_pretrained into a temp dir beside ``out``, then swap it in (never half-written).
+
+    Sub-folders named in ``keep`` (e.g. the trajectory checkpoints) move over into the new folder.
+    """
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+    for sub in keep:
+        if (out / sub).exists():
+            os.replace(out / sub, tmp / sub)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def train_model(model, tokenizer, blocks: Mapping[str, torch.Tensor], ratios: Mapping[str, float],
+                out_dir: str | os.PathLike, cfg: TrainConfig, *, meta: dict | None = None,
+                progress: bool = True) -> TrainResult:
+    """Train ``model`` in place on blocks sampled by ``ratios`` and save it to ``out_dir``."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    names = list(ratios)
+    probs = torch.tensor([ratios[n] for n in names], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start, seen, losses = 0, dict.fromkeys(names, 0), []
+    resume = out / "resume"
+    if (resume / "state.pt").exists():
+        state = torch.load(resume / "state.pt", weights_only=True)
+        if state["config"] != asdict(cfg) or state["ratios"] != dict(ratios):
+            raise OptimerError(f"{out} holds an interrupted run with other settings; "
+                               "delete its resume/ folder or use another --out")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(resume / "model.safetensors", device=str(device)), strict=False)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start, seen = state["step"], state["seen"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    traj = {round(cfg.steps * (i + 1) / cfg.trajectory) for i in range(cfg.trajectory)} if cfg.trajectory else set()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), total=cfg.steps, initial=start, desc=f"train {out.name}",
+               disable=not progress, unit="step")
+    for step in bar:
+        which = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
+        rows = []
+        for i in which.tolist():
+            b = blocks[names[i]]
+            rows.append(b[torch.randint(len(b), (1,), generator=gen).item()])
+            seen[names[i]] += cfg.seq_len
+        batch = torch.stack(rows).to(device)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        if autocast is not None:
+            with autocast:
+                loss = model(input_ids=batch, labels=batch).loss
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise OptimerError(f"loss became {loss.item()} at step {step}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        done = step + 1
+        if done in traj and done < cfg.steps:
+            _save_model(model, tokenizer, out / "trajectory" / f"step-{done:06d}",
+                        {"step": done, "tokens": done * cfg.batch_size * cfg.seq_len})
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save_resume(model, opt, gen, cfg, ratios, done, seen, resume)
+    tail = losses[-20:] or [float("nan")]
+    result = TrainResult(out, cfg.steps, cfg.steps * cfg.batch_size * cfg.seq_len, sum(tail) / len(tail),
+                         time.perf_counter() - t0, seen)
+    model.eval()
+    info = {"config": asdict(cfg), "ratios": dict(ratios), "tokens_trained": result.tokens,
+            "tokens_by_dataset": seen, "final_loss": result.final_loss, "seconds": result.seconds,
+            **(meta or {})}
+    _save_model(model, tokenizer, out, info, keep=("trajectory",))
+    # _save_model replaced the folder, so the resume point is gone with the old contents.
+    return result
+
+
+def _save_resume(model, opt, gen, cfg, ratios, step, seen, resume: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = resume.with_name("resume.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    seen_ptrs: set[int] = set()
+    for k in list(state):  # tied weights: safetensors refuses shared storage, keep the first name
+        p = model.state_dict()[k].data_ptr()
+        if p in seen_ptrs:
+            del state[k]
+        seen_ptrs.add(p)
+    save_file(state, tmp / "model.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "seen": dict(seen),
+                "config": asdict(cfg), "ratios": dict(ratios)}, tmp / "state.pt")
+    shutil.rmtree(resume, ignore_errors=True)
+    os.replace(tmp, resume)
+
+
+def train_cpt(base: str | os.PathLike, data: str | Mapping[str, float], out_dir: str | os.PathLike,
+              cfg: TrainConfig | None = None, *, split: str = "train", progress: bool = True) -> TrainResult:
+    """CPT of the checkpoint at ``base`` on one dataset (name or file) or a mixture {dataset: ratio}."""
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    ratios = normalise_ratios(data)
+    tokenizer = load_tokenizer(base)
+    blocks = {n: pack_tokens(load_corpus(n, split), tokenizer, cfg.seq_len) for n in ratios}
+    model = load_model(base, dtype="float32", device="cpu")
+    return train_model(model, tokenizer, blocks, ratios, out_dir, cfg,
+                       meta={"base": str(base), "data": dict(ratios), "split": split}, progress=progress)
