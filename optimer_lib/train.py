@@ -14,6 +14,7 @@ picked up by re-running the same command; it is removed once the final model is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from optimer_lib.data import load_corpus, pack_tokens
-from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
 from optimer_lib.models import load_model, load_tokenizer, resolve_device
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     trajectory: int = 0           # save this many evenly spaced checkpoints along the run
     checkpoint_every: int = 200   # steps between resume points (0 disables)
+    distributed: str = "auto"     # "auto": use accelerate when launched by `accelerate launch`; "on"; "off"
 
     def validate(self) -> None:
         problems = []
@@ -56,6 +58,8 @@ class TrainConfig:
             problems.append(f"--lr {self.lr} must be in (0, 1)")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"--schedule {self.schedule!r}: choose cosine or constant")
+        if self.distributed not in ("auto", "on", "off"):
+            problems.append(f"distributed={self.distributed!r}: choose auto, on or off")
         if self.batch_size < 1 or self.seq_len < 2:
             problems.append("--batch-size must be >= 1 and --seq-len >= 2")
         if problems:
@@ -88,13 +92,13 @@ def normalise_ratios(data: str | Mapping[str, float]) -> dict[str, float]:
     return {k: v / total for k, v in ratios.items() if v > 0}
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    warm = max(1, int(cfg.warmup * cfg.steps))
+def _lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
+    warm = max(1, int(cfg.warmup * steps))
     if step < warm:
         return cfg.lr * (step + 1) / warm
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = (step - warm) / max(1, cfg.steps - warm)
+    progress = (step - warm) / max(1, steps - warm)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -122,22 +126,43 @@ def _save_model(model, tokenizer, out: Path, extra: dict | None = None, keep: tu
         os.replace(tmp, out)
 
 
+def _accelerator(cfg: TrainConfig):
+    """An ``accelerate.Accelerator`` when running distributed (``accelerate launch``), else None."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cfg.distributed == "off" or (cfg.distributed == "auto" and not launched):
+        return None
+    try:
+        from accelerate import Accelerator
+    except ImportError as exc:
+        raise MissingDependencyError("distributed training needs accelerate: pip install accelerate") from exc
+    cpu = resolve_device(cfg.device).type == "cpu"
+    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+
+
 def train_model(model, tokenizer, blocks: Mapping[str, torch.Tensor], ratios: Mapping[str, float],
                 out_dir: str | os.PathLike, cfg: TrainConfig, *, meta: dict | None = None,
                 progress: bool = True) -> TrainResult:
-    """Train ``model`` in place on blocks sampled by ``ratios`` and save it to ``out_dir``."""
+    """Train ``model`` in place on blocks sampled by ``ratios`` and save it to ``out_dir``.
+
+    Under ``accelerate launch`` (or ``cfg.distributed="on"``) each process draws its own batches
+    (seed + rank), gradients are averaged by accelerate, ``cfg.tokens`` is the global budget and
+    only the main process writes files; resume points are then not written.
+    """
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    acc = _accelerator(cfg)
+    world, rank0 = (acc.num_processes, acc.is_main_process) if acc else (1, True)
+    device = acc.device if acc else resolve_device(cfg.device)
     model.to(device).train()
     names = list(ratios)
     probs = torch.tensor([ratios[n] for n in names], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + (acc.process_index if acc else 0))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    steps = max(1, cfg.steps // world)
     start, seen, losses = 0, dict.fromkeys(names, 0), []
     resume = out / "resume"
-    if (resume / "state.pt").exists():
+    if acc is None and (resume / "state.pt").exists():
         state = torch.load(resume / "state.pt", weights_only=True)
         if state["config"] != asdict(cfg) or state["ratios"] != dict(ratios):
             raise OptimerError(f"{out} holds an interrupted run with other settings; "
@@ -148,49 +173,56 @@ def train_model(model, tokenizer, blocks: Mapping[str, torch.Tensor], ratios: Ma
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         start, seen = state["step"], state["seen"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    traj = {round(cfg.steps * (i + 1) / cfg.trajectory) for i in range(cfg.trajectory)} if cfg.trajectory else set()
+    if acc is not None:
+        model, opt = acc.prepare(model, opt)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and acc is None else None
+    traj = {round(steps * (i + 1) / cfg.trajectory) for i in range(cfg.trajectory)} if cfg.trajectory else set()
+    plain = acc.unwrap_model(model) if acc else model
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), total=cfg.steps, initial=start, desc=f"train {out.name}",
-               disable=not progress, unit="step")
+    bar = tqdm(range(start, steps), total=steps, initial=start, desc=f"train {out.name}",
+               disable=not (progress and rank0), unit="step")
     for step in bar:
         which = torch.multinomial(probs, cfg.batch_size, replacement=True, generator=gen)
         rows = []
         for i in which.tolist():
             b = blocks[names[i]]
             rows.append(b[torch.randint(len(b), (1,), generator=gen).item()])
-            seen[names[i]] += cfg.seq_len
+            seen[names[i]] += cfg.seq_len * world
         batch = torch.stack(rows).to(device)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        if autocast is not None:
-            with autocast:
-                loss = model(input_ids=batch, labels=batch).loss
-        else:
+            g["lr"] = _lr_at(step, cfg, steps)
+        with autocast if autocast is not None else contextlib.nullcontext():
             loss = model(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             raise OptimerError(f"loss became {loss.item()} at step {step}: lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if acc is not None:
+            acc.backward(loss)
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         done = step + 1
-        if done in traj and done < cfg.steps:
-            _save_model(model, tokenizer, out / "trajectory" / f"step-{done:06d}",
-                        {"step": done, "tokens": done * cfg.batch_size * cfg.seq_len})
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if done in traj and done < steps and rank0:
+            _save_model(plain, tokenizer, out / "trajectory" / f"step-{done:06d}",
+                        {"step": done, "tokens": done * cfg.batch_size * cfg.seq_len * world})
+        if acc is None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
             _save_resume(model, opt, gen, cfg, ratios, done, seen, resume)
     tail = losses[-20:] or [float("nan")]
-    result = TrainResult(out, cfg.steps, cfg.steps * cfg.batch_size * cfg.seq_len, sum(tail) / len(tail),
+    result = TrainResult(out, steps, steps * cfg.batch_size * cfg.seq_len * world, sum(tail) / len(tail),
                          time.perf_counter() - t0, seen)
-    model.eval()
+    plain.eval()
     info = {"config": asdict(cfg), "ratios": dict(ratios), "tokens_trained": result.tokens,
             "tokens_by_dataset": seen, "final_loss": result.final_loss, "seconds": result.seconds,
-            **(meta or {})}
-    _save_model(model, tokenizer, out, info, keep=("trajectory",))
-    # _save_model replaced the folder, so the resume point is gone with the old contents.
+            "processes": world, **(meta or {})}
+    if acc is not None:
+        acc.wait_for_everyone()
+    if rank0:
+        # Replacing the folder also drops the resume point, which is no longer needed.
+        _save_model(plain, tokenizer, out, info, keep=("trajectory",))
     return result
 
 

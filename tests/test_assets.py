@@ -72,8 +72,8 @@ def test_short_cpt_clearly_improves_the_base(name, tmp_path):
     model = load_model(ASSETS / "base")
     dev = load_corpus(name, "dev", limit=64)
     before = mean_token_loss(model, tok, dev)
-    blocks = {name: pack_tokens(load_corpus(name, "train", limit=400), tok, 128)}
-    cfg = TrainConfig(tokens=24 * 16 * 128, lr=2e-3, device="cpu", checkpoint_every=0)
+    blocks = {name: pack_tokens(load_corpus(name, "train", limit=1500), tok, 128)}
+    cfg = TrainConfig(tokens=40 * 16 * 128, lr=1e-3, warmup=0.25, device="cpu", checkpoint_every=0)
     train_model(model, tok, blocks, {name: 1.0}, tmp_path / "cpt", cfg, progress=False)
     after = mean_token_loss(model, tok, dev)
     assert after < before - 0.1, (name, before, after)

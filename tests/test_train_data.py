@@ -123,3 +123,16 @@ def test_user_files_and_errors(tmp_path, tiny_tokenizer):
 def test_pack_tokens_joins_with_eos(tiny_tokenizer):
     blocks = data.pack_tokens(["ab", "cd"] * 50, tiny_tokenizer, 8)
     assert blocks.shape[1] == 8 and (blocks == tiny_tokenizer.eos_token_id).any()
+
+
+def test_accelerate_single_process_matches_plain_training(tmp_path, tiny_tokenizer):
+    pytest.importorskip("accelerate")
+    blocks = _blocks(tiny_tokenizer)
+    plain, accel = make_model("llama"), make_model("llama")
+    train_model(plain, tiny_tokenizer, blocks, {"a": 1.0}, tmp_path / "p", _cfg(), progress=False)
+    res = train_model(accel, tiny_tokenizer, blocks, {"a": 1.0}, tmp_path / "a", _cfg(distributed="on"),
+                      progress=False)
+    assert res.tokens == 8 * 4 * 16
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["processes"] == 1
+    for p, q in zip(plain.parameters(), accel.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
