@@ -11,9 +11,11 @@ refused unless ``trust_remote_code=True`` is passed explicitly.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from optimer_lib.errors import ModelError
 
@@ -74,8 +76,11 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "fl
             raise ModelError(f"{str(p)!r} needs custom code; re-run with trust_remote_code allowed "
                              "only if you trust its author") from exc
         raise ModelError(f"cannot load model from {str(p)!r}: {exc}") from exc
-    except OSError as exc:
-        raise ModelError(f"cannot load model from {str(p)!r}: {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"refused to load {str(p)!r}: its pickle checkpoint holds more than tensors, and "
+                         "unpickling it could run code; convert it to safetensors where you trust it") from exc
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"cannot load model from {str(p)!r} (missing, truncated or corrupt weights?): {exc}") from exc
     return model.to(dev).eval()
 
 
