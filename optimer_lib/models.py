@@ -63,7 +63,9 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype | None = "fl
                device: str | torch.device | None = "cpu", trust_remote_code: bool = False):
     """Load a causal LM from a local directory (safetensors, or pickle with ``weights_only``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise in loops
     p = check_checkpoint_dir(path)
     dev = resolve_device(device)
     try:

@@ -1,0 +1,42 @@
+"""The Gradio app builds without launching, binds 127.0.0.1 by default, and `optimer workbench` reaches it."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from optimer_lib.cli import build_parser, main
+from workbench import app
+
+
+def test_build_app_does_not_launch(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("OPTIMER_ASSETS", str(tmp_path / "no-assets"))
+    demo = app.build_app(tmp_path / "empty")
+    assert isinstance(demo, gr.Blocks) and not demo.is_running
+    assert (tmp_path / "empty").is_dir()
+
+
+def test_defaults_are_local_and_private():
+    sig = inspect.signature(app.launch)
+    assert sig.parameters["host"].default == "127.0.0.1" and sig.parameters["share"].default is False
+    args = build_parser().parse_args(["workbench"])
+    assert (args.host, args.port, args.share, args.workdir) == ("127.0.0.1", 7860, False, Path("runs/demo"))
+
+
+def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
+    seen = {}
+    monkeypatch.setattr(app, "launch", lambda workdir, **kw: seen.update(workdir=workdir, **kw))
+    assert main(["workbench", "--workdir", str(tmp_path), "--port", "7999"]) == 0
+    assert seen == {"workdir": tmp_path, "host": "127.0.0.1", "port": 7999, "share": False, "device": "cpu",
+                    "threads": None}
+
+
+@pytest.mark.parametrize("bad", ["../outside", "/etc/passwd"])
+def test_pool_paths_stay_in_workdir(tmp_path: Path, bad: str):
+    from workbench.workspace import WorkbenchError, Workspace
+
+    with pytest.raises(WorkbenchError, match="outside the workdir"):
+        Workspace(tmp_path).resolve(bad)

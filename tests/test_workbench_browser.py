@@ -1,0 +1,220 @@
+"""The workbench in a real browser: Playwright drives Debian's chromium against the app on a tiny pool.
+
+Needs /usr/bin/chromium (``.ci/run`` installs it with apt); a downloaded browser is never used.
+Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium (/usr/bin/chromium) is not "
+                                "installed: apt-get install chromium (the tests never download a browser)")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TIMEOUT_MS = 60_000
+torch.set_num_threads(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    from test_workbench_session import SUITE, tiny_workdir
+
+    from workbench.app import launch
+
+    root = tiny_workdir(tmp_path_factory.mktemp("wb") / "workdir")
+    port = _free_port()
+    demo = launch(root, port=port, block=False, suite=SUITE, tune_limit=3, qa_limit=2, poll_s=0.5)
+    try:
+        yield f"http://127.0.0.1:{port}/", root
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server: tuple[str, Path]):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(server[0])
+    pg.wait_for_selector("#pool-table")
+    yield pg
+    pg.close()
+
+
+def plot_data(page, elem_id: str) -> list[dict]:
+    """The traces plotly drew inside a gr.Plot: [{name, x, y}, ...] ([] while nothing is drawn)."""
+    return page.evaluate("""(id) => {
+        const el = document.querySelector('#' + id + ' .js-plotly-plot');
+        return el && el.data ? el.data.map(d => ({name: d.name || '', x: Array.from(d.x || []),
+                                                   y: Array.from(d.y || [])})) : [];
+    }""", elem_id)
+
+
+def current_bars(page) -> list[float]:
+    return [y for t in plot_data(page, "tune-chart") if t["name"] == "current" for y in t["y"]]
+
+
+def wait_for(predicate, timeout: float = TIMEOUT_MS / 1000, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_app_loads_with_pool(page):
+    assert page.title() == "OptiMer Workbench"
+    page.wait_for_selector("#pool-table >> text=ja")
+    wait_for(lambda: plot_data(page, "pool-heatmap"), what="the cosine heatmap")
+    page.screenshot(path=str(ARTIFACTS / "workbench-pool.png"), full_page=True)
+
+
+def test_slider_release_updates_chart(page):
+    page.get_by_role("tab", name="Tune").click()
+    before = wait_for(lambda: current_bars(page), what="the first Tune chart")
+    box = page.locator("#alpha-0 input[type=number]")
+    box.fill("0.8")
+    t0 = time.perf_counter()
+    box.press("Tab")  # blur = release: the model is re-merged and scored
+    after = wait_for(lambda: (b := current_bars(page)) and b != before and b, what="the chart to change")
+    latency = time.perf_counter() - t0
+    print(f"slider release -> chart changed in the browser: {latency * 1000:.0f} ms")
+    assert len(after) == len(before)
+    page.wait_for_selector("#tune-status >> text=release → chart")
+    page.screenshot(path=str(ARTIFACTS / "workbench-tune.png"), full_page=True)
+
+    other = page.context.browser.new_page()  # another browser tab: its own session, its own model
+    other.goto(page.url)
+    other.get_by_role("tab", name="Tune").click()
+    assert wait_for(lambda: current_bars(other), what="the second tab's chart") == before
+    assert other.locator("#alpha-0 input[type=number]").input_value() == "0"
+    other.close()
+
+
+def test_search_plots_five_trials(page, server):
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-trials input").fill("5")
+    page.locator("#search-start").click()
+
+    def points() -> int:
+        traces = plot_data(page, "search-history")
+        return max((len(t["y"]) for t in traces if t["name"] == "Objective Value"), default=0)
+
+    wait_for(lambda: points() == 5, what="5 points in the optimisation history")
+    page.wait_for_selector("#search-status >> text=done")
+    assert len(plot_data(page, "search-alphas")) >= 1
+    page.screenshot(path=str(ARTIFACTS / "workbench-search.png"), full_page=True)
+
+
+def test_one_prompt_two_streamed_replies(page):
+    page.get_by_role("tab", name="Chat").click()
+    page.evaluate("""() => {  // count distinct texts the first pane shows while the reply streams in
+        window.__seen = new Set();
+        const root = document.querySelector('#chat-0');
+        new MutationObserver(() => {
+            const bots = root.querySelectorAll('.bot');
+            if (bots.length) window.__seen.add(bots[bots.length - 1].innerText);
+        }).observe(root, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.locator("#chat-prompt textarea").fill("the quick brown")
+    page.locator("#chat-send").click()
+
+    def replies() -> list[str]:
+        texts = [page.locator(f"#chat-{i} .bot").last.inner_text() if page.locator(f"#chat-{i} .bot").count()
+                 else "" for i in range(2)]
+        return texts if all(t.strip() for t in texts) and not page.locator("#chat-status >> text=generating").count() \
+            else []
+
+    texts = wait_for(replies, what="two replies")
+    assert len(texts) == 2
+    seen = page.evaluate("() => window.__seen.size")
+    assert seen >= 2, f"the first reply did not stream (saw {seen} states)"
+    page.screenshot(path=str(ARTIFACTS / "workbench-chat.png"), full_page=True)
+
+
+def test_export_and_load_back(page, server):
+    from transformers import AutoModelForCausalLM
+
+    from optimer_lib.vectors import load_vector
+
+    root = server[1]
+    page.get_by_role("tab", name="Tune").click()
+    alpha = float(page.locator("#alpha-0 input[type=number]").input_value())
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export-name textarea").fill("browser-merge")
+    page.locator("#export-button").click()
+    page.wait_for_selector("#export-status >> text=saved")
+    link = page.wait_for_selector("#export-zip a")
+    assert page.request.get(link.get_attribute("href")).ok
+    page.screenshot(path=str(ARTIFACTS / "workbench-export.png"), full_page=True)
+
+    out = root / "exports" / "browser-merge"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    ja = load_vector(root / "vectors" / "ja.safetensors")
+    name = "model.embed_tokens.weight"
+    torch.testing.assert_close(merged.state_dict()[name], base.state_dict()[name] + alpha * ja.tensors[name])
+    assert "mergekit" in (out / "mergekit.yaml").read_text() or (out / "mergekit.yaml").is_file()
+
+
+def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):
+    """A workdir without a pool shows the build panel; building (CPT runs faked) fills every tab."""
+    from test_workbench_session import SUITE, tiny_workdir
+    from tqdm.auto import tqdm
+
+    import optimer_lib.demo
+    from workbench.app import launch
+
+    src = tiny_workdir(tmp_path / "assets")
+    monkeypatch.setenv("OPTIMER_ASSETS", str(src))  # its base/ plays assets/base
+
+    def fake_build_pool(cfg):
+        for _ in tqdm(range(10), desc="train ja"):  # the page shows this bar (gr.Progress(track_tqdm=True))
+            time.sleep(0.1)
+        vecs = src / "vectors"
+        return [vecs / "ja.safetensors", vecs / "math.safetensors"], vecs / "instruct.safetensors"
+
+    monkeypatch.setattr(optimer_lib.demo, "build_pool", fake_build_pool)
+    port = _free_port()
+    demo = launch(tmp_path / "fresh", port=port, block=False, suite=SUITE, tune_limit=3, qa_limit=2)
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(TIMEOUT_MS)
+    try:
+        pg.goto(f"http://127.0.0.1:{port}/")
+        pg.locator("#setup-build").click()
+        pg.wait_for_selector("#setup-status >> text=train ja")  # the progress bar
+        pg.screenshot(path=str(ARTIFACTS / "workbench-build.png"))
+        pg.wait_for_selector("#pool-table >> text=math")
+        assert not pg.locator("#setup-build").is_visible()
+        pg.get_by_role("tab", name="Tune").click()
+        wait_for(lambda: current_bars(pg), what="the Tune chart of the new pool")
+    finally:
+        pg.close()
+        demo.close()

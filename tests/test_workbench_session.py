@@ -1,0 +1,242 @@
+"""The workbench controller (workbench.session) on a tiny random pool: tune, presets, search, chat, export."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer, perturbed
+
+from optimer_lib.evaluate import EvalSuite
+from optimer_lib.vectors import extract_vector, save_vector
+from workbench.chatting import GenSettings, prompt_ids
+from workbench.searching import SearchSpec, best_params, load_study, study_names
+from workbench.session import BASE, BEST, TUNE, Session
+from workbench.workspace import WorkbenchError, Workspace
+
+torch.set_num_threads(1)
+SUITE = EvalSuite(texts={"en": ["the quick brown fox jumps over the lazy dog"] * 3,
+                         "ja": ["日本語のテキスト 日本語のテキスト"] * 3},
+                  qa={"math": [("Question: What is 12 + 35?\nAnswer:", "47")] * 2})
+
+
+def tiny_workdir(root: Path, names: tuple[str, ...] = ("ja", "math")) -> Path:
+    """A workdir with a tiny llama base, one vector per name, an instruction vector and workbench.json."""
+    tok = make_tokenizer()
+    base = make_model("llama")
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    files = []
+    for i, name in enumerate([*names, "instruct"]):
+        tuned = perturbed(base, 0.05, seed=10 + i)
+        vec = extract_vector(base, tuned, name=name, source=f"cpt/{name}", tokens_trained=1000 * (i + 1))
+        files.append(save_vector(vec, root / "vectors" / f"{name}.safetensors"))
+    Workspace(root).write_manifest(base_dir, files[:-1], files[-1])
+    return root
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Session:
+    return Session(Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE), tune_limit=3, qa_limit=2)
+
+
+def test_pool_is_read_from_manifest_and_shared(session: Session):
+    sh = session.shared
+    assert sh.names == ["ja", "math"] and sh.instruction is not None
+    rows = sh.vector_rows()
+    assert [r["name"] for r in rows] == ["ja", "math", "instruct"]
+    assert rows[0]["tokens"] == "1000" and rows[0]["norm"] > 0
+    names, cos = sh.cosines()
+    assert names == ["ja", "math"] and abs(cos[0][0] - 1) < 1e-6
+    other = Session(session.workspace)
+    assert other.shared is sh                                   # one read-only pool per workspace
+    assert other.tune.model is not session.tune.model           # but private models per session
+    assert other.tune.model.model.embed_tokens.weight.data_ptr() != sh.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_apply_merges_in_place_and_scores(session: Session):
+    r0 = session.apply({"ja": 0.0, "math": 0.0})
+    base_emb = session.shared.model.model.embed_tokens.weight.clone()
+    r1 = session.apply({"ja": 1.0}, instruction_weight=0.5)      # missing names get 0
+    assert set(r1.metrics) == {"loss:en", "loss:ja", "acc:math"}
+    assert r1.metrics["loss:en"] != r0.metrics["loss:en"]
+    assert r1.weights == {"ja": 1.0, "math": 0.0} and r1.instruction_weight == 0.5
+    assert r1.merge_s >= 0 and r1.score_s > 0 and r1.objective is not None
+    ja = session.shared.vectors[0].tensors["model.embed_tokens.weight"]
+    inst = session.shared.instruction.tensors["model.embed_tokens.weight"]
+    torch.testing.assert_close(session.tune.model.model.embed_tokens.weight, base_emb + ja + 0.5 * inst)
+    torch.testing.assert_close(session.shared.model.model.embed_tokens.weight, base_emb)  # shared base untouched
+    with pytest.raises(WorkbenchError, match="unknown vector"):
+        session.apply({"xx": 1.0})
+
+
+def test_sessions_are_independent(session: Session):
+    other = Session(session.workspace, tune_limit=3, qa_limit=2)
+    session.apply({"ja": 1.0, "math": 1.0})
+    other.apply({"ja": 0.0, "math": 0.0})
+    assert session.tune.weights == {"ja": 1.0, "math": 1.0}
+    assert other.pane_weights(TUNE)[0] == {"ja": 0.0, "math": 0.0}
+
+
+def test_presets_and_references(session: Session):
+    assert session.preset("zeros") == {"ja": 0.0, "math": 0.0}
+    assert session.preset("average") == {"ja": 0.5, "math": 0.5}
+    with pytest.raises(WorkbenchError, match="no search result"):
+        session.preset("best")
+    assert session.reference("best") is None
+    base = session.reference("base")
+    assert base == session.reference("base")                    # cached in the shared pool
+    assert base != session.reference("average")
+
+
+def test_search_runs_in_background_and_is_watchable(session: Session):
+    events = []
+    run = session.start_search(SearchSpec(trials=4, sampler="random", search_limit=2, top_k=0, study_name="t1"))
+    run.on_event = events.append
+    assert run.wait(60), "search did not finish"
+    assert run.error is None and run.result is not None and len(run.events) == 4
+    assert [e.number for e in run.events] == [0, 1, 2, 3]
+    assert "t1" in study_names(session.workspace.storage_url)
+    study = load_study(session.workspace.storage_url, "t1")
+    assert len(study.trials) == 4
+    assert session.preset("best") == run.result.best_weights == best_params(study, ["ja", "math"])
+    assert session.reference("best") is not None
+    assert json.loads(run.result.path.read_text())["trials"] == 4
+    assert "done" in run.status()
+
+
+def test_search_stop_keeps_finished_trials(session: Session):
+    run = session.start_search(SearchSpec(trials=500, sampler="random", search_limit=2, study_name="t2"))
+    deadline = time.time() + 60
+    while len(run.events) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    run.stop()
+    assert run.wait(30)
+    assert run.stopped and run.error is None
+    n = len(load_study(session.workspace.storage_url, "t2").get_trials(states=(__import__("optuna").trial.
+                                                                                  TrialState.COMPLETE,)))
+    assert 2 <= n < 500
+    assert session.best_weights() is not None
+
+
+def test_chat_runs_while_a_search_runs(session: Session):
+    run = session.start_search(SearchSpec(trials=500, sampler="random", search_limit=2, study_name="t3"))
+    try:
+        final = list(session.chat("fox", [BASE, TUNE], settings=GenSettings(max_new_tokens=4, greedy=True)))[-1]
+        assert all(h[-1]["content"] for h in final) and run.running
+    finally:
+        run.stop()
+        run.wait(30)
+
+
+def test_search_settings_are_checked_up_front(session: Session):
+    with pytest.raises(Exception, match="unknown sampler"):
+        session.start_search(SearchSpec(sampler="nope"))
+    with pytest.raises(Exception, match="bad --objective|unknown objective"):
+        session.start_search(SearchSpec(objective="loss:xx"))
+    with pytest.raises(WorkbenchError, match="outside the workdir"):
+        session.start_search(SearchSpec(objective="/tmp/evil.py:score"))
+
+
+def test_chat_streams_every_pane(session: Session):
+    session.apply({"ja": 0.3, "math": 0.1}, instruction_weight=1.0)
+    settings = GenSettings(max_new_tokens=5, greedy=True)
+    frames = list(session.chat("the quick", [BASE, TUNE], settings=settings))
+    assert len(frames) > 2                                      # streamed, not one final frame
+    final = frames[-1]
+    assert [m["role"] for m in final[0]] == ["user", "assistant"]
+    assert all(m[-1]["content"] for m in final), final
+    again = list(session.chat("fox", [BASE, TUNE], final, settings))[-1]
+    assert len(again[0]) == 4
+    bad = list(session.chat("x", [BEST, BASE], settings=settings))[-1]  # no search yet: that pane says why
+    assert bad[0][-1]["content"].startswith("[WorkbenchError") and bad[1][-1]["content"]
+    assert session.tune.weights == {"ja": 0.3, "math": 0.1}     # chat never touches the Tune model
+
+
+def test_prompt_building_and_caps():
+    tok = make_tokenizer()
+    plain = prompt_ids(tok, [], "the fox", chat=False, max_tokens=100)
+    assert plain[0] == tok.bos_token_id
+    chat = prompt_ids(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "fox",
+                      chat=True, max_tokens=100)
+    assert "assistant: " in tok.decode(chat)
+    assert len(prompt_ids(tok, [], "the fox " * 50, chat=False, max_tokens=7)) == 7
+    s = GenSettings(max_new_tokens=10_000, max_prompt_tokens=10_000).capped(64)
+    assert s.max_new_tokens == 32 and s.max_prompt_tokens == 32
+
+
+def test_export_writes_loadable_checkpoint_and_zip(session: Session):
+    from transformers import AutoModelForCausalLM
+
+    session.apply({"ja": 0.25, "math": 0.5}, instruction_weight=1.0)
+    res = session.export("m1")
+    assert res.path == session.workspace.workdir / "exports" / "m1"
+    assert "| ja |" in res.card and (res.path / "mergekit.yaml").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(res.path)
+    for (name, p), q in zip(session.tune.model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    with zipfile.ZipFile(res.zip_path) as z:
+        assert "m1/config.json" in z.namelist()
+    with pytest.raises(Exception, match="already exists"):
+        session.export("m1")
+    with pytest.raises(WorkbenchError, match="bad export name"):
+        session.export("../x")
+
+
+def test_workspace_paths_and_adding_vectors(tmp_path: Path):
+    wd = tiny_workdir(tmp_path / "wd")
+    ws = Workspace(wd, suite=SUITE)
+    with pytest.raises(WorkbenchError, match="outside the workdir"):
+        ws.resolve("../elsewhere")
+    with pytest.raises(WorkbenchError, match="outside the workdir"):
+        ws.add_vector("/etc")
+    base = make_model("llama")
+    perturbed(base, 0.05, seed=99).save_pretrained(wd / "cpt" / "code")
+    shared = ws.add_vector("cpt/code")
+    assert shared.names == ["ja", "math", "code"] and (wd / "vectors" / "code.safetensors").is_file()
+    assert json.loads((wd / "workbench.json").read_text())["vectors"][-1] == "vectors/code.safetensors"
+    assert ws.pool() is shared
+    s = Session(ws)
+    assert s.names == ["ja", "math", "code"]
+    assert wd / "base" in ws.base_candidates()
+    # choosing another instruction vector: the old one becomes a plain file, the pool is reopened
+    new = ws.set_pool(wd / "base", [wd / "vectors" / "ja.safetensors"], wd / "vectors" / "math.safetensors")
+    assert new.names == ["ja"] and new.instruction.name == "math"
+    assert s.shared is shared                                   # the old session keeps its snapshot
+    assert s.use_pool() is new and s.names == ["ja"]
+
+
+def test_workspace_without_pool(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("OPTIMER_ASSETS", str(tmp_path / "no-assets"))
+    ws = Workspace(tmp_path / "empty")
+    assert not ws.has_pool()
+    with pytest.raises(WorkbenchError, match="no pool"):
+        ws.pool()
+    with pytest.raises(WorkbenchError, match="embedded world is missing"):
+        ws.build_demo_pool(quick=True)
+
+
+def test_build_demo_pool_opens_and_saves_the_pool(tmp_path: Path, monkeypatch):
+    import optimer_lib.demo
+
+    src = tiny_workdir(tmp_path / "src")
+    monkeypatch.setenv("OPTIMER_ASSETS", str(src))                # assets/base = the tiny base
+    seen = {}
+
+    def fake_build_pool(cfg):
+        seen["tokens"] = cfg.cpt_tokens
+        return [src / "vectors" / "ja.safetensors", src / "vectors" / "math.safetensors"], \
+            src / "vectors" / "instruct.safetensors"
+
+    monkeypatch.setattr(optimer_lib.demo, "build_pool", fake_build_pool)
+    ws = Workspace(tmp_path / "fresh", suite=SUITE)
+    assert not ws.has_pool()
+    shared = ws.build_demo_pool(quick=True)
+    assert seen["tokens"] == optimer_lib.demo.DemoConfig.quick().cpt_tokens
+    assert shared.names == ["ja", "math"] and shared.instruction.name == "instruct"
+    assert ws.has_pool() and json.loads((tmp_path / "fresh" / "workbench.json").read_text())["instruction"]

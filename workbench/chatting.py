@@ -1,0 +1,142 @@
+"""Streaming generation from a resident merger: prompt building, length caps, one worker per reply.
+
+    from workbench.chatting import GenSettings, stream_reply
+    for text_so_far in stream_reply(merger, tokenizer, weights, 1.0, history, "Hi!", GenSettings()):
+        print(text_so_far)
+
+The worker thread takes ``merger.lock`` for the whole generation, sets the pane's weights and calls
+``model.generate`` with a ``transformers.TextIteratorStreamer``; the caller only reads the stream, so
+it may be a generator resumed on different threads (as Gradio does). A model with a non-zero
+instruction weight and a tokenizer with a chat template gets the template (multi-turn); any other
+model continues the raw prompt.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria
+
+MAX_NEW_TOKENS = 256
+MAX_PROMPT_TOKENS = 1024
+Message = dict[str, str]
+
+
+@dataclass
+class GenSettings:
+    """Generation settings; ``max_new_tokens`` and ``max_prompt_tokens`` are capped (see :meth:`capped`)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.95
+    greedy: bool = False
+    max_prompt_tokens: int = 256
+    seed: int = 0
+
+    def capped(self, max_positions: int | None) -> GenSettings:
+        """A copy within the hard caps and the model's context (prompt + new tokens <= positions)."""
+        new = max(1, min(int(self.max_new_tokens), MAX_NEW_TOKENS))
+        prompt = max(1, min(int(self.max_prompt_tokens), MAX_PROMPT_TOKENS))
+        if max_positions:
+            new = min(new, max(1, max_positions // 2))
+            prompt = min(prompt, max(1, max_positions - new))
+        return GenSettings(new, max(0.0, float(self.temperature)), min(1.0, max(0.01, float(self.top_p))),
+                           bool(self.greedy), prompt, int(self.seed))
+
+
+def uses_chat_template(tokenizer: Any, instruction_weight: float) -> bool:
+    """Whether replies of a model with this instruction weight are formatted with the chat template."""
+    return bool(instruction_weight) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer: Any, history: Sequence[Message], prompt: str, chat: bool, max_tokens: int) -> list[int]:
+    """Token ids for the model: the chat template over history + prompt, or the raw prompt after bos.
+
+    Long inputs keep their *last* ``max_tokens`` tokens.
+    """
+    if chat:
+        msgs = [{"role": m["role"], "content": str(m["content"])} for m in history] + [
+            {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = [bos, *ids] if bos is not None else ids
+    return ids[-max_tokens:] if ids else [getattr(tokenizer, "eos_token_id", None) or 0]
+
+
+class _StopOn(StoppingCriteria):
+    """Stop generating once ``event`` is set (the reader went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _max_positions(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def stream_reply(merger: Any, tokenizer: Any, weights: Mapping[str, float], instruction_weight: float,
+                 history: Sequence[Message], prompt: str, settings: GenSettings) -> Iterator[str]:
+    """Yield the reply generated so far, growing, for a model merged with ``weights``.
+
+    Raises the worker's exception (after the partial text) if generation fails.
+    """
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    s = settings.capped(_max_positions(merger.model))
+    chat = uses_chat_template(tokenizer, instruction_weight)
+    ids = prompt_ids(tokenizer, history, prompt, chat, s.max_prompt_tokens)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def work() -> None:
+        try:
+            with merger.lock:
+                merger.set_weights(dict(weights), instruction_weight=instruction_weight)
+                device = next(merger.model.parameters()).device
+                input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+                kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "pad_token_id": pad,
+                                          "do_sample": not s.greedy and s.temperature > 0}
+                if kwargs["do_sample"]:
+                    torch.manual_seed(s.seed)
+                    kwargs.update(temperature=s.temperature, top_p=s.top_p)
+                merger.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                                      **kwargs)
+        except BaseException as exc:  # handed to the reader below
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=work, daemon=True, name="chat-generate")
+    worker.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    except queue.Empty:
+        stop.set()
+        raise TimeoutError("generation produced nothing for 300 s") from None
+    finally:
+        stop.set()  # the reader is gone (or done): a still-running generate stops at the next token
+    worker.join(timeout=5)
+    if failure:
+        raise failure[0]

@@ -1,0 +1,137 @@
+"""Plotly figures of the workbench: Tune metrics, vector cosines, and live views of an Optuna study.
+
+    from workbench.figures import tune_chart, cosine_heatmap, study_figures
+    fig = tune_chart(result.metrics, {"base": base_metrics, "average": avg_metrics})
+    history, alphas, importances, landscape = study_figures(study)   # optuna.visualization underneath
+
+Every function returns a ``plotly.graph_objects.Figure`` (an empty one with a note when there is
+nothing to show yet), sized for a dashboard cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+from plotly.subplots import make_subplots
+
+COLORS = {"base": "#9e9e9e", "average": "#8da0cb", "best": "#66c2a5", "current": "#fc8d62"}
+HEIGHT = 320
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
+
+def _layout(fig: go.Figure, title: str) -> go.Figure:
+    fig.update_layout(title={"text": title, "font": {"size": 14}}, height=HEIGHT, template="plotly_white",
+                      margin={"l": 50, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def empty(note: str, title: str = "") -> go.Figure:
+    """A blank figure that says why it is blank."""
+    fig = go.Figure()
+    fig.add_annotation(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title)
+
+
+def tune_chart(current: Mapping[str, float] | None, references: Mapping[str, Mapping[str, float] | None],
+               title: str = "dev metrics (first documents of each set)") -> go.Figure:
+    """Grouped bars per distribution for each reference (base, average, best) and the current merge.
+
+    Losses (left) are drawn as the difference to ``base`` when it is given (below zero = better than
+    the base; hover shows the absolute loss), accuracies (right) as they are. The current merge's
+    trace is named ``current``.
+    """
+    series = {k: v for k, v in references.items() if v}
+    if current:
+        series["current"] = current
+    if not series:
+        return empty("move a slider to score a merge", title)
+    keys = list(dict.fromkeys(k for m in series.values() for k in m))
+    losses = [k for k in keys if k.startswith("loss:")]
+    accs = [k for k in keys if k.startswith("acc:")]
+    base = series.get("base")
+    delta = base is not None and all(k in base for k in losses)
+    cols = 2 if accs else 1
+    loss_title = "loss − base loss (lower is better)" if delta else "loss (lower is better)"
+    fig = make_subplots(rows=1, cols=cols, column_widths=[0.75, 0.25] if accs else None,
+                        subplot_titles=[loss_title, *(["accuracy"] if accs else [])])
+    for label, metrics in series.items():
+        color = COLORS.get(label, "#e78ac3")
+        for col, group in ((1, losses), (2, accs)):
+            if not group or col > cols or (col == 1 and delta and label == "base"):
+                continue
+            absolute = [metrics.get(k) for k in group]
+            shown = [None if v is None else v - base[k] for v, k in zip(absolute, group, strict=True)] \
+                if col == 1 and delta else absolute
+            fig.add_trace(go.Bar(name=label, x=[k.split(":", 1)[1] for k in group], y=shown, customdata=absolute,
+                                 marker_color=color, legendgroup=label, showlegend=col == 1 or label == "base",
+                                 hovertemplate="%{x}: %{customdata:.4f}<extra>" + label + "</extra>"),
+                          row=1, col=col)
+    fig.update_layout(barmode="group")
+    if delta:
+        fig.add_hline(y=0, line_color=COLORS["base"], row=1, col=1)
+    if accs:
+        fig.update_yaxes(range=[0, 1], row=1, col=2)
+    return _layout(fig, title)
+
+
+def cosine_heatmap(names: Sequence[str], matrix: Sequence[Sequence[float]]) -> go.Figure:
+    """Pairwise cosine similarity of the distribution vectors (the paper reports 0.03-0.31)."""
+    if not names:
+        return empty("no vectors", "cosine similarity")
+    fig = go.Figure(go.Heatmap(z=[list(r) for r in matrix], x=list(names), y=list(names), zmin=-1, zmax=1,
+                               colorscale="RdBu_r", text=[[f"{v:.2f}" for v in r] for r in matrix],
+                               texttemplate="%{text}", hovertemplate="%{y} · %{x}: %{z:.4f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "cosine similarity of distribution vectors")
+
+
+def _quiet(fn, *args, **kwargs) -> go.Figure:
+    """Call an optuna.visualization function without its experimental/empty-study warnings."""
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def study_figures(study: optuna.Study | None) -> tuple[go.Figure, go.Figure, go.Figure, go.Figure]:
+    """(optimisation history, α of each trial, parameter importances, 2-D landscape) of a study.
+
+    Importances and the contour need at least four complete trials; with one parameter the landscape is a
+    slice plot.
+    """
+    import optuna.visualization as vis
+
+    titles = ("optimisation history", "α of each trial", "parameter importances", "landscape")
+    complete = [] if study is None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        note = "no study selected" if study is None else "waiting for the first finished trial"
+        return tuple(empty(note, t) for t in titles)  # type: ignore[return-value]
+    params = list(dict.fromkeys(p for t in complete for p in t.params))
+    history = _layout(_quiet(vis.plot_optimization_history, study), titles[0])
+    alphas = _layout(_quiet(vis.plot_parallel_coordinate, study), titles[1])
+    if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE and len(params) >= 2:
+        try:
+            importance = optuna.importance.get_param_importances(study)
+            imp = _layout(_quiet(vis.plot_param_importances, study), titles[2])
+            top = list(importance)[:2]
+            land = _layout(_quiet(vis.plot_contour, study, params=top), f"{titles[3]}: {top[0]} × {top[1]}")
+        except (RuntimeError, ValueError) as exc:  # e.g. all values equal
+            imp = empty(f"not available: {exc}", titles[2])
+            land = _layout(_quiet(vis.plot_slice, study), titles[3])
+    else:
+        need = f"needs {MIN_TRIALS_FOR_IMPORTANCE} finished trials" if len(params) >= 2 else "needs 2 vectors"
+        imp = empty(need, titles[2])
+        land = _layout(_quiet(vis.plot_slice, study), f"{titles[3]} (slice)")
+    return history, alphas, imp, land

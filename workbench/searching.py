@@ -1,0 +1,230 @@
+"""Searches the workbench runs in a background thread, and reading any study from Optuna storage.
+
+    from workbench.searching import SearchSpec, SearchRun, study_names, load_study
+    run = SearchRun(shared_pool, SearchSpec(objective="balanced", trials=20), storage_url, workdir)
+    run.start()
+    run.events[-1]            # TrialEvent(number, state, value, weights, best_value) per finished trial
+    run.stop(); run.wait()    # finished trials are kept in storage; run.result is None if none completed
+    study = load_study(storage_url, run.study_name)   # the same call watches a CLI search
+
+A search owns a private model copy (``SharedPool.new_merger``), so it never touches a session's Tune
+or Chat model; the Optuna study lives in the workbench storage, so ``optimer search --storage URL``
+runs can be watched, and resumed, from the browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from optimer_lib.merge import parse_bounds
+from optimer_lib.objectives import Objective, parse_objective
+from optimer_lib.search import SearchConfig, SearchResult, run_search
+from workbench.workspace import SharedPool, WorkbenchError
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class SearchSpec:
+    """What to search; ``bounds`` is ``"0:1"`` or ``"ja=0:1.5,zh=0:1"`` (see ``optimer search --bounds``).
+
+    ``objective`` is a preset name, a weighted list (``loss:ja=1,acc:math=2``) or a callable
+    ``module:function`` / ``file.py:function`` (files must lie in the workdir). ``top_k=0`` skips the
+    second-fidelity re-scoring. ``instruction_weight`` is held fixed while α is searched.
+    """
+
+    objective: str = "balanced"
+    sampler: str = "tpe"
+    trials: int = 20
+    bounds: str = "0:1"
+    study_name: str = ""
+    search_limit: int | None = 32
+    rescore_limit: int | None = 100
+    top_k: int = 0
+    seed: int = 0
+    instruction_weight: float = 0.0
+
+
+@dataclass
+class TrialEvent:
+    """One finished trial, as the background search reports it."""
+
+    number: int
+    state: str
+    value: float | None
+    weights: dict[str, float]
+    best_value: float | None
+    at: float = field(default_factory=time.time)
+
+
+class _Stoppable:
+    """Duck-typed merger for run_search whose ``set_weights`` raises KeyboardInterrupt once stopped.
+
+    run_search treats that as Ctrl-C: the running trial is marked interrupted and finished ones are kept.
+    """
+
+    def __init__(self, merger: Any, stop: threading.Event) -> None:
+        self._merger, self._stop = merger, stop
+
+    @property
+    def names(self) -> list[str]:
+        return self._merger.names
+
+    @property
+    def model(self) -> Any:
+        return self._merger.model
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        self._merger.set_weights(weights)
+
+
+def parse_spec_objective(spec: SearchSpec, shared: SharedPool, workdir: Path) -> Objective:
+    """The spec's objective for the pool's dev suite; a callable from a file must lie in the workdir."""
+    text = spec.objective.strip()
+    target = text.rpartition(":")[0]
+    if target.endswith(".py") or "/" in target:
+        path = Path(target).expanduser()
+        path = (path if path.is_absolute() else workdir / path).resolve()
+        if workdir.resolve() not in path.parents:
+            raise WorkbenchError(f"objective file {target!r} is outside the workdir: copy it into {workdir}")
+        text = f"{path}:{text.rpartition(':')[2]}"
+    return parse_objective(text, list(shared.suite.texts), qa_names=list(shared.suite.qa))
+
+
+class SearchRun:
+    """A run_search in a daemon thread with a stop flag; read ``events``, ``result``, ``error``, ``running``."""
+
+    def __init__(self, shared: SharedPool, spec: SearchSpec, storage: str, workdir: Path,
+                 on_event: Callable[[TrialEvent], None] | None = None) -> None:
+        self.shared, self.spec, self.storage = shared, spec, storage
+        self.study_name = spec.study_name.strip() or time.strftime("wb-%Y%m%d-%H%M%S")
+        self.workdir = Path(workdir) / "searches" / re.sub(r"[^A-Za-z0-9_.-]", "_", self.study_name)
+        self.objective = parse_spec_objective(spec, shared, Path(workdir))
+        bounds = parse_bounds(spec.bounds) if spec.bounds.strip() else None
+        self.config = SearchConfig(trials=int(spec.trials), sampler=spec.sampler, seed=int(spec.seed),
+                                   bounds=bounds, storage=storage, study_name=self.study_name,
+                                   search_limit=spec.search_limit, rescore_limit=spec.rescore_limit,
+                                   top_k=int(spec.top_k), workdir=self.workdir)
+        self.config.resolved_bounds(shared.names)  # every settings problem raises here, before the thread
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        storage_for(storage)  # create the tables now: a poller and the thread must not both initialise the DB
+        self.events: list[TrialEvent] = []
+        self.result: SearchResult | None = None
+        self.error: str | None = None
+        self.stopped = False
+        self.on_event = on_event
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"search-{self.study_name}", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> SearchRun:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the search to stop after the running trial (finished trials stay in storage)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the search ends (or ``timeout`` s); True if it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        try:
+            best = study.best_value
+        except ValueError:
+            best = None
+        ev = TrialEvent(trial.number, trial.state.name, trial.value, dict(trial.params), best)
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def _run(self) -> None:
+        try:
+            merger = self.shared.new_merger()
+            merger.instruction_weight = float(self.spec.instruction_weight)
+            self.result = run_search(_Stoppable(merger, self._stop), self.shared.tokenizer, self.shared.suite,
+                                     self.objective, self.config, callbacks=[self._on_trial], progress=False)
+            self.stopped = self.result.interrupted
+        except KeyboardInterrupt:
+            self.stopped = True
+        except Exception as exc:  # reported in the UI; the thread must not die silently
+            log.exception("search %s failed", self.study_name)
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def status(self) -> str:
+        """One line for the UI."""
+        done = len(self.events)
+        best = next((e.best_value for e in reversed(self.events) if e.best_value is not None), None)
+        best_s = f", best {best:.4g}" if best is not None else ""
+        if self.running:
+            return f"running `{self.study_name}`: {done}/{self.config.trials} trials this run{best_s}"
+        if self.error:
+            return f"search `{self.study_name}` failed: {self.error}"
+        if self.stopped:
+            return f"stopped `{self.study_name}` after {done} trials{best_s} (finished trials are kept)"
+        if self.result is not None:
+            return (f"done `{self.study_name}`: best objective {self.result.best_value:.4g} "
+                    f"(trial {self.result.best_trial}), best.json in {self.result.path.parent}")
+        return f"`{self.study_name}` not started"
+
+
+_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+_STORAGE_LOCK = threading.Lock()
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """One RDBStorage per URL for the whole process (polling must not rebuild engines)."""
+    with _STORAGE_LOCK:
+        if url not in _STORAGES:
+            _STORAGES[url] = optuna.storages.RDBStorage(url)
+        return _STORAGES[url]
+
+
+def study_names(url: str) -> list[str]:
+    """Names of the studies in ``url`` (newest first); empty when the storage does not exist yet."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return []
+    try:
+        summaries = optuna.get_all_study_summaries(storage_for(url), include_best_trial=False)
+    except Exception as exc:  # a bad URL is shown, not raised, while polling
+        raise WorkbenchError(f"cannot read Optuna storage {url!r}: {exc}") from exc
+    summaries.sort(key=lambda s: s.datetime_start.timestamp() if s.datetime_start else 0.0, reverse=True)
+    return [s.study_name for s in summaries]
+
+
+def load_study(url: str, name: str) -> optuna.Study | None:
+    """The study ``name`` in ``url``, or None if it does not exist (yet)."""
+    if not name or name not in study_names(url):
+        return None
+    return optuna.load_study(study_name=name, storage=storage_for(url))
+
+
+def best_params(study: optuna.Study | None, names: list[str]) -> dict[str, float] | None:
+    """Weights of the study's best complete trial if its parameters are exactly ``names``, else None."""
+    if study is None:
+        return None
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if set(t.params) == set(names)]
+    if not complete:
+        return None
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    best = min(complete, key=lambda t: sign * float(t.value))
+    return {n: float(best.params[n]) for n in names}

@@ -1,0 +1,296 @@
+"""The UI-agnostic controller behind one browser tab (or one notebook): Tune, Search, Chat, Export.
+
+    from workbench.workspace import Workspace
+    from workbench.session import Session
+    s = Session(Workspace("runs/demo"))
+    r = s.apply({"ja": 0.3, "zh": 0.1, "math": 0.2, "code": 0.1})   # re-merge in place + score
+    r.metrics, r.merge_s, r.score_s                                    # {"loss:ja": ...}, seconds
+    run = s.start_search(SearchSpec(trials=20))                        # background thread
+    for panes in s.chat("Hello", ["base", "Tune merge"]): ...          # streaming, pane by pane
+    s.export("my-merge")                                               # HF dir + card + YAML, and a zip
+
+A session owns its models (a Tune merger, a scratch merger for chat and reference scores, one per
+running search), all copies of the workspace's read-only base; the vectors are shared. So one
+session's sliders never change what another session chats with, and a search never blocks chat.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optimer_lib.evaluate import evaluate_suite
+from optimer_lib.export import export_merged
+from optimer_lib.merge import ResidentMerger
+from optimer_lib.objectives import parse_objective
+from workbench.chatting import GenSettings, Message, stream_reply
+from workbench.searching import SearchRun, SearchSpec, best_params, load_study
+from workbench.workspace import SharedPool, WorkbenchError, Workspace
+
+TUNE = "Tune merge"
+BEST = "best merge"
+BASE = "base"
+BASE_IT = "base + instruction"
+
+
+@dataclass
+class TuneResult:
+    """Scores of one re-merge: metrics at ``limit`` documents per dev set and where the time went."""
+
+    weights: dict[str, float]
+    instruction_weight: float
+    metrics: dict[str, float]
+    objective: float | None
+    merge_s: float
+    score_s: float
+    limit: int
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    zip_path: Path
+    card: str
+
+
+@dataclass
+class Session:
+    """Per-browser state over a :class:`Workspace`; every model is created lazily on first use.
+
+    ``tune_limit`` documents (``qa_limit`` QA pairs) per dev set are scored on each Tune change.
+    """
+
+    workspace: Workspace
+    tune_limit: int = 8
+    qa_limit: int = 8
+    seq_len: int = 128
+    search: SearchRun | None = None
+    watched: tuple[str, str] | None = None  # (storage URL, study name) shown on the Search tab
+    last: TuneResult | None = None
+    ui: dict = field(default_factory=dict)  # free slot for a front end's per-session caches
+    _shared: SharedPool | None = field(default=None, repr=False)
+    _tune: ResidentMerger | None = field(default=None, repr=False)
+    _scratch: ResidentMerger | None = field(default=None, repr=False)
+    _pending: set = field(default_factory=set, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> Session:
+        return self  # a handle on live models: Gradio's State deep-copies initial values, never copy these
+
+    # -- pool ----------------------------------------------------------------------------------
+    @property
+    def shared(self) -> SharedPool:
+        if self._shared is None:
+            self._shared = self.workspace.pool()
+        return self._shared
+
+    @property
+    def has_pool(self) -> bool:
+        return self._shared is not None or self.workspace.has_pool()
+
+    def use_pool(self, shared: SharedPool | None = None) -> SharedPool:
+        """Switch to ``shared`` (default: the workspace's current pool); drops this session's models."""
+        shared = shared or self.workspace.pool()
+        if shared is not self._shared:
+            self._shared, self._tune, self._scratch, self.last = shared, None, None, None
+        return shared
+
+    @property
+    def names(self) -> list[str]:
+        return self.shared.names
+
+    @property
+    def tune(self) -> ResidentMerger:
+        """The merger whose model holds the current Tune weights (exported by :meth:`export`)."""
+        if self._tune is None:
+            self._tune = self.shared.new_merger()
+        return self._tune
+
+    @property
+    def scratch(self) -> ResidentMerger:
+        """A second private model: chat panes and reference scores set their own weights on it."""
+        if self._scratch is None:
+            self._scratch = self.shared.new_merger()
+        return self._scratch
+
+    # -- tune ----------------------------------------------------------------------------------
+    def _score(self, merger: ResidentMerger) -> dict[str, float]:
+        sh = self.shared
+        metrics = evaluate_suite(merger.model, sh.tokenizer, sh.suite.select(qa=()), limit=self.tune_limit,
+                                 seq_len=self.seq_len)
+        if sh.suite.qa:
+            metrics.update(evaluate_suite(merger.model, sh.tokenizer, sh.suite.select(texts=()),
+                                          limit=self.qa_limit, seq_len=self.seq_len))
+        return {k: v for k, v in metrics.items() if not k.startswith("ppl:")}
+
+    def _objective(self, metrics: Mapping[str, float]) -> float | None:
+        sh = self.shared
+        try:
+            return parse_objective("balanced", list(sh.suite.texts), qa_names=list(sh.suite.qa))(metrics)
+        except Exception:
+            return None
+
+    def _full(self, weights: Mapping[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise WorkbenchError(f"unknown vector(s) {unknown}: the pool has {self.names}")
+        return {n: float(weights.get(n, 0.0)) for n in self.names}
+
+    def apply(self, weights: Mapping[str, float], instruction_weight: float | None = None) -> TuneResult:
+        """Re-merge the Tune model in place (missing names get 0) and score small dev subsets."""
+        ws = self._full(weights)
+        m = self.tune
+        iw = m.instruction_weight if instruction_weight is None else float(instruction_weight)
+        with m.lock:
+            t0 = time.perf_counter()
+            m.set_weights(ws, instruction_weight=iw)
+            t1 = time.perf_counter()
+            metrics = self._score(m)
+            t2 = time.perf_counter()
+        self.last = TuneResult(ws, iw, metrics, self._objective(metrics), t1 - t0, t2 - t1, self.tune_limit)
+        return self.last
+
+    def preset(self, name: str) -> dict[str, float]:
+        """Weights of a preset: ``zeros``, ``average`` (1/K each) or ``best`` (of the last search)."""
+        if name == "zeros":
+            return dict.fromkeys(self.names, 0.0)
+        if name == "average":
+            return dict.fromkeys(self.names, 1.0 / len(self.names))
+        if name == "best":
+            best = self.best_weights()
+            if best is None:
+                raise WorkbenchError("no search result yet: run a search (Search tab) or watch a study first")
+            return best
+        raise WorkbenchError(f"unknown preset {name!r}: choose zeros, average or best")
+
+    def best_weights(self) -> dict[str, float] | None:
+        """Best α of the watched study (this session's last search unless another study was chosen).
+
+        When the watched study is this session's own finished search, its re-scored best is used.
+        """
+        run = self.search
+        if self.watched is None:
+            return None
+        if (run is not None and run.result is not None and (run.storage, run.study_name) == self.watched
+                and run.shared is self._shared):
+            return dict(run.result.best_weights)
+        return best_params(load_study(*self.watched), self.names)
+
+    def reference(self, kind: str, instruction_weight: float = 0.0, wait: bool = True) -> dict[str, float] | None:
+        """Metrics of ``base`` / ``average`` / ``best`` at the Tune limit (cached in the shared pool).
+
+        ``wait=False`` never scores in the caller's thread: it returns the cached metrics, or None after
+        starting their computation in the background (a UI shows them on its next refresh).
+        """
+        try:
+            ws = self.preset({"base": "zeros"}.get(kind, kind))
+        except WorkbenchError:
+            return None
+        key = (tuple(sorted(ws.items())), float(instruction_weight), self.tune_limit, self.qa_limit)
+        hit = self.shared.cached_metrics(key)
+        if hit is not None or not wait:
+            if hit is None and key not in self._pending:
+                self._pending.add(key)
+                threading.Thread(target=self._compute_reference, args=(key, ws, instruction_weight),
+                                 daemon=True, name="reference").start()
+            return hit
+        return self._compute_reference(key, ws, instruction_weight)
+
+    def _compute_reference(self, key: tuple, ws: dict[str, float], iw: float) -> dict[str, float]:
+        m = self.scratch
+        try:
+            with m.lock:
+                m.set_weights(ws, instruction_weight=iw)
+                metrics = self._score(m)
+            self.shared.store_metrics(key, metrics)
+            return metrics
+        finally:
+            self._pending.discard(key)
+
+    # -- search --------------------------------------------------------------------------------
+    def start_search(self, spec: SearchSpec) -> SearchRun:
+        """Start a search in the background (one per session); it is also what the Search tab watches."""
+        if self.search is not None and self.search.running:
+            raise WorkbenchError(f"search {self.search.study_name!r} is still running: stop it first")
+        run = SearchRun(self.shared, spec, self.workspace.storage_url, self.workspace.workdir)
+        self.search = run.start()
+        self.watched = (run.storage, run.study_name)
+        return run
+
+    def stop_search(self) -> None:
+        if self.search is not None:
+            self.search.stop()
+
+    # -- chat ----------------------------------------------------------------------------------
+    def pane_choices(self) -> list[str]:
+        """Models a chat pane can show."""
+        out = [BASE]
+        if self.shared.instruction is not None:
+            out.append(BASE_IT)
+        return [*out, *(f"CPT {n}" for n in self.names), TUNE, BEST]
+
+    def pane_weights(self, choice: str) -> tuple[dict[str, float], float]:
+        """``(weights, instruction weight)`` of a pane; Tune/best merges use Tune's instruction weight."""
+        zeros = dict.fromkeys(self.names, 0.0)
+        tune_iw = self.tune.instruction_weight if self._tune is not None else 0.0
+        if choice == BASE:
+            return zeros, 0.0
+        if choice == BASE_IT:
+            return zeros, 1.0
+        if choice.startswith("CPT ") and choice[4:] in self.names:
+            return {**zeros, choice[4:]: 1.0}, 0.0
+        if choice == TUNE:
+            return (self.tune.weights, tune_iw)
+        if choice == BEST:
+            return self.preset("best"), tune_iw
+        raise WorkbenchError(f"unknown chat model {choice!r}: choose one of {self.pane_choices()}")
+
+    def chat(self, prompt: str, choices: Sequence[str], histories: Sequence[list[Message]] | None = None,
+             settings: GenSettings | None = None) -> Iterator[list[list[Message]]]:
+        """Send ``prompt`` to every pane in turn; yields all panes' histories as replies stream in."""
+        settings = settings or GenSettings()
+        hist = [list(h) for h in (histories or [[] for _ in choices])]
+        prompt = prompt.strip()
+        if not prompt:
+            raise WorkbenchError("type a prompt first")
+        for h in hist:
+            h.append({"role": "user", "content": prompt})
+            h.append({"role": "assistant", "content": ""})
+        yield hist
+        for i, choice in enumerate(choices):
+            try:
+                weights, iw = self.pane_weights(choice)
+                for text in stream_reply(self.scratch, self.shared.tokenizer, weights, iw, hist[i][:-2], prompt,
+                                         settings):
+                    hist[i][-1] = {"role": "assistant", "content": text}
+                    yield hist
+            except Exception as exc:  # one failing pane must not hide the others
+                hist[i][-1] = {"role": "assistant", "content": f"[{type(exc).__name__}: {exc}]"}
+                yield hist
+
+    # -- export --------------------------------------------------------------------------------
+    def export(self, name: str, overwrite: bool = False) -> ExportResult:
+        """Write the current Tune merge to ``<workdir>/exports/<name>`` and zip it into a temp folder."""
+        name = name.strip()
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise WorkbenchError(f"bad export name {name!r}: use a plain folder name such as my-merge")
+        sh, m = self.shared, self.tune
+        out = self.workspace.exports_dir / name
+        scores = {f"dev {k} (first {self.tune_limit})": v for k, v in (self.last.metrics if self.last else {}).items()}
+        with m.lock:
+            path = export_merged(m.model, sh.tokenizer, out, base_path=str(sh.base_dir), vectors=sh.vectors,
+                                 weights=m.weights, instruction=sh.instruction,
+                                 instruction_weight=m.instruction_weight if sh.instruction else None,
+                                 scores=scores, overwrite=overwrite)
+        tmp = Path(tempfile.mkdtemp(prefix="optimer-export-"))
+        zip_path = Path(shutil.make_archive(str(tmp / name), "zip", root_dir=path.parent, base_dir=path.name))
+        return ExportResult(path, zip_path, (path / "README.md").read_text())
+
+    def close(self) -> None:
+        """Stop this session's search and drop its models (Gradio calls this when the tab goes away)."""
+        self.stop_search()
+        self._tune = self._scratch = None

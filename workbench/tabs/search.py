@@ -1,0 +1,158 @@
+"""Search tab: objective, sampler, trials, bounds; start/stop a background search; live Optuna charts.
+
+The charts poll the study in Optuna storage with a ``gr.Timer``, so any study in the storage, including
+one an ``optimer search --storage URL`` process is writing, can be watched; they redraw only when a
+trial has finished.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from optimer_lib.objectives import presets
+from optimer_lib.search import SAMPLERS, trial_table
+from workbench.figures import study_figures
+from workbench.searching import SearchSpec, load_study, study_names
+from workbench.session import Session
+from workbench.tabs import Ctx, error_md
+
+KINDS = ("preset", "weighted metrics", "callable")
+
+
+class SearchTab:
+    """Handles of the Search tab."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                self.kind = gr.Radio(list(KINDS), value="preset", label="objective")
+                self.preset = gr.Dropdown(["balanced"], value="balanced", label="preset", elem_id="obj-preset")
+                self.spec = gr.Textbox(label="weighted metrics or callable", visible=False, elem_id="obj-spec",
+                                       placeholder="loss:ja=1,acc:math=2   or   my_module:score / file.py:score")
+                with gr.Row():
+                    self.sampler = gr.Dropdown(list(SAMPLERS), value="tpe", label="sampler", min_width=100)
+                    self.trials = gr.Number(20, precision=0, minimum=1, label="trials", elem_id="search-trials")
+                with gr.Row():
+                    self.bounds = gr.Textbox("0:1", label="bounds", info="0:1, or ja=0:1.5,zh=0:1")
+                    self.seed = gr.Number(0, precision=0, label="seed", min_width=80)
+                with gr.Accordion("fidelity, study, instruction", open=False):
+                    self.search_limit = gr.Number(32, precision=0, minimum=1, label="documents per dev set / trial")
+                    self.top_k = gr.Number(0, precision=0, minimum=0, label="re-score top-k (0: no re-scoring)")
+                    self.rescore_limit = gr.Number(100, precision=0, minimum=1, label="documents for re-scoring")
+                    self.study_name = gr.Textbox("", label="study name (empty: a new wb-<time> study)")
+                    self.iw = gr.Number(0.0, label="instruction weight during the search")
+                with gr.Row():
+                    self.start = gr.Button("Start", variant="primary", elem_id="search-start")
+                    self.stop = gr.Button("Stop", variant="stop", elem_id="search-stop")
+                self.status = gr.Markdown(elem_id="search-status")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    self.storage = gr.Textbox(ctx.workspace.storage_url, label="Optuna storage", scale=3)
+                    self.study = gr.Dropdown([], label="study shown", scale=2, elem_id="search-study",
+                                             allow_custom_value=True)
+                    self.reload = gr.Button("↻", size="sm", scale=0, min_width=40)
+                with gr.Row():
+                    self.history = gr.Plot(elem_id="search-history", show_label=False)
+                    self.alphas = gr.Plot(elem_id="search-alphas", show_label=False)
+                with gr.Row():
+                    self.importance = gr.Plot(elem_id="search-importance", show_label=False)
+                    self.landscape = gr.Plot(elem_id="search-landscape", show_label=False)
+                self.table = gr.Dataframe(label="trials", elem_id="search-table", interactive=False, max_height=300)
+                self.send = gr.Button("Send best to Tune", elem_id="search-send-best")
+        self.timer = gr.Timer(ctx.poll_s)
+        self.live = [self.status, self.history, self.alphas, self.importance, self.landscape, self.table]
+        self.outputs: list[Any] = [self.preset, self.study]
+
+        self.kind.change(lambda k: (gr.update(visible=k == "preset"), gr.update(visible=k != "preset")),
+                         self.kind, [self.preset, self.spec], show_progress="hidden")
+        form = [ctx.state, self.kind, self.preset, self.spec, self.sampler, self.trials, self.bounds, self.seed,
+                self.search_limit, self.top_k, self.rescore_limit, self.study_name, self.iw]
+        self.start.click(self.on_start, form, [self.status, self.study], concurrency_limit=None)
+        self.stop.click(self.on_stop, ctx.state, self.status, concurrency_limit=None)
+        self.reload.click(self.on_reload, [ctx.state, self.storage, self.study], self.study, concurrency_limit=None)
+        self.study.change(self.on_watch, [ctx.state, self.storage, self.study], self.live, show_progress="hidden",
+                          concurrency_limit=None)
+        self.timer.tick(self.on_tick, [ctx.state, self.storage, self.study], self.live, show_progress="hidden",
+                        concurrency_limit=None)
+        tune = ctx.tune
+        self.send.click(self.on_send, [ctx.state, tune.instruction], tune.outputs, show_progress="hidden",
+                        concurrency_limit=None)
+
+    # -- events --------------------------------------------------------------------------------
+    def on_start(self, session: Session, kind: str, preset: str, spec: str, sampler: str, trials: float,
+                 bounds: str, seed: float, search_limit: float, top_k: float, rescore_limit: float,
+                 study_name: str, iw: float) -> tuple[str, Any]:
+        objective = preset if kind == "preset" else spec
+        try:
+            run = session.start_search(SearchSpec(
+                objective=objective or "", sampler=sampler, trials=int(trials or 1), bounds=bounds or "",
+                study_name=study_name or "", search_limit=int(search_limit or 1), top_k=int(top_k or 0),
+                rescore_limit=int(rescore_limit or 1), seed=int(seed or 0), instruction_weight=float(iw or 0)))
+        except Exception as exc:
+            return error_md(exc), gr.update()
+        session.ui.pop("search_sig", None)
+        names = list(dict.fromkeys([run.study_name, *study_names(run.storage)]))  # the thread creates the study
+        return run.status(), gr.update(choices=names, value=run.study_name)
+
+    def on_stop(self, session: Session) -> str:
+        if session.search is None or not session.search.running:
+            return "no search of this session is running"
+        session.stop_search()
+        return f"stopping `{session.search.study_name}` after the running trial…"
+
+    def on_reload(self, session: Session, storage: str, current: str | None) -> Any:
+        try:
+            names = study_names(storage)
+        except Exception as exc:
+            gr.Warning(str(exc))
+            return gr.update(choices=[], value=None)
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+    def on_watch(self, session: Session, storage: str, study: str | None) -> list[Any]:
+        session.watched = (storage, study) if study else None
+        session.ui.pop("search_sig", None)
+        return self.on_tick(session, storage, study)
+
+    def on_tick(self, session: Session, storage: str, study_name: str | None) -> list[Any]:
+        """Redraw when the watched study gained a finished trial or the run's state changed; else skip."""
+        run = session.search
+        status = run.status() if run is not None and run.study_name == study_name else ""
+        try:
+            study = load_study(storage, study_name) if study_name else None
+        except Exception as exc:
+            return [error_md(exc), *(gr.skip() for _ in self.live[1:])]
+        trials = study.get_trials(deepcopy=False) if study is not None else []
+        sig = (storage, study_name, len(trials), sum(t.state.is_finished() for t in trials), status)
+        if session.ui.get("search_sig") == sig:
+            return [gr.skip() for _ in self.live]
+        session.ui["search_sig"] = sig
+        if study is not None and not status:
+            status = f"watching `{study_name}`: {sum(t.state.is_finished() for t in trials)} finished trials"
+        figs = study_figures(study)
+        table = trial_table(study).round(4) if study is not None and trials else pd.DataFrame()
+        return [status, *figs, table]
+
+    def on_send(self, session: Session, iw: float) -> list[Any]:
+        tune = self.ctx.tune
+        try:
+            return tune.show(session, session.preset("best"), float(iw))
+        except Exception as exc:
+            return [*(gr.update() for _ in tune.outputs[:-1]), error_md(exc)]
+
+    def refresh(self, session: Session) -> list[Any]:
+        """Objective presets of the pool's dev suite and the studies in the workbench storage."""
+        if not session.has_pool:
+            return [gr.update(), gr.update()]
+        try:
+            suite = session.shared.suite
+            choices = list(presets(list(suite.texts), list(suite.qa)))
+            names = study_names(self.ctx.workspace.storage_url)
+        except Exception:
+            return [gr.update(), gr.update()]
+        watched = session.watched[1] if session.watched else None
+        return [gr.update(choices=choices, value="balanced" if "balanced" in choices else choices[0]),
+                gr.update(choices=names, value=watched if watched in names else (names[0] if names else None))]

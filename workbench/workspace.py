@@ -1,0 +1,321 @@
+"""The workbench's working directory: which base and vectors form the pool, opened once, read-only.
+
+    from workbench.workspace import Workspace
+    ws = Workspace("runs/demo")              # reads runs/demo/workbench.json, or infers a demo layout
+    ws.has_pool()                            # False on a fresh directory
+    ws.build_demo_pool(quick=True)           # CPT runs + vectors of the embedded world (minutes)
+    shared = ws.pool()                       # SharedPool: base model, tokenizer, vectors, dev suite
+    ws.add_vector("cpt/legal")               # checkpoint dir (extracted) or vector file, inside the workdir
+
+The pool is described by ``<workdir>/workbench.json`` (``base``, ``vectors``, ``instruction``,
+``eval``); without one, a directory holding ``vectors/*.safetensors`` (the layout ``optimer demo``
+writes) is read as a pool over ``assets/base`` with ``vectors/instruct.safetensors`` as the
+instruction vector. A :class:`SharedPool` is an immutable snapshot: changing the pool makes a new
+one, and sessions still holding the old one keep working with it.
+
+Every path a user types is resolved against the workdir and refused if it leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
+from optimer_lib.errors import OptimerError, VectorError
+from optimer_lib.evaluate import EvalSuite
+from optimer_lib.merge import ResidentMerger
+from optimer_lib.models import load_model, load_tokenizer
+from optimer_lib.vectors import (
+    DistributionVector,
+    check_compatible,
+    cosine_matrix,
+    extract_vector,
+    load_vector,
+    save_vector,
+    state_fingerprint,
+)
+
+MANIFEST = "workbench.json"
+
+
+class WorkbenchError(OptimerError):
+    """A workbench action that cannot be done; the message says what to do instead."""
+
+
+@dataclass
+class SharedPool:
+    """A read-only pool shared by every session: never merge into ``model``, copy it (:meth:`new_merger`)."""
+
+    base_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    vectors: list[DistributionVector]
+    instruction: DistributionVector | None
+    suite: EvalSuite
+    version: int = 0
+    _cache: dict[tuple, dict[str, float]] = field(default_factory=dict, repr=False)
+    _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
+    _norms: dict[str, float] = field(default_factory=dict, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.vectors]
+
+    def __deepcopy__(self, memo: dict) -> SharedPool:
+        return self  # shared and read-only: copies would defeat the point
+
+    def new_merger(self) -> ResidentMerger:
+        """A private copy of the base model wrapped in a ResidentMerger (instruction weight 0).
+
+        Vectors are shared with the pool, not copied; the model copy and the merger's base copy of each
+        touched tensor are the session's own (about 2x the model's size).
+        """
+        import copy
+
+        with torch.no_grad():
+            model = copy.deepcopy(self.model)
+        return ResidentMerger(model, self.vectors, instruction=self.instruction, instruction_weight=0.0)
+
+    def cached_metrics(self, key: tuple) -> dict[str, float] | None:
+        with self.lock:
+            return self._cache.get(key)
+
+    def store_metrics(self, key: tuple, metrics: dict[str, float]) -> None:
+        with self.lock:
+            self._cache[key] = dict(metrics)
+
+    def cosines(self) -> tuple[list[str], list[list[float]]]:
+        """Names and pairwise cosine similarities of the distribution vectors (computed once)."""
+        with self.lock:
+            if self._cos is None:
+                names, cos = cosine_matrix(self.vectors)
+                self._cos = (names, cos.tolist())
+            return self._cos
+
+    def vector_rows(self) -> list[dict[str, Any]]:
+        """One row per vector (instruction last): name, role, source, tokens, norm, file."""
+        rows = []
+        for role, vecs in (("distribution", self.vectors), ("instruction", [self.instruction])):
+            for v in vecs:
+                if v is not None:
+                    with self.lock:
+                        norm = self._norms.setdefault(v.name, v.norm())
+                    rows.append({"name": v.name, "role": role, "source": v.source or "-",
+                                 "tokens": v.tokens_trained or "-", "norm": round(norm, 4),
+                                 "file": str(v.path or "-")})
+        return rows
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path.resolve())
+
+
+class Workspace:
+    """A workdir holding the pool description, vectors, search storage and exports.
+
+    ``suite`` overrides the dev suite (tests pass a tiny one); otherwise the manifest's ``eval`` names
+    or every embedded corpus are loaded (``dev`` split). ``device``/``dtype`` apply to every model.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, suite: EvalSuite | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> None:
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.device, self.dtype = device, dtype
+        self._suite = suite
+        self._pool: SharedPool | None = None
+        self._version = 0
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> Workspace:
+        return self  # one per workdir and process
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def storage_url(self) -> str:
+        """The Optuna storage the workbench writes its searches to (CLI searches can share it)."""
+        return f"sqlite:///{self.workdir / 'optuna.db'}"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.workdir / "exports"
+
+    def resolve(self, user_path: str | os.PathLike) -> Path:
+        """``user_path`` (absolute or relative to the workdir), refused unless it lies inside the workdir."""
+        raw = str(user_path).strip()
+        if not raw:
+            raise WorkbenchError("no path given: type a path relative to the workdir, e.g. cpt/ja")
+        p = Path(raw).expanduser()
+        p = (p if p.is_absolute() else self.workdir / p).resolve()
+        if p != self.workdir and self.workdir not in p.parents:
+            raise WorkbenchError(f"{raw!r} is outside the workdir {self.workdir}: copy it into the workdir first")
+        return p
+
+    # -- manifest ------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any] | None:
+        """The pool description (read from workbench.json, or inferred from a demo layout), or None."""
+        path = self.workdir / MANIFEST
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise WorkbenchError(f"{path} is not valid JSON ({exc}): fix or delete it") from exc
+            return {"base": data.get("base"), "vectors": list(data.get("vectors") or []),
+                    "instruction": data.get("instruction"), "eval": data.get("eval")}
+        vecs = sorted((self.workdir / "vectors").glob("*.safetensors"))
+        inst = self.workdir / "vectors" / "instruct.safetensors"
+        dists = [str(p) for p in vecs if p != inst]
+        if dists and (assets_dir() / "base" / "config.json").is_file():
+            return {"base": str(assets_dir() / "base"), "vectors": dists,
+                    "instruction": str(inst) if inst.is_file() else None, "eval": None}
+        return None
+
+    def _abs(self, p: str) -> Path:
+        q = Path(p)
+        return q if q.is_absolute() else self.workdir / q
+
+    def write_manifest(self, base: str | os.PathLike, vectors: Sequence[str | os.PathLike],
+                       instruction: str | os.PathLike | None, eval_names: Sequence[str] | None = None) -> Path:
+        """Write workbench.json (paths inside the workdir are stored relative to it)."""
+        data = {"base": _rel(Path(base), self.workdir), "vectors": [_rel(Path(v), self.workdir) for v in vectors],
+                "instruction": _rel(Path(instruction), self.workdir) if instruction else None,
+                "eval": list(eval_names) if eval_names else None}
+        path = self.workdir / MANIFEST
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def has_pool(self) -> bool:
+        return self._pool is not None or self.manifest() is not None
+
+    # -- pool ----------------------------------------------------------------------------------
+    def pool(self) -> SharedPool:
+        """The current pool, opened on first use; WorkbenchError when the workdir has none yet."""
+        with self._lock:
+            if self._pool is None:
+                m = self.manifest()
+                if m is None:
+                    raise WorkbenchError(f"no pool in {self.workdir}: build the demo pool (Pool tab) or add "
+                                         "vectors and choose a base")
+                self._pool = self._open(m)
+            return self._pool
+
+    def _suite_for(self, eval_names: Sequence[str] | None) -> EvalSuite:
+        if self._suite is not None:
+            return self._suite
+        names = list(eval_names or embedded_corpora())
+        if not names:
+            raise WorkbenchError("no dev data: the embedded corpora are missing (python -m optimer_lib.assets "
+                                 "build) and workbench.json names no 'eval' corpora (NAME=PATH)")
+        return load_eval_suite(names, "dev")
+
+    def _open(self, m: dict[str, Any]) -> SharedPool:
+        if not m.get("base"):
+            raise WorkbenchError("the pool has no base model: choose one in the Pool tab")
+        base_dir = self._abs(m["base"])
+        model = load_model(base_dir, dtype=self.dtype, device=self.device)
+        tokenizer = load_tokenizer(base_dir)
+        state = model.state_dict()
+        fp = state_fingerprint(state)
+        problems: list[str] = []
+
+        def checked(p: str) -> DistributionVector | None:
+            try:
+                vec = load_vector(self._abs(p))
+                check_compatible(vec, state, base_fingerprint=fp)
+                return vec
+            except VectorError as exc:
+                problems.append(str(exc))
+                return None
+
+        vectors = [v for v in (checked(p) for p in m["vectors"]) if v is not None]
+        instruction = checked(m["instruction"]) if m.get("instruction") else None
+        names = [v.name for v in vectors]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"several vectors are named {dupes}: rename one (optimer vector extract --name)")
+        if not vectors and not problems:
+            problems.append("the pool has no distribution vector: add one in the Pool tab")
+        if problems:
+            raise WorkbenchError("cannot open the pool:\n  " + "\n  ".join(problems))
+        self._version += 1
+        return SharedPool(base_dir, model, tokenizer, vectors, instruction, self._suite_for(m.get("eval")),
+                          version=self._version)
+
+    def set_pool(self, base: str | os.PathLike, vectors: Sequence[str | os.PathLike],
+                 instruction: str | os.PathLike | None) -> SharedPool:
+        """Open a new pool (validated first: a bad choice leaves the current one in place), then save it."""
+        old = self.manifest() or {}
+        m = {"base": str(base), "vectors": [str(v) for v in vectors],
+             "instruction": str(instruction) if instruction else None, "eval": old.get("eval")}
+        with self._lock:
+            shared = self._open(m)
+            self.write_manifest(base, vectors, instruction, m["eval"])
+            self._pool = shared
+            return shared
+
+    def vector_files(self) -> list[Path]:
+        """Vector files the Pool tab offers: ``vectors/*.safetensors`` plus those of the manifest."""
+        m = self.manifest() or {}
+        listed = [self._abs(p) for p in [*m.get("vectors", []), m.get("instruction")] if p]
+        found = sorted((self.workdir / "vectors").glob("*.safetensors"))
+        return list(dict.fromkeys(p.resolve() for p in [*listed, *found]))
+
+    def base_candidates(self) -> list[Path]:
+        """Checkpoint dirs offered as base: the manifest's, ``assets/base``, and HF dirs in the workdir."""
+        m = self.manifest() or {}
+        out = [self._abs(m["base"])] if m.get("base") else []
+        if (assets_dir() / "base" / "config.json").is_file():
+            out.append(assets_dir() / "base")
+        for cfg in sorted(self.workdir.glob("*/config.json")) + sorted(self.workdir.glob("*/*/config.json")):
+            out.append(cfg.parent)
+        return list(dict.fromkeys(p.resolve() for p in out))
+
+    def add_vector(self, user_path: str, name: str | None = None) -> SharedPool:
+        """Add a vector file or a checkpoint directory (its vector is extracted into ``vectors/``)."""
+        path = self.resolve(user_path)
+        current = self.pool()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise WorkbenchError(f"{user_path!r} is a directory without config.json: give a Hugging Face "
+                                     "checkpoint directory or a .safetensors vector file")
+            vname = (name or path.name).strip()
+            out = self.workdir / "vectors" / f"{vname}.safetensors"
+            if out.exists():
+                raise WorkbenchError(f"{_rel(out, self.workdir)} exists: choose another name")
+            info = path / "training.json"
+            tokens = json.loads(info.read_text()).get("tokens_trained") if info.is_file() else None
+            vec = extract_vector(current.base_dir, path, name=vname, source=str(path), tokens_trained=tokens)
+            path = save_vector(vec, out)
+        elif not path.is_file():
+            raise WorkbenchError(f"{user_path!r} does not exist in the workdir {self.workdir}")
+        elif name and load_vector(path).name != name:
+            raise WorkbenchError(f"{user_path!r} holds vector {load_vector(path).name!r}; leave the name empty "
+                                 "or re-extract it under the new name")
+        m = self.manifest() or {}
+        paths = [*(m.get("vectors") or []), str(path)]
+        return self.set_pool(m.get("base") or current.base_dir, paths, m.get("instruction"))
+
+    def build_demo_pool(self, quick: bool = False) -> SharedPool:
+        """Train the demo's CPT models and extract their vectors here (cached), then open that pool."""
+        from optimer_lib.demo import DemoConfig, build_pool
+
+        if not (assets_dir() / "base" / "config.json").is_file():
+            raise WorkbenchError(f"the embedded world is missing ({assets_dir()}/base): build it with "
+                                 "`python -m optimer_lib.assets build` (make assets)")
+        cfg = DemoConfig.quick(self.workdir) if quick else DemoConfig(workdir=self.workdir)
+        paths, inst = build_pool(cfg)
+        return self.set_pool(assets_dir() / "base", paths, inst)
