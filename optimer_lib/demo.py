@@ -68,8 +68,7 @@ def build_pool(cfg: DemoConfig) -> tuple[list[Path], Path]:
             train_cpt(base, name, out, TrainConfig(tokens=cfg.cpt_tokens, lr=cfg.cpt_lr, seed=cfg.seed))
         vec_path = cfg.workdir / "vectors" / f"{name}.safetensors"
         if not vec_path.exists():
-            info = json.loads((out / "training.json").read_text())
-            vec = extract_vector(base, out, name=name, source=str(out), tokens_trained=info["tokens_trained"])
+            vec = extract_vector(base, out, name=name, source=str(out))
             save_vector(vec, vec_path)
         paths.append(vec_path)
     inst_path = cfg.workdir / "vectors" / "instruct.safetensors"

@@ -18,6 +18,7 @@ once, under the first name ``state_dict()`` lists (the one ``save_pretrained`` k
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -133,12 +134,16 @@ def extract_vector(base: object, tuned: object, *, name: str, source: str = "",
                    tokens_trained: int | None = None) -> DistributionVector:
     """tau = tuned - base for every floating-point tensor; ``base``/``tuned``: module, state dict or dir.
 
-    Raises VectorError on mismatched names or shapes, or a non-finite result.
+    When ``tuned`` is a directory written by ``optimer train``, ``tokens_trained`` defaults to the
+    count in its ``training.json``. Raises VectorError on mismatched names or shapes, or a non-finite result.
     """
     if not name:
         raise VectorError("a vector needs a name (e.g. --name ja)")
-    if not source and isinstance(tuned, (str, os.PathLike)):
-        source = str(tuned)
+    if isinstance(tuned, (str, os.PathLike)):
+        source = source or str(tuned)
+        info = Path(tuned) / "training.json"
+        if tokens_trained is None and info.is_file():
+            tokens_trained = json.loads(info.read_text()).get("tokens_trained")
     b_state, b_alias = unique_tensors(_as_state(base))
     t_state, t_alias = unique_tensors(_as_state(tuned))
     b_float = {k for k, v in b_state.items() if v.is_floating_point()}

@@ -174,3 +174,14 @@ def test_cosine_orthogonal_and_zero():
     assert torch.equal(cos[2], torch.zeros(3, dtype=torch.float64))
     info = format_info([a, b])
     assert "pairwise cosine" in info and "3.0000" in info and "2.2361" in info
+
+
+def test_tokens_trained_read_from_training_json(tiny_pool):
+    import json
+
+    from optimer_lib.vectors import extract_vector
+
+    base, (tuned,) = tiny_pool("llama", 1)
+    (tuned / "training.json").write_text(json.dumps({"tokens_trained": 12345}))
+    vec = extract_vector(base, tuned, name="t")
+    assert vec.tokens_trained == "12345" and vec.source == str(tuned)
