@@ -79,7 +79,7 @@ def _max_positions(model: Any) -> int | None:
 def _encode(tokenizer: Any, text: str) -> list[int]:
     # add_special_tokens=False + explicit bos gives the same layout for every tokenizer family
     # (some add bos themselves, some add eos, some nothing).
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos, *ids] if bos is not None else ids
 
