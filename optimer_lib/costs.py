@@ -1,0 +1,217 @@
+"""Cost accounting in common units for every method, and quality-vs-cost curves.
+
+    from optimer_lib.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
+    ledger = CostLedger()
+    per_trial = eval_tokens(tokenizer, suite, objective, limit=100)        # tokens one scoring reads
+    per_trial = search_eval_tokens(tokenizer, suite, objective, search_config)   # ... as run_search scores
+    ledger.add("mixture", kind="trial", tokens_trained=1_600_000, tokens_evaluated=per_trial,
+               seconds=163.0, objective=3.63)
+    ledger.extend(ledger_from_study(study, "optimer", tokens_evaluated=per_trial))   # from timestamps
+    curve = ledger.curve("optimer", unit="seconds")      # [(cumulative cost, best-so-far objective), ...]
+    cost_to_reach(curve, target=3.63)                    # first cumulative cost whose best is <= target
+
+Units (:data:`UNITS`): ``tokens_trained`` (tokens through forward+backward), ``tokens_evaluated``
+(tokens scored: document tokens at the trial's limit plus generated tokens), ``tokens`` (their sum),
+``compute`` (forward-token equivalents: ``3 * tokens_trained + tokens_evaluated``, a backward pass
+costing about two forwards) and ``seconds`` (wall time on this machine). A search's curve starts at
+zero at the start of that search; one-off costs (the per-dataset CPT runs of an OptiMer pool) are
+separate entries of their own method and can be added as an ``offset``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+UNITS = ("seconds", "tokens_trained", "tokens_evaluated", "tokens", "compute")
+BACKWARD_FACTOR = 3  # a training token costs ~3 forward tokens (forward + backward ~ 2 forwards)
+
+
+@dataclass
+class CostEntry:
+    """One unit of work: a CPT run, a search trial, a re-scoring, a final evaluation...
+
+    ``objective`` is the (dev, search-fidelity) value the work produced, if it produced a candidate;
+    lower is better.
+    """
+
+    method: str
+    kind: str = "trial"
+    tokens_trained: int = 0
+    tokens_evaluated: int = 0
+    seconds: float = 0.0
+    objective: float | None = None
+    label: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def amount(self, unit: str) -> float:
+        """This entry's cost in ``unit`` (one of :data:`UNITS`)."""
+        if unit == "seconds":
+            return float(self.seconds)
+        if unit == "tokens_trained":
+            return float(self.tokens_trained)
+        if unit == "tokens_evaluated":
+            return float(self.tokens_evaluated)
+        if unit == "tokens":
+            return float(self.tokens_trained + self.tokens_evaluated)
+        if unit == "compute":
+            return float(BACKWARD_FACTOR * self.tokens_trained + self.tokens_evaluated)
+        raise ValueError(f"unknown cost unit {unit!r}: choose one of {', '.join(UNITS)}")
+
+
+@dataclass
+class CostLedger:
+    """An append-only list of :class:`CostEntry`, with totals, curves and JSON round-trip."""
+
+    entries: list[CostEntry] = field(default_factory=list)
+
+    def add(self, method: str, **kw: Any) -> CostEntry:
+        entry = CostEntry(method=method, **kw)
+        self.entries.append(entry)
+        return entry
+
+    def extend(self, entries: Iterable[CostEntry]) -> None:
+        self.entries.extend(entries)
+
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(e.method for e in self.entries))
+
+    def of(self, method: str, kinds: Sequence[str] | None = None) -> list[CostEntry]:
+        return [e for e in self.entries if e.method == method and (kinds is None or e.kind in kinds)]
+
+    def totals(self, method: str | None = None) -> dict[str, float]:
+        """Every unit summed over one method's entries (all entries when ``method`` is None)."""
+        chosen = self.entries if method is None else self.of(method)
+        out = {u: sum(e.amount(u) for e in chosen) for u in UNITS}
+        out["entries"] = float(len(chosen))
+        return out
+
+    def curve(self, method: str, unit: str = "seconds", *, offset: float = 0.0,
+              kinds: Sequence[str] | None = None) -> list[tuple[float, float]]:
+        """Best-so-far objective vs cumulative cost of ``method`` (see :func:`quality_curve`)."""
+        return quality_curve(self.of(method, kinds), unit, offset=offset)
+
+    def recorder(self, method: str, *, tokens_evaluated: int = 0, tokens_trained: int = 0,
+                 kind: str = "trial") -> Callable[[Any, Any], None]:
+        """A ``run_search`` callback appending one entry per finished trial (wall time since the last).
+
+        Create it right before the search starts: the first trial's seconds count from then, so
+        sampler time and overheads are included and the curve starts at the start of the search.
+        """
+        last = [time.perf_counter()]
+
+        def callback(study: Any, trial: Any) -> None:
+            now = time.perf_counter()
+            value = trial.value if getattr(trial.state, "name", "") == "COMPLETE" else None
+            self.add(method, kind=kind, tokens_trained=tokens_trained, tokens_evaluated=tokens_evaluated,
+                     seconds=now - last[0], objective=None if value is None else float(value),
+                     label=f"trial {trial.number}", info={"params": dict(trial.params)})
+            last[0] = now
+
+        return callback
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [asdict(e) for e in self.entries]
+
+    @classmethod
+    def from_json(cls, rows: Iterable[dict[str, Any]]) -> CostLedger:
+        return cls([CostEntry(**r) for r in rows])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostLedger:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def quality_curve(entries: Sequence[CostEntry], unit: str = "seconds", *,
+                  offset: float = 0.0) -> list[tuple[float, float]]:
+    """``[(cumulative cost, best objective so far)]``, one point per entry that has an objective.
+
+    Entries without an objective (training, re-scoring) add their cost to what follows. Cost starts
+    at ``offset`` (0: the start of the search).
+    """
+    total, best, points = float(offset), math.inf, []
+    for e in entries:
+        total += e.amount(unit)
+        if e.objective is not None and math.isfinite(e.objective):
+            best = min(best, float(e.objective))
+            points.append((total, best))
+    return points
+
+
+def cost_to_reach(curve: Sequence[tuple[float, float]], target: float, *, tol: float = 1e-12) -> float | None:
+    """The first cumulative cost at which the best-so-far objective is <= ``target``; None if never."""
+    for cost, best in curve:
+        if best <= target + tol:
+            return cost
+    return None
+
+
+def eval_tokens(tokenizer: Any, suite: Any, objective: Any = None, *, limit: int | None = None,
+                seq_len: int = 128, max_new_tokens: int = 8, model: Any = None) -> int:
+    """Tokens one scoring of ``suite`` processes: what :func:`optimer_lib.evaluate.evaluate_suite` reads.
+
+    Text sets: every document among the first ``limit`` (as tokenised for scoring: bos first,
+    truncated to ``seq_len`` and the model's position limit, documents under 2 tokens skipped).
+    QA sets: prompt tokens plus ``max_new_tokens`` per item (batched greedy generation runs until every
+    row is done, so the maximum is what is paid). Only the sets ``objective`` reads are counted (all
+    of them for a callable objective or ``None``).
+    """
+    from optimer_lib.evaluate import _encode, _max_positions
+
+    texts = getattr(objective, "needed_texts", None) if getattr(objective, "terms", None) else None
+    qa = getattr(objective, "needed_qa", None) if getattr(objective, "terms", None) else None
+    max_pos = _max_positions(model) if model is not None else None
+    width = min(seq_len, max_pos) if max_pos else seq_len
+    total = 0
+    for name, docs in suite.texts.items():
+        if texts is None or name in texts:
+            lengths = (min(len(_encode(tokenizer, d)), width) for d in docs[:limit])
+            total += sum(n for n in lengths if n >= 2)
+    for name, pairs in suite.qa.items():
+        if qa is None or name in qa:
+            total += sum(len(_encode(tokenizer, p)) + max_new_tokens for p, _ in pairs[:limit])
+    return total
+
+
+def search_eval_tokens(tokenizer: Any, suite: Any, objective: Any, config: Any, *, rescore: bool = False) -> int:
+    """Tokens one trial of :func:`optimer_lib.search.run_search` with ``config`` scores (or one re-score).
+
+    A search that records every metric (``config.record_metrics == "all"``, weighted objectives)
+    scores the whole suite, not only what the objective reads.
+    """
+    whole = getattr(config, "record_metrics", "needed") == "all" and getattr(objective, "fn", None) is None
+    limit = config.rescore_limit if rescore else config.search_limit
+    return eval_tokens(tokenizer, suite, None if whole else objective, limit=limit, seq_len=config.seq_len)
+
+
+def ledger_from_study(study: Any, method: str, *, tokens_evaluated: int = 0, tokens_trained: int = 0,
+                      attr_tokens_trained: str | None = None) -> list[CostEntry]:
+    """Entries for a finished (or resumed) Optuna study, from trial timestamps.
+
+    Seconds per trial are ``datetime_complete - datetime_start`` (sampling, merging, scoring; pauses
+    between resumed sessions are not counted). ``attr_tokens_trained`` names a trial user attr holding
+    the tokens that trial trained (a data-mixture search), else ``tokens_trained`` per trial.
+    """
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.datetime_start is None or t.datetime_complete is None:
+            continue
+        value = t.value if t.state.name == "COMPLETE" else None
+        trained = int(t.user_attrs.get(attr_tokens_trained, 0)) if attr_tokens_trained else tokens_trained
+        out.append(CostEntry(method=method, kind="trial", tokens_trained=trained,
+                             tokens_evaluated=int(t.user_attrs.get("tokens_evaluated", tokens_evaluated)),
+                             seconds=(t.datetime_complete - t.datetime_start).total_seconds(),
+                             objective=None if value is None else float(value), label=f"trial {t.number}",
+                             info={"params": dict(t.params)}))
+    return out

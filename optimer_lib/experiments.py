@@ -1,0 +1,383 @@
+"""The complete experiment set on the embedded world: OptiMer, every baseline, the analyses, a report.
+
+    optimer experiments [--workdir runs/experiments] [--quick]     # est. ~80 min on 2 idle CPU cores
+    optimer experiments --regime-map                                # the regime map only (long, cached)
+    optimer report runs/experiments                                 # re-render report.html / report.md
+
+    from optimer_lib.experiments import ExperimentConfig, run_experiments
+    run_experiments(ExperimentConfig.quick(Path("runs/exp-quick")))
+
+Every stage writes ``<workdir>/stages/<stage>.json`` and is skipped when that file exists, so an
+interrupted run resumes (searches also resume inside their Optuna studies). Searches see dev splits
+only; the ``final`` stage alone scores test splits. The end writes ``costs.json``, ``summary.json``,
+``report.html``, ``report.md`` and ``FINDINGS.md`` in the workdir (a full run also writes the
+repository's ``FINDINGS.md``). The regime map (two model sizes x two base recipes x two CPT learning
+rates: new small bases are pretrained) lives in ``regime-*`` stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from optimer_lib import analysis as an
+from optimer_lib import baselines as bl
+from optimer_lib.costs import CostEntry, ledger_from_study, search_eval_tokens
+from optimer_lib.data import assets_dir, load_eval_suite
+from optimer_lib.evaluate import evaluate_suite
+from optimer_lib.objectives import parse_objective
+from optimer_lib.search import SearchConfig, run_search
+from optimer_lib.train import TrainConfig, train_cpt
+from optimer_lib.vectors import extract_vector, load_vector, save_vector
+
+MERGE_BASELINES = ("uniform", "task_arithmetic", "ties", "dare")
+REPO_FINDINGS = Path(__file__).resolve().parent.parent / "FINDINGS.md"
+
+
+@dataclass
+class ExperimentConfig:
+    """Sizes of the experiment set; ``quick()`` is a few-minute smoke version."""
+
+    workdir: Path = Path("runs/experiments")
+    corpora: tuple[str, ...] = ("ja", "zh", "math", "code")
+    eval_corpora: tuple[str, ...] = ("en", "ja", "zh", "math", "code")
+    objective: str = "balanced"
+    reopt_objectives: tuple[str, ...] = ("ja", "math")   # re-optimised besides the main objective
+    cpt_tokens: int = 400_000
+    cpt_lr: float = 1e-3
+    trajectory: int = 4           # checkpoints along the first corpus's CPT run (linearity)
+    trials: int = 100
+    baseline_trials: int = 30
+    reopt_trials: int = 40
+    grid_trials: int = 81         # grid sampler: 3 points per axis over 4 vectors
+    landscape_points: int = 7
+    search_limit: int = 100
+    rescore_limit: int = 300
+    top_k: int = 3
+    final_limit: int = 300
+    mixture_candidates: dict[str, int] = field(default_factory=lambda: {"equal_total": 3, "per_run": 5})
+    within: float = 0.01          # "within 1% of the best" for grid vs guided search
+    seed: int = 0
+    # regime map
+    regime_sizes: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        "xs": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 176},
+        "s": {"hidden": 192, "layers": 4, "heads": 6, "intermediate": 512}})
+    regime_recipes: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        "en-only": {"en": 1.0},
+        "multilingual": {"en": 0.7, "ja": 0.075, "zh": 0.075, "math": 0.075, "code": 0.075}})
+    regime_lrs: tuple[float, ...] = (3e-4, 1e-3)
+    regime_base_tokens: int = 2_000_000
+    regime_cpt_tokens: int = 200_000
+    regime_trials: int = 40
+    quick_mode: bool = False
+
+    @classmethod
+    def quick(cls, workdir: Path = Path("runs/experiments-quick")) -> ExperimentConfig:
+        return cls(workdir=workdir, cpt_tokens=32_768, trajectory=2, trials=12, baseline_trials=5, reopt_trials=5,
+                   grid_trials=16, landscape_points=3, search_limit=20, rescore_limit=40, top_k=2, final_limit=40,
+                   mixture_candidates={"equal_total": 2, "per_run": 3}, regime_base_tokens=32_768,
+                   regime_cpt_tokens=8_192, regime_trials=4, quick_mode=True)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _values(study: Any) -> list[float | None]:
+    return [t.value if t.state.name == "COMPLETE" else None for t in study.trials]
+
+
+class Experiments:
+    """The stages; each returns a JSON-able dict cached in ``stages/<name>.json``."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg, self.wd = cfg, Path(cfg.workdir)
+        self.base = assets_dir() / "base"
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.wd / "stages" / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        print(f"[experiments] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        out = fn()
+        out["stage_seconds"] = round(time.perf_counter() - t0, 2)
+        _write_json(path, out)
+        print(f"[experiments] {name}: {out['stage_seconds']:.1f} s", flush=True)
+        return out
+
+    def search_config(self, name: str, trials: int, **kw: Any) -> SearchConfig:
+        c = self.cfg
+        return SearchConfig(**{"trials": trials, "seed": c.seed, "workdir": self.wd / "search" / name,
+                               "study_name": name, "search_limit": c.search_limit,
+                               "rescore_limit": c.rescore_limit, "top_k": c.top_k, **kw})
+
+    @cached_property
+    def dev(self) -> Any:
+        return load_eval_suite(self.cfg.eval_corpora, "dev")
+
+    @cached_property
+    def objective(self) -> Any:
+        return parse_objective(self.cfg.objective, list(self.dev.texts), qa_names=list(self.dev.qa))
+
+    @cached_property
+    def pool(self) -> Any:
+        from optimer_lib.pool import open_pool
+
+        return open_pool(self.base, [self.wd / "vectors" / f"{n}.safetensors" for n in self.cfg.corpora])
+
+    def per_eval(self, config: SearchConfig, rescore: bool = False) -> int:
+        return search_eval_tokens(self.pool.tokenizer, self.dev, self.objective, config, rescore=rescore)
+
+    # -- stages ---------------------------------------------------------------------------------------------
+    def pool_stage(self) -> dict[str, Any]:
+        c, runs, costs = self.cfg, {}, []
+        for i, name in enumerate(c.corpora):
+            out = self.wd / "cpt" / name
+            if not (out / "training.json").exists():
+                train_cpt(self.base, name, out, TrainConfig(tokens=c.cpt_tokens, lr=c.cpt_lr, seed=c.seed,
+                                                            trajectory=c.trajectory if i == 0 else 0))
+            info = json.loads((out / "training.json").read_text())
+            vec = extract_vector(self.base, out, name=name, source=str(out), tokens_trained=info["tokens_trained"])
+            save_vector(vec, self.wd / "vectors" / f"{name}.safetensors", overwrite=True)
+            runs[name] = {"dir": str(out), "tokens_trained": info["tokens_trained"], "seconds": info["seconds"],
+                          "final_loss": info["final_loss"]}
+            costs.append(asdict(CostEntry("pool", kind="train", tokens_trained=info["tokens_trained"],
+                                          seconds=info["seconds"], label=f"CPT {name}")))
+        return {"runs": runs, "costs": costs}
+
+    def optimer_stage(self) -> dict[str, Any]:
+        pool, c = self.pool, self.cfg
+        cfg = self.search_config("optimer", c.trials)
+        res = run_search(pool.merger, pool.tokenizer, self.dev, self.objective, replace(cfg, top_k=0), progress=False)
+        t0 = time.perf_counter()  # the two-fidelity re-scoring, run (and timed) on its own
+        res = run_search(pool.merger, pool.tokenizer, self.dev, self.objective, cfg, progress=False)
+        costs = ledger_from_study(res.study, "optimer", tokens_evaluated=self.per_eval(cfg))
+        costs.append(CostEntry("optimer", kind="rescore", seconds=time.perf_counter() - t0,
+                               tokens_evaluated=c.top_k * self.per_eval(cfg, rescore=True)))
+        return {"weights": res.best_weights, "objective": res.value_search, "objective_rescored": res.best_value,
+                "values": _values(res.study), "choice": {"method": "optimer", "weights": res.best_weights},
+                "costs": [asdict(e) for e in costs]}
+
+    def baseline_stage(self, name: str) -> dict[str, Any]:
+        from optimer_lib.costs import CostLedger
+
+        ledger = CostLedger()
+        cfg = self.search_config("baselines", self.cfg.baseline_trials, workdir=self.wd / "search")
+        out = bl.search_baseline(self.pool.merger, self.pool.tokenizer, self.dev, self.objective, name, cfg,
+                                 ledger=ledger)
+        return {**out, "costs": ledger.to_json()}
+
+    def mixture_stage(self, mode: str) -> dict[str, Any]:
+        c = self.cfg
+        per, budget = bl.mixture_budget(mode, c.cpt_tokens, len(c.corpora), c.mixture_candidates[mode])
+        mcfg = bl.MixtureSearchConfig(tokens_per_candidate=per, budget_tokens=budget, seed=c.seed,
+                                      train=TrainConfig(lr=c.cpt_lr, seed=c.seed),
+                                      max_trials=c.mixture_candidates[mode], search_limit=c.search_limit,
+                                      workdir=self.wd / f"mixture-{mode}")
+        res = bl.run_mixture_search(self.base, list(c.corpora), self.dev, self.objective, mcfg)
+        first = res.study.trials[0]
+        return {"mode": mode, "tokens_per_candidate": per, "budget_tokens": budget, "best_ratios": res.best_ratios,
+                "objective": res.best_value, "best_dir": str(res.best_dir), "values": _values(res.study),
+                "ratios": [t.user_attrs.get("ratios") for t in res.study.trials], "tokens_trained": res.tokens_trained,
+                "uniform": {"dir": str(mcfg.workdir / "cand-000"), "objective": first.value},
+                "costs": [asdict(e) for e in res.cost_entries(f"mixture-{mode}")]}
+
+    def ratio_stage(self, optimer: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
+        c = self.cfg
+        tokens = {n: pool["runs"][n]["tokens_trained"] for n in c.corpora}
+        conv = an.ratio_conversions(optimer["weights"], tokens)
+        total = sum(tokens.values())  # equal total tokens: comparable with the uniform candidate of mode (a)
+        retrained: dict[str, Any] = {}
+        for kind in ("normalised", "token_weighted"):
+            ratios = conv[kind]
+            same = [k for k, v in retrained.items() if all(abs(v["ratios"][n] - ratios[n]) < 1e-9 for n in ratios)]
+            if same:
+                retrained[kind] = {**retrained[same[0]], "same_as": same[0]}
+                continue
+            out = self.wd / "ratios" / kind
+            if not (out / "training.json").exists():
+                bl.train_mixture(self.base, ratios, out, TrainConfig(tokens=total, lr=c.cpt_lr, seed=c.seed))
+            info = json.loads((out / "training.json").read_text())
+            retrained[kind] = {"dir": str(out), "ratios": ratios, "tokens_trained": info["tokens_trained"],
+                               "seconds": info["seconds"]}
+        return {"conversions": conv, "retrained": retrained}
+
+    def landscape_stage(self, optimer: dict[str, Any]) -> dict[str, Any]:
+        w = optimer["weights"]
+        x, y = sorted(w, key=lambda n: -w[n])[:2]
+        return an.landscape_grid(self.pool.merger, self.pool.tokenizer, self.dev, self.objective, x, y, fixed=w,
+                                 points=self.cfg.landscape_points, limit=self.cfg.search_limit,
+                                 within=self.cfg.within)
+
+    def grid_stage(self, optimer: dict[str, Any]) -> dict[str, Any]:
+        res = run_search(self.pool.merger, self.pool.tokenizer, self.dev, self.objective,
+                         self.search_config("grid", self.cfg.grid_trials, sampler="grid", top_k=0), progress=False)
+        grid = _values(res.study)
+        n = len(grid)
+        return {"values": {"grid": grid, "tpe": optimer["values"][:n]},
+                **an.compare_searches({"grid": grid, "tpe": optimer["values"][:n]}, within=self.cfg.within)}
+
+    def reopt_stage(self) -> dict[str, Any]:
+        objs = {k: parse_objective(k, list(self.dev.texts), qa_names=list(self.dev.qa))
+                for k in self.cfg.reopt_objectives}
+        cfg = self.search_config("reopt", self.cfg.reopt_trials)
+        return {"results": an.reoptimise(self.pool.merger, self.pool.tokenizer, self.dev, objs, cfg,
+                                         limit=self.cfg.search_limit)}
+
+    def final_stage(self, s: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Dev and test metrics (first ``final_limit`` items) of every method's final candidate."""
+        from optimer_lib.models import load_model
+
+        c, pool = self.cfg, self.pool
+        test = load_eval_suite(c.eval_corpora, "test")
+        names = list(c.corpora)
+        objs = {k: parse_objective(k, list(self.dev.texts), qa_names=list(self.dev.qa))
+                for k in dict.fromkeys((c.objective, *c.reopt_objectives))}
+        merges: dict[str, Any] = {"base": {"weights": dict.fromkeys(names, 0.0)}}
+        merges.update({f"CPT {n} alone": {"weights": {m: float(m == n) for m in names}} for n in names})
+        merges.update({f"baseline: {b}": s[f"baseline-{b}"]["choice"] for b in MERGE_BASELINES})
+        merges["OptiMer"] = s["optimer"]["choice"]
+        merges.update({f"OptiMer re-optimised for {k}": {"weights": v["weights"]}
+                       for k, v in s["reopt"]["results"].items()})
+        models = {f"data mixture ({m}) best": s[f"mixture-{m}"]["best_dir"] for m in c.mixture_candidates}
+        models.update({f"data mixture ({m}) uniform ratios": s[f"mixture-{m}"]["uniform"]["dir"]
+                       for m in c.mixture_candidates})
+        models.update({f"α-ratio mixture ({k})": v["dir"] for k, v in s["ratios"]["retrained"].items()
+                       if "same_as" not in v})
+        rows: dict[str, Any] = {}
+
+        def score(row: str, model: Any, extra: dict[str, Any]) -> None:
+            r = dict(extra)
+            for split, suite in (("dev", self.dev), ("test", test)):
+                m = evaluate_suite(model, pool.tokenizer, suite, limit=c.final_limit)
+                r[split], r[f"{split}_objectives"] = m, {k: o(m) for k, o in objs.items()}
+            rows[row] = r
+
+        for row, choice in merges.items():
+            bl.apply_choice(pool.merger, {"method": "optimer", **choice})
+            score(row, pool.model, {"kind": "merge", "choice": choice})
+        bl.apply_choice(pool.merger, {"method": "optimer", "weights": dict.fromkeys(names, 0.0)})
+        for row, d in models.items():
+            if Path(d).exists():
+                score(row, load_model(d), {"kind": "mixture", "dir": d})
+        return {"objective": c.objective, "limit": c.final_limit, "rows": rows}
+
+    # -- driver ---------------------------------------------------------------------------------------------
+    def run_main(self) -> dict[str, dict[str, Any]]:
+        s: dict[str, dict[str, Any]] = {}
+        s["pool"] = self.stage("pool", self.pool_stage)
+        s["optimer"] = self.stage("optimer", self.optimer_stage)
+        for b in MERGE_BASELINES:
+            s[f"baseline-{b}"] = self.stage(f"baseline-{b}", lambda b=b: self.baseline_stage(b))
+        for m in self.cfg.mixture_candidates:
+            s[f"mixture-{m}"] = self.stage(f"mixture-{m}", lambda m=m: self.mixture_stage(m))
+        s["cosine"] = self.stage("cosine", lambda: an.pairwise_cosine(self.pool.vectors))
+        s["linearity"] = self.stage("linearity", self.linearity_stage)
+        s["landscape"] = self.stage("landscape", lambda: self.landscape_stage(s["optimer"]))
+        s["grid"] = self.stage("grid", lambda: self.grid_stage(s["optimer"]))
+        s["ratios"] = self.stage("ratios", lambda: self.ratio_stage(s["optimer"], s["pool"]))
+        s["reopt"] = self.stage("reopt", self.reopt_stage)
+        s["final"] = self.stage("final", lambda: self.final_stage(s))
+        return s
+
+    def linearity_stage(self) -> dict[str, Any]:
+        first = self.cfg.corpora[0]
+        steps = an.trajectory_checkpoints(self.wd / "cpt" / first)
+        vec = load_vector(self.wd / "vectors" / f"{first}.safetensors")
+        rows = an.linearity(self.base, [p for _, p in steps], vec, fractions=[f for f, _ in steps])
+        return {"run": first, "rows": rows}
+
+
+def _regime_base(exp: Experiments, size: str, recipe: str) -> Path:
+    """Pretrain (cached) a small base of ``size`` on ``recipe`` with the embedded tokenizer."""
+    from optimer_lib.assets.build import BuildConfig, new_base_model
+    from optimer_lib.data import load_corpus, pack_tokens
+    from optimer_lib.models import load_tokenizer
+    from optimer_lib.train import train_model
+
+    c, out = exp.cfg, exp.wd / "regime" / "bases" / f"{size}-{recipe}"
+    if not (out / "training.json").exists():
+        tok = load_tokenizer(exp.base)
+        model = new_base_model(tok, BuildConfig(seed=c.seed, **c.regime_sizes[size]))
+        mix = c.regime_recipes[recipe]
+        blocks = {n: pack_tokens(load_corpus(n, "base"), tok, 128) for n in mix}
+        train_model(model, tok, blocks, mix, out, TrainConfig(tokens=c.regime_base_tokens, lr=3e-3, warmup=0.02,
+                                                              seed=c.seed, device="cpu", checkpoint_every=500),
+                    meta={"stage": "regime base", "size": size, "recipe": recipe})
+    return out
+
+
+def regime_setting(exp: Experiments, size: str, recipe: str, lr: float) -> dict[str, Any]:
+    """One cell of the regime map: base, uniform average, OptiMer and the equal-token mixture, on test."""
+    from optimer_lib.models import load_model
+    from optimer_lib.pool import open_pool
+
+    c = exp.cfg
+    base = _regime_base(exp, size, recipe)
+    wd = exp.wd / "regime" / f"{size}-{recipe}-lr{lr:g}"
+    paths = []
+    for n in c.corpora:
+        out, vp = wd / "cpt" / n, wd / "vectors" / f"{n}.safetensors"
+        if not (out / "training.json").exists():
+            train_cpt(base, n, out, TrainConfig(tokens=c.regime_cpt_tokens, lr=lr, seed=c.seed))
+        if not vp.exists():
+            save_vector(extract_vector(base, out, name=n, source=str(out)), vp)
+        paths.append(vp)
+    pool = open_pool(base, paths)
+    scfg = exp.search_config("regime", c.regime_trials, workdir=wd / "search")
+    res = run_search(pool.merger, pool.tokenizer, exp.dev, exp.objective, scfg, progress=False)
+    mix = wd / "mixture"
+    if not (mix / "training.json").exists():
+        bl.train_mixture(base, dict.fromkeys(c.corpora, 1.0), mix,
+                         TrainConfig(tokens=c.regime_cpt_tokens * len(c.corpora), lr=lr, seed=c.seed))
+    test, k = load_eval_suite(c.eval_corpora, "test"), len(c.corpora)
+    rows: dict[str, Any] = {}
+    for row, w in {"base": dict.fromkeys(c.corpora, 0.0), "uniform average": dict.fromkeys(c.corpora, 1 / k),
+                   "OptiMer": res.best_weights}.items():
+        pool.merger.set_weights(w)
+        m = evaluate_suite(pool.model, pool.tokenizer, test, limit=c.final_limit)
+        rows[row] = {"test": m, "test_objective": exp.objective(m)}
+    m = evaluate_suite(load_model(mix), pool.tokenizer, test, limit=c.final_limit)
+    rows["data mixture (equal total tokens)"] = {"test": m, "test_objective": exp.objective(m)}
+    return {"size": size, "recipe": recipe, "lr": lr, "parameters": sum(p.numel() for p in pool.model.parameters()),
+            "rows": rows, "weights": res.best_weights, "cosine": an.pairwise_cosine(pool.vectors)["off_diagonal"],
+            "gap": rows["OptiMer"]["test_objective"] - rows["data mixture (equal total tokens)"]["test_objective"]}
+
+
+def run_regime_map(exp: Experiments) -> None:
+    """Every (size, recipe, lr) cell as its own cached stage ``regime-<size>-<recipe>-lr<lr>``."""
+    for size in exp.cfg.regime_sizes:
+        for recipe in exp.cfg.regime_recipes:
+            for lr in exp.cfg.regime_lrs:
+                name = f"regime-{size}-{recipe}-lr{lr:g}"
+                exp.stage(name, lambda s=size, r=recipe, x=lr: regime_setting(exp, s, r, x))
+
+
+def run_experiments(cfg: ExperimentConfig, *, regime_map: bool = False,
+                    findings: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the main set, or with ``regime_map`` the regime map; then write the report files."""
+    from optimer_lib.report import write_all
+
+    wd = Path(cfg.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    _write_json(wd / "config.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
+    t0 = time.perf_counter()
+    exp = Experiments(cfg)
+    if regime_map:
+        run_regime_map(exp)
+    else:
+        exp.run_main()
+    print(f"[experiments] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return write_all(wd, findings=findings)
