@@ -8,9 +8,11 @@
 resident model in place) and ``.model``. The study lives in ``config.storage`` (SQLite under the
 workdir by default); ``trials`` is the study's *total*, so re-running an interrupted command
 continues to N and re-running a finished one only re-reads it. Each trial stores its weights and
-metrics as user attrs (``weights``, ``metrics@<search_limit>``); the top-k trials are then re-scored
-at ``rescore_limit`` and the best re-scored one is written to best.json. On return the merger holds
-the best weights. ``callbacks`` are called as ``cb(study, frozen_trial)`` after every trial (live UIs).
+metrics as user attrs (``weights``, ``metrics@<search_limit>``); with ``record_metrics="all"`` (the
+default) those are every metric of the suite, not only the objective's, so the study can be re-ranked
+for another objective later without evaluating anything (``optimer_lib.rerank``). The top-k trials
+are then re-scored at ``rescore_limit`` and the best re-scored one is written to best.json. On return
+the merger holds the best weights. ``callbacks`` are called as ``cb(study, frozen_trial)`` after every trial (live UIs).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
-from optimer_lib.evaluate import EvalSuite
+from optimer_lib.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ class SearchConfig:
     """Search settings; ``storage=None`` means ``sqlite:///<workdir>/optuna.db`` (":memory:" for none).
 
     ``search_limit``/``rescore_limit`` are samples per dev set (None = all); ``top_k=0`` skips re-scoring.
+    ``record_metrics``: ``"all"`` scores every distribution/task of the suite in each trial and stores
+    them (the objective is computed from them); ``"needed"`` scores only what the objective reads
+    (cheaper, but the study cannot be re-ranked for other metrics). A callable objective always
+    records the dict it returns.
     """
 
     trials: int = 100
@@ -113,6 +119,7 @@ class SearchConfig:
     workdir: Path = field(default_factory=lambda: Path("optimer-run"))
     seq_len: int = 128
     batch_size: int = 16
+    record_metrics: str = "all"
 
     def storage_url(self) -> str | None:
         if self.storage == ":memory:":
@@ -145,6 +152,8 @@ class SearchConfig:
             problems.append(f"direction must be 'minimize' or 'maximize', got {self.direction!r}")
         if self.sampler not in SAMPLERS:
             problems.append(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.record_metrics not in ("all", "needed"):
+            problems.append(f"record_metrics must be 'all' or 'needed', got {self.record_metrics!r}")
         if problems:
             raise ConfigError("bad search settings:\n  - " + "\n  - ".join(problems))
         return out
@@ -210,12 +219,18 @@ def run_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objecti
         # offsetting the seed by the trial count keeps resumes deterministic yet fresh.
         study.sampler = make_sampler(config.sampler, config.seed + len(study.trials), bounds, config.trials)
     for key, value in {"names": names, "objective": objective.spec, "sampler": config.sampler,
-                       "seed": config.seed, "limits": [config.search_limit, config.rescore_limit]}.items():
+                       "seed": config.seed, "limits": [config.search_limit, config.rescore_limit],
+                       "record_metrics": config.record_metrics,
+                       "suite": {"texts": list(suite.texts), "qa": list(suite.qa)}}.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
 
     def score(weights: dict[str, float], limit: int | None) -> tuple[float, dict[str, float]]:
         merger.set_weights(weights)
+        if config.record_metrics == "all" and objective.fn is None:
+            metrics = evaluate_suite(merger.model, tokenizer, suite, limit=limit, seq_len=config.seq_len,
+                                     batch_size=config.batch_size)
+            return objective(metrics), metrics
         return objective.evaluate(merger.model, tokenizer, suite, limit=limit, seq_len=config.seq_len,
                                   batch_size=config.batch_size)
 
