@@ -3,6 +3,7 @@
     from workbench.figures import tune_chart, cosine_heatmap, study_figures
     fig = tune_chart(result.metrics, {"base": base_metrics, "average": avg_metrics})
     history, alphas, importances, landscape = study_figures(study)   # optuna.visualization underneath
+    fig = pareto_chart(study, ["loss:ja", "acc:math"])                # optimer_lib.pareto.pareto_figure
 
 Every function returns a ``plotly.graph_objects.Figure`` (an empty one with a note when there is
 nothing to show yet), sized for a dashboard cell.
@@ -115,6 +116,9 @@ def study_figures(study: optuna.Study | None) -> tuple[go.Figure, go.Figure, go.
 
     titles = ("optimisation history", "α of each trial", "parameter importances", "landscape")
     complete = [] if study is None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if study is not None and len(study.directions) > 1:
+        return tuple(empty("a multi-objective study: see its Pareto front below", t)  # type: ignore[return-value]
+                     for t in titles)
     if not complete:
         note = "no study selected" if study is None else "waiting for the first finished trial"
         return tuple(empty(note, t) for t in titles)  # type: ignore[return-value]
@@ -135,3 +139,22 @@ def study_figures(study: optuna.Study | None) -> tuple[go.Figure, go.Figure, go.
         imp = empty(need, titles[2])
         land = _layout(_quiet(vis.plot_slice, study), f"{titles[3]} (slice)")
     return history, alphas, imp, land
+
+
+def pareto_chart(study: optuna.Study | None, objectives: Sequence[str] | None = None) -> go.Figure:
+    """:func:`optimer_lib.pareto.pareto_figure` sized for the workbench, or a note while there is nothing to plot.
+
+    ``objectives=None`` plots a multi-objective study's own values; specs recompute them from stored metrics.
+    Each marker's ``customdata[0]`` is its trial number (the Search tab's click-to-load reads it).
+    """
+    from optimer_lib.pareto import pareto_figure
+
+    title = "Pareto front"
+    if study is None:
+        return empty("no study: run a Pareto search or pick a study above", title)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return empty("waiting for the first finished trial", title)
+    fig = pareto_figure(study, objectives)
+    fig.update_layout(height=420, template="plotly_white", margin={"l": 60, "r": 20, "t": 50, "b": 40},
+                      title={"font": {"size": 14}}, clickmode="event")
+    return fig

@@ -6,6 +6,7 @@
     run.events[-1]            # TrialEvent(number, state, value, weights, best_value) per finished trial
     run.stop(); run.wait()    # finished trials are kept in storage; run.result is None if none completed
     study = load_study(storage_url, run.study_name)   # the same call watches a CLI search
+    pareto = ParetoRun(shared_pool, SearchSpec(objectives=("loss:ja", "acc:math"), trials=20), storage_url, workdir)
 
 A search owns a private model copy (``SharedPool.new_merger``), so it never touches a session's Tune
 or Chat model; the Optuna study lives in the workbench storage, so ``optimer search --storage URL``
@@ -14,6 +15,7 @@ runs can be watched, and resumed, from the browser.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -24,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.merge import parse_bounds
 from optimer_lib.objectives import Objective, parse_objective
-from optimer_lib.search import SearchConfig, SearchResult, run_search
+from optimer_lib.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
+from optimer_lib.search import SearchConfig, SearchResult, run_search, trial_table
 from workbench.workspace import SharedPool, WorkbenchError
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ class SearchSpec:
     ``objective`` is a preset name, a weighted list (``loss:ja=1,acc:math=2``) or a callable
     ``module:function`` / ``file.py:function`` (files must lie in the workdir). ``top_k=0`` skips the
     second-fidelity re-scoring. ``instruction_weight`` is held fixed while α is searched.
+    ``objectives`` (2 or 3 specs) is for :class:`ParetoRun` only, which ignores ``objective`` and ``top_k``.
     """
 
     objective: str = "balanced"
@@ -54,6 +59,7 @@ class SearchSpec:
     top_k: int = 0
     seed: int = 0
     instruction_weight: float = 0.0
+    objectives: tuple[str, ...] = ()
 
 
 @dataclass
@@ -66,6 +72,7 @@ class TrialEvent:
     weights: dict[str, float]
     best_value: float | None
     at: float = field(default_factory=time.time)
+    values: list[float] | None = None  # every objective's value (multi-objective runs)
 
 
 class _Stoppable:
@@ -91,9 +98,9 @@ class _Stoppable:
         self._merger.set_weights(weights)
 
 
-def parse_spec_objective(spec: SearchSpec, shared: SharedPool, workdir: Path) -> Objective:
-    """The spec's objective for the pool's dev suite; a callable from a file must lie in the workdir."""
-    text = spec.objective.strip()
+def checked_spec(text: str, workdir: Path) -> str:
+    """An objective spec with a callable's file made absolute; a file outside the workdir is refused."""
+    text = text.strip()
     target = text.rpartition(":")[0]
     if target.endswith(".py") or "/" in target:
         path = Path(target).expanduser()
@@ -101,7 +108,13 @@ def parse_spec_objective(spec: SearchSpec, shared: SharedPool, workdir: Path) ->
         if workdir.resolve() not in path.parents:
             raise WorkbenchError(f"objective file {target!r} is outside the workdir: copy it into {workdir}")
         text = f"{path}:{text.rpartition(':')[2]}"
-    return parse_objective(text, list(shared.suite.texts), qa_names=list(shared.suite.qa))
+    return text
+
+
+def parse_spec_objective(spec: SearchSpec, shared: SharedPool, workdir: Path) -> Objective:
+    """The spec's objective for the pool's dev suite; a callable from a file must lie in the workdir."""
+    return parse_objective(checked_spec(spec.objective, workdir), list(shared.suite.texts),
+                           qa_names=list(shared.suite.qa))
 
 
 class SearchRun:
@@ -186,6 +199,69 @@ class SearchRun:
         return f"`{self.study_name}` not started"
 
 
+class ParetoRun(SearchRun):
+    """A multi-objective search (``run_pareto_search``) in a daemon thread; ``spec.objectives`` are minimised.
+
+    Samplers are those of :data:`optimer_lib.pareto.PARETO_SAMPLERS`; ``result`` is a ``ParetoResult``.
+    """
+
+    result: ParetoResult | None
+
+    def __init__(self, shared: SharedPool, spec: SearchSpec, storage: str, workdir: Path,
+                 on_event: Callable[[TrialEvent], None] | None = None) -> None:
+        specs = [s.strip() for s in spec.objectives if s.strip()]
+        problems = [] if 2 <= len(specs) <= 3 else [f"give 2 or 3 objectives for a Pareto search (got {len(specs)})"]
+        if len(set(specs)) != len(specs):
+            problems.append(f"objectives repeat: {specs}")
+        if spec.sampler not in PARETO_SAMPLERS:
+            problems.append(f"unknown multi-objective sampler {spec.sampler!r}; choose one of "
+                            f"{', '.join(PARETO_SAMPLERS)}")
+        if problems:
+            raise WorkbenchError("bad Pareto search settings: " + "; ".join(problems))
+        self.objectives = [parse_objective(checked_spec(s, Path(workdir)), list(shared.suite.texts),
+                                           qa_names=list(shared.suite.qa)) for s in specs]
+        name = spec.study_name.strip() or time.strftime("wb-pareto-%Y%m%d-%H%M%S")
+        # the base class checks bounds/trials with a single-objective sampler; the Pareto sampler is set after
+        super().__init__(shared, dataclasses.replace(spec, objective=specs[0], sampler="tpe", top_k=0,
+                                                     study_name=name), storage, workdir, on_event)
+        self.spec = spec
+        self.config.sampler = spec.sampler
+
+    def _on_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        ev = TrialEvent(trial.number, trial.state.name, None, dict(trial.params), None,
+                        values=list(trial.values) if trial.values else None)
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def _run(self) -> None:
+        try:
+            merger = self.shared.new_merger()
+            merger.instruction_weight = float(self.spec.instruction_weight)
+            self.result = run_pareto_search(_Stoppable(merger, self._stop), self.shared.tokenizer, self.shared.suite,
+                                            self.objectives, self.config, callbacks=[self._on_trial], progress=False)
+            self.stopped = self.result.interrupted
+        except KeyboardInterrupt:
+            self.stopped = True
+        except Exception as exc:  # reported in the UI; the thread must not die silently
+            log.exception("Pareto search %s failed", self.study_name)
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def status(self) -> str:
+        done = len(self.events)
+        what = " × ".join(o.spec for o in self.objectives)
+        if self.running:
+            return f"running Pareto search `{self.study_name}` ({what}): {done}/{self.config.trials} trials this run"
+        if self.error:
+            return f"Pareto search `{self.study_name}` failed: {self.error}"
+        if self.stopped:
+            return f"stopped `{self.study_name}` after {done} trials (finished trials are kept)"
+        if self.result is not None:
+            return (f"done `{self.study_name}` ({what}): {len(self.result.front)} front points, "
+                    f"pareto.json in {self.result.path.parent}")
+        return f"`{self.study_name}` not started"
+
+
 _STORAGES: dict[str, optuna.storages.BaseStorage] = {}
 _STORAGE_LOCK = threading.Lock()
 
@@ -219,7 +295,7 @@ def load_study(url: str, name: str) -> optuna.Study | None:
 
 def best_params(study: optuna.Study | None, names: list[str]) -> dict[str, float] | None:
     """Weights of the study's best complete trial if its parameters are exactly ``names``, else None."""
-    if study is None:
+    if study is None or len(study.directions) > 1:  # a multi-objective study has no single best
         return None
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if set(t.params) == set(names)]
@@ -228,3 +304,17 @@ def best_params(study: optuna.Study | None, names: list[str]) -> dict[str, float
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
     best = min(complete, key=lambda t: sign * float(t.value))
     return {n: float(best.params[n]) for n in names}
+
+
+def is_multi_objective(study: optuna.Study | None) -> bool:
+    return study is not None and len(study.directions) > 1
+
+
+def study_table(study: optuna.Study | None) -> pd.DataFrame:
+    """One row per trial (``trial_table``); a multi-objective study shows each objective's value instead."""
+    if study is None or not study.get_trials(deepcopy=False):
+        return pd.DataFrame()
+    if not is_multi_objective(study):
+        return trial_table(study).round(4)
+    rows = [{"number": p.number, **p.values, **p.weights} for p in all_points(study)]
+    return pd.DataFrame(rows).round(4)

@@ -2,7 +2,8 @@
 
 The charts poll the study in Optuna storage with a ``gr.Timer``, so any study in the storage, including
 one an ``optimer search --storage URL`` process is writing, can be watched; they redraw only when a
-trial has finished.
+trial has finished. Below them, :mod:`workbench.tabs.objectives` re-ranks the shown study for a new
+objective and draws Pareto fronts.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from optimer_lib.objectives import presets
-from optimer_lib.search import SAMPLERS, trial_table
+from optimer_lib.search import SAMPLERS
 from workbench.figures import study_figures
-from workbench.searching import SearchSpec, load_study, study_names
+from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
+from workbench.tabs.objectives import ObjectivesPanel
 
 KINDS = ("preset", "weighted metrics", "callable")
 
@@ -63,9 +64,10 @@ class SearchTab:
                     self.landscape = gr.Plot(elem_id="search-landscape", show_label=False)
                 self.table = gr.Dataframe(label="trials", elem_id="search-table", interactive=False, max_height=300)
                 self.send = gr.Button("Send best to Tune", elem_id="search-send-best")
+        self.objectives = ObjectivesPanel(ctx, self)
         self.timer = gr.Timer(ctx.poll_s)
         self.live = [self.status, self.history, self.alphas, self.importance, self.landscape, self.table]
-        self.outputs: list[Any] = [self.preset, self.study]
+        self.outputs: list[Any] = [self.preset, self.study, *self.objectives.outputs]
 
         self.kind.change(lambda k: (gr.update(visible=k == "preset"), gr.update(visible=k != "preset")),
                          self.kind, [self.preset, self.spec], show_progress="hidden")
@@ -132,9 +134,7 @@ class SearchTab:
         session.ui["search_sig"] = sig
         if study is not None and not status:
             status = f"watching `{study_name}`: {sum(t.state.is_finished() for t in trials)} finished trials"
-        figs = study_figures(study)
-        table = trial_table(study).round(4) if study is not None and trials else pd.DataFrame()
-        return [status, *figs, table]
+        return [status, *study_figures(study), study_table(study)]
 
     def on_send(self, session: Session, iw: float) -> list[Any]:
         tune = self.ctx.tune
@@ -145,14 +145,16 @@ class SearchTab:
 
     def refresh(self, session: Session) -> list[Any]:
         """Objective presets of the pool's dev suite and the studies in the workbench storage."""
+        panel = self.objectives.refresh(session)
         if not session.has_pool:
-            return [gr.update(), gr.update()]
+            return [gr.update(), gr.update(), *panel]
         try:
             suite = session.shared.suite
             choices = list(presets(list(suite.texts), list(suite.qa)))
             names = study_names(self.ctx.workspace.storage_url)
         except Exception:
-            return [gr.update(), gr.update()]
+            return [gr.update(), gr.update(), *panel]
         watched = session.watched[1] if session.watched else None
         return [gr.update(choices=choices, value="balanced" if "balanced" in choices else choices[0]),
-                gr.update(choices=names, value=watched if watched in names else (names[0] if names else None))]
+                gr.update(choices=names, value=watched if watched in names else (names[0] if names else None)),
+                *panel]

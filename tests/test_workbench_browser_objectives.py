@@ -1,0 +1,89 @@
+"""The Search tab's Pareto and re-rank panels in a real browser (Debian chromium, fixtures of test_workbench_browser).
+
+A 4-trial Pareto search on the tiny pool is plotted; clicking a front point in the plotly chart (a real
+mouse click, delivered through the panel's plotly_click bridge) and choosing one in the dropdown both load
+that trial's weights into Tune. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import test_workbench_browser as wb
+from test_workbench_browser import ARTIFACTS, wait_for
+
+# the server/browser/page fixtures and the chromium skip marker of the first browser test module
+browser, server, page, pytestmark = wb.browser, wb.server, wb.page, wb.pytestmark
+
+
+def front_points(pg) -> list[dict]:
+    """Every marker of the Pareto plot: trace name, trial number and its pixel position in the viewport."""
+    return pg.evaluate("""() => {
+        const gd = document.querySelector('#pareto-plot .js-plotly-plot');
+        if (!gd || !gd.data || !gd._fullLayout || !gd._fullLayout.xaxis) return [];
+        const fl = gd._fullLayout, box = gd.getBoundingClientRect(), out = [];
+        for (const t of gd.data) {
+            (t.customdata || []).forEach((cd, i) => out.push({name: t.name, trial: cd[0],
+                x: box.left + fl._size.l + fl.xaxis.d2p(t.x[i]), y: box.top + fl._size.t + fl.yaxis.d2p(t.y[i])}));
+        }
+        return out;
+    }""")
+
+
+def tune_alphas(pg, n: int) -> list[float]:
+    return [float(pg.locator(f"#alpha-{i} input[type=number]").input_value()) for i in range(n)]
+
+
+def test_pareto_search_click_and_pick_load_tune(page, server):
+    storage = f"sqlite:///{server[1] / 'optuna.db'}"
+    page.get_by_role("tab", name="Tune").click()                 # Gradio mounts a tab's sliders on first visit
+    page.wait_for_selector("#alpha-0 input[type=number]")
+    page.get_by_role("tab", name="Search").click()
+    for i, spec in enumerate(("loss:ja", "loss:en", "")):
+        page.locator(f"#pareto-obj-{i} textarea").fill(spec)
+    page.locator("#pareto-trials input").fill("4")
+    page.locator("#pareto-run").click()
+    wait_for(lambda: len(front_points(page)) == 4, what="4 trials in the Pareto plot")
+    page.wait_for_selector("#pareto-status >> text=done")
+    study_name = re.search(r"(wb-pareto-[\d-]+)", page.locator("#pareto-status").inner_text()).group(1)
+    page.locator("#pareto-plot").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "workbench-pareto.png"), full_page=True)
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    params = {t.number: t.params for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    front = [p for p in front_points(page) if p["name"] == "Pareto front"]
+    assert front and len(params) == 4
+    target = front[-1]
+    page.mouse.move(target["x"], target["y"])
+    page.mouse.click(target["x"], target["y"])
+    page.wait_for_selector(f"#pareto-pick-status >> text=loaded trial {target['trial']}")
+    expect = [params[target["trial"]][n] for n in ("ja", "math")]
+    wait_for(lambda: all(abs(a - b) < 1e-3 for a, b in zip(tune_alphas(page, 2), expect, strict=True)),
+             what="Tune sliders to take the clicked point's weights")
+
+    other = front[0] if len(front) > 1 else target
+    page.locator("#pareto-point input").click()
+    page.get_by_role("option", name=re.compile(rf"^trial {other['trial']}:")).click()
+    page.wait_for_selector(f"#pareto-pick-status >> text=loaded trial {other['trial']}")
+    expect = [params[other["trial"]][n] for n in ("ja", "math")]
+    wait_for(lambda: all(abs(a - b) < 1e-3 for a, b in zip(tune_alphas(page, 2), expect, strict=True)),
+             what="Tune sliders to take the chosen point's weights")
+    page.get_by_role("tab", name="Tune").click()
+    page.wait_for_selector("#tune-status >> text=release → chart")
+    page.screenshot(path=str(ARTIFACTS / "workbench-pareto-tune.png"), full_page=True)
+
+
+def test_rerank_the_shown_study(page, server):
+    page.get_by_role("tab", name="Search").click()
+    page.get_by_role("button", name="↻").click()                 # the Pareto study becomes the study shown
+    page.wait_for_selector("#search-status >> text=watching")
+    page.locator("#rerank-spec textarea").fill("loss:ja=1,loss:en=0.5")
+    page.locator("#rerank-go").click()
+    page.wait_for_selector("#rerank-status >> text=best stored trial")
+    rows = page.locator("#rerank-table [role=row][data-index]")  # the grid's body rows
+    wait_for(lambda: rows.count() == 4, what="4 re-ranked trials")
+    page.locator("#rerank-send").click()
+    page.wait_for_selector("#rerank-status >> text=Sent trial")
+    page.locator("#rerank-spec").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "workbench-rerank.png"), full_page=True)
