@@ -7,6 +7,8 @@
     optimer merge --base DIR --vector FILE=WEIGHT [...] [--method NAME] --out DIR
     optimer search --base DIR --vector FILE ... --objective SPEC --trials N [--sampler tpe|gp|cmaes|random|grid]
                    [--storage URL] [--study NAME] [--workdir DIR]
+                   [--objectives SPEC SPEC ... (Pareto)] [--warm-start-from STUDY]
+    optimer rerank --workdir DIR [--storage URL] [--study NAME] --objective SPEC
 
 User mistakes print ``error: <what to do>`` and exit with status 2; ``OPTIMER_DEBUG=1`` also
 prints the traceback.
@@ -24,17 +26,30 @@ from pathlib import Path
 from optimer_lib.errors import ConfigError, OptimerError
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte...
+        return False
+
+
 def _ratio_spec(spec: str) -> str | dict[str, float]:
     """``ja`` or ``ja=0.5,math=0.5`` (a data mixture)."""
-    if "=" not in spec or Path(spec).exists():
+    if "=" not in spec or _exists(spec):
         return spec
     out = {}
+    example = "use NAME or NAME=RATIO,NAME=RATIO (e.g. ja=0.5,math=0.5)"
     for part in spec.split(","):
         name, _, value = part.partition("=")
+        name = name.strip()
         try:
-            out[name.strip()] = float(value)
+            out_value = float(value)
         except ValueError as exc:
-            raise ConfigError(f"bad --data {spec!r}: use NAME or NAME=RATIO,NAME=RATIO (e.g. ja=0.5,math=0.5)") from exc
+            raise ConfigError(f"bad --data {spec!r}: {example}") from exc
+        if not name or name in out:
+            raise ConfigError(f"bad --data {spec!r}: {'a name is missing' if not name else f'{name!r} repeats'}; "
+                              f"{example}")
+        out[name] = out_value
     return out
 
 
@@ -49,25 +64,47 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from optimer_lib.train import TrainConfig, train_cpt
+    from optimer_lib.train import TrainConfig, check_out_dir, train_cpt
 
     cfg = TrainConfig(tokens=a.tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, schedule=a.schedule,
                       seed=a.seed, device=a.device, trajectory=a.trajectory)
-    res = train_cpt(a.base, _ratio_spec(a.data), a.out, cfg, split=a.split)
+    data = _ratio_spec(a.data)
+    cfg.validate()
+    check_out_dir(a.out, force=a.force)
+    res = train_cpt(a.base, data, a.out, cfg, split=a.split, trust_remote_code=a.trust_remote_code)
     print(f"saved {res.out_dir} ({res.tokens:,} tokens, final loss {res.final_loss:.3f}, {res.seconds:.0f} s)")
+
+
+def _streams(a: argparse.Namespace, dirs: list[str], vectors: tuple[str, ...] = ()) -> bool:
+    """``--streaming``/``--no-streaming``, else stream when a checkpoint is sharded or a vector is a folder."""
+    from optimer_lib.streaming import is_sharded
+
+    return a.streaming if a.streaming is not None else \
+        any(is_sharded(d) for d in dirs) or any(Path(v).is_dir() for v in vectors)
 
 
 def cmd_vector_extract(a: argparse.Namespace) -> None:
     from optimer_lib.vectors import extract_vector, save_vector
 
-    tokens = None
-    info = Path(a.tuned) / "training.json"
-    if info.exists():
-        tokens = json.loads(info.read_text()).get("tokens_trained")
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} exists: use --force to overwrite it")
+    if _streams(a, [a.base, a.tuned]):
+        from optimer_lib.streaming import extract_vector_streaming
+
+        res = extract_vector_streaming(a.base, a.tuned, a.out, name=a.name or Path(a.tuned).name,
+                                       source=str(a.tuned), shard_size=a.shard_size, device=a.device or "cpu",
+                                       dtype=a.dtype, overwrite=a.force,
+                                       trust_remote_code=a.trust_remote_code)
+        print(f"saved {res.path} (vector {res.metadata['name']!r}, norm {res.norm:.4f}, {res.tensors} tensors, "
+              f"streamed into {res.shards} file(s))")
+        return
     vec = extract_vector(a.base, a.tuned, name=a.name or Path(a.tuned).name, source=str(a.tuned),
-                         tokens_trained=tokens)
+                         trust_remote_code=a.trust_remote_code)
+    if a.dtype not in (None, "auto", "keep"):
+        from optimer_lib.models import resolve_dtype
+
+        vec.tensors = {k: t.to(resolve_dtype(a.dtype, t.device)) for k, t in vec.tensors.items()}
+        vec.metadata["dtype"] = str(next(iter(vec.tensors.values())).dtype).removeprefix("torch.")
     path = save_vector(vec, a.out, overwrite=a.force)
     print(f"saved {path} (vector {vec.name!r}, norm {vec.norm():.4f}, {len(vec.tensors)} tensors)")
 
@@ -92,8 +129,22 @@ def cmd_merge(a: argparse.Namespace) -> None:
     inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} already exists: choose another --out or use --force to replace it")
-    pool = open_pool(a.base, [f for f, _ in specs], instruction=inst,
-                     allow_fingerprint_mismatch=a.allow_base_mismatch)
+    if _streams(a, [a.base], tuple(f for f, _ in specs) + ((inst,) if inst else ())):
+        from optimer_lib.streaming import merge_streaming
+        from optimer_lib.vectors import vector_files
+
+        names = [vector_files(f)[0].get("name") or Path(f).stem for f, _ in specs]
+        weights = {n: 1.0 if w is None else w for n, (_, w) in zip(names, specs, strict=True)}
+        res = merge_streaming(a.base, [f for f, _ in specs], weights, a.out, method=a.method, params=params,
+                              instruction=inst, instruction_weight=1.0 if inst_w is None else inst_w,
+                              dtype=a.dtype, device=a.device or "cpu", shard_size=a.shard_size,
+                              allow_fingerprint_mismatch=a.allow_base_mismatch, overwrite=a.force,
+                              trust_remote_code=a.trust_remote_code)
+        print(f"saved merged model to {res.path} (streamed into {res.shards} shard(s))")
+        return
+    pool = open_pool(a.base, [f for f, _ in specs], instruction=inst, device=a.device or "cpu",
+                     dtype=a.dtype if a.dtype not in (None, "auto", "keep") else "float32",
+                     allow_fingerprint_mismatch=a.allow_base_mismatch, trust_remote_code=a.trust_remote_code)
     weights = {v.name: (w if w is not None else 1.0) for v, (_, w) in zip(pool.vectors, specs, strict=True)}
     merger = pool.merger
     merger.method, merger.params = a.method, params
@@ -126,19 +177,136 @@ def cmd_search(a: argparse.Namespace) -> None:
 
     files = [parse_vector_spec(s)[0] for s in a.vector]
     suite = load_eval_suite(a.eval, a.split)
-    objective = parse_objective(a.objective, list(suite.texts), qa_names=list(suite.qa))
+    objectives = [parse_objective(o, list(suite.texts), qa_names=list(suite.qa)) for o in a.objectives or [a.objective]]
+    objective = objectives[0]
     bounds = parse_bounds(a.bounds) if a.bounds else None
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
                        rescore_limit=a.rescore_limit, top_k=a.top_k, direction="minimize")
     inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
-    pool = open_pool(a.base, files, instruction=inst, allow_fingerprint_mismatch=a.allow_base_mismatch)
+    _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
+                     archive=bool(a.warm_start_from))
+    pool = open_pool(a.base, files, instruction=inst, allow_fingerprint_mismatch=a.allow_base_mismatch,
+                     trust_remote_code=a.trust_remote_code)
     if inst:
         pool.merger.instruction_weight = 1.0 if inst_w is None else inst_w
+    if a.objectives or a.warm_start_from:  # these validate their own settings (Pareto samplers differ)
+        return _search_on_demand(a, pool, suite, objectives, cfg)
     cfg.resolved_bounds(pool.names)  # validate bound names before any trial
     res = run_search(pool.merger, pool.tokenizer, suite, objective, cfg)
     print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path)},
                      indent=2))
+
+
+def _check_best_json(workdir: Path, study: str, storage: str, force: bool, *, archive: bool = False) -> None:
+    """Refuse to let this search replace the best.json of another study unless ``--force``.
+
+    With ``archive`` (a warm start: a new study seeded from the one in this workdir) the old file is
+    kept as ``best-<its study>.json`` instead.
+    """
+    path = workdir / "best.json"
+    if force or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("study") == study and old.get("storage") == storage:
+        return  # the same study: re-running resumes it and refreshes its best.json
+    whose = f"study {old.get('study')!r}" if isinstance(old, dict) else "an unreadable file"
+    if archive and isinstance(old, dict):
+        kept = workdir / f"best-{old.get('study')}.json"
+        os.replace(path, kept)
+        print(f"kept the previous best.json ({whose}) as {kept}", file=sys.stderr)
+        return
+    raise OptimerError(f"{path} holds the result of another search ({whose}): use another --workdir, the same "
+                       "--study and --storage to resume that one, or --force to replace it")
+
+
+def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg) -> None:
+    """``search --objectives`` (Pareto search) and/or ``--warm-start-from STUDY`` (same storage)."""
+    from optimer_lib.pareto import run_pareto_search
+    from optimer_lib.warmstart import seeded_bounds, warm_start_search, warm_start_study
+
+    if not a.objectives:
+        res = warm_start_search(pool.merger, pool.tokenizer, suite, objectives[0], cfg, a.warm_start_from)
+        seeded = res.study.user_attrs["warm_start"]["seeded"]
+        print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "seeded": seeded,
+                          "best_json": str(res.path)}, indent=2))
+        return
+    if a.warm_start_from:
+        if cfg.storage_url() is None:
+            raise ConfigError("--warm-start-from needs a persistent --storage, not ':memory:'")
+        study = warm_start_study(a.warm_start_from, objectives, storage=cfg.storage_url(), study_name=cfg.study_name)
+        cfg.bounds = cfg.bounds or seeded_bounds(study)
+    res = run_pareto_search(pool.merger, pool.tokenizer, suite, objectives, cfg)
+    front = [{"trial": p.number, "weights": p.weights, "values": p.values} for p in res.front]
+    print(json.dumps({"objectives": res.objectives, "front": front, "pareto_json": str(res.path)}, indent=2))
+
+
+def cmd_rerank(a: argparse.Namespace) -> None:
+    from optimer_lib.rerank import rerank
+
+    storage = a.storage or f"sqlite:///{Path(a.workdir).resolve() / 'optuna.db'}"
+    res = rerank(storage, a.objective, fidelity=a.fidelity, study_name=a.study)
+    print(f"study {res.study.study_name!r} re-ranked for {res.objective!r} from stored metrics (no evaluation)")
+    print(res.table(a.top))
+    print("best weights: " + json.dumps({k: round(v, 6) for k, v in res.best_weights.items()}))
+    print(f"objective: {res.best_value:.6g} (trial {res.best.number})")
+    print("confidence: " + res.confidence.summary())
+    from optimer_lib.search import _atomic_json
+
+    out = Path(a.workdir) / "rerank.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_json(out, res.to_dict())  # temp file + rename: never a half-written rerank.json
+    print(f"wrote {out}")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from optimer_lib.report import write_all
+
+    if not (Path(a.dir) / "stages").is_dir():
+        raise ConfigError(f"{a.dir} has no stages/ folder: point at a directory written by `optimer experiments`")
+    summary = write_all(Path(a.dir), findings=a.findings)
+    print(f"wrote {Path(a.dir) / 'report.html'} ({len(summary['figures'])} figures), report.md, FINDINGS.md")
+
+
+def cmd_experiments(a: argparse.Namespace) -> None:
+    from optimer_lib.experiments import REPO_FINDINGS, ExperimentConfig, run_experiments
+
+    cfg = ExperimentConfig.quick(a.workdir or Path("runs/experiments-quick")) if a.quick else \
+        ExperimentConfig(workdir=a.workdir or Path("runs/experiments"))
+    findings = a.findings or (None if a.quick else REPO_FINDINGS)
+    summary = run_experiments(cfg, regime_map=a.regime_map, findings=findings)
+    print(f"wrote {cfg.workdir / 'report.html'} and FINDINGS.md ({len(summary['figures'])} figures)")
+
+
+def cmd_workbench(a: argparse.Namespace) -> None:
+    from workbench.app import launch, parse_auth  # gradio is an optional dependency: import it only here
+
+    auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
+    extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
+        print(f"warning: listening on {a.host} without --auth: anyone who reaches this port can use the workbench "
+              "and its files", file=sys.stderr, flush=True)
+    print(f"OptiMer workbench on http://{a.host}:{a.port} (workdir {a.workdir}"
+          + (", login required" if auth_spec else "") + "); Ctrl-C stops it", flush=True)
+    launch(a.workdir, host=a.host, port=a.port, share=a.share, device=a.device, threads=a.threads, **extra)
+
+
+def _add_streaming_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="read and write tensor by tensor, shard by shard (default: on when a checkpoint has "
+                        "several shards or a vector is a folder)")
+    p.add_argument("--device", default=None, help="where to compute: cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=None, help="output dtype: float32, bfloat16, float16 (default: keep the "
+                   "checkpoint's; the in-memory merge loads float32)")
+    p.add_argument("--shard-size", default="2GB", help="largest output file when streaming (e.g. 500MB, 2GB)")
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true", help="allow checkpoints whose architecture is "
+                   "Python code in their folder (it runs on this machine: only for authors you trust)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--trajectory", type=int, default=0, help="save N checkpoints along the run")
     t.add_argument("--split", default="train", help="split of an embedded corpus (default train)")
+    t.add_argument("--force", action="store_true", help="train again into an --out holding a finished run")
+    _add_trust_arg(t)
     t.set_defaults(fn=cmd_train)
 
     v = sub.add_parser("vector", help="distribution vectors").add_subparsers(dest="vcmd", required=True)
@@ -174,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--out", required=True)
     ve.add_argument("--name", help="vector name (default: the tuned directory's name)")
     ve.add_argument("--force", action="store_true", help="overwrite --out")
+    _add_streaming_args(ve)
+    _add_trust_arg(ve)
     ve.set_defaults(fn=cmd_vector_extract)
     vi = v.add_parser("info", help="norms and pairwise cosine similarities")
     vi.add_argument("files", nargs="+")
@@ -188,13 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="replace an existing --out")
     m.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
+    _add_streaming_args(m)
+    _add_trust_arg(m)
     m.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("search", help="Optuna search of merge weights on dev sets")
     s.add_argument("--base", required=True)
     s.add_argument("--vector", action="append", required=True, metavar="FILE")
     s.add_argument("--instruction", metavar="FILE[=WEIGHT]", help="instruction vector at a fixed weight")
-    s.add_argument("--objective", default="balanced", help="preset, weighted metrics, or module:function")
+    so = s.add_mutually_exclusive_group()
+    so.add_argument("--objective", default="balanced", help="preset, weighted metrics, or module:function")
+    so.add_argument("--objectives", nargs="+", metavar="SPEC", help="several objectives: Pareto search "
+                    "(--sampler tpe|nsga2|random), writes pareto.json")
     s.add_argument("--trials", type=int, default=100, help="total trials of the study (resumes up to N)")
     s.add_argument("--sampler", default="tpe")
     s.add_argument("--seed", type=int, default=0)
@@ -208,7 +385,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rescore-limit", type=int, default=300, help="samples for the top-k re-score")
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--allow-base-mismatch", action="store_true")
+    s.add_argument("--warm-start-from", metavar="STUDY", help="seed a new --study with the trials of STUDY "
+                   "(same storage), values recomputed for this objective; seeds count toward --trials")
+    s.add_argument("--force", action="store_true", help="replace a best.json of another study in --workdir")
+    _add_trust_arg(s)
     s.set_defaults(fn=cmd_search)
+
+    rr = sub.add_parser("rerank", help="rank a stored study's trials for a new objective (no evaluation)")
+    rr.add_argument("--workdir", default="runs/search", help="search workdir (its optuna.db; rerank.json goes here)")
+    rr.add_argument("--storage", help="Optuna storage URL (default sqlite in --workdir)")
+    rr.add_argument("--study", help="study name (default: the storage's only study)")
+    rr.add_argument("--objective", required=True, help="preset or weighted metrics over the stored metrics")
+    rr.add_argument("--fidelity", help="rank at this sample limit only (default: highest stored per trial)")
+    rr.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    rr.set_defaults(fn=cmd_rerank)
+
+    r = sub.add_parser("report", help="offline HTML report + Markdown summary of an experiments directory")
+    r.add_argument("dir", help="directory written by `optimer experiments`")
+    r.add_argument("--findings", type=Path, help="also write FINDINGS.md here")
+    r.set_defaults(fn=cmd_report)
+
+    e = sub.add_parser("experiments", help="baselines + analyses + report on the embedded world (cached stages)")
+    e.add_argument("--workdir", type=Path)
+    e.add_argument("--quick", action="store_true", help="small sizes: a smoke version of the whole set")
+    e.add_argument("--regime-map", action="store_true", help="run the regime map instead (long; cached)")
+    e.add_argument("--findings", type=Path, help="where to write FINDINGS.md besides the workdir "
+                   "(default: the repository root for a full run, nowhere else for --quick)")
+    e.set_defaults(fn=cmd_experiments)
+
+    w = sub.add_parser("workbench", help="the Gradio workbench: tune, search, chat, export in a browser")
+    w.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="pool, searches and exports live here")
+    w.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    w.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    w.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPUs with <= 4 cores)")
+    w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
+                   "the variable keeps the password out of the process list)")
+    w.set_defaults(fn=cmd_workbench)
     return p
 
 

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimer_lib.fileio import atomic_write_json
+
 UNITS = ("seconds", "tokens_trained", "tokens_evaluated", "tokens", "compute")
 BACKWARD_FACTOR = 3  # a training token costs ~3 forward tokens (forward + backward ~ 2 forwards)
 
@@ -125,7 +127,7 @@ class CostLedger:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1))
+        atomic_write_json(path, self.to_json(), indent=1)
         return path
 
     @classmethod

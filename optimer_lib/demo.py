@@ -15,13 +15,13 @@ continues an interrupted search to its trial count.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from optimer_lib.data import assets_dir, load_eval_suite
 from optimer_lib.evaluate import evaluate_suite
+from optimer_lib.fileio import atomic_write_json, atomic_write_text
 from optimer_lib.objectives import parse_objective
 from optimer_lib.search import SearchConfig, run_search
 from optimer_lib.train import TrainConfig, train_cpt
@@ -146,8 +146,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                "metric_names": sorted(rows["base"]["dev"]), "best_json": str(result.path),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                "timings": cfg.timings}
-    (cfg.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(cfg.workdir / "results.json", results)
     md = results_markdown(results)
-    (cfg.workdir / "results.md").write_text(md)
+    atomic_write_text(cfg.workdir / "results.md", md)
     print(md)
     return results

@@ -18,8 +18,6 @@ rates: new small bases are pretrained) lives in ``regime-*`` stages.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +30,7 @@ from optimer_lib import baselines as bl
 from optimer_lib.costs import CostEntry, ledger_from_study, search_eval_tokens
 from optimer_lib.data import assets_dir, load_eval_suite
 from optimer_lib.evaluate import evaluate_suite
+from optimer_lib.fileio import atomic_write_json
 from optimer_lib.objectives import parse_objective
 from optimer_lib.search import SearchConfig, run_search
 from optimer_lib.train import TrainConfig, train_cpt
@@ -87,11 +86,7 @@ class ExperimentConfig:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=1)
 
 
 def _values(study: Any) -> list[float | None]:

@@ -212,6 +212,8 @@ def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str], h
     if not problems and not sum(abs(w) for w in terms.values()) > 0:
         problems.append("all weights are zero")
     if problems:
+        if len(problems) == 1:  # one problem, one line
+            raise ConfigError(f"bad --objective {spec!r}: {problems[0]}; {help_text}")
         listed = "\n  - ".join(problems)
         raise ConfigError(f"bad --objective {spec!r}:\n  - {listed}\n{help_text}")
     return terms

@@ -38,37 +38,52 @@ class Pool:
         return [v.name for v in self.vectors]
 
 
-def _load_checked(paths: Sequence[str | os.PathLike], base_state, fingerprint: str,
-                  allow_mismatch: bool) -> list[DistributionVector]:
+def _raise_problems(problems: list[str]) -> None:
+    """One problem: one line; several: one line each (every problem is reported at once)."""
+    if len(problems) == 1:
+        raise VectorError(f"cannot open the pool: {problems[0]}")
+    if problems:
+        raise VectorError("\n  ".join(["cannot open the pool:", *problems]))
+
+
+def _load_files(paths: Sequence[str | os.PathLike]) -> tuple[list[DistributionVector], list[str]]:
+    """Read every vector file (existence, format, NaN/Inf) before any model is loaded."""
     vectors, problems = [], []
     for p in paths:
         try:
-            vec = load_vector(p)
-            check_compatible(vec, base_state, base_fingerprint=fingerprint,
-                             allow_fingerprint_mismatch=allow_mismatch)
-            vectors.append(vec)
+            vectors.append(load_vector(p))
         except VectorError as exc:
             problems.append(f"{p}: {exc}")
     names = [v.name for v in vectors]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         problems.append(f"several vectors are named {dupes}: rename one (optimer vector extract --name)")
-    if problems:
-        raise VectorError("\n  ".join(["cannot open the pool:", *problems]))
-    return vectors
+    return vectors, problems
+
+
+def _check_all(vectors: Sequence[DistributionVector], base_state, fingerprint: str, allow_mismatch: bool) -> None:
+    problems = []
+    for vec in vectors:
+        try:
+            check_compatible(vec, base_state, base_fingerprint=fingerprint, allow_fingerprint_mismatch=allow_mismatch)
+        except VectorError as exc:
+            problems.append(f"{vec.path or vec.name}: {exc}")
+    _raise_problems(problems)
 
 
 def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
               instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
-              allow_fingerprint_mismatch: bool = False) -> Pool:
-    """Load the base, validate and load the vectors, and wrap the model in a ResidentMerger."""
+              allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False) -> Pool:
+    """Read the vectors, load the base, validate the vectors against it, and wrap it in a ResidentMerger."""
     if not vectors:
         raise VectorError("no vectors given: pass at least one distribution vector file (--vector FILE)")
-    model = load_model(base, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(base)
+    vecs, problems = _load_files(vectors)
+    insts, inst_problems = _load_files([instruction]) if instruction else ([], [])
+    _raise_problems(problems + inst_problems)
+    model = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
     state = model.state_dict()
-    fp = state_fingerprint(state)
-    vecs = _load_checked(vectors, state, fp, allow_fingerprint_mismatch)
-    inst = _load_checked([instruction], state, fp, allow_fingerprint_mismatch)[0] if instruction else None
+    _check_all([*vecs, *insts], state, state_fingerprint(state), allow_fingerprint_mismatch)
+    inst = insts[0] if insts else None
     merger = ResidentMerger(model, vecs, instruction=inst)
     return Pool(Path(base), model, tokenizer, vecs, inst, merger)

@@ -21,6 +21,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from optimer_lib.costs import CostLedger, cost_to_reach, quality_curve
+from optimer_lib.fileio import atomic_write_json, atomic_write_text
 
 PAPER = {
     1: "OptiMer's best merge beats the best data-mixture model found at equal or larger search budget, "
@@ -313,12 +314,12 @@ def write_all(d: str | Path, *, findings: Path | None = None, command: str | Non
     command = command or f"optimer experiments --workdir {d}" + (" --quick" if cfg.get("quick_mode") else "")
     figs = figures(stages, summary)
     md = render_markdown(stages, summary, [t for t, _ in figs])
-    (d / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str))
+    atomic_write_json(d / "summary.json", summary, indent=1)
     ledger_of(stages).save(d / "costs.json")
-    (d / "report.md").write_text(md)
-    (d / "report.html").write_text(render_html(md, figs))
+    atomic_write_text(d / "report.md", md)
+    atomic_write_text(d / "report.html", render_html(md, figs))
     text = render_findings(summary, command=command, workdir=str(d))
     for path in {d / "FINDINGS.md", *([Path(findings)] if findings else [])}:
-        path.write_text(text)
+        atomic_write_text(path, text)
     summary["figures"] = [t for t, _ in figs]
     return summary

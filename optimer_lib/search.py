@@ -17,11 +17,11 @@ the merger holds the best weights. ``callbacks`` are called as ``cb(study, froze
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
+import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
 from optimer_lib.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.fileio import atomic_write_json
 from optimer_lib.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class SearchConfig:
         if self.record_metrics not in ("all", "needed"):
             problems.append(f"record_metrics must be 'all' or 'needed', got {self.record_metrics!r}")
         if problems:
-            raise ConfigError("bad search settings:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(f"bad search settings: {problems[0]}" if len(problems) == 1 else
+                              "bad search settings:\n  - " + "\n  - ".join(problems))
         return out
 
 
@@ -182,6 +184,63 @@ def _counted(study: optuna.Study) -> int:
     # An interrupted trial is marked FAIL by us but should not use up one of the N trials.
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
                if not t.user_attrs.get("interrupted"))
+
+
+_WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claimed(study: optuna.Study, before: int | None = None) -> int:
+    """Trials holding one of the N: counted ones plus running ones (in any worker sharing the study),
+    only those numbered below ``before`` if given.
+
+    A running trial whose worker died on this host (SIGKILL, out of memory) is first failed as
+    interrupted, freeing its slot; one left by a dead worker on another host keeps its slot.
+    """
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)):
+        if t.user_attrs.get("interrupted") or (before is not None and t.number >= before):
+            continue
+        h, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if t.state == TrialState.RUNNING and h == host and pid.isdigit() and not _alive(int(pid)):
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("interrupted", True)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            continue
+        n += 1
+    return n
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
+    """The Optuna storage for ``--storage``: ``journal:///abs/file.log`` (or ``journal://rel/file.log``) is a
+    JournalStorage on that file (several hosts on a shared file system); SQLite URLs get a 60 s lock
+    timeout so several workers can share one file; other URLs (postgresql://, mysql://) are RDB storages.
+    Workers starting together on a fresh database race to create its tables: the loser retries."""
+    if not url:
+        return None
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    return url
 
 
 def _check_study(study: optuna.Study, names: list[str], objective: Objective) -> None:
@@ -211,7 +270,7 @@ def run_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objecti
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sampler = make_sampler(config.sampler, config.seed, bounds, config.trials)  # fail fast on missing deps
-    study = optuna.create_study(storage=config.storage_url(), study_name=config.study_name,
+    study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
                                 direction=config.direction, load_if_exists=True, sampler=sampler)
     _check_study(study, names, objective)
     if study.trials:
@@ -271,8 +330,13 @@ Scorer = Callable[[dict[str, float], "int | None"], tuple[float, dict[str, float
 def _run_trials(study: optuna.Study, score: Scorer, bounds: dict[str, tuple[float, float]],
                 config: SearchConfig, callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
                 progress: bool) -> tuple[int, bool]:
-    """The ask/tell loop up to the study's total; returns (trials run now, interrupted)."""
-    remaining = max(0, config.trials - _counted(study))
+    """The ask/tell loop up to the study's total; returns (trials run now, interrupted).
+
+    Several workers may share the study: each stops once the study has ``config.trials`` trials
+    finished or running, so together they end with exactly that many (a trial asked in the same
+    instant as another worker's last one is dropped, marked ``interrupted`` and ``surplus``).
+    """
+    remaining = max(0, config.trials - _claimed(study))
     metrics_key = f"metrics@{_tag(config.search_limit)}"
     bar = None
     if progress and remaining:
@@ -281,11 +345,17 @@ def _run_trials(study: optuna.Study, score: Scorer, bounds: dict[str, tuple[floa
         bar = tqdm(total=remaining, desc=f"search {config.study_name}", unit="trial")
     done = 0
     try:
-        for _ in range(remaining):
+        while _claimed(study) < config.trials:
             if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
                 log.info("grid exhausted after %d trials; stopping early", len(study.trials))
                 break
             trial = study.ask()
+            trial.set_user_attr("worker", _WORKER)
+            if _claimed(study, before=trial.number) >= config.trials:  # another worker took the last slot
+                trial.set_user_attr("interrupted", True)
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
             weights = {n: trial.suggest_float(n, *b) for n, b in bounds.items()}
             trial.set_user_attr("weights", weights)
             try:
@@ -357,15 +427,7 @@ def _rescore(study: optuna.Study, top: list[FrozenTrial], score: Scorer, config:
 
 def _atomic_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write JSON so readers never see a half-written file (temp file + rename in the same folder)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, payload)
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:

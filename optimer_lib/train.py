@@ -102,14 +102,19 @@ def _lr_at(step: int, cfg: TrainConfig, steps: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _save_model(model, tokenizer, out: Path, extra: dict | None = None, keep: tuple[str, ...] = ()) -> None:
+def _save_model(model, tokenizer, out: Path, extra: dict | None = None, keep: tuple[str, ...] = (),
+                state_dict: dict | None = None) -> None:
     """save_pretrained into a temp dir beside ``out``, then swap it in (never half-written).
 
     Sub-folders named in ``keep`` (e.g. the trajectory checkpoints) move over into the new folder.
+    ``state_dict``: full weights gathered from sharded (FSDP/ZeRO-3) processes, when not the model's own.
     """
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if state_dict is not None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         (tmp / "training.json").write_text(json.dumps(extra, indent=2))
@@ -206,9 +211,11 @@ def train_model(model, tokenizer, blocks: Mapping[str, torch.Tensor], ratios: Ma
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         done = step + 1
-        if done in traj and done < steps and rank0:
-            _save_model(plain, tokenizer, out / "trajectory" / f"step-{done:06d}",
-                        {"step": done, "tokens": done * cfg.batch_size * cfg.seq_len * world})
+        if done in traj and done < steps:
+            full = acc.get_state_dict(model) if acc else None  # a collective: every rank takes part
+            if rank0:
+                _save_model(plain, tokenizer, out / "trajectory" / f"step-{done:06d}",
+                            {"step": done, "tokens": done * cfg.batch_size * cfg.seq_len * world}, state_dict=full)
         if acc is None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
             _save_resume(model, opt, gen, cfg, ratios, done, seen, resume)
     tail = losses[-20:] or [float("nan")]
@@ -218,11 +225,14 @@ def train_model(model, tokenizer, blocks: Mapping[str, torch.Tensor], ratios: Ma
     info = {"config": asdict(cfg), "ratios": dict(ratios), "tokens_trained": result.tokens,
             "tokens_by_dataset": seen, "final_loss": result.final_loss, "seconds": result.seconds,
             "processes": world, **(meta or {})}
+    full = None
     if acc is not None:
         acc.wait_for_everyone()
+        # FSDP / ZeRO-3 shard the weights across processes: gather them (on every rank) before saving.
+        full = acc.get_state_dict(model)
     if rank0:
         # Replacing the folder also drops the resume point, which is no longer needed.
-        _save_model(plain, tokenizer, out, info, keep=("trajectory",))
+        _save_model(plain, tokenizer, out, info, keep=("trajectory",), state_dict=full)
     return result
 
 
@@ -246,14 +256,46 @@ def _save_resume(model, opt, gen, cfg, ratios, step, seen, resume: Path) -> None
     os.replace(tmp, resume)
 
 
+def check_out_dir(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Refuse (OptimerError) to train into ``out_dir`` when that would replace something, unless ``force``.
+
+    A missing or empty folder is fine, and so is one holding a resume point (``resume/``: the interrupted
+    run continues). A finished run (``training.json``) or any other non-empty folder needs ``force``;
+    forcing over a finished run drops its ``training.json`` and trajectory first, so a forced run that
+    is interrupted is never mistaken for the old finished one.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OptimerError(f"--out {str(out)!r} is a file: give a directory for the trained model")
+    if not out.is_dir() or (out / "resume" / "state.pt").exists():
+        return
+    finished = (out / "training.json").exists()
+    if force:
+        if finished:
+            (out / "training.json").unlink()
+            shutil.rmtree(out / "trajectory", ignore_errors=True)
+        return
+    if finished:
+        raise OptimerError(f"{str(out)!r} holds a finished run (training.json): choose another --out, or pass "
+                           "--force to train again and replace it")
+    if any(out.iterdir()):
+        raise OptimerError(f"{str(out)!r} exists and is not empty: choose another --out, or pass --force to "
+                           "replace its contents with the trained model")
+
+
 def train_cpt(base: str | os.PathLike, data: str | Mapping[str, float], out_dir: str | os.PathLike,
-              cfg: TrainConfig | None = None, *, split: str = "train", progress: bool = True) -> TrainResult:
-    """CPT of the checkpoint at ``base`` on one dataset (name or file) or a mixture {dataset: ratio}."""
+              cfg: TrainConfig | None = None, *, split: str = "train", progress: bool = True,
+              trust_remote_code: bool = False) -> TrainResult:
+    """CPT of the checkpoint at ``base`` on one dataset (name or file) or a mixture {dataset: ratio}.
+
+    It does not check ``out_dir`` (library callers cache runs themselves); the CLI calls
+    :func:`check_out_dir` first.
+    """
     cfg = cfg or TrainConfig()
     cfg.validate()
     ratios = normalise_ratios(data)
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
     blocks = {n: pack_tokens(load_corpus(n, split), tokenizer, cfg.seq_len) for n in ratios}
-    model = load_model(base, dtype="float32", device="cpu")
+    model = load_model(base, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
     return train_model(model, tokenizer, blocks, ratios, out_dir, cfg,
                        meta={"base": str(base), "data": dict(ratios), "split": split}, progress=progress)

@@ -5,9 +5,10 @@
     save_vector(vec, "vectors/ja.safetensors")          # CLI: optimer vector extract ...
     print(format_info([load_vector("vectors/ja.safetensors"), load_vector("vectors/zh.safetensors")]))
 
-A vector is one ``.safetensors`` file holding, for every floating-point tensor of the model, the shift
-under the model's own tensor name, plus string metadata (``format``, ``format_version``, ``name``,
-``source``, ``base_fingerprint``, ``dtype``, ``tokens_trained``).
+A vector is one ``.safetensors`` file (or, for large models, a folder of shards plus
+``vector.safetensors.index.json``: see ``optimer_lib.streaming``) holding, for every floating-point
+tensor of the model, the shift under the model's own tensor name, plus string metadata (``format``,
+``format_version``, ``name``, ``source``, ``base_fingerprint``, ``dtype``, ``tokens_trained``).
 
 Precision: each difference is computed in fp32 and stored in the *tuned* model's dtype, so a bf16 model
 gives a bf16 vector (tiny shifts below bf16 resolution of the delta itself are rounded, as the weights
@@ -33,6 +34,14 @@ from optimer_lib.errors import OptimerError, VectorError
 FORMAT = "optimer-vector"
 FORMAT_VERSION = "1"
 _SAMPLES = 64  # values sampled per tensor for the fingerprint: cheap even for 27B models
+
+_VOCAB_HINT = (" (vocabulary size differs: call model.resize_token_embeddings on the base before "
+               "training, or on the smaller model before extracting)")
+
+
+def _is_vocab_tensor(key: str) -> bool:
+    return "emb" in key or "lm_head" in key or "wte" in key
+
 
 @dataclass
 class DistributionVector:
@@ -79,7 +88,7 @@ def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return kept, aliases
 
 
-def _as_state(obj: object) -> Mapping[str, torch.Tensor]:
+def _as_state(obj: object, trust_remote_code: bool = False) -> Mapping[str, torch.Tensor]:
     """A state dict from a module, a mapping, or a local HF checkpoint directory."""
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
@@ -91,7 +100,7 @@ def _as_state(obj: object) -> Mapping[str, torch.Tensor]:
         from optimer_lib.models import check_checkpoint_dir, load_model
 
         path = check_checkpoint_dir(obj)
-        return load_model(path, dtype=_checkpoint_dtype(path)).state_dict()
+        return load_model(path, dtype=_checkpoint_dtype(path), trust_remote_code=trust_remote_code).state_dict()
     raise VectorError(f"cannot read weights from a {type(obj).__name__}: pass a model, a state dict "
                       "or a checkpoint directory")
 
@@ -108,7 +117,9 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
 
 def _tensor_digest(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
+    # float32 linspace can round the last index past the end above 2**24 entries: clamp (a no-op below)
     idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel()), device=flat.device).long()
+    idx = idx.clamp_(max=flat.numel() - 1)
     # Rounded to bf16 so the same base loaded in fp32 or bf16 gives the same fingerprint.
     sample = flat[idx].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
     return hashlib.sha256(repr(tuple(t.shape)).encode() + sample).digest()
@@ -131,11 +142,12 @@ def state_fingerprint(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> st
 
 
 def extract_vector(base: object, tuned: object, *, name: str, source: str = "",
-                   tokens_trained: int | None = None) -> DistributionVector:
+                   tokens_trained: int | None = None, trust_remote_code: bool = False) -> DistributionVector:
     """tau = tuned - base for every floating-point tensor; ``base``/``tuned``: module, state dict or dir.
 
     When ``tuned`` is a directory written by ``optimer train``, ``tokens_trained`` defaults to the
     count in its ``training.json``. Raises VectorError on mismatched names or shapes, or a non-finite result.
+    ``trust_remote_code`` allows checkpoint directories whose architecture is custom code in the folder.
     """
     if not name:
         raise VectorError("a vector needs a name (e.g. --name ja)")
@@ -144,8 +156,8 @@ def extract_vector(base: object, tuned: object, *, name: str, source: str = "",
         info = Path(tuned) / "training.json"
         if tokens_trained is None and info.is_file():
             tokens_trained = json.loads(info.read_text()).get("tokens_trained")
-    b_state, b_alias = unique_tensors(_as_state(base))
-    t_state, t_alias = unique_tensors(_as_state(tuned))
+    b_state, b_alias = unique_tensors(_as_state(base, trust_remote_code))
+    t_state, t_alias = unique_tensors(_as_state(tuned, trust_remote_code))
     b_float = {k for k, v in b_state.items() if v.is_floating_point()}
     t_float = {k for k, v in t_state.items() if v.is_floating_point()}
     # A tied alias present as a separate copy on one side only is not a missing tensor.
@@ -161,9 +173,7 @@ def extract_vector(base: object, tuned: object, *, name: str, source: str = "",
             continue
         t = t_state[key]
         if t.shape != b.shape:
-            hint = (" (vocabulary size differs: call model.resize_token_embeddings on the base before "
-                    "training, or on the smaller model before extracting)"
-                    if "emb" in key or "lm_head" in key or "wte" in key else "")
+            hint = _VOCAB_HINT if _is_vocab_tensor(key) else ""
             raise VectorError(f"shape mismatch for {key}: base {tuple(b.shape)} vs tuned {tuple(t.shape)}"
                               f"{hint}")
         d = (t.detach().float() - b.detach().float().to(t.device)).to(t.dtype).cpu().contiguous()
@@ -201,19 +211,32 @@ def save_vector(vec: DistributionVector, path: str | os.PathLike, *, overwrite: 
     return path
 
 
-def load_vector(path: str | os.PathLike) -> DistributionVector:
-    """Read and validate a vector file written by :func:`save_vector`."""
+VECTOR_INDEX = "vector.safetensors.index.json"  # in a sharded vector folder (see optimer_lib.streaming)
+
+
+def vector_files(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Path]]:
+    """``(metadata, {tensor name: file})`` of a vector file or a sharded vector folder, format checked.
+
+    Reads headers only (no tensor data), so large vectors can be streamed tensor by tensor.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise VectorError(f"vector file {str(path)!r} does not exist: extract it with "
-                          "`optimer vector extract --base DIR --tuned DIR --out FILE`")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if path.is_dir():
+            if not (path / VECTOR_INDEX).is_file():
+                raise VectorError(f"{str(path)!r} is a folder without {VECTOR_INDEX}: pass a vector file or a "
+                                  "sharded vector folder written by `optimer vector extract`")
+            index = json.loads((path / VECTOR_INDEX).read_text())
+            meta = {k: str(v) for k, v in index.get("metadata", {}).items() if k != "total_size"}
+            files = {k: path / f for k, f in index["weight_map"].items()}
+        elif path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                meta, files = dict(f.metadata() or {}), dict.fromkeys(f.keys(), path)
+        else:
+            raise VectorError(f"vector file {str(path)!r} does not exist: extract it with "
+                              "`optimer vector extract --base DIR --tuned DIR --out FILE`")
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
         raise VectorError(f"vector file is corrupt or truncated: {str(path)!r} ({exc}); re-extract it") from exc
     if meta.get("format") != FORMAT:
         raise VectorError(f"{str(path)!r} is not an OptiMer vector (format={meta.get('format')!r}); if it is a "
@@ -221,6 +244,26 @@ def load_vector(path: str | os.PathLike) -> DistributionVector:
     if meta.get("format_version") != FORMAT_VERSION:
         raise VectorError(f"{str(path)!r} has vector format version {meta.get('format_version')!r}, this "
                           f"OptiMer reads version {FORMAT_VERSION}: re-extract it")
+    return meta, files
+
+
+def load_vector(path: str | os.PathLike) -> DistributionVector:
+    """Read and validate a vector file written by :func:`save_vector`, or a sharded vector folder
+    (shards plus ``vector.safetensors.index.json``, written by ``optimer_lib.streaming``)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    meta, files = vector_files(path)
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        for file in dict.fromkeys(files.values()):
+            with safe_open(str(file), framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys() if files.get(k) == file})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise VectorError(f"vector file is corrupt or truncated: {str(path)!r} ({exc}); re-extract it") from exc
+    if set(tensors) != set(files):
+        raise VectorError(f"vector {str(path)!r} lacks tensors its index lists, e.g. "
+                          f"{sorted(set(files) - set(tensors))[:3]}: re-extract it")
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise VectorError(f"vector {str(path)!r} has NaN or Inf in {key}: re-extract it from a healthy "
@@ -242,8 +285,9 @@ def check_compatible(vec: DistributionVector, base_state: Mapping[str, torch.Ten
                           f"{unknown[:3]}: it was extracted from a different architecture; use its own base")
     for key, t in vec.tensors.items():
         if tuple(t.shape) != tuple(base_state[key].shape):
+            hint = _VOCAB_HINT if _is_vocab_tensor(key) else ""
             raise VectorError(f"vector {vec.name!r}: shape of {key} is {tuple(t.shape)} but the base has "
-                              f"{tuple(base_state[key].shape)}: use the base it was extracted from")
+                              f"{tuple(base_state[key].shape)}{hint}: use the base it was extracted from")
     if allow_fingerprint_mismatch or not vec.base_fingerprint:
         return
     fp = base_fingerprint or state_fingerprint(base_state)

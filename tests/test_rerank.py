@@ -230,6 +230,7 @@ def test_cli_rerank_and_warm_start(tmp_path, tiny_pool):
     assert "best weights" in r.stdout and "confidence" in r.stdout and len(out["ranking"]) == 4
     r = cli(*common, "--objective", "loss:other", "--study", "warm", "--warm-start-from", "optimer", "--trials", "6")
     assert json.loads(r.stdout)["seeded"] == 4
+    assert json.loads((wd / "best-optimer.json").read_text())["study"] == "optimer"  # the first best is kept
     warm = optuna.load_study(study_name="warm", storage=f"sqlite:///{Path(wd).resolve() / 'optuna.db'}")
     assert len(warm.trials) == 6 and sum("seeded_from" in t.user_attrs for t in warm.trials) == 4
     r = cli("rerank", "--workdir", str(wd), "--objective", "loss:other", ok=False)  # two studies now

@@ -8,7 +8,8 @@
 The app is thin: every action is a :class:`workbench.session.Session` call. Each browser tab gets its
 own Session (a ``gr.State``), so sliders, chats and searches of one tab never change another's models;
 the base weights and vectors are loaded once per workdir and shared read-only. It listens on 127.0.0.1
-unless ``host`` says otherwise, and never opens a share link unless ``share=True``.
+unless ``host`` says otherwise, never opens a share link unless ``share=True``, and asks for a login when
+``auth`` is given (``optimer workbench --auth user:password`` or ``OPTIMER_AUTH=user:password``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from optimer_lib.errors import ConfigError
 from optimer_lib.evaluate import EvalSuite
 from workbench.session import Session
 from workbench.tabs import Ctx
@@ -82,14 +84,25 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
     return demo
 
 
+def parse_auth(spec: str) -> tuple[str, str]:
+    """``"user:password"`` -> ``("user", "password")``; the password may itself contain ':'."""
+    user, sep, password = (spec or "").partition(":")
+    if not sep or not user.strip() or not password:
+        raise ConfigError("bad --auth / OPTIMER_AUTH: use USER:PASSWORD with a non-empty user and password "
+                          "(e.g. OPTIMER_AUTH=alice:s3cret optimer workbench)")
+    return user.strip(), password
+
+
 def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, block: bool = True, threads: int | None = None, **kwargs: Any) -> gr.Blocks:
+           share: bool = False, block: bool = True, threads: int | None = None,
+           auth: tuple[str, str] | str | None = None, **kwargs: Any) -> gr.Blocks:
     """Build and serve the workbench; ``block=False`` returns once the server is up (tests, notebooks).
 
     ``threads`` sets torch's intra-op threads for the process; by default 1 on CPU machines with at most
     4 cores, where Tune scoring, searches, chat and other programs compete for the cores (measured on 2
     busy cores: 0.74 s per Tune update with 1 thread, 1.2 s median and 10 s spikes with 2), else torch's
-    own choice. ``kwargs`` go to :func:`build_app`.
+    own choice. ``auth`` (``(user, password)`` or ``"user:password"``) requires that login on every page and
+    API call. ``kwargs`` go to :func:`build_app`.
     """
     import torch
 
@@ -97,7 +110,11 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
         threads = 1
     if threads:
         torch.set_num_threads(int(threads))
+    if isinstance(auth, str):
+        auth = parse_auth(auth)
     demo = build_app(workdir, **kwargs)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
-                css=CSS, run_history=False)
+                css=CSS, run_history=False, auth=auth,
+                auth_message="OptiMer Workbench: log in with the user and password it was started with" if auth
+                else None)
     return demo

@@ -24,6 +24,7 @@ from transformers import StoppingCriteria
 
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024
+MAX_CHARS_PER_TOKEN = 64  # longer than any token of a BPE vocabulary: trimming to this never changes kept tokens
 Message = dict[str, str]
 
 
@@ -54,11 +55,34 @@ def uses_chat_template(tokenizer: Any, instruction_weight: float) -> bool:
     return bool(instruction_weight) and bool(getattr(tokenizer, "chat_template", None))
 
 
+def _text(content: Any) -> str:
+    """A message's text: a string, or the list of ``{"type": "text", "text": ...}`` parts Gradio 6's Chatbot sends."""
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def _tail(history: Sequence[Message], prompt: str, chars: int) -> tuple[list[Message], str]:
+    """The last ``chars`` characters of the conversation (prompt first, then history from the end)."""
+    prompt = str(prompt)[-chars:]
+    budget, kept = chars - len(prompt), []
+    for m in reversed(history):
+        if budget <= 0:
+            break
+        content = _text(m["content"])[-budget:]
+        kept.append({"role": m["role"], "content": content})
+        budget -= len(content)
+    return kept[::-1], prompt
+
+
 def prompt_ids(tokenizer: Any, history: Sequence[Message], prompt: str, chat: bool, max_tokens: int) -> list[int]:
     """Token ids for the model: the chat template over history + prompt, or the raw prompt after bos.
 
-    Long inputs keep their *last* ``max_tokens`` tokens.
+    Long inputs keep their *last* ``max_tokens`` tokens. Text beyond ``MAX_CHARS_PER_TOKEN`` characters per
+    kept token is dropped before tokenising, so a megabyte pasted (or posted to the API) costs no more than
+    a full prompt (tokenising 10 MB took 78 s of CPU).
     """
+    history, prompt = _tail(history, prompt, max(1, int(max_tokens)) * MAX_CHARS_PER_TOKEN)
     if chat:
         msgs = [{"role": m["role"], "content": str(m["content"])} for m in history] + [
             {"role": "user", "content": prompt}]

@@ -1,0 +1,98 @@
+"""Several ``optimer search`` workers on one study: exact total, no duplicates, no losses; storages.
+
+Semantics under test: ``--trials N`` is the *study's* total, also with several workers: each worker
+stops once the study holds N trials finished or running, so two workers with ``--trials N`` end with
+exactly N counted trials between them (not 2N).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import optuna
+from optuna.trial import TrialState
+from test_search import SUITE, FakeMerger, config, quadratic
+
+from optimer_lib.objectives import Objective
+from optimer_lib.search import _counted, open_storage, run_search
+from optimer_lib.vectors import extract_vector, save_vector
+
+OBJECTIVE = '''
+import os, time, pathlib
+READY = pathlib.Path(os.environ["WORKERS_DIR"])
+(READY / f"ready-{os.getpid()}").touch()          # at import, i.e. when the worker parses --objective
+
+
+def slow(model, tokenizer):
+    deadline = time.time() + 60                   # start trials only once both workers are up
+    while len(list(READY.glob("ready-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    return float(sum(p.detach().float().abs().sum() for p in model.parameters()))
+'''
+
+
+def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool):
+    base, tuned = tiny_pool("llama", 2)
+    vecs = [save_vector(extract_vector(base, t, name=f"v{i}"), tmp_path / f"v{i}.safetensors")
+            for i, t in enumerate(tuned)]
+    (tmp_path / "obj.py").write_text(OBJECTIVE)
+    (tmp_path / "workers").mkdir()
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("\n\n".join(f"the quick brown fox {i}" for i in range(20)))
+    storage, n = f"sqlite:///{tmp_path / 'study.db'}", 12
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKERS_DIR": str(tmp_path / "workers")}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "optimer_lib.cli", "search", "--base", base, "--vector", vecs[0], "--vector", vecs[1],
+         "--eval", f"notes={corpus}", "--objective", f"{tmp_path / 'obj.py'}:slow", "--trials", str(n),
+         "--storage", storage, "--study", "shared", "--seed", str(seed), "--top-k", "0", "--sampler", "random",
+         "--workdir", tmp_path / f"w{seed}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for seed in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        assert "best_weights" in json.loads(out)
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials)))  # no duplicate or missing numbers
+    assert not [t for t in trials if t.state == TrialState.RUNNING]  # nothing left hanging
+    assert _counted(study) == n  # exactly the study's total, between both workers
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n and all(t.user_attrs.get("weights") for t in done)  # no losses
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers contributed
+    # each worker wrote its best.json; the one that finished last saw the whole study
+    assert max(json.loads((tmp_path / f"w{s}" / "best.json").read_text())["trials"] for s in (0, 1)) == n
+
+
+def test_running_trials_of_live_workers_hold_slots_and_dead_ones_are_freed(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    study = optuna.create_study(storage=storage, study_name="optimer")
+    live_trial, dead_trial = study.ask(), study.ask()
+    live_trial.set_user_attr("worker", f"{host}:{os.getppid()}")  # alive: holds its slot
+    dead_trial.set_user_attr("worker", f"{host}:{dead.pid}")      # killed: its slot is freed
+    obj = Objective(fn=quadratic, spec="quadratic")
+    res = run_search(FakeMerger(), None, SUITE, obj, config(tmp_path, trials=4, storage=storage, sampler="random"),
+                     progress=False)
+    assert res.new_trials == 3  # 4 - the live worker's running trial
+    frozen = res.study.get_trials(deepcopy=False)
+    assert frozen[dead_trial.number].state == TrialState.FAIL and frozen[dead_trial.number].user_attrs["interrupted"]
+    assert frozen[live_trial.number].state == TrialState.RUNNING and _counted(res.study) == 3
+
+
+def test_journal_storage_url(tmp_path):
+    log = tmp_path / "journal.log"
+    obj = Objective(fn=quadratic, spec="quadratic")
+    res = run_search(FakeMerger(), None, SUITE, obj, config(tmp_path, trials=3, storage=f"journal://{log}",
+                                                            sampler="random"), progress=False)
+    assert log.is_file() and res.new_trials == 3
+    study = optuna.load_study(study_name="optimer", storage=open_storage(f"journal://{log}"))
+    assert _counted(study) == 3
+    assert isinstance(open_storage(f"journal://{log}"), optuna.storages.JournalStorage)
