@@ -172,14 +172,18 @@ def test_export_and_load_back(page, server):
     page.get_by_role("tab", name="Tune").click()
     alpha = float(page.locator("#alpha-0 input[type=number]").input_value())
     page.get_by_role("tab", name="Export").click()
-    page.locator("#export-name textarea").fill("browser-merge")
+    name_box = page.locator("#export-name textarea")
+    name_box.fill("browser-merge")
+    name_box.press("Tab")  # Gradio takes the value on blur; a click right after fill can race it under load
     page.locator("#export-button").click()
     page.wait_for_selector("#export-status >> text=saved")
     link = page.wait_for_selector("#export-zip a")
     assert page.request.get(link.get_attribute("href")).ok
     page.screenshot(path=str(ARTIFACTS / "workbench-export.png"), full_page=True)
 
-    out = root / "exports" / "browser-merge"
+    # The status names the folder written; it must be under the workdir's exports/.
+    out = Path(page.locator("#export-status code").first.inner_text())
+    assert out.parent == root / "exports", out
     merged = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(root / "base")
     ja = load_vector(root / "vectors" / "ja.safetensors")
