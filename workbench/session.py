@@ -376,6 +376,7 @@ class Session:
         out = self.workspace.exports_dir / name
         scores = {f"dev {k} (first {self.tune_limit})": v for k, v in (self.last.metrics if self.last else {}).items()}
         with m.lock:
+            m.rebuild()  # exact base + Σ α τ: drop the rounding drift of incremental slider updates
             path = export_merged(m.model, sh.tokenizer, out, base_path=str(sh.base_dir), vectors=sh.vectors,
                                  weights=m.weights, instruction=sh.instruction,
                                  instruction_weight=m.instruction_weight if sh.instruction else None,
