@@ -169,11 +169,11 @@ def eval_tokens(tokenizer: Any, suite: Any, objective: Any = None, *, limit: int
     row is done, so the maximum is what is paid). Only the sets ``objective`` reads are counted (all
     of them for a callable objective or ``None``).
     """
-    from optimer_lib.evaluate import _encode, _max_positions
+    from optimer_lib.evaluate import _encode, max_positions
 
     texts = getattr(objective, "needed_texts", None) if getattr(objective, "terms", None) else None
     qa = getattr(objective, "needed_qa", None) if getattr(objective, "terms", None) else None
-    max_pos = _max_positions(model) if model is not None else None
+    max_pos = max_positions(model) if model is not None else None
     width = min(seq_len, max_pos) if max_pos else seq_len
     total = 0
     for name, docs in suite.texts.items():

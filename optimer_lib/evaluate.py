@@ -67,7 +67,8 @@ def _device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _max_positions(model: Any) -> int | None:
+def max_positions(model: Any) -> int | None:
+    """The model's context length from its config (None when it does not say)."""
     cfg = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(cfg, key, None)
@@ -123,7 +124,7 @@ def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len
     subset = tuple(texts[:limit] if limit is not None else texts)
     if not subset:
         raise DataError("no documents to score: the dev set is empty (check the corpus split or --limit)")
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model)
     seq_len = min(seq_len, max_pos) if max_pos else seq_len
     encoded = [e for e in _encoded_texts(tokenizer, subset, seq_len) if len(e) >= 2]
     if not encoded:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
+from optimer_lib.evaluate import max_positions
+
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024
 MAX_CHARS_PER_TOKEN = 64  # longer than any token of a BPE vocabulary: trimming to this never changes kept tokens
@@ -106,15 +108,6 @@ class _StopOn(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _max_positions(model: Any) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def stream_reply(merger: Any, tokenizer: Any, weights: Mapping[str, float], instruction_weight: float,
                  history: Sequence[Message], prompt: str, settings: GenSettings) -> Iterator[str]:
     """Yield the reply generated so far, growing, for a model merged with ``weights``.
@@ -123,7 +116,7 @@ def stream_reply(merger: Any, tokenizer: Any, weights: Mapping[str, float], inst
     """
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    s = settings.capped(_max_positions(merger.model))
+    s = settings.capped(max_positions(merger.model))
     chat = uses_chat_template(tokenizer, instruction_weight)
     ids = prompt_ids(tokenizer, history, prompt, chat, s.max_prompt_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
