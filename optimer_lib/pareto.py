@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from optimer_lib.errors import ConfigError, OptimerError
 from optimer_lib.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.objectives import Objective
 from optimer_lib.rerank import resolve_objective, score_stored
-from optimer_lib.search import SearchConfig, _atomic_json, _counted, _tag
+from optimer_lib.search import SearchConfig, _atomic_json, _counted, _tag, tell_outcome
 
 log = logging.getLogger(__name__)
 
@@ -204,24 +204,9 @@ def _loop(study: optuna.Study, score: Callable[[dict[str, float]], tuple[list[fl
             trial = study.ask()
             weights = {n: trial.suggest_float(n, *b) for n, b in bounds.items()}
             trial.set_user_attr("weights", weights)
-            try:
-                values, metrics = score(weights)
-                trial.set_user_attr(key, metrics)
-                if not all(math.isfinite(v) for v in values):
-                    raise FloatingPointError(f"objectives are {values}")
-            except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)
-                study.tell(trial, state=TrialState.FAIL)
+            frozen = tell_outcome(study, trial, partial(score, weights), key)
+            if frozen is None:
                 return done, True
-            except OptimerError:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            except Exception as exc:  # a bad corner of weight space must not end a long search
-                log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-                frozen = study.tell(trial, state=TrialState.FAIL)
-            else:
-                frozen = study.tell(trial, values)
             done += 1
             if bar is not None:
                 bar.update(1)

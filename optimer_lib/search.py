@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,35 @@ def run_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objecti
                         interrupted=interrupted)
 
 
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, score: Callable[[], tuple[Any, dict[str, float]]],
+                 metrics_key: str) -> FrozenTrial | None:
+    """Score one asked trial and tell the study; the policy every search loop shares.
+
+    ``score()`` returns ``(value or list of values, metrics)``; the metrics go into the trial's
+    ``metrics_key`` attr. A non-finite value or any non-OptiMer exception marks the trial FAILED (the
+    message in its ``error`` attr) and the search goes on; OptimerError is re-raised; Ctrl-C marks the
+    trial ``interrupted`` (not counted) and returns None.
+    """
+    try:
+        value, metrics = score()
+        trial.set_user_attr(metrics_key, metrics)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"objective is {value}")
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    except OptimerError:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as exc:  # a bad corner of weight space must not end a long search
+        log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+        return study.tell(trial, state=TrialState.FAIL)
+    return study.tell(trial, value)
+
+
 Scorer = Callable[[dict[str, float], "int | None"], tuple[float, dict[str, float]]]
 
 
@@ -358,24 +388,9 @@ def _run_trials(study: optuna.Study, score: Scorer, bounds: dict[str, tuple[floa
                 break
             weights = {n: trial.suggest_float(n, *b) for n, b in bounds.items()}
             trial.set_user_attr("weights", weights)
-            try:
-                value, metrics = score(weights, config.search_limit)
-                trial.set_user_attr(metrics_key, metrics)
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"objective is {value}")
-            except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)
-                study.tell(trial, state=TrialState.FAIL)
+            frozen = tell_outcome(study, trial, partial(score, weights, config.search_limit), metrics_key)
+            if frozen is None:
                 return done, True
-            except OptimerError:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            except Exception as exc:  # a bad corner of weight space must not end a long search
-                log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-                frozen = study.tell(trial, state=TrialState.FAIL)
-            else:
-                frozen = study.tell(trial, value)
             done += 1
             if bar is not None:
                 bar.update(1)
