@@ -117,8 +117,9 @@ def cmd_vector_info(a: argparse.Namespace) -> None:
 
 def cmd_merge(a: argparse.Namespace) -> None:
     from optimer_lib.export import export_merged
-    from optimer_lib.merge import check_method_params, parse_vector_spec
+    from optimer_lib.merge import check_method_params
     from optimer_lib.pool import open_pool
+    from optimer_lib.specs import parse_vector_spec
 
     specs = [parse_vector_spec(s) for s in a.vector]
     missing = [f for f, w in specs if w is None and a.method not in ("average",)]
@@ -170,10 +171,10 @@ def _params(items: list[str]) -> dict[str, object]:
 
 def cmd_search(a: argparse.Namespace) -> None:
     from optimer_lib.data import load_eval_suite
-    from optimer_lib.merge import parse_bounds, parse_vector_spec
     from optimer_lib.objectives import parse_objective
     from optimer_lib.pool import open_pool
     from optimer_lib.search import SearchConfig, run_search
+    from optimer_lib.specs import parse_bounds, parse_vector_spec
 
     files = [parse_vector_spec(s)[0] for s in a.vector]
     suite = load_eval_suite(a.eval, a.split)

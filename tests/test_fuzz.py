@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from optimer_lib.cli import _ratio_spec
 from optimer_lib.errors import ConfigError, VectorError
-from optimer_lib.merge import parse_bounds, parse_vector_spec
 from optimer_lib.objectives import parse_objective
+from optimer_lib.specs import parse_bounds, parse_vector_spec
 from optimer_lib.vectors import extract_vector, load_vector, save_vector
 
 settings.register_profile("default", max_examples=100, deadline=None, derandomize=True, database=None,

@@ -15,10 +15,9 @@ from optimer_lib.merge import (
     MERGE_METHODS,
     ResidentMerger,
     merge_state_dict,
-    parse_bounds,
-    parse_vector_spec,
     register_merge_method,
 )
+from optimer_lib.specs import parse_bounds, parse_vector_spec
 from optimer_lib.vectors import DistributionVector, extract_vector
 
 NAMES = ("ja", "zh", "math")

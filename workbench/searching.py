@@ -29,10 +29,10 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from optimer_lib.merge import parse_bounds
 from optimer_lib.objectives import Objective, parse_objective
 from optimer_lib.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
 from optimer_lib.search import SearchConfig, SearchResult, run_search, trial_table
+from optimer_lib.specs import parse_bounds
 from workbench.workspace import SharedPool, WorkbenchError
 
 log = logging.getLogger(__name__)
