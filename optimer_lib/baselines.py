@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 from optimer_lib.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
 from optimer_lib.data import load_corpus, pack_tokens
 from optimer_lib.errors import ConfigError, OptimerError
-from optimer_lib.search import SearchConfig, make_sampler, run_search
+from optimer_lib.search import SearchConfig, make_sampler, open_storage, run_search
 from optimer_lib.train import TrainConfig, TrainResult, train_cpt, train_model
 
 BUDGET_MODES = ("equal_total", "per_run")
@@ -142,7 +142,7 @@ def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: Any
     bounds = {n: (0.0, 1.0) for n in names}
     storage = None if cfg.storage == ":memory:" else cfg.storage or f"sqlite:///{workdir.resolve() / 'optuna.db'}"
     sampler = make_sampler(cfg.sampler, cfg.seed, bounds, cfg.max_trials)
-    study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="minimize",
+    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study_name, direction="minimize",
                                 load_if_exists=True, sampler=sampler)
     attrs = study.user_attrs
     if attrs.get("names", names) != names or attrs.get("objective", objective.spec) != objective.spec:

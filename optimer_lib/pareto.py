@@ -34,7 +34,7 @@ from optimer_lib.errors import ConfigError, OptimerError
 from optimer_lib.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.objectives import Objective
 from optimer_lib.rerank import resolve_objective, score_stored
-from optimer_lib.search import SearchConfig, _atomic_json, _counted, _tag, tell_outcome
+from optimer_lib.search import SearchConfig, _atomic_json, _counted, _tag, open_storage, tell_outcome
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ def run_pareto_search(merger: Any, tokenizer: Any, suite: EvalSuite, objectives:
     bounds = dataclasses.replace(config, sampler="tpe").resolved_bounds(names)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=config.storage_url(), study_name=config.study_name, load_if_exists=True,
-                                directions=["minimize"] * len(objs))
+    study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
+                                load_if_exists=True, directions=["minimize"] * len(objs))
     _check(study, names, specs)
     study.sampler = PARETO_SAMPLERS[config.sampler](config.seed + len(study.trials), config.trials)
     for key, value in {"names": names, "objectives": specs, "sampler": config.sampler, "seed": config.seed,

@@ -204,8 +204,13 @@ def figures(stages: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, 
     out: list[tuple[str, go.Figure]] = []
     test = summary["test"]
     if test:
-        out.append(("Final test objective per method", go.Figure(go.Bar(x=list(test.values()), y=list(test),
-                                                                           orientation="h"))))
+        fig = go.Figure(go.Bar(x=list(test.values()), y=list(test), orientation="h",
+                               text=[f"{v:.4f}" for v in test.values()], textposition="outside"))
+        # Methods differ in the second or third decimal: an axis from 0 would draw equal bars.
+        lo, hi = min(test.values()), max(test.values())
+        pad = max(hi - lo, 1e-3) * 0.15
+        fig.update_xaxes(range=[lo - pad, hi + 3 * pad], title="test objective (lower is better)")
+        out.append(("Final test objective per method", fig))
     led = ledger_of(stages)
     methods = [m for m in led.methods() if m != "pool"]
     for unit in ("seconds", "compute"):
@@ -293,10 +298,22 @@ def render_markdown(stages: dict[str, Any], summary: dict[str, Any], titles: lis
     return "\n".join(lines)
 
 
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:0.5em 0}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        "th{background:#f3f3f3}code{background:#f6f6f6;padding:0 2px}")
+
+
+def markdown_to_html(markdown: str) -> str:
+    """CommonMark plus tables (markdown-it-py); raw HTML in the input is escaped, not passed through."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+
+
 def render_html(markdown: str, figs: list[tuple[str, go.Figure]]) -> str:
+    """One self-contained page: the Markdown summary as HTML, then every figure (plotly.js inlined once)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>OptiMer experiments</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap}</style>",
-             "</head><body><h1>OptiMer experiments</h1>", f"<pre>{html.escape(markdown)}</pre>"]
+             f"<style>{_CSS}</style>", "</head><body>", markdown_to_html(markdown)]
     for i, (title, fig) in enumerate(figs):
         fig.update_layout(title=title, height=450)
         parts.append(f"<h2>{html.escape(title)}</h2>")

@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 
 from optimer_lib.errors import ConfigError
 from optimer_lib.objectives import Objective, parse_objective
+from optimer_lib.search import open_storage
 
 Metrics = dict[str, float]
 
@@ -42,16 +43,18 @@ def fidelity_key(tag: str) -> float:
 
 def open_study(storage: str, study_name: str | None = None) -> optuna.Study:
     """Load an existing study; ``study_name=None`` picks the storage's only study (else lists them)."""
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"no study database at {storage!r}: point --workdir/--storage at a finished search")
-    names = optuna.get_all_study_names(storage)
+    for prefix, what in (("sqlite:///", "study database"), ("journal://", "study journal")):
+        if storage.startswith(prefix) and not Path(storage.removeprefix(prefix)).is_file():
+            raise ConfigError(f"no {what} at {storage!r}: point --workdir/--storage at a finished search")
+    store = open_storage(storage)
+    names = optuna.get_all_study_names(store)
     if study_name is None:
         if len(names) != 1:
             raise ConfigError(f"{storage} holds studies {names or '(none)'}: choose one with --study NAME")
         study_name = names[0]
     if study_name not in names:
         raise ConfigError(f"no study {study_name!r} in {storage} (studies: {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=study_name, storage=storage)
+    return optuna.load_study(study_name=study_name, storage=store)
 
 
 def stored_metrics(study: optuna.Study) -> dict[int, dict[str, Metrics]]:

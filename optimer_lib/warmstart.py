@@ -34,7 +34,7 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.evaluate import EvalSuite
 from optimer_lib.objectives import Objective
 from optimer_lib.rerank import RankedTrial, open_study, resolve_objective, score_stored
-from optimer_lib.search import SearchConfig, SearchResult, _tag, run_search
+from optimer_lib.search import SearchConfig, SearchResult, _tag, open_storage, run_search
 
 log = logging.getLogger(__name__)
 Source = optuna.Study | str | Sequence[optuna.Study | str]
@@ -109,8 +109,9 @@ def warm_start_study(source_study: Source, new_objective: str | Objective | Sequ
         raise ConfigError(f"the warm-started study needs a new name (not the source's {study_name!r}): use --study")
     objectives = [resolve_objective(sources[0], o) for o in raw]
     specs = [o.spec for o in objectives]
-    if storage is not None and study_name in optuna.get_all_study_names(storage):
-        study = optuna.load_study(study_name=study_name, storage=storage)
+    store = open_storage(storage)  # journal:// URLs too
+    if store is not None and study_name in optuna.get_all_study_names(store):
+        study = optuna.load_study(study_name=study_name, storage=store)
         done = study.user_attrs.get("warm_start")
         if done and study.user_attrs.get("objectives" if multi else "objective") == (specs if multi else specs[0]):
             return study
@@ -120,7 +121,7 @@ def warm_start_study(source_study: Source, new_objective: str | Objective | Sequ
     seeds, names, skipped = _seed_trials(sources, objectives, fidelity)
     if not seeds:
         raise ConfigError(f"no stored trial of {[s.study_name for s in sources]} can be scored for {specs}")
-    study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
+    study = optuna.create_study(storage=store, study_name=study_name, load_if_exists=True,
                                 directions=["minimize"] * len(objectives))
     study.add_trials(seeds)
     attrs: dict[str, Any] = {"names": names, ("objectives" if multi else "objective"): specs if multi else specs[0]}

@@ -96,3 +96,30 @@ def test_journal_storage_url(tmp_path):
     study = optuna.load_study(study_name="optimer", storage=open_storage(f"journal://{log}"))
     assert _counted(study) == 3
     assert isinstance(open_storage(f"journal://{log}"), optuna.storages.JournalStorage)
+
+
+def test_journal_storage_everywhere_a_study_is_read(tmp_path):
+    """A journal:// study is read back by rerank, warm start and the workbench like an SQLite one."""
+    from optimer_lib.errors import ConfigError
+    from optimer_lib.rerank import open_study
+    from optimer_lib.warmstart import warm_start_study
+    from workbench.searching import load_study, study_names
+
+    url = f"journal://{tmp_path / 'journal.log'}"
+    assert study_names(url) == [] and load_study(url, "optimer") is None  # not written yet: nothing, no error
+    try:
+        open_study(url)
+        raise AssertionError("a missing journal must be a ConfigError")
+    except ConfigError as exc:
+        assert "no study journal" in str(exc)
+    def with_metrics(model, tokenizer):  # records a metric a warm start can re-score
+        q = quadratic(model, tokenizer)
+        return {"objective": q, "loss:en": q + 1.0}
+
+    run_search(FakeMerger(), None, SUITE, Objective(fn=with_metrics, spec="with_metrics"),
+               config(tmp_path, trials=4, storage=url, sampler="random"), progress=False)
+    assert len(open_study(url).trials) == 4 and study_names(url) == ["optimer"]
+    assert len(load_study(url, "optimer").trials) == 4
+    seeded = warm_start_study("optimer", "loss:en", storage=url, study_name="again")
+    assert len(seeded.trials) == 4 and min(t.value for t in seeded.trials) >= 1.0
+    assert sorted(study_names(url)) == ["again", "optimer"]

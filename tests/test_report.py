@@ -95,6 +95,10 @@ def test_report_is_self_contained_with_every_figure(tmp_path):
     assert "Plotly.newPlot" in html and len(html) > 1_000_000  # the bundle is inlined once
     md = (tmp_path / "report.md").read_text()
     assert "| OptiMer | 2.3 | 2.2 |" in md and all(t in md for t in summary["figures"])
+    # The summary is rendered as HTML (headings and tables), not dumped as preformatted text.
+    assert "<pre>" not in html and "<h1>OptiMer experiments report</h1>" in html
+    tables = sum(line.startswith("|---") for line in md.splitlines())
+    assert "<td>OptiMer</td>" in html and html.count("<table>") == tables > 0
     findings = (tmp_path / "FINDINGS.md").read_text()
     for i in PAPER:
         assert f"## {i}." in findings

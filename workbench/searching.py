@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.objectives import Objective, parse_objective
 from optimer_lib.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
-from optimer_lib.search import SearchConfig, SearchResult, run_search, trial_table
+from optimer_lib.search import SearchConfig, SearchResult, open_storage, run_search, trial_table
 from optimer_lib.specs import parse_bounds
 from workbench.workspace import SharedPool, WorkbenchError
 
@@ -267,16 +267,16 @@ _STORAGE_LOCK = threading.Lock()
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """One RDBStorage per URL for the whole process (polling must not rebuild engines)."""
+    """One storage per URL for the whole process (polling must not rebuild engines); ``journal://`` too."""
     with _STORAGE_LOCK:
         if url not in _STORAGES:
-            _STORAGES[url] = optuna.storages.RDBStorage(url)
+            _STORAGES[url] = open_storage(url)
         return _STORAGES[url]
 
 
 def study_names(url: str) -> list[str]:
     """Names of the studies in ``url`` (newest first); empty when the storage does not exist yet."""
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    if any(url.startswith(p) and not Path(url.removeprefix(p)).exists() for p in ("sqlite:///", "journal://")):
         return []
     try:
         summaries = optuna.get_all_study_summaries(storage_for(url), include_best_trial=False)
