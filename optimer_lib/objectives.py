@@ -4,6 +4,7 @@
     obj = parse_objective("balanced", ["en", "ja", "math"], qa_names=["math"])
     obj = parse_objective("ppl:ja=1,loss:en=0.5,acc:math=2", ["en", "ja"], qa_names=["math"])
     obj = parse_objective("my_pkg.scoring:score", ["en"])      # or "path/to/file.py:score"
+    obj = parse_objective("lmeval:examples/lmeval/arith_mc.yaml:acc_norm=2,loss:ja", ["ja"])  # [lmeval] extra
     value, metrics = obj.evaluate(model, tokenizer, suite, limit=100)   # value: lower is better
 
 Metrics are named ``kind:name``: ``loss`` and ``ppl`` (lower is better) for text distributions and
@@ -13,6 +14,12 @@ entering as ``-v``, so weights are relative and values stay on the metrics' own 
 A callable is called as ``fn(model, tokenizer, **kw)``, where ``kw`` holds whichever of ``suite``,
 ``limit``, ``seq_len`` and ``batch_size`` it accepts, and returns either the float to minimise or a
 dict of metrics with an ``"objective"`` entry (the float to minimise; the rest is recorded).
+
+A term ``lmeval:SOURCE[:METRIC]`` is a metric of an lm-evaluation-harness task (a local task YAML,
+a directory of them, or a task shipped with lm-eval; see :mod:`optimer_lib.lmeval`), scored on the
+model itself with ``limit`` documents; higher-is-better metrics (acc, acc_norm...) enter as ``-v``.
+A list with such terms becomes a callable objective (:class:`WeightedTerms`) that scores its lm-eval
+tasks and only the dev sets it reads, and records all of their metrics.
 """
 
 from __future__ import annotations
@@ -25,21 +32,26 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optimer_lib.errors import ConfigError
+from optimer_lib.errors import ConfigError, DataError
 from optimer_lib.evaluate import EvalSuite, evaluate_suite
+
+if TYPE_CHECKING:
+    from optimer_lib.lmeval import LMEvalTerm
 
 LOWER_IS_BETTER = ("loss", "ppl")
 HIGHER_IS_BETTER = ("acc",)
 KINDS = LOWER_IS_BETTER + HIGHER_IS_BETTER
+LMEVAL = "lmeval"  # lmeval:SOURCE[:METRIC], an lm-evaluation-harness task metric (optional extra)
 
 # Weight of every other distribution in a single-target preset. Optimising one target alone lets
 # the search push that vector's α up until the rest of the model is forgotten; a small guard term
 # keeps such solutions from winning on a hair of target gain while the target still dominates.
 RETENTION_WEIGHT = 0.1
 
-_EXAMPLE = "example: --objective 'loss:ja=1,loss:en=0.5,acc:math=2' (weights optional, default 1)"
+_EXAMPLE = ("example: --objective 'loss:ja=1,loss:en=0.5,acc:math=2' (weights optional, default 1; "
+            "lm-eval tasks as lmeval:TASK.yaml[:METRIC])")
 _CALL_KWARGS = ("suite", "limit", "seq_len", "batch_size")
 
 
@@ -81,6 +93,8 @@ class Objective:
 
     def __call__(self, metrics: Mapping[str, float]) -> float:
         """The value to minimise given computed ``metrics``."""
+        if isinstance(self.fn, WeightedTerms):  # its terms say how, whatever spec stored "objective"
+            return self.fn.value(metrics)
         if self.fn is not None:
             if "objective" not in metrics:
                 raise ConfigError(f"objective {self.spec}: metrics lack the 'objective' entry")
@@ -114,6 +128,70 @@ class Objective:
             raise ConfigError(f"objective callable {self.spec} returned {type(out).__name__}; "
                               "return a float (lower is better) or a dict with an 'objective' entry") from exc
         return value, {"objective": value}
+
+
+class WeightedTerms:
+    """A weighted metric list with lm-eval terms, as an objective callable ``fn(model, tokenizer, **kw)``.
+
+    ``terms`` maps every metric (``loss:ja``, ``lmeval:SOURCE:METRIC``...) to its weight,
+    ``lmeval_terms`` the lm-eval ones to their task. A call scores each lm-eval task once on
+    ``model`` with ``limit`` documents (one HFLM wrapper, built on the first call and reused while the
+    model object is the same), plus the suite's dev sets that the other terms read, and returns
+    every metric computed and ``"objective"``: ``Σ w·v / Σ|w|``, higher-is-better metrics as ``-v``.
+    """
+
+    def __init__(self, terms: Mapping[str, float], lmeval_terms: Mapping[str, LMEvalTerm]) -> None:
+        from optimer_lib.lmeval import LMEvalScorer
+
+        missing = [k for k in lmeval_terms if k not in terms]
+        if missing:
+            raise ConfigError(f"lm-eval terms {missing} have no weight in {sorted(terms)}")
+        self.terms = dict(terms)
+        self.lmeval_terms = dict(lmeval_terms)
+        self.scorer = LMEvalScorer()
+
+    @property
+    def needed_texts(self) -> set[str]:
+        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in LOWER_IS_BETTER}
+
+    @property
+    def needed_qa(self) -> set[str]:
+        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in HIGHER_IS_BETTER}
+
+    def _higher_is_better(self, key: str) -> bool:
+        if key in self.lmeval_terms:
+            return self.lmeval_terms[key].higher_is_better
+        return key.split(":", 1)[0] in HIGHER_IS_BETTER
+
+    def value(self, metrics: Mapping[str, float]) -> float:
+        """The value to minimise from computed ``metrics`` (which must hold every term)."""
+        missing = [k for k in self.terms if k not in metrics]
+        if missing:
+            raise ConfigError(f"metrics {missing} were not computed (have {sorted(metrics)})")
+        total = sum(w * (-metrics[k] if self._higher_is_better(k) else metrics[k]) for k, w in self.terms.items())
+        return total / sum(abs(w) for w in self.terms.values())
+
+    def __call__(self, model: Any, tokenizer: Any, *, suite: EvalSuite | None = None, limit: int | None = None,
+                 seq_len: int = 128, batch_size: int = 16) -> dict[str, float]:
+        from optimer_lib.lmeval import metric_key, pick_metric
+
+        metrics: dict[str, float] = {}
+        texts, qa = self.needed_texts, self.needed_qa
+        if texts or qa:
+            if suite is None:
+                raise ConfigError(f"objective terms {sorted(texts | qa)} need a dev suite")
+            metrics.update(evaluate_suite(model, tokenizer, suite.select(texts=texts, qa=qa), limit=limit,
+                                          seq_len=seq_len, batch_size=batch_size))
+        scored: dict[int, dict[str, float]] = {}
+        for key, term in self.lmeval_terms.items():
+            if id(term.task) not in scored:
+                scored[id(term.task)] = self.scorer.evaluate(term.task, model, tokenizer, limit=limit,
+                                                             batch_size=batch_size)
+            task_metrics = scored[id(term.task)]
+            metrics.update({metric_key(term.source, m): v for m, v in task_metrics.items()})
+            metrics[key] = pick_metric(task_metrics, term.metric, term.task.name)
+        metrics["objective"] = self.value(metrics)
+        return metrics
 
 
 def _accepted(fn: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +234,9 @@ def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[s
     ``available`` are the text distribution names of the dev suite, ``qa_names`` its QA tasks.
     Forms: a preset name (see :func:`presets`), a list ``kind:name[=weight],...``, or a callable
     ``module:function`` / ``path/to/file.py:function``. A ``kind:`` prefix that is a metric kind
-    (loss, ppl, acc) always means a metric, never a module of that name.
+    (loss, ppl, acc) or ``lmeval`` always means a metric, never a module of that name. A list with
+    ``lmeval:SOURCE[:METRIC]`` terms loads their lm-eval tasks now (so a bad task fails before any
+    trial; MissingDependencyError without the ``lmeval`` extra) and becomes a :class:`WeightedTerms`.
     """
     spec = (spec or "").strip()
     table = presets(available, qa_names)
@@ -168,15 +248,20 @@ def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[s
     if spec in table:
         return Objective(terms=dict(table[spec]), spec=spec)
     head = spec.split(":", 1)[0].strip()
-    if "=" in spec or "," in spec or head in KINDS:
-        return Objective(terms=_parse_terms(spec, available, qa_names, help_text), spec=spec)
+    if "=" in spec or "," in spec or head in KINDS or head == LMEVAL:
+        terms, lmeval_terms = _parse_terms(spec, available, qa_names, help_text)
+        if lmeval_terms:
+            return Objective(fn=WeightedTerms(terms, lmeval_terms), spec=spec)
+        return Objective(terms=terms, spec=spec)
     if ":" in spec:
         return Objective(fn=_load_callable(spec, help_text), spec=spec)
     raise ConfigError(f"unknown objective preset {spec!r}; {help_text}")
 
 
-def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str], help_text: str) -> dict[str, float]:
+def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str],
+                 help_text: str) -> tuple[dict[str, float], dict[str, LMEvalTerm]]:
     terms: dict[str, float] = {}
+    lmeval_terms: dict[str, LMEvalTerm] = {}
     problems: list[str] = []
     for raw in spec.split(","):
         item = raw.strip()
@@ -187,10 +272,21 @@ def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str], h
         metric = metric.strip()
         kind, sep, name = metric.partition(":")
         kind, name = kind.strip(), name.strip()
-        if not sep:
+        key = f"{kind}:{name}"
+        if kind == LMEVAL and sep:
+            from optimer_lib.lmeval import parse_term
+
+            try:
+                term = parse_term(name)  # MissingDependencyError propagates: no point listing more problems
+            except (ConfigError, DataError) as exc:
+                problems.append(f"{item!r}: {exc}")
+            else:
+                key = term.key
+                lmeval_terms[key] = term
+        elif not sep:
             problems.append(f"{item!r}: expected kind:name, e.g. loss:{next(iter(available), 'en')}")
         elif kind not in KINDS:
-            problems.append(f"{item!r}: unknown metric kind {kind!r} (kinds: {', '.join(KINDS)})")
+            problems.append(f"{item!r}: unknown metric kind {kind!r} (kinds: {', '.join(KINDS)}, {LMEVAL})")
         elif kind in LOWER_IS_BETTER and name not in available:
             problems.append(f"{item!r}: unknown distribution {name!r} (distributions: "
                             f"{', '.join(available) or 'none'})")
@@ -205,7 +301,6 @@ def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str], h
             else:
                 if not math.isfinite(weight):
                     problems.append(f"{item!r}: weight must be finite")
-        key = f"{kind}:{name}"
         if key in terms:
             problems.append(f"{item!r}: {key} given twice (give it once with the summed weight)")
         terms[key] = weight
@@ -216,7 +311,7 @@ def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str], h
             raise ConfigError(f"bad --objective {spec!r}: {problems[0]}; {help_text}")
         listed = "\n  - ".join(problems)
         raise ConfigError(f"bad --objective {spec!r}:\n  - {listed}\n{help_text}")
-    return terms
+    return terms, lmeval_terms
 
 
 def _load_callable(spec: str, help_text: str) -> Callable[..., Any]:

@@ -264,3 +264,21 @@ def test_chatbot_history_parts_are_read_as_text():
                {"role": "assistant", "content": [{"text": "yo", "type": "text"}], "options": None}]
     text = tok.decode(prompt_ids(tok, history, "fox", chat=True, max_tokens=100))
     assert "user: hi" in text and "assistant: yo" in text and "type" not in text
+
+
+def test_lmeval_task_files_typed_in_the_ui_stay_in_the_workdir(tmp_path):
+    """lm-eval task YAMLs can run code, so like objective files they must lie in the workdir."""
+    from workbench.searching import checked_spec
+
+    wd = tmp_path / "wd"
+    (wd / "tasks").mkdir(parents=True)
+    inside = (wd / "tasks" / "x.yaml").resolve()
+    assert checked_spec("lmeval:tasks/x.yaml:acc=1, loss:ja=0.5", wd) == f"lmeval:{inside}:acc=1,loss:ja=0.5"
+    assert checked_spec("lmeval:tasks/x.yaml", wd) == f"lmeval:{inside}"
+    assert checked_spec("lmeval:arc_easy:acc_norm=2", wd) == "lmeval:arc_easy:acc_norm=2"  # a shipped task name
+    assert checked_spec("loss:ja=1,acc:math=2", wd) == "loss:ja=1,acc:math=2"
+    for bad in ("lmeval:../x.yaml", f"lmeval:{tmp_path / 'y.yaml'}:acc", "loss:ja=1,lmeval:/etc/t.yml=2"):
+        with pytest.raises(WorkbenchError, match="lm-eval task .* is outside the workdir"):
+            checked_spec(bad, wd)
+    with pytest.raises(WorkbenchError, match="objective file"):
+        checked_spec("../evil.py:score", wd)

@@ -29,7 +29,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from optimer_lib.objectives import Objective, parse_objective
+from optimer_lib.objectives import LMEVAL, Objective, parse_objective
 from optimer_lib.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
 from optimer_lib.search import SearchConfig, SearchResult, open_storage, run_search, trial_table
 from optimer_lib.specs import parse_bounds
@@ -98,16 +98,44 @@ class _Stoppable:
         self._merger.set_weights(weights)
 
 
+def _inside(target: str, workdir: Path, what: str) -> Path:
+    path = Path(target).expanduser()
+    path = (path if path.is_absolute() else workdir / path).resolve()
+    if workdir.resolve() not in path.parents:
+        raise WorkbenchError(f"{what} {target!r} is outside the workdir: copy it into {workdir}")
+    return path
+
+
+def _checked_lmeval_item(item: str, workdir: Path) -> str:
+    """``lmeval:SOURCE[:METRIC][=W]`` with a file/folder SOURCE made absolute inside the workdir.
+
+    Task YAMLs can run code (lm-eval's ``!function``), so like callables they must lie in the workdir;
+    a bare name is a task shipped with lm-eval and passes unchanged.
+    """
+    from optimer_lib.lmeval import split_spec
+
+    head, eq, weight = item.partition("=")
+    source, metric = split_spec(head.strip().removeprefix(LMEVAL + ":"))
+    if "/" not in source and not source.endswith((".yaml", ".yml")):
+        return item
+    path = _inside(source, workdir, "lm-eval task")
+    return f"{LMEVAL}:{path}" + (f":{metric}" if metric else "") + (f"={weight.strip()}" if eq else "")
+
+
 def checked_spec(text: str, workdir: Path) -> str:
-    """An objective spec with a callable's file made absolute; a file outside the workdir is refused."""
+    """An objective spec with every local file made absolute; a file outside the workdir is refused.
+
+    Files are a callable's ``path.py:function`` and the task YAMLs of ``lmeval:`` terms.
+    """
     text = text.strip()
+    items = [i.strip() for i in text.split(",")]
+    if any(i.startswith(LMEVAL + ":") for i in items):
+        return ",".join(_checked_lmeval_item(i, workdir) if i.startswith(LMEVAL + ":") else i for i in items)
+    if "=" in text or "," in text:
+        return text  # a weighted metric list names no file
     target = text.rpartition(":")[0]
     if target.endswith(".py") or "/" in target:
-        path = Path(target).expanduser()
-        path = (path if path.is_absolute() else workdir / path).resolve()
-        if workdir.resolve() not in path.parents:
-            raise WorkbenchError(f"objective file {target!r} is outside the workdir: copy it into {workdir}")
-        text = f"{path}:{text.rpartition(':')[2]}"
+        text = f"{_inside(target, workdir, 'objective file')}:{text.rpartition(':')[2]}"
     return text
 
 
