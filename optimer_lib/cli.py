@@ -8,6 +8,7 @@
     optimer search --base DIR --vector FILE ... --objective SPEC --trials N [--sampler tpe|gp|cmaes|random|grid]
                    [--storage URL] [--study NAME] [--workdir DIR]
                    [--objectives SPEC SPEC ... (Pareto)] [--warm-start-from STUDY]
+                   [--pruner none|median|asha|hyperband] [--fidelities 10,30,100]
     optimer rerank --workdir DIR [--storage URL] [--study NAME] --objective SPEC
     optimer import-gguf FILE.gguf|pkg:NAME OUT [--dtype float32] [--force]
 
@@ -174,9 +175,13 @@ def cmd_search(a: argparse.Namespace) -> None:
     from optimer_lib.data import load_eval_suite
     from optimer_lib.objectives import parse_objective
     from optimer_lib.pool import open_pool
+    from optimer_lib.pruning import parse_fidelities
     from optimer_lib.search import SearchConfig, run_search
     from optimer_lib.specs import parse_bounds, parse_vector_spec
 
+    fidelities = parse_fidelities(a.fidelities) if a.fidelities else None
+    if a.objectives and (a.pruner != "none" or fidelities):
+        raise ConfigError("--pruner/--fidelities work with one --objective, not a Pareto search (--objectives)")
     files = [parse_vector_spec(s)[0] for s in a.vector]
     suite = load_eval_suite(a.eval, a.split)
     objectives = [parse_objective(o, list(suite.texts), qa_names=list(suite.qa)) for o in a.objectives or [a.objective]]
@@ -184,7 +189,8 @@ def cmd_search(a: argparse.Namespace) -> None:
     bounds = parse_bounds(a.bounds) if a.bounds else None
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
-                       rescore_limit=a.rescore_limit, top_k=a.top_k, direction="minimize")
+                       rescore_limit=a.rescore_limit, top_k=a.top_k, direction="minimize", pruner=a.pruner,
+                       fidelities=fidelities)
     inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
     _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
                      archive=bool(a.warm_start_from))
@@ -395,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search-limit", type=int, default=100, help="samples per distribution per trial")
     s.add_argument("--rescore-limit", type=int, default=300, help="samples for the top-k re-score")
     s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--pruner", default="none", help="score each trial on growing subsets and stop poor ones early: "
+                   "none (default), median, asha (successive-halving), hyperband")
+    s.add_argument("--fidelities", metavar="N,N,...", help="documents per dev set at each rung, ending at "
+                   "--search-limit (default with a pruner: about 1/9, 1/3, all of it; e.g. 10,30,100)")
     s.add_argument("--allow-base-mismatch", action="store_true")
     s.add_argument("--warm-start-from", metavar="STUDY", help="seed a new --study with the trials of STUDY "
                    "(same storage), values recomputed for this objective; seeds count toward --trials")

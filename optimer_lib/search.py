@@ -13,6 +13,8 @@ default) those are every metric of the suite, not only the objective's, so the s
 for another objective later without evaluating anything (``optimer_lib.rerank``). The top-k trials
 are then re-scored at ``rescore_limit`` and the best re-scored one is written to best.json. On return
 the merger holds the best weights. ``callbacks`` are called as ``cb(study, frozen_trial)`` after every trial (live UIs).
+``pruner``/``fidelities`` score each trial on growing nested subsets first and stop poor ones early
+(state PRUNED; see ``optimer_lib.pruning``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from optuna.trial import FrozenTrial, TrialState
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
 from optimer_lib.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.fileio import atomic_write_json
+from optimer_lib.gradient import grad_tpe
 from optimer_lib.objectives import Objective
+from optimer_lib.pruning import fidelity_plan, fidelity_problems, make_pruner, score_rungs
 
 log = logging.getLogger(__name__)
 SamplerFactory = Callable[[int, dict[str, tuple[float, float]], int], optuna.samplers.BaseSampler]
@@ -86,7 +90,8 @@ def _grid(seed: int, bounds: dict[str, tuple[float, float]], n_trials: int) -> o
     return _Grid(space, seed=seed)
 
 
-SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "gp": _gp, "cmaes": _cmaes, "random": _random, "grid": _grid}
+SAMPLERS: dict[str, SamplerFactory] = {"tpe": _tpe, "gp": _gp, "cmaes": _cmaes, "random": _random, "grid": _grid,
+                                      "grad": grad_tpe}  # TPE warm-started by gradient steps (gradient.py)
 
 
 def make_sampler(name: str, seed: int, bounds: dict[str, tuple[float, float]],
@@ -105,7 +110,9 @@ class SearchConfig:
     ``record_metrics``: ``"all"`` scores every distribution/task of the suite in each trial and stores
     them (the objective is computed from them); ``"needed"`` scores only what the objective reads
     (cheaper, but the study cannot be re-ranked for other metrics). A callable objective always
-    records the dict it returns.
+    records the dict it returns. ``pruner`` (``optimer_lib.pruning.PRUNERS``: none, median, asha,
+    hyperband...) scores each trial at increasing ``fidelities`` (documents per dev set, ending at
+    ``search_limit``; default about 1/9, 1/3, all of it) and may stop it after any rung but the last.
     """
 
     trials: int = 100
@@ -122,6 +129,8 @@ class SearchConfig:
     seq_len: int = 128
     batch_size: int = 16
     record_metrics: str = "all"
+    pruner: str = "none"
+    fidelities: tuple[int | None, ...] | None = None
 
     def storage_url(self) -> str | None:
         if self.storage == ":memory:":
@@ -156,6 +165,7 @@ class SearchConfig:
             problems.append(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.record_metrics not in ("all", "needed"):
             problems.append(f"record_metrics must be 'all' or 'needed', got {self.record_metrics!r}")
+        problems += fidelity_problems(self.pruner, self.fidelities, self.search_limit)
         if problems:
             raise ConfigError(f"bad search settings: {problems[0]}" if len(problems) == 1 else
                               "bad search settings:\n  - " + "\n  - ".join(problems))
@@ -181,10 +191,12 @@ def _tag(limit: int | None) -> str:
     return "all" if limit is None else str(limit)
 
 
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
 def _counted(study: optuna.Study) -> int:
-    # An interrupted trial is marked FAIL by us but should not use up one of the N trials.
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-               if not t.user_attrs.get("interrupted"))
+    # An interrupted trial is marked FAIL by us but should not use up one of the N trials; a pruned one does.
+    return sum(1 for t in study.get_trials(deepcopy=False, states=_FINISHED) if not t.user_attrs.get("interrupted"))
 
 
 _WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -208,7 +220,7 @@ def _claimed(study: optuna.Study, before: int | None = None) -> int:
     interrupted, freeing its slot; one left by a dead worker on another host keeps its slot.
     """
     host, n = socket.gethostname(), 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)):
+    for t in study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING)):
         if t.user_attrs.get("interrupted") or (before is not None and t.number >= before):
             continue
         h, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
@@ -271,17 +283,22 @@ def run_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objecti
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sampler = make_sampler(config.sampler, config.seed, bounds, config.trials)  # fail fast on missing deps
+    plan = fidelity_plan(config, suite, objective, tokenizer) if config.pruner != "none" else None
+    pruner = make_pruner(config.pruner, plan.steps if plan else (), config.trials)
     study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
-                                direction=config.direction, load_if_exists=True, sampler=sampler)
+                                direction=config.direction, load_if_exists=True, sampler=sampler, pruner=pruner)
     _check_study(study, names, objective)
     if study.trials:
         # A resumed seeded sampler would replay its first draws (random start-up points included);
         # offsetting the seed by the trial count keeps resumes deterministic yet fresh.
         study.sampler = make_sampler(config.sampler, config.seed + len(study.trials), bounds, config.trials)
+    if hasattr(study.sampler, "warm_start"):  # "grad": checks the objective, enqueues gradient points
+        study.sampler.warm_start(study, merger, tokenizer, suite, objective, config, bounds)
     for key, value in {"names": names, "objective": objective.spec, "sampler": config.sampler,
                        "seed": config.seed, "limits": [config.search_limit, config.rescore_limit],
                        "record_metrics": config.record_metrics,
-                       "suite": {"texts": list(suite.texts), "qa": list(suite.qa)}}.items():
+                       "suite": {"texts": list(suite.texts), "qa": list(suite.qa)},
+                       **({"pruner": config.pruner, "fidelities": list(plan.limits)} if plan else {})}.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
 
@@ -294,7 +311,9 @@ def run_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objecti
         return objective.evaluate(merger.model, tokenizer, suite, limit=limit, seq_len=config.seq_len,
                                   batch_size=config.batch_size)
 
-    done, interrupted = _run_trials(study, score, bounds, config, list(callbacks), progress)
+    staged = partial(score_rungs, merger=merger, tokenizer=tokenizer, suite=suite, objective=objective, plan=plan,
+                     seq_len=config.seq_len, batch_size=config.batch_size) if plan else None
+    done, interrupted = _run_trials(study, score, bounds, config, list(callbacks), progress, staged)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         if interrupted:
@@ -332,7 +351,8 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, score: Callable[[], t
     ``score()`` returns ``(value or list of values, metrics)``; the metrics go into the trial's
     ``metrics_key`` attr. A non-finite value or any non-OptiMer exception marks the trial FAILED (the
     message in its ``error`` attr) and the search goes on; OptimerError is re-raised; Ctrl-C marks the
-    trial ``interrupted`` (not counted) and returns None.
+    trial ``interrupted`` (not counted) and returns None. ``optuna.TrialPruned`` (raised by a multi-fidelity
+    ``score()`` after ``trial.report``) marks it PRUNED, keeping what it stored; a pruned trial counts.
     """
     try:
         value, metrics = score()
@@ -344,6 +364,8 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, score: Callable[[], t
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
         return None
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
     except OptimerError:
         study.tell(trial, state=TrialState.FAIL)
         raise
@@ -355,12 +377,15 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, score: Callable[[], t
 
 
 Scorer = Callable[[dict[str, float], "int | None"], tuple[float, dict[str, float]]]
+StagedScorer = Callable[[optuna.Trial, dict[str, float]], tuple[float, dict[str, float]]]
 
 
 def _run_trials(study: optuna.Study, score: Scorer, bounds: dict[str, tuple[float, float]],
                 config: SearchConfig, callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
-                progress: bool) -> tuple[int, bool]:
+                progress: bool, staged: StagedScorer | None = None) -> tuple[int, bool]:
     """The ask/tell loop up to the study's total; returns (trials run now, interrupted).
+
+    Each trial is ``score(weights, search_limit)``, or ``staged(trial, weights)`` (rung by rung, may prune).
 
     Several workers may share the study: each stops once the study has ``config.trials`` trials
     finished or running, so together they end with exactly that many (a trial asked in the same
@@ -373,7 +398,7 @@ def _run_trials(study: optuna.Study, score: Scorer, bounds: dict[str, tuple[floa
         from tqdm.auto import tqdm
 
         bar = tqdm(total=remaining, desc=f"search {config.study_name}", unit="trial")
-    done = 0
+    done = pruned = 0
     try:
         while _claimed(study) < config.trials:
             if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
@@ -388,14 +413,16 @@ def _run_trials(study: optuna.Study, score: Scorer, bounds: dict[str, tuple[floa
                 break
             weights = {n: trial.suggest_float(n, *b) for n, b in bounds.items()}
             trial.set_user_attr("weights", weights)
-            frozen = tell_outcome(study, trial, partial(score, weights, config.search_limit), metrics_key)
+            run = partial(staged, trial, weights) if staged else partial(score, weights, config.search_limit)
+            frozen = tell_outcome(study, trial, run, metrics_key)
             if frozen is None:
                 return done, True
             done += 1
+            pruned += frozen.state == TrialState.PRUNED
             if bar is not None:
                 bar.update(1)
                 if frozen.state == TrialState.COMPLETE or bar.postfix:
-                    bar.set_postfix(best=f"{study.best_value:.4g}")
+                    bar.set_postfix(best=f"{study.best_value:.4g}", **({"pruned": pruned} if staged else {}))
             for cb in callbacks:
                 cb(study, frozen)
     finally:
@@ -446,15 +473,24 @@ def _atomic_json(path: Path, payload: dict[str, Any]) -> Path:
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, objective, each weight, each search metric, re-scored objective."""
+    """One row per trial: number, state, objective, each weight, each search metric, re-scored objective.
+
+    Metrics are the highest fidelity's the trial has; in a multi-fidelity study ``fidelity`` is the report
+    step (documents per set) of the last rung a trial reached (a PRUNED trial's objective is at that rung).
+    """
+    from optimer_lib.rerank import fidelity_key
+
     rows = []
     rescores = {k: v for k, v in study.user_attrs.items() if k.startswith("rescore@")}
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"number": t.number, "state": t.state.name, "objective": t.value}
+        if t.intermediate_values:
+            row["fidelity"] = max(t.intermediate_values)
         row.update({n: float(v) for n, v in t.params.items()})
-        for key, metrics in t.user_attrs.items():
-            if key.startswith("metrics@") and isinstance(metrics, dict):
-                row.update({m: v for m, v in metrics.items() if m not in row})
+        stored = sorted((k for k, v in t.user_attrs.items() if k.startswith("metrics@") and isinstance(v, dict)),
+                        key=lambda k: fidelity_key(k.split("@", 1)[1]), reverse=True)
+        for key in stored:
+            row.update({m: v for m, v in t.user_attrs[key].items() if m not in row})
         for key, table in rescores.items():
             if str(t.number) in table:
                 row["objective@" + key.split("@", 1)[1]] = table[str(t.number)]["objective"]

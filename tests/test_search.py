@@ -77,7 +77,8 @@ def test_default_storage_is_sqlite_in_workdir(tmp_path):
     assert (tmp_path / "optuna.db").is_file() and cfg.storage_url().startswith("sqlite:///")
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# "grad" needs a differentiable objective on a real ResidentMerger and refuses a callable: tests/test_gradient.py.
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"grad"}))
 def test_every_sampler_runs(name, tmp_path):
     try:
         make_sampler(name, 0, {"a": (0.0, 1.0)}, 4)
