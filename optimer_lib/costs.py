@@ -104,13 +104,17 @@ class CostLedger:
 
         Create it right before the search starts: the first trial's seconds count from then, so
         sampler time and overheads are included and the curve starts at the start of the search.
+        ``tokens_evaluated`` is the per-trial default; a trial that recorded its own count (a pruned
+        search's ``tokens_evaluated`` user attr, which stops early on a subset) is charged that instead.
         """
         last = [time.perf_counter()]
 
         def callback(study: Any, trial: Any) -> None:
             now = time.perf_counter()
             value = trial.value if getattr(trial.state, "name", "") == "COMPLETE" else None
-            self.add(method, kind=kind, tokens_trained=tokens_trained, tokens_evaluated=tokens_evaluated,
+            own = getattr(trial, "user_attrs", {}).get("tokens_evaluated")
+            self.add(method, kind=kind, tokens_trained=tokens_trained,
+                     tokens_evaluated=int(own) if own is not None else tokens_evaluated,
                      seconds=now - last[0], objective=None if value is None else float(value),
                      label=f"trial {trial.number}", info={"params": dict(trial.params)})
             last[0] = now

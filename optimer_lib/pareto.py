@@ -135,6 +135,8 @@ def run_pareto_search(merger: Any, tokenizer: Any, suite: EvalSuite, objectives:
     problems = [] if len(objs) >= 2 else [f"give at least two objectives for a Pareto search (got {len(objs)})"]
     if len(set(specs)) != len(specs):
         problems.append(f"objectives repeat: {specs}")
+    if getattr(config, "pruner", "none") != "none":
+        raise ConfigError("pruning works with one objective: a Pareto search has no single value to prune on")
     if config.sampler not in PARETO_SAMPLERS:
         problems.append(f"unknown multi-objective sampler {config.sampler!r}; "
                         f"choose one of {', '.join(PARETO_SAMPLERS)}")

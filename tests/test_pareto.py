@@ -70,6 +70,9 @@ def test_bad_settings_and_resume(tmp_path, fake_eval):
     with pytest.raises(ConfigError) as info:
         run_pareto_search(FakeMerger(), None, SUITE, [obj("loss:en")], config(tmp_path, sampler="cmaes"))
     assert "at least two objectives" in str(info.value) and "nsga2" in str(info.value)
+    with pytest.raises(ConfigError, match="pruning works with one objective"):
+        run_pareto_search(FakeMerger(), None, SUITE, [obj("loss:en"), obj("acc:math")],
+                          config(tmp_path, pruner="asha"))
     url = f"sqlite:///{tmp_path / 'p.db'}"
     objs = [obj("loss:en"), obj("acc:math")]
     for trials, new in ((4, 4), (7, 3)):

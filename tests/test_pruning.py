@@ -11,7 +11,7 @@ from conftest import make_model, perturbed
 from optuna.trial import TrialState
 
 from optimer_lib.cli import main
-from optimer_lib.costs import ledger_from_study, search_eval_tokens
+from optimer_lib.costs import CostLedger, ledger_from_study, search_eval_tokens
 from optimer_lib.errors import ConfigError
 from optimer_lib.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.objectives import Objective, parse_objective
@@ -173,7 +173,9 @@ def test_real_search_costs_and_complete_values(real, tmp_path):
     objective = parse_objective("balanced", list(suite.texts), qa_names=list(suite.qa))
     cfg = SearchConfig(trials=12, sampler="random", storage=":memory:", workdir=tmp_path, top_k=0, search_limit=9,
                        seq_len=16, batch_size=4, pruner="median", fidelities=(3, 9))
-    res = run_search(merger, tok, suite, objective, cfg, progress=False)
+    ledger = CostLedger()
+    res = run_search(merger, tok, suite, objective, cfg, progress=False,
+                     callbacks=[ledger.recorder("live", tokens_evaluated=-1)])
     states = {t.state for t in res.study.trials}
     assert TrialState.COMPLETE in states
     tokens = {r: search_eval_tokens(tok, suite, objective, SearchConfig(search_limit=r, seq_len=16)) for r in (3, 9)}
@@ -181,8 +183,10 @@ def test_real_search_costs_and_complete_values(real, tmp_path):
         reached = max(t.intermediate_values)
         assert t.user_attrs["docs_evaluated"] == {3: 3 * 3, 9: 9 * 2 + 7}[reached]  # each item scored once
         assert t.user_attrs["tokens_evaluated"] == tokens[reached]
-    assert [e.tokens_evaluated for e in ledger_from_study(res.study, "m", tokens_evaluated=-1)] == \
-        [t.user_attrs["tokens_evaluated"] for t in res.study.trials]
+    charged = [t.user_attrs["tokens_evaluated"] for t in res.study.trials]
+    assert [e.tokens_evaluated for e in ledger_from_study(res.study, "m", tokens_evaluated=-1)] == charged
+    assert [e.tokens_evaluated for e in ledger.of("live")] == charged  # the live recorder too, not a flat rate
+    assert len(set(charged)) == 2  # some trials were pruned at the first rung, some ran to the end
     best = res.study.trials[res.best_trial]
     merger.set_weights(best.params)
     want = evaluate_suite(merger.model, tok, suite, limit=9, seq_len=16, batch_size=4)
