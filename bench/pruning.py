@@ -33,7 +33,7 @@ import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampler_efficiency import _quantiles  # noqa: E402  (the same table helpers)
+from sampler_efficiency import _quantiles, quick_pool  # noqa: E402  (the same pool and table helpers)
 
 Run = list[list]  # per trial: [cumulative docs, completed value or None, state, cumulative seconds]
 
@@ -59,21 +59,10 @@ def cost_to(run: Run, target: float, tol: float, budget: float) -> float | None:
 
 def _run(a: argparse.Namespace) -> tuple[dict[str, list[Run]], int]:
     """Every (pruner, seed) run; returns the runs and the documents of one full scoring."""
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    from optimer_lib.data import assets_dir, load_eval_suite
-    from optimer_lib.demo import DemoConfig, build_pool
-    from optimer_lib.objectives import parse_objective
-    from optimer_lib.pool import open_pool
     from optimer_lib.pruning import default_fidelities, n_items, parse_fidelities
     from optimer_lib.search import SearchConfig, run_search
 
-    paths, _ = build_pool(DemoConfig.quick(a.pool))
-    pool = open_pool(assets_dir() / "base", paths)
-    dev = load_eval_suite(None, "dev")
-    objective = parse_objective("balanced", list(dev.texts), qa_names=list(dev.qa))
+    pool, dev, objective = quick_pool(a.pool, a.threads)
     fidelities = parse_fidelities(a.fidelities) if a.fidelities else default_fidelities(a.limit)
     full = n_items(dev, a.limit)
     budget = a.budget * full

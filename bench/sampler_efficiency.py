@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -87,27 +88,32 @@ def _gradient_cost(pool, dev, objective, limit: int, repeats: int) -> dict[str, 
     return {**out, "ratio": out["gradient_s"] / out["forward_s"], "ratio_to_trial": out["gradient_s"] / out["trial_s"]}
 
 
+def quick_pool(pool_dir: Path, threads: int | None) -> tuple[Any, Any, Any]:
+    """(pool, dev suite, ``balanced`` objective) on the quick demo pool under ``pool_dir`` (built on first use)."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from optimer_lib.data import assets_dir, load_eval_suite
+    from optimer_lib.demo import DemoConfig, build_pool
+    from optimer_lib.objectives import parse_objective
+    from optimer_lib.pool import open_pool
+
+    paths, _ = build_pool(DemoConfig.quick(pool_dir))
+    pool = open_pool(assets_dir() / "base", paths)
+    dev = load_eval_suite(None, "dev")
+    return pool, dev, parse_objective("balanced", list(dev.texts), qa_names=list(dev.qa))
+
+
 def _run(a: argparse.Namespace) -> tuple[dict[str, list[list[float]]], dict[str, list[int]], dict[str, float]]:
     """Every (sampler, seed) study; returns each run's completed trial values in trial order, each run's
     gradient evaluations (0 for samplers without) and the measured gradient cost (empty if no ``grad``)."""
     if a.quick:
         a.trials, a.limit = 25, 10
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
     import optimer_lib.gradient as gradient_mod
     import optimer_lib.search as search_mod
-    from optimer_lib.data import assets_dir, load_eval_suite
-    from optimer_lib.demo import DemoConfig, build_pool
-    from optimer_lib.objectives import parse_objective
-    from optimer_lib.pool import open_pool
     from optimer_lib.search import SearchConfig, run_search
 
-    paths, _ = build_pool(DemoConfig.quick(a.pool))
-    pool = open_pool(assets_dir() / "base", paths)
-    dev = load_eval_suite(None, "dev")
-    objective = parse_objective("balanced", list(dev.texts), qa_names=list(dev.qa))
+    pool, dev, objective = quick_pool(a.pool, a.threads)
     samplers = [s for s in a.samplers.split(",") if s]
     print(f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"optuna {optuna.__version__}; {time.strftime('%Y-%m-%d')}; vectors {', '.join(pool.names)}; "

@@ -113,13 +113,12 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128,
-                    batch_size: int = 16, limit: int | None = None, progress: bool = False) -> float:
-    """Token-weighted mean next-token NLL (nats) over the first ``limit`` documents.
+def scored_documents(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: int,
+                     limit: int | None) -> list[list[int]]:
+    """Token ids of the first ``limit`` documents as the loss scores them (see :func:`mean_token_loss`).
 
-    Each document is tokenised (bos first when the tokenizer has one) and truncated to ``seq_len``
-    tokens (and to the model's position limit); padding never counts. ``exp`` of the result is the
-    perplexity. Raises DataError when nothing is left to score.
+    bos first, truncated to ``seq_len`` and the model's position limit, documents under 2 tokens
+    dropped, longest first (batches then hold similar lengths, little padding, and memory peaks early).
     """
     subset = tuple(texts[:limit] if limit is not None else texts)
     if not subset:
@@ -129,8 +128,18 @@ def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len
     encoded = [e for e in _encoded_texts(tokenizer, subset, seq_len) if len(e) >= 2]
     if not encoded:
         raise DataError("every dev document is shorter than 2 tokens; nothing to predict")
-    # Longest first: batches hold similar lengths (little padding) and memory peaks early.
-    encoded.sort(key=len, reverse=True)
+    return sorted(encoded, key=len, reverse=True)
+
+
+def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128,
+                    batch_size: int = 16, limit: int | None = None, progress: bool = False) -> float:
+    """Token-weighted mean next-token NLL (nats) over the first ``limit`` documents.
+
+    Each document is tokenised (bos first when the tokenizer has one) and truncated to ``seq_len``
+    tokens (and to the model's position limit); padding never counts. ``exp`` of the result is the
+    perplexity. Raises DataError when nothing is left to score.
+    """
+    encoded = scored_documents(model, tokenizer, texts, seq_len, limit)
     device, pad = _device(model), _pad_id(tokenizer)
     starts = range(0, len(encoded), batch_size)
     if progress:

@@ -44,8 +44,8 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from optimer_lib.errors import ConfigError, DataError
-from optimer_lib.evaluate import EvalSuite, _device, _encoded_texts, _pad_id, max_positions
+from optimer_lib.errors import ConfigError
+from optimer_lib.evaluate import EvalSuite, _device, _pad_id, scored_documents
 from optimer_lib.merge import ResidentMerger
 from optimer_lib.objectives import HIGHER_IS_BETTER, LOWER_IS_BETTER, Objective
 
@@ -118,19 +118,6 @@ class ObjectiveGradient:
     dropped: tuple[str, ...] = ()
 
 
-def _encoded(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: int, limit: int | None) -> list[list[int]]:
-    """The documents as :func:`~optimer_lib.evaluate.mean_token_loss` scores them, longest first."""
-    subset = tuple(texts[:limit] if limit is not None else texts)
-    if not subset:
-        raise DataError("no documents to score: the dev set is empty (check the corpus split or --limit)")
-    max_pos = max_positions(model)
-    seq_len = min(seq_len, max_pos) if max_pos else seq_len
-    encoded = [e for e in _encoded_texts(tokenizer, subset, seq_len) if len(e) >= 2]
-    if not encoded:
-        raise DataError("every dev document is shorter than 2 tokens; nothing to predict")
-    return sorted(encoded, key=len, reverse=True)
-
-
 def _batches(encoded: list[list[int]], batch_size: int, pad: int,
              device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(ids, attention mask, targets)`` per batch: right padding, targets shifted left, -100 where ignored."""
@@ -195,7 +182,7 @@ def _loss_and_grad(merger: ResidentMerger, tokenizer: Any, texts: Sequence[str],
                    seq_len: int, batch_size: int) -> tuple[float, list[float]]:
     """Token-weighted mean NLL of one dev set and its derivative w.r.t. each vector weight."""
     model = merger.model
-    encoded = _encoded(model, tokenizer, texts, seq_len, limit)
+    encoded = scored_documents(model, tokenizer, texts, seq_len, limit)
     count = sum(len(e) - 1 for e in encoded)  # the scored targets: every token but each document's first
     total = 0.0
     for ids, mask, target in _batches(encoded, batch_size, _pad_id(tokenizer), _device(model)):

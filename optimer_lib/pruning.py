@@ -106,7 +106,9 @@ def fidelity_problems(pruner: str, fidelities: Sequence[Limit] | None, search_li
         return [f"fidelities must be whole numbers of documents >= 1, got {_fmt(fidelities)}"]
     problems = []
     if len(rungs) < 2:
-        problems.append(f"fidelities need at least two rungs (e.g. 10,{_fmt([search_limit])}), got {_fmt(fidelities)}")
+        example = f"{max(1, search_limit // 3)},{search_limit}" if search_limit else "10,all"
+        problems.append(f"fidelities need at least two rungs (e.g. {example}), got {_fmt(fidelities)}"
+                        + (": raise --search-limit or give --fidelities" if search_limit and search_limit < 15 else ""))
     if any(b <= a for a, b in pairwise(head)):
         problems.append(f"fidelities must increase, got {_fmt(fidelities)}")
     if rungs[-1] != search_limit:
