@@ -29,7 +29,7 @@ import importlib.util
 import inspect
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,11 @@ RETENTION_WEIGHT = 0.1
 _EXAMPLE = ("example: --objective 'loss:ja=1,loss:en=0.5,acc:math=2' (weights optional, default 1; "
             "lm-eval tasks as lmeval:TASK.yaml[:METRIC])")
 _CALL_KWARGS = ("suite", "limit", "seq_len", "batch_size")
+
+
+def _names_of_kinds(terms: Mapping[str, float], kinds: Iterable[str]) -> set[str]:
+    """The NAMEs of the ``KIND:NAME`` metric keys whose KIND is one of ``kinds``."""
+    return {k.split(":", 1)[1] for k in terms if k.split(":", 1)[0] in kinds}
 
 
 @dataclass
@@ -84,12 +89,12 @@ class Objective:
     @property
     def needed_texts(self) -> set[str]:
         """Text distributions whose loss must be computed."""
-        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in LOWER_IS_BETTER}
+        return _names_of_kinds(self.terms, LOWER_IS_BETTER)
 
     @property
     def needed_qa(self) -> set[str]:
         """QA tasks whose accuracy must be computed."""
-        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in HIGHER_IS_BETTER}
+        return _names_of_kinds(self.terms, HIGHER_IS_BETTER)
 
     def __call__(self, metrics: Mapping[str, float]) -> float:
         """The value to minimise given computed ``metrics``."""
@@ -152,11 +157,11 @@ class WeightedTerms:
 
     @property
     def needed_texts(self) -> set[str]:
-        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in LOWER_IS_BETTER}
+        return _names_of_kinds(self.terms, LOWER_IS_BETTER)
 
     @property
     def needed_qa(self) -> set[str]:
-        return {k.split(":", 1)[1] for k in self.terms if k.split(":", 1)[0] in HIGHER_IS_BETTER}
+        return _names_of_kinds(self.terms, HIGHER_IS_BETTER)
 
     def _higher_is_better(self, key: str) -> bool:
         if key in self.lmeval_terms:
