@@ -72,9 +72,9 @@ class ExperimentConfig:
         "en-only": {"en": 1.0},
         "multilingual": {"en": 0.7, "ja": 0.075, "zh": 0.075, "math": 0.075, "code": 0.075}})
     regime_lrs: tuple[float, ...] = (3e-4, 1e-3)
-    regime_base_tokens: int = 2_000_000
-    regime_cpt_tokens: int = 200_000
-    regime_trials: int = 40
+    regime_base_tokens: int = 1_000_000
+    regime_cpt_tokens: int = 150_000
+    regime_trials: int = 30
     quick_mode: bool = False
 
     @classmethod

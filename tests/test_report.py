@@ -186,3 +186,17 @@ def test_experiments_tiny_main_set(tmp_path):
     t0 = time.perf_counter()
     run_experiments(cfg)  # every stage cached: only the report is re-rendered
     assert time.perf_counter() - t0 < 30
+
+
+def test_cost_finding_when_merging_never_reaches_the_mixture(tmp_path):
+    """The ratio is undefined then; the reason says so and times the reverse race instead."""
+    write_stages(tmp_path)
+    from optimer_lib.report import load_stages
+
+    stages = load_stages(tmp_path)
+    stages["optimer"]["objective"] = 3.2
+    stages["optimer"]["costs"] = _trials("optimer", [3.4, 3.2, 3.3], 1.0)  # never <= 2.5 nor <= 2.9
+    f7 = summarise(stages)["findings"][7]
+    assert not f7["holds"] and f7["ours"].count("OptiMer never reached it") == 2
+    # mixture (a) is at 2.7 after its first 40 s candidate (<= 3.2); mixture (b) at 3.1 after 10 s (<= 3.2)
+    assert "ratio is undefined" in f7["reason"] and "40 s (equal_total), 10 s (per_run)" in f7["reason"]
