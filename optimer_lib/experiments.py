@@ -1,6 +1,6 @@
 """The complete experiment set on the embedded world: OptiMer, every baseline, the analyses, a report.
 
-    optimer experiments [--workdir runs/experiments] [--quick]     # est. ~80 min on 2 idle CPU cores
+    optimer experiments [--workdir runs/experiments] [--quick]     # 59 min on 2 idle CPU cores (measured)
     optimer experiments --regime-map                                # the regime map only (long, cached)
     optimer report runs/experiments                                 # re-render report.html / report.md
 
