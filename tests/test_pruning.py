@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_model, perturbed
 from optuna.trial import TrialState
+from test_rerank import FakeMerger as RerankFakeMerger
 
 from optimer_lib.cli import main
 from optimer_lib.costs import CostLedger, ledger_from_study, search_eval_tokens
@@ -29,20 +30,10 @@ OPT = {"a": 0.2, "b": 0.7}
 SUITE = EvalSuite(texts={"en": [f"doc {i}" for i in range(20)]}, qa={"math": [("q", "1")] * 4})
 
 
-class FakeMerger:
-    """Its 'model' is itself, so a callable objective can read the current weights."""
+class FakeMerger(RerankFakeMerger):
+    """Two vectors; its 'model' is itself, so a callable objective can read the current weights."""
 
     names = ["a", "b"]
-
-    def __init__(self):
-        self.weights: dict[str, float] = {}
-
-    @property
-    def model(self):
-        return self
-
-    def set_weights(self, weights):
-        self.weights = dict(weights)
 
 
 def biased(model, tokenizer, limit):
