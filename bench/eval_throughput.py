@@ -12,7 +12,7 @@ predicted ones (length - 1 per document). Three ways, timed back to back in ever
 - ``plain, pre-tokenised``: the same loop on token ids prepared beforehand (isolates batching);
 - ``batched, sliced logits``: the same batches scored the way mean_token_loss did before issue 7
   (``logits[:, :-1]`` reshaped, which copies all logits, then a masked per-token NLL sum);
-- ``mean_token_loss``: ``optimer_lib.evaluate.mean_token_loss`` as a search calls it (length-sorted
+- ``mean_token_loss``: ``optimer_lib.scoring.evaluate.mean_token_loss`` as a search calls it (length-sorted
   right-padded batches of 16, cross-entropy on the logits in place with ignored targets at pads;
   its tokenisation cache is warm after the first trial).
 
@@ -41,9 +41,9 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
     from optimer_lib.data import assets_dir, load_eval_suite
-    from optimer_lib.evaluate import _encode, mean_token_loss
-    from optimer_lib.models import load_model, load_tokenizer
+    from optimer_lib.scoring.evaluate import _encode, mean_token_loss
 
     base = assets_dir() / "base"
     model, tok = load_model(base), load_tokenizer(base)

@@ -99,7 +99,7 @@ for data in ("ja", "math"):
                              "--dtype", "bfloat16", "--shard-size", "200KB" if tiny else "1GB"])
 
 # 5. Resident merge throughput (what every search trial does) vs the copy bandwidth.
-from optimer_lib.pool import open_pool  # noqa: E402
+from optimer_lib.merging.pool import open_pool  # noqa: E402
 
 vecs = [work / "ja.safetensors", work / "math.safetensors"]
 t0 = time.perf_counter()
@@ -124,8 +124,8 @@ print(f"[merge] set_weights {per * 1e3:.1f} ms for {touched / 1e6:.0f}M params: 
 
 # 6. A 3-trial search on the device (dev sets, tiny limits), then the streaming merge export on the device.
 from optimer_lib.data import load_eval_suite  # noqa: E402
-from optimer_lib.objectives import parse_objective  # noqa: E402
-from optimer_lib.search import SearchConfig, run_search  # noqa: E402
+from optimer_lib.scoring.objectives import parse_objective  # noqa: E402
+from optimer_lib.search.study import SearchConfig, run_search  # noqa: E402
 
 suite = load_eval_suite(["en", "ja", "math"], "dev")
 obj = parse_objective("balanced", list(suite.texts), qa_names=list(suite.qa))

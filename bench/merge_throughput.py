@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.vectors import DistributionVector
+from optimer_lib.checkpoints.vectors import DistributionVector
+from optimer_lib.merging.methods import ResidentMerger
 
 
 class _Flat(torch.nn.Module):
@@ -118,8 +118,8 @@ def trial_share(reps: int, limit: int) -> None:
     """Item 2: merge time ÷ trial time on the embedded world, plain and chunked merges paired."""
     from optimer_lib.data import assets_dir, load_eval_suite
     from optimer_lib.demo import DemoConfig, build_pool
-    from optimer_lib.objectives import parse_objective
-    from optimer_lib.pool import open_pool
+    from optimer_lib.merging.pool import open_pool
+    from optimer_lib.scoring.objectives import parse_objective
 
     paths, _ = build_pool(DemoConfig.quick(Path("runs/quick")))
     pool = open_pool(assets_dir() / "base", paths)

@@ -59,8 +59,8 @@ def cost_to(run: Run, target: float, tol: float, budget: float) -> float | None:
 
 def _run(a: argparse.Namespace) -> tuple[dict[str, list[Run]], int]:
     """Every (pruner, seed) run; returns the runs and the documents of one full scoring."""
-    from optimer_lib.pruning import default_fidelities, n_items, parse_fidelities
-    from optimer_lib.search import SearchConfig, run_search
+    from optimer_lib.search.pruning import default_fidelities, n_items, parse_fidelities
+    from optimer_lib.search.study import SearchConfig, run_search
 
     pool, dev, objective = quick_pool(a.pool, a.threads)
     fidelities = parse_fidelities(a.fidelities) if a.fidelities else default_fidelities(a.limit)

@@ -16,7 +16,7 @@ run's count is the first trial whose best-so-far is within 1% of it (a run that 
 censored at ``--trials`` and counted separately). Evaluations are deterministic functions of α, so
 repeated α (grid points recur across seeds) are scored once and reused; trial counts are unaffected.
 
-``grad`` (TPE warm-started with projected-gradient iterates, ``optimer_lib.gradient``) spends G gradient
+``grad`` (TPE warm-started with projected-gradient iterates, ``optimer_lib.search.gradient``) spends G gradient
 evaluations before its first trial (``--grad-steps``, default ``default_steps(trials)``); each iterate is
 then scored as an ordinary trial. ``balanced`` has an ``acc:math`` term, which has no gradient: the descent
 follows the loss terms, the trials score the whole objective. The cost of one gradient evaluation is
@@ -66,8 +66,8 @@ def _quantiles(xs: list[int]) -> str:
 def _gradient_cost(pool, dev, objective, limit: int, repeats: int) -> dict[str, float]:
     """Median seconds of a forward-only loss pass over the sets the gradient reads, a gradient evaluation and
     a full trial's scoring, at the descent's start point; timed interleaved (busy shared cores drift)."""
-    from optimer_lib.evaluate import evaluate_suite, mean_token_loss
-    from optimer_lib.gradient import default_start, differentiable_terms, objective_gradient
+    from optimer_lib.scoring.evaluate import evaluate_suite, mean_token_loss
+    from optimer_lib.search.gradient import default_start, differentiable_terms, objective_gradient
 
     terms, _ = differentiable_terms(objective)
     sets = list(dict.fromkeys(k.split(":", 1)[1] for k in terms))
@@ -95,8 +95,8 @@ def quick_pool(pool_dir: Path, threads: int | None) -> tuple[Any, Any, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from optimer_lib.data import assets_dir, load_eval_suite
     from optimer_lib.demo import DemoConfig, build_pool
-    from optimer_lib.objectives import parse_objective
-    from optimer_lib.pool import open_pool
+    from optimer_lib.merging.pool import open_pool
+    from optimer_lib.scoring.objectives import parse_objective
 
     paths, _ = build_pool(DemoConfig.quick(pool_dir))
     pool = open_pool(assets_dir() / "base", paths)
@@ -109,9 +109,9 @@ def _run(a: argparse.Namespace) -> tuple[dict[str, list[list[float]]], dict[str,
     gradient evaluations (0 for samplers without) and the measured gradient cost (empty if no ``grad``)."""
     if a.quick:
         a.trials, a.limit = 25, 10
-    import optimer_lib.gradient as gradient_mod
-    import optimer_lib.search as search_mod
-    from optimer_lib.search import SearchConfig, run_search
+    import optimer_lib.search.gradient as gradient_mod
+    import optimer_lib.search.study as search_mod
+    from optimer_lib.search.study import SearchConfig, run_search
 
     pool, dev, objective = quick_pool(a.pool, a.threads)
     samplers = [s for s in a.samplers.split(",") if s]

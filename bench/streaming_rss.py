@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 SHARD = 110_000_000  # bytes: the 98 MB embedding fits, ~4 shards for the whole model
-IMPORTS = ("import optimer_lib.cli, optimer_lib.streaming, optimer_lib.merge, optimer_lib.export, "
-           "optimer_lib.vectors, optimer_lib.models, transformers, safetensors.torch, yaml; "
+IMPORTS = ("import optimer_lib.cli, optimer_lib.checkpoints.streaming, optimer_lib.merging.methods, "
+           "optimer_lib.merging.export, "
+           "optimer_lib.checkpoints.vectors, optimer_lib.checkpoints.models, transformers, safetensors.torch, yaml; "
            "from transformers import AutoModelForCausalLM, AutoConfig, LlamaForCausalLM")
 
 

@@ -104,11 +104,11 @@ def main() -> None:
 
     import yaml
 
+    from optimer_lib.checkpoints.models import load_model
     from optimer_lib.data import assets_dir, load_eval_suite
-    from optimer_lib.export import mergekit_config
-    from optimer_lib.models import load_model
-    from optimer_lib.objectives import parse_objective
-    from optimer_lib.pool import open_pool
+    from optimer_lib.merging.export import mergekit_config
+    from optimer_lib.merging.pool import open_pool
+    from optimer_lib.scoring.objectives import parse_objective
 
     base = assets_dir() / "base"
     pool_dir = (ROOT / a.pool).resolve()

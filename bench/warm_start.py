@@ -30,10 +30,10 @@ import torch
 
 from optimer_lib.data import assets_dir, load_eval_suite
 from optimer_lib.demo import DemoConfig, build_pool
-from optimer_lib.objectives import parse_objective
-from optimer_lib.pool import open_pool
-from optimer_lib.search import SearchConfig, run_search
-from optimer_lib.warmstart import warm_start_search
+from optimer_lib.merging.pool import open_pool
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.study import SearchConfig, run_search
+from optimer_lib.search.warmstart import warm_start_search
 
 
 def trace(values: list[float], start: float = float("inf")) -> list[float]:

@@ -66,7 +66,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from optimer_lib.train import TrainConfig, check_out_dir, train_cpt
+    from optimer_lib.training.train import TrainConfig, check_out_dir, train_cpt
 
     cfg = TrainConfig(tokens=a.tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, schedule=a.schedule,
                       seed=a.seed, device=a.device, trajectory=a.trajectory)
@@ -79,19 +79,19 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def _streams(a: argparse.Namespace, dirs: list[str], vectors: tuple[str, ...] = ()) -> bool:
     """``--streaming``/``--no-streaming``, else stream when a checkpoint is sharded or a vector is a folder."""
-    from optimer_lib.streaming import is_sharded
+    from optimer_lib.checkpoints.streaming import is_sharded
 
     return a.streaming if a.streaming is not None else \
         any(is_sharded(d) for d in dirs) or any(Path(v).is_dir() for v in vectors)
 
 
 def cmd_vector_extract(a: argparse.Namespace) -> None:
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} exists: use --force to overwrite it")
     if _streams(a, [a.base, a.tuned]):
-        from optimer_lib.streaming import extract_vector_streaming
+        from optimer_lib.checkpoints.streaming import extract_vector_streaming
 
         res = extract_vector_streaming(a.base, a.tuned, a.out, name=a.name or Path(a.tuned).name,
                                        source=str(a.tuned), shard_size=a.shard_size, device=a.device or "cpu",
@@ -103,7 +103,7 @@ def cmd_vector_extract(a: argparse.Namespace) -> None:
     vec = extract_vector(a.base, a.tuned, name=a.name or Path(a.tuned).name, source=str(a.tuned),
                          trust_remote_code=a.trust_remote_code)
     if a.dtype not in (None, "auto", "keep"):
-        from optimer_lib.models import resolve_dtype
+        from optimer_lib.checkpoints.models import resolve_dtype
 
         vec.tensors = {k: t.to(resolve_dtype(a.dtype, t.device)) for k, t in vec.tensors.items()}
         vec.metadata["dtype"] = str(next(iter(vec.tensors.values())).dtype).removeprefix("torch.")
@@ -112,16 +112,16 @@ def cmd_vector_extract(a: argparse.Namespace) -> None:
 
 
 def cmd_vector_info(a: argparse.Namespace) -> None:
-    from optimer_lib.vectors import format_info, load_vector
+    from optimer_lib.checkpoints.vectors import format_info, load_vector
 
     print(format_info([load_vector(p) for p in a.files]))
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
-    from optimer_lib.export import export_merged
-    from optimer_lib.merge import check_method_params
-    from optimer_lib.pool import open_pool
-    from optimer_lib.specs import parse_vector_spec
+    from optimer_lib.merging.export import export_merged
+    from optimer_lib.merging.methods import check_method_params
+    from optimer_lib.merging.pool import open_pool
+    from optimer_lib.search.specs import parse_vector_spec
 
     specs = [parse_vector_spec(s) for s in a.vector]
     missing = [f for f, w in specs if w is None and a.method not in ("average",)]
@@ -133,8 +133,8 @@ def cmd_merge(a: argparse.Namespace) -> None:
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} already exists: choose another --out or use --force to replace it")
     if _streams(a, [a.base], tuple(f for f, _ in specs) + ((inst,) if inst else ())):
-        from optimer_lib.streaming import merge_streaming
-        from optimer_lib.vectors import vector_files
+        from optimer_lib.checkpoints.streaming import merge_streaming
+        from optimer_lib.checkpoints.vectors import vector_files
 
         names = [vector_files(f)[0].get("name") or Path(f).stem for f, _ in specs]
         weights = {n: 1.0 if w is None else w for n, (_, w) in zip(names, specs, strict=True)}
@@ -173,11 +173,11 @@ def _params(items: list[str]) -> dict[str, object]:
 
 def cmd_search(a: argparse.Namespace) -> None:
     from optimer_lib.data import load_eval_suite
-    from optimer_lib.objectives import parse_objective
-    from optimer_lib.pool import open_pool
-    from optimer_lib.pruning import parse_fidelities
-    from optimer_lib.search import SearchConfig, run_search
-    from optimer_lib.specs import parse_bounds, parse_vector_spec
+    from optimer_lib.merging.pool import open_pool
+    from optimer_lib.scoring.objectives import parse_objective
+    from optimer_lib.search.pruning import parse_fidelities
+    from optimer_lib.search.specs import parse_bounds, parse_vector_spec
+    from optimer_lib.search.study import SearchConfig, run_search
 
     fidelities = parse_fidelities(a.fidelities) if a.fidelities else None
     if a.objectives and (a.pruner != "none" or fidelities):
@@ -233,8 +233,8 @@ def _check_best_json(workdir: Path, study: str, storage: str, force: bool, *, ar
 
 def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg) -> None:
     """``search --objectives`` (Pareto search) and/or ``--warm-start-from STUDY`` (same storage)."""
-    from optimer_lib.pareto import run_pareto_search
-    from optimer_lib.warmstart import seeded_bounds, warm_start_search, warm_start_study
+    from optimer_lib.search.pareto import run_pareto_search
+    from optimer_lib.search.warmstart import seeded_bounds, warm_start_search, warm_start_study
 
     if not a.objectives:
         res = warm_start_search(pool.merger, pool.tokenizer, suite, objectives[0], cfg, a.warm_start_from)
@@ -253,7 +253,7 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
 
 
 def cmd_rerank(a: argparse.Namespace) -> None:
-    from optimer_lib.rerank import rerank
+    from optimer_lib.search.rerank import rerank
 
     storage = a.storage or f"sqlite:///{Path(a.workdir).resolve() / 'optuna.db'}"
     res = rerank(storage, a.objective, fidelity=a.fidelity, study_name=a.study)
@@ -262,7 +262,7 @@ def cmd_rerank(a: argparse.Namespace) -> None:
     print("best weights: " + json.dumps({k: round(v, 6) for k, v in res.best_weights.items()}))
     print(f"objective: {res.best_value:.6g} (trial {res.best.number})")
     print("confidence: " + res.confidence.summary())
-    from optimer_lib.search import _atomic_json
+    from optimer_lib.search.study import _atomic_json
 
     out = Path(a.workdir) / "rerank.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +271,7 @@ def cmd_rerank(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    from optimer_lib.report import write_all
+    from optimer_lib.experiments.report import write_all
 
     if not (Path(a.dir) / "stages").is_dir():
         raise ConfigError(f"{a.dir} has no stages/ folder: point at a directory written by `optimer experiments`")
@@ -280,7 +280,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_experiments(a: argparse.Namespace) -> None:
-    from optimer_lib.experiments import REPO_FINDINGS, ExperimentConfig, run_experiments
+    from optimer_lib.experiments.run import REPO_FINDINGS, ExperimentConfig, run_experiments
 
     cfg = ExperimentConfig.quick(a.workdir or Path("runs/experiments-quick")) if a.quick else \
         ExperimentConfig(workdir=a.workdir or Path("runs/experiments"))
@@ -290,7 +290,7 @@ def cmd_experiments(a: argparse.Namespace) -> None:
 
 
 def cmd_import_gguf(a: argparse.Namespace) -> None:
-    from optimer_lib.gguf_import import import_gguf
+    from optimer_lib.checkpoints.gguf_import import import_gguf
 
     res = import_gguf(a.file, a.out, dtype=a.dtype, overwrite=a.force)
     print(f"saved {res.path} ({res.model_type}, {res.parameters / 1e6:.1f}M parameters, vocab {res.vocab_size:,}, "

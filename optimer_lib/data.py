@@ -104,13 +104,13 @@ def qa_pairs(docs: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def load_eval_suite(names: Sequence[str] | None = None, split: str = "dev"):
-    """An :class:`~optimer_lib.evaluate.EvalSuite` of corpora (default: every embedded one).
+    """An :class:`~optimer_lib.scoring.evaluate.EvalSuite` of corpora (default: every embedded one).
 
     ``names`` items are embedded corpus names or ``NAME=PATH`` for a user file. Every corpus
     gives texts for perplexity; question/answer corpora (math, or any file whose documents all
     read ``Question: ...\nAnswer: X``) also give exact-match pairs.
     """
-    from optimer_lib.evaluate import EvalSuite
+    from optimer_lib.scoring.evaluate import EvalSuite
 
     texts: dict[str, list[str]] = {}
     for item in list(names) if names else embedded_corpora():

@@ -19,13 +19,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 from optimer_lib.data import assets_dir, load_eval_suite
-from optimer_lib.evaluate import evaluate_suite
 from optimer_lib.fileio import atomic_write_json, atomic_write_text
-from optimer_lib.objectives import parse_objective
-from optimer_lib.search import SearchConfig, run_search
-from optimer_lib.train import TrainConfig, train_cpt
-from optimer_lib.vectors import extract_vector, save_vector
+from optimer_lib.scoring.evaluate import evaluate_suite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.study import SearchConfig, run_search
+from optimer_lib.training.train import TrainConfig, train_cpt
 
 
 @dataclass
@@ -108,8 +108,8 @@ def results_markdown(results: dict) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or resume) the demo; returns the results dict also written to ``results.json``."""
-    from optimer_lib.export import export_merged
-    from optimer_lib.pool import open_pool
+    from optimer_lib.merging.export import export_merged
+    from optimer_lib.merging.pool import open_pool
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import make_model, perturbed
 
-from optimer_lib.analysis import (
+from optimer_lib.checkpoints.vectors import DistributionVector, extract_vector
+from optimer_lib.errors import ConfigError
+from optimer_lib.experiments.analysis import (
     alpha_to_ratios,
     compare_searches,
     landscape_grid,
@@ -20,13 +22,11 @@ from optimer_lib.analysis import (
     trajectory_checkpoints,
     trials_to_reach,
 )
-from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.objectives import parse_objective
-from optimer_lib.search import SearchConfig
-from optimer_lib.train import TrainConfig, train_cpt
-from optimer_lib.vectors import DistributionVector, extract_vector
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.study import SearchConfig
+from optimer_lib.training.train import TrainConfig, train_cpt
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SUITE = EvalSuite(texts={"en": ["the quick brown fox jumps", "the lazy dog"], "code": ["def f(x):\n    return x"]},

@@ -41,7 +41,7 @@ def test_models_load_offline_with_auto_classes(part, monkeypatch):
 
 
 def test_tokenizer_is_lossless_on_every_corpus():
-    from optimer_lib.models import load_tokenizer
+    from optimer_lib.checkpoints.models import load_tokenizer
 
     tok = load_tokenizer(ASSETS / "base")
     assert set(embedded_corpora()) >= {"en", "ja", "zh", "math", "code"}
@@ -64,9 +64,9 @@ def test_splits_are_disjoint_and_sized():
 @pytest.mark.parametrize("name", ["ja", "zh", "math", "code"])
 def test_short_cpt_clearly_improves_the_base(name, tmp_path):
     """The base knows a little of each distribution; a short CPT run must clearly beat it on dev."""
-    from optimer_lib.evaluate import mean_token_loss
-    from optimer_lib.models import load_model, load_tokenizer
-    from optimer_lib.train import TrainConfig, train_model
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
+    from optimer_lib.scoring.evaluate import mean_token_loss
+    from optimer_lib.training.train import TrainConfig, train_model
 
     tok = load_tokenizer(ASSETS / "base")
     model = load_model(ASSETS / "base")

@@ -57,7 +57,7 @@ def test_interrupted_build_leaves_previous_assets_untouched(tmp_path, fake_sourc
     def boom(*a, **k):
         raise RuntimeError("simulated crash during base training")
 
-    monkeypatch.setattr("optimer_lib.train.train_model", boom)
+    monkeypatch.setattr("optimer_lib.training.train.train_model", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_mod.build(out, build_mod.BuildConfig.quick())
     assert (out / "base" / "marker").read_text() == "old"

@@ -31,8 +31,10 @@ import json, os, sys, traceback
 import torch, transformers  # noqa: F401  (imported once, before any fork)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
-import optimer_lib.cli, optimer_lib.pool, optimer_lib.train, optimer_lib.export, optimer_lib.search  # noqa: F401
-import optimer_lib.objectives, optimer_lib.data, optimer_lib.merge, optimer_lib.vectors, optimer_lib.models  # noqa
+import optimer_lib.cli, optimer_lib.merging.pool, optimer_lib.training.train  # noqa: F401
+import optimer_lib.merging.export, optimer_lib.search.study  # noqa: F401
+import optimer_lib.scoring.objectives, optimer_lib.data, optimer_lib.merging.methods  # noqa
+import optimer_lib.checkpoints.vectors, optimer_lib.checkpoints.models  # noqa
 print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)
@@ -156,7 +158,7 @@ class _Evil:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     w = tmp_path_factory.mktemp("world")
     tok = make_tokenizer()
@@ -364,7 +366,7 @@ def test_trust_remote_code_flag_allows_custom_architectures(run, world, tmp_path
 def test_train_out_checks(tmp_path):
     """A resume point continues; an empty or missing folder is fine; anything else needs --force."""
     from optimer_lib.errors import OptimerError
-    from optimer_lib.train import check_out_dir
+    from optimer_lib.training.train import check_out_dir
 
     check_out_dir(tmp_path / "new")
     (tmp_path / "empty").mkdir()

@@ -8,7 +8,9 @@ import optuna
 import pytest
 from conftest import make_model, perturbed
 
-from optimer_lib.baselines import (
+from optimer_lib.checkpoints.vectors import extract_vector
+from optimer_lib.errors import ConfigError
+from optimer_lib.experiments.baselines import (
     BASELINES,
     MethodMerger,
     MixtureSearchConfig,
@@ -19,14 +21,12 @@ from optimer_lib.baselines import (
     search_baseline,
     train_mixture,
 )
-from optimer_lib.costs import CostLedger
-from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.objectives import parse_objective
-from optimer_lib.search import SearchConfig
-from optimer_lib.train import TrainConfig
-from optimer_lib.vectors import extract_vector
+from optimer_lib.experiments.costs import CostLedger
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.study import SearchConfig
+from optimer_lib.training.train import TrainConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TINY = {"batch_size": 4, "seq_len": 16, "lr": 0.01, "device": "cpu"}

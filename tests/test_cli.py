@@ -71,7 +71,7 @@ def test_train_extract_info_merge_search(tmp_path, tiny_pool, corpus):
     (["vector", "info", "{corpus}"], "corrupt"),
 ])
 def test_user_mistakes_give_one_line_errors(tmp_path, tiny_pool, corpus, args, message):
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, (t0,) = tiny_pool("llama", 1)
     save_vector(extract_vector(base, t0, name="v"), tmp_path / "v.safetensors")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from optimer_lib.costs import (
+from optimer_lib.experiments.costs import (
     BACKWARD_FACTOR,
     CostEntry,
     CostLedger,
@@ -18,9 +18,9 @@ from optimer_lib.costs import (
     quality_curve,
     search_eval_tokens,
 )
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.objectives import Objective, parse_objective
-from optimer_lib.search import SearchConfig, run_search
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.search.study import SearchConfig, run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -24,7 +24,7 @@ import torch
 from conftest import make_model, make_tokenizer, perturbed
 from optuna.trial import TrialState
 
-from optimer_lib.vectors import extract_vector, load_vector, save_vector
+from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIALS = 12
@@ -153,7 +153,8 @@ def test_interrupted_vector_overwrite_keeps_the_old_one(tmp_path, monkeypatch):
 
 
 def test_interrupted_best_json_keeps_the_old_one(tmp_path, monkeypatch):
-    from optimer_lib import fileio, search
+    from optimer_lib import fileio
+    from optimer_lib.search import study as search
 
     path = search._atomic_json(tmp_path / "best.json", {"weights": {"a": 0.1}, "objective": 1.0})
 
@@ -183,8 +184,8 @@ def test_interrupted_best_json_keeps_the_old_one(tmp_path, monkeypatch):
 
 def test_interrupted_final_save_of_a_training_run_resumes(tmp_path, monkeypatch):
     """A crash while the finished model is saved leaves the resume point, never a half model with training.json."""
-    from optimer_lib import train
     from optimer_lib.data import pack_tokens
+    from optimer_lib.training import train
 
     tok = make_tokenizer()
     blocks = {"a": pack_tokens(["the quick brown fox jumps over the lazy dog"] * 40, tok, 16)}

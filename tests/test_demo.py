@@ -36,9 +36,9 @@ def test_quick_demo_runs_and_its_numbers_hold(tmp_path):
     assert (wd / "results.md").read_text().count("| OptiMer best |") == 2
 
     # The exported model is exactly the merge the table scored.
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
     from optimer_lib.data import load_corpus
-    from optimer_lib.evaluate import mean_token_loss
-    from optimer_lib.models import load_model, load_tokenizer
+    from optimer_lib.scoring.evaluate import mean_token_loss
 
     model, tok = load_model(wd / "best-model"), load_tokenizer(wd / "best-model")
     loss = mean_token_loss(model, tok, load_corpus("en", "dev"), limit=res["table_limit"])

@@ -17,9 +17,9 @@ import optuna
 from optuna.trial import TrialState
 from test_search import SUITE, FakeMerger, config, quadratic
 
-from optimer_lib.objectives import Objective
-from optimer_lib.search import _counted, open_storage, run_search
-from optimer_lib.vectors import extract_vector, save_vector
+from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+from optimer_lib.scoring.objectives import Objective
+from optimer_lib.search.study import _counted, open_storage, run_search
 
 OBJECTIVE = '''
 import os, time, pathlib
@@ -101,8 +101,8 @@ def test_journal_storage_url(tmp_path):
 def test_journal_storage_everywhere_a_study_is_read(tmp_path):
     """A journal:// study is read back by rerank, warm start and the workbench like an SQLite one."""
     from optimer_lib.errors import ConfigError
-    from optimer_lib.rerank import open_study
-    from optimer_lib.warmstart import warm_start_study
+    from optimer_lib.search.rerank import open_study
+    from optimer_lib.search.warmstart import warm_start_study
     from workbench.searching import load_study, study_names
 
     url = f"journal://{tmp_path / 'journal.log'}"

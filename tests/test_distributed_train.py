@@ -4,7 +4,7 @@
 
 accelerate's ``--cpu`` flag selects its single-process launcher (``--num_processes`` is then ignored),
 so 2 CPU processes are launched with ``--multi_gpu`` (torchrun) and ``--device cpu``, which makes
-optimer_lib.train build its Accelerator with ``cpu=True`` (gloo backend).
+optimer_lib.training.train build its Accelerator with ``cpu=True`` (gloo backend).
 """
 
 from __future__ import annotations

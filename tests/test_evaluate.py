@@ -9,7 +9,7 @@ import torch
 from conftest import make_model
 
 from optimer_lib.errors import ConfigError, DataError
-from optimer_lib.evaluate import (
+from optimer_lib.scoring.evaluate import (
     EvalSuite,
     answers_match,
     evaluate_suite,

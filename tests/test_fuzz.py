@@ -17,11 +17,11 @@ from conftest import make_model, perturbed
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.cli import _ratio_spec
 from optimer_lib.errors import ConfigError, VectorError
-from optimer_lib.objectives import parse_objective
-from optimer_lib.specs import parse_bounds, parse_vector_spec
-from optimer_lib.vectors import extract_vector, load_vector, save_vector
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.specs import parse_bounds, parse_vector_spec
 
 settings.register_profile("default", max_examples=100, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])

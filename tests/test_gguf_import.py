@@ -1,4 +1,4 @@
-"""``optimer import-gguf`` / :func:`optimer_lib.gguf_import.import_gguf` on a tiny GGUF written here.
+"""``optimer import-gguf`` / :func:`optimer_lib.checkpoints.gguf_import.import_gguf` on a tiny GGUF written here.
 
 The fixture writes a tiny random Llama and its byte-level BPE tokenizer the way llama.cpp's converter
 does (q/k rows permuted for its rotary layout, vocabulary and merges as metadata) with the ``gguf``
@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
+from optimer_lib.checkpoints.gguf_import import IMPORT_INFO, import_gguf, packaged_gguf, resolve_gguf_source
+from optimer_lib.checkpoints.models import load_model, load_tokenizer
 from optimer_lib.cli import main
 from optimer_lib.errors import MissingDependencyError, ModelError, OptimerError
-from optimer_lib.gguf_import import IMPORT_INFO, import_gguf, packaged_gguf, resolve_gguf_source
-from optimer_lib.models import load_model, load_tokenizer
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "12 + 35 = 47", "def f(x):\n    return x", "日本語のテキスト"]
 
@@ -148,7 +148,7 @@ def test_empty_out_dir_is_fine(tmp_path: Path, tiny_gguf: Path) -> None:
 
 
 def test_failure_leaves_nothing_behind(tmp_path: Path, tiny_gguf: Path, monkeypatch) -> None:
-    import optimer_lib.gguf_import as gi
+    import optimer_lib.checkpoints.gguf_import as gi
 
     def refuse(*args, **kwargs):
         raise ModelError("refused by the test")

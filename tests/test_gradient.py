@@ -10,20 +10,20 @@ import pytest
 import torch
 from conftest import make_model, perturbed
 
-import optimer_lib.gradient as gradient_mod
+import optimer_lib.search.gradient as gradient_mod
+from optimer_lib.checkpoints.vectors import extract_vector
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.gradient import (
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import Objective
+from optimer_lib.search.gradient import (
     WARM_START_ATTR,
     GradientTPESampler,
     default_start,
     objective_gradient,
     projected_descent,
 )
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.objectives import Objective
-from optimer_lib.search import SAMPLERS, SearchConfig, run_search
-from optimer_lib.vectors import extract_vector
+from optimer_lib.search.study import SAMPLERS, SearchConfig, run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 NAMES = ("ja", "zh", "good")

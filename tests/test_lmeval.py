@@ -19,13 +19,13 @@ from conftest import make_model, perturbed
 
 pytest.importorskip("lm_eval")  # the [lmeval] extra; CI installs it
 
+from optimer_lib.checkpoints.vectors import extract_vector  # noqa: E402
 from optimer_lib.errors import ConfigError, DataError, MissingDependencyError  # noqa: E402
-from optimer_lib.evaluate import EvalSuite, evaluate_suite  # noqa: E402
-from optimer_lib.lmeval import LMEvalScorer, load_task, split_spec  # noqa: E402
-from optimer_lib.merge import ResidentMerger  # noqa: E402
-from optimer_lib.objectives import WeightedTerms, parse_objective  # noqa: E402
-from optimer_lib.search import SearchConfig, run_search  # noqa: E402
-from optimer_lib.vectors import extract_vector  # noqa: E402
+from optimer_lib.merging.methods import ResidentMerger  # noqa: E402
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite  # noqa: E402
+from optimer_lib.scoring.lmeval import LMEvalScorer, load_task, split_spec  # noqa: E402
+from optimer_lib.scoring.objectives import WeightedTerms, parse_objective  # noqa: E402
+from optimer_lib.search.study import SearchConfig, run_search  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lmeval"
@@ -218,8 +218,8 @@ def test_run_search_scores_each_trial_on_the_resident_model(tasks, tiny_tokenize
 
 
 def test_cli_search_with_an_lmeval_objective(tiny_pool, tmp_path, capsys):
+    from optimer_lib.checkpoints.vectors import save_vector
     from optimer_lib.cli import main
-    from optimer_lib.vectors import save_vector
 
     base, tuned = tiny_pool("llama", 2)
     files = []

@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import make_model, perturbed
 
+from optimer_lib.checkpoints.vectors import DistributionVector, extract_vector
 from optimer_lib.errors import ConfigError
-from optimer_lib.merge import (
+from optimer_lib.merging.methods import (
     MERGE_METHODS,
     ResidentMerger,
     merge_state_dict,
     register_merge_method,
 )
-from optimer_lib.specs import parse_bounds, parse_vector_spec
-from optimer_lib.vectors import DistributionVector, extract_vector
+from optimer_lib.search.specs import parse_bounds, parse_vector_spec
 
 NAMES = ("ja", "zh", "math")
 

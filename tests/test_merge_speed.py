@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import make_model, perturbed
 
-from optimer_lib.merge import ResidentMerger, merge_state_dict
-from optimer_lib.vectors import DistributionVector, extract_vector
+from optimer_lib.checkpoints.vectors import DistributionVector, extract_vector
+from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
 
 NAMES = ("ja", "zh", "math")
 

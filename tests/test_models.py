@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_model
 
+from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from optimer_lib.errors import ModelError
-from optimer_lib.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
 
 def test_missing_and_non_hf_dirs(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.objectives import RETENTION_WEIGHT, Objective, parse_objective, presets
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import RETENTION_WEIGHT, Objective, parse_objective, presets
 
 TEXTS = ["en", "ja", "math"]
 QA = ["math"]

@@ -11,14 +11,14 @@ import optuna
 import pytest
 from test_rerank import SUITE, FakeMerger, fake_metrics, obj
 
-import optimer_lib.pareto as pareto_mod
-import optimer_lib.search as search_mod
+import optimer_lib.search.pareto as pareto_mod
+import optimer_lib.search.study as search_mod
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite, evaluate_suite
-from optimer_lib.objectives import parse_objective
-from optimer_lib.pareto import dominates, export_point, pareto_figure, pareto_front, run_pareto_search
-from optimer_lib.search import SearchConfig, run_search
-from optimer_lib.warmstart import warm_start_study
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.pareto import dominates, export_point, pareto_figure, pareto_front, run_pareto_search
+from optimer_lib.search.study import SearchConfig, run_search
+from optimer_lib.search.warmstart import warm_start_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SPECS = ["loss:en", "loss:ja", "acc:math"]
@@ -123,8 +123,8 @@ def test_warm_started_pareto_study(tmp_path, fake_eval):
 def test_real_tiny_model_pick_and_export(tmp_path, tiny_pool, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from optimer_lib.pool import open_pool
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+    from optimer_lib.merging.pool import open_pool
 
     base, tuned = tiny_pool("llama", 2)
     paths = [save_vector(extract_vector(base, t, name=f"v{i}"), tmp_path / f"v{i}.safetensors")
@@ -143,7 +143,7 @@ def test_real_tiny_model_pick_and_export(tmp_path, tiny_pool, tiny_tokenizer):
 
 
 def test_cli_objectives(tmp_path, tiny_pool):
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, (t0, t1) = tiny_pool("llama", 2)
     v0 = save_vector(extract_vector(base, t0, name="a"), tmp_path / "a.safetensors")
@@ -168,8 +168,8 @@ def test_cli_objectives(tmp_path, tiny_pool):
 
 
 def test_callable_objective_values_are_stored_and_reusable(tmp_path, fake_eval):
-    from optimer_lib.objectives import Objective
-    from optimer_lib.rerank import rerank
+    from optimer_lib.scoring.objectives import Objective
+    from optimer_lib.search.rerank import rerank
 
     fn = Objective(fn=lambda model, tokenizer: model.weights["a"], spec="pkg:weight_a")
     res = run_pareto_search(FakeMerger(), None, SUITE, [fn, obj("loss:en")], config(tmp_path, trials=5),

@@ -12,18 +12,18 @@ from optuna.trial import TrialState
 from test_rerank import FakeMerger as RerankFakeMerger
 
 from optimer_lib.cli import main
-from optimer_lib.costs import CostLedger, ledger_from_study, search_eval_tokens
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite, evaluate_suite
-from optimer_lib.objectives import Objective, parse_objective
-from optimer_lib.pruning import (
+from optimer_lib.experiments.costs import CostLedger, ledger_from_study, search_eval_tokens
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.search.pruning import (
     default_fidelities,
     fidelity_problems,
     nested_metrics,
     parse_fidelities,
     reduction_factor,
 )
-from optimer_lib.search import SearchConfig, _counted, run_search, trial_table
+from optimer_lib.search.study import SearchConfig, _counted, run_search, trial_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OPT = {"a": 0.2, "b": 0.7}
@@ -187,7 +187,7 @@ def test_real_search_costs_and_complete_values(real, tmp_path):
 
 @pytest.fixture
 def cli_pool(tmp_path, tiny_pool):
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, (t0,) = tiny_pool("llama", 1)
     save_vector(extract_vector(base, t0, name="v"), tmp_path / "v.safetensors")

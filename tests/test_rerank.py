@@ -16,13 +16,13 @@ import torch
 from conftest import make_model, perturbed
 from optuna.distributions import FloatDistribution
 
-import optimer_lib.search as search_mod
+import optimer_lib.search.study as search_mod
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite, evaluate_suite
-from optimer_lib.objectives import Objective, parse_objective
-from optimer_lib.rerank import open_study, rerank
-from optimer_lib.search import SearchConfig, run_search
-from optimer_lib.warmstart import warm_start_search, warm_start_study
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.search.rerank import open_study, rerank
+from optimer_lib.search.study import SearchConfig, run_search
+from optimer_lib.search.warmstart import warm_start_search, warm_start_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SUITE = EvalSuite(texts={"en": ["x"], "ja": ["y"]}, qa={"math": [("q", "1")]})
@@ -60,7 +60,7 @@ def fake_metrics(model, tokenizer, suite, *, limit=None, **kw):
 def fake_eval(monkeypatch):
     fake_metrics.calls = []
     monkeypatch.setattr(search_mod, "evaluate_suite", fake_metrics)
-    monkeypatch.setattr("optimer_lib.objectives.evaluate_suite", fake_metrics)
+    monkeypatch.setattr("optimer_lib.scoring.objectives.evaluate_suite", fake_metrics)
     return fake_metrics
 
 
@@ -202,7 +202,7 @@ def test_real_tiny_model_rerank_matches_fresh_evaluation(tmp_path, tiny_tokenize
 
 
 def test_cli_rerank_and_warm_start(tmp_path, tiny_pool):
-    from optimer_lib.vectors import extract_vector, save_vector
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, tuned = tiny_pool("llama", 2)
     vecs = []

@@ -10,9 +10,9 @@ import torch
 from conftest import make_model, perturbed
 
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.objectives import Objective, parse_objective
-from optimer_lib.search import SAMPLERS, SearchConfig, make_sampler, run_search, trial_table
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.search.study import SAMPLERS, SearchConfig, make_sampler, run_search, trial_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OPT = {"a": 0.2, "b": 0.7, "c": 0.5}

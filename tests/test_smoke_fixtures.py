@@ -1,6 +1,6 @@
 from conftest import make_model, perturbed
 
-from optimer_lib.models import load_model, load_tokenizer
+from optimer_lib.checkpoints.models import load_model, load_tokenizer
 
 
 def test_pool_loads(tiny_pool, arch):

@@ -1,4 +1,4 @@
-"""Streaming extract/merge (optimer_lib.streaming) equal the in-memory paths, on tiny sharded checkpoints."""
+"""Streaming extract/merge (checkpoints.streaming) equal the in-memory paths, on tiny sharded checkpoints."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from conftest import make_model, perturbed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from optimer_lib.checkpoints.models import load_model
+from optimer_lib.checkpoints.streaming import checkpoint_files, extract_vector_streaming, merge_streaming, parse_size
+from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.errors import ConfigError, VectorError
-from optimer_lib.merge import merge_state_dict
-from optimer_lib.models import load_model
-from optimer_lib.streaming import checkpoint_files, extract_vector_streaming, merge_streaming, parse_size
-from optimer_lib.vectors import extract_vector, load_vector, save_vector
+from optimer_lib.merging.methods import merge_state_dict
 
 SHARD = "20KB"  # tiny models are ~30-60 KB: several shards each
 
@@ -180,6 +180,6 @@ def test_cli_streams_sharded_checkpoints(sharded, tmp_path):
 
 def test_fingerprint_of_tensors_above_2_pow_24_entries():
     """Real embeddings (e.g. 32000 x 768) have > 2**24 entries, where float32 indices round past the end."""
-    from optimer_lib.vectors import state_fingerprint
+    from optimer_lib.checkpoints.vectors import state_fingerprint
 
     assert len(state_fingerprint({"w": torch.zeros(2**24 + 4, dtype=torch.bfloat16)})) == 16

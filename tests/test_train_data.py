@@ -10,7 +10,7 @@ from conftest import make_model
 
 from optimer_lib import data
 from optimer_lib.errors import ConfigError, DataError, OptimerError
-from optimer_lib.train import TrainConfig, normalise_ratios, train_model
+from optimer_lib.training.train import TrainConfig, normalise_ratios, train_model
 
 
 def _blocks(tok, n=40):

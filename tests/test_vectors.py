@@ -7,9 +7,8 @@ import torch
 from conftest import make_model, perturbed
 from safetensors.torch import save_file
 
-from optimer_lib.errors import OptimerError, VectorError
-from optimer_lib.models import load_model
-from optimer_lib.vectors import (
+from optimer_lib.checkpoints.models import load_model
+from optimer_lib.checkpoints.vectors import (
     DistributionVector,
     check_compatible,
     cosine_matrix,
@@ -20,6 +19,7 @@ from optimer_lib.vectors import (
     save_vector,
     state_fingerprint,
 )
+from optimer_lib.errors import OptimerError, VectorError
 
 TIED = {"llama": True, "gpt2": True, "llama_untied": False}
 
@@ -179,7 +179,7 @@ def test_cosine_orthogonal_and_zero():
 def test_tokens_trained_read_from_training_json(tiny_pool):
     import json
 
-    from optimer_lib.vectors import extract_vector
+    from optimer_lib.checkpoints.vectors import extract_vector
 
     base, (tuned,) = tiny_pool("llama", 1)
     (tuned / "training.json").write_text(json.dumps({"tokens_trained": 12345}))

@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.vectors import extract_vector, save_vector
+from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+from optimer_lib.scoring.evaluate import EvalSuite
 from workbench.chatting import GenSettings
 from workbench.session import BASE, BASE_IT, TUNE, Session
 from workbench.widgets import ChatCompare, SearchRunner, WeightSliders, history_figure

@@ -166,7 +166,7 @@ def test_one_prompt_two_streamed_replies(page):
 def test_export_and_load_back(page, server):
     from transformers import AutoModelForCausalLM
 
-    from optimer_lib.vectors import load_vector
+    from optimer_lib.checkpoints.vectors import load_vector
 
     root = server[1]
     page.get_by_role("tab", name="Tune").click()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_workbench_session import SUITE, tiny_workdir
 
-from optimer_lib.pareto import dominates, pareto_front
-from optimer_lib.rerank import rerank
+from optimer_lib.search.pareto import dominates, pareto_front
+from optimer_lib.search.rerank import rerank
 from workbench.figures import pareto_chart, study_figures
 from workbench.searching import SearchSpec, best_params, load_study, study_table
 from workbench.session import Session

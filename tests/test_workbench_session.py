@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer, perturbed
 
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.vectors import extract_vector, save_vector
+from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+from optimer_lib.scoring.evaluate import EvalSuite
 from workbench.chatting import GenSettings, prompt_ids
 from workbench.searching import SearchSpec, best_params, load_study, study_names
 from workbench.session import BASE, BEST, TUNE, Session

@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite
+from optimer_lib.scoring.evaluate import EvalSuite
 from workbench.session import Session
 from workbench.tabs import Ctx
 from workbench.tabs.chat import ChatTab

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-from optimer_lib.evaluate import max_positions
+from optimer_lib.scoring.evaluate import max_positions
 
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024

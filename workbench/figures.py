@@ -3,7 +3,7 @@
     from workbench.figures import tune_chart, cosine_heatmap, study_figures
     fig = tune_chart(result.metrics, {"base": base_metrics, "average": avg_metrics})
     history, alphas, importances, landscape = study_figures(study)   # optuna.visualization underneath
-    fig = pareto_chart(study, ["loss:ja", "acc:math"])                # optimer_lib.pareto.pareto_figure
+    fig = pareto_chart(study, ["loss:ja", "acc:math"])                # optimer_lib.search.pareto.pareto_figure
 
 Every function returns a ``plotly.graph_objects.Figure`` (an empty one with a note when there is
 nothing to show yet), sized for a dashboard cell.
@@ -142,12 +142,12 @@ def study_figures(study: optuna.Study | None) -> tuple[go.Figure, go.Figure, go.
 
 
 def pareto_chart(study: optuna.Study | None, objectives: Sequence[str] | None = None) -> go.Figure:
-    """:func:`optimer_lib.pareto.pareto_figure` sized for the workbench, or a note while there is nothing to plot.
+    """:func:`optimer_lib.search.pareto.pareto_figure` for the workbench, or a note while there is nothing to plot.
 
     ``objectives=None`` plots a multi-objective study's own values; specs recompute them from stored metrics.
     Each marker's ``customdata[0]`` is its trial number (the Search tab's click-to-load reads it).
     """
-    from optimer_lib.pareto import pareto_figure
+    from optimer_lib.search.pareto import pareto_figure
 
     title = "Pareto front"
     if study is None:

@@ -29,10 +29,10 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from optimer_lib.objectives import LMEVAL, Objective, parse_objective
-from optimer_lib.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
-from optimer_lib.search import SearchConfig, SearchResult, open_storage, run_search, trial_table
-from optimer_lib.specs import parse_bounds
+from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
+from optimer_lib.search.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
+from optimer_lib.search.specs import parse_bounds
+from optimer_lib.search.study import SearchConfig, SearchResult, open_storage, run_search, trial_table
 from workbench.workspace import SharedPool, WorkbenchError
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _checked_lmeval_item(item: str, workdir: Path) -> str:
     Task YAMLs can run code (lm-eval's ``!function``), so like callables they must lie in the workdir;
     a bare name is a task shipped with lm-eval and passes unchanged.
     """
-    from optimer_lib.lmeval import split_spec
+    from optimer_lib.scoring.lmeval import split_spec
 
     head, eq, weight = item.partition("=")
     source, metric = split_spec(head.strip().removeprefix(LMEVAL + ":"))
@@ -230,7 +230,7 @@ class SearchRun:
 class ParetoRun(SearchRun):
     """A multi-objective search (``run_pareto_search``) in a daemon thread; ``spec.objectives`` are minimised.
 
-    Samplers are those of :data:`optimer_lib.pareto.PARETO_SAMPLERS`; ``result`` is a ``ParetoResult``.
+    Samplers are those of :data:`optimer_lib.search.pareto.PARETO_SAMPLERS`; ``result`` is a ``ParetoResult``.
     """
 
     result: ParetoResult | None

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import optuna
 
-from optimer_lib.evaluate import evaluate_suite
-from optimer_lib.export import export_merged
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.objectives import parse_objective
-from optimer_lib.pareto import ParetoPoint, pareto_front
-from optimer_lib.rerank import RerankResult, rerank, resolve_objective
+from optimer_lib.merging.export import export_merged
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import evaluate_suite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.pareto import ParetoPoint, pareto_front
+from optimer_lib.search.rerank import RerankResult, rerank, resolve_objective
 from workbench.chatting import GenSettings, Message, stream_reply
 from workbench.searching import ParetoRun, SearchRun, SearchSpec, best_params, checked_spec, load_study
 from workbench.workspace import SharedPool, WorkbenchError, Workspace

@@ -29,8 +29,8 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
-from optimer_lib.objectives import presets
-from optimer_lib.search import SAMPLERS, SearchResult
+from optimer_lib.scoring.objectives import presets
+from optimer_lib.search.study import SAMPLERS, SearchResult
 from workbench.chatting import GenSettings, Message
 from workbench.figures import HEIGHT, empty, tune_chart
 from workbench.searching import SearchRun, SearchSpec, load_study

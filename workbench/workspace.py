@@ -28,12 +28,8 @@ from typing import Any
 
 import torch
 
-from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
-from optimer_lib.errors import OptimerError, VectorError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.models import load_model, load_tokenizer
-from optimer_lib.vectors import (
+from optimer_lib.checkpoints.models import load_model, load_tokenizer
+from optimer_lib.checkpoints.vectors import (
     DistributionVector,
     check_compatible,
     cosine_matrix,
@@ -42,6 +38,10 @@ from optimer_lib.vectors import (
     save_vector,
     state_fingerprint,
 )
+from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
+from optimer_lib.errors import OptimerError, VectorError
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import EvalSuite
 
 MANIFEST = "workbench.json"
 

@@ -133,7 +133,7 @@ def new_base_model(tokenizer, cfg: BuildConfig):
 
 def build(out: Path, cfg: BuildConfig) -> Path:
     """Run every stage into a temp dir, then swap it into ``out`` (keeping ``out/README.md`` fresh)."""
-    from optimer_lib.train import TrainConfig, train_model
+    from optimer_lib.training.train import TrainConfig, train_model
 
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".build-tmp")

@@ -32,9 +32,9 @@ def _tokens(tokenizer, docs: list[str]) -> int:
 
 
 def write_readme(out: Path) -> Path:
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
     from optimer_lib.data import read_jsonl
-    from optimer_lib.evaluate import mean_token_loss
-    from optimer_lib.models import load_model, load_tokenizer
+    from optimer_lib.scoring.evaluate import mean_token_loss
 
     out = Path(out)
     info = json.loads((out / "build_info.json").read_text())

@@ -1,10 +1,10 @@
 """Objectives on demand, in the Search tab: re-rank stored trials for a new objective, and Pareto fronts.
 
 - **Re-rank**: a new objective spec ranks every stored trial of the study shown above from its stored
-  metrics (``optimer_lib.rerank``; nothing is evaluated), with the confidence line; the re-ranked best
+  metrics (``optimer_lib.search.rerank``; nothing is evaluated), with the confidence line; the re-ranked best
   can be sent to Tune.
 - **Pareto front**: 2–3 objective specs; either a multi-objective search in the background
-  (``optimer_lib.pareto.run_pareto_search`` on the session's own model copy, like a search) or the front
+  (``optimer_lib.search.pareto.run_pareto_search`` on the session's own model copy, like a search) or the front
   of the study shown above recomputed from stored metrics. ``gr.Plot`` has no click event in Gradio 6
   (its only event is ``change``), so a small ``gr.HTML`` bridge listens to plotly's ``plotly_click`` on
   the plot and sends the clicked marker's ``customdata[0]`` (its trial number) as a custom ``pick``
@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from optimer_lib.pareto import PARETO_SAMPLERS, pareto_front
+from optimer_lib.search.pareto import PARETO_SAMPLERS, pareto_front
 from workbench.figures import pareto_chart
 from workbench.searching import SearchSpec, load_study
 from workbench.session import Session

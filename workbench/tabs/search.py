@@ -12,8 +12,8 @@ from typing import Any
 
 import gradio as gr
 
-from optimer_lib.objectives import presets
-from optimer_lib.search import SAMPLERS
+from optimer_lib.scoring.objectives import presets
+from optimer_lib.search.study import SAMPLERS
 from workbench.figures import study_figures
 from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session

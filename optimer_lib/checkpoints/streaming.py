@@ -3,7 +3,7 @@
     optimer vector extract --base big/base --tuned big/cpt-ja --out vectors/ja.safetensors --streaming
     optimer merge --base big/base --vector vectors/ja.safetensors=0.4 --out big/merged --streaming --dtype bf16
 
-    from optimer_lib.streaming import extract_vector_streaming, merge_streaming
+    from optimer_lib.checkpoints.streaming import extract_vector_streaming, merge_streaming
     extract_vector_streaming("big/base", "big/cpt-ja", "vectors/ja.safetensors", name="ja", shard_size="2GB")
     merge_streaming("big/base", ["vectors/ja.safetensors"], {"ja": 0.4}, "big/merged", method="optimer")
 
@@ -35,9 +35,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from optimer_lib.checkpoints.models import check_checkpoint_dir, resolve_device, resolve_dtype
+from optimer_lib.checkpoints.vectors import (
+    FORMAT,
+    FORMAT_VERSION,
+    VECTOR_INDEX,
+    DistributionVector,
+    _tensor_digest,
+    vector_files,
+)
 from optimer_lib.errors import ConfigError, ModelError, OptimerError, VectorError
-from optimer_lib.models import check_checkpoint_dir, resolve_device, resolve_dtype
-from optimer_lib.vectors import FORMAT, FORMAT_VERSION, VECTOR_INDEX, DistributionVector, _tensor_digest, vector_files
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _WEIGHTS = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$|mergekit\.yaml$"
@@ -164,7 +171,7 @@ def _name_mapper(model_dir: Path, trust_remote_code: bool = False) -> tuple[Call
 
 
 def _fingerprint(digests: set[bytes]) -> str:
-    """:func:`optimer_lib.vectors.state_fingerprint` from the per-tensor digests."""
+    """:func:`optimer_lib.checkpoints.vectors.state_fingerprint` from the per-tensor digests."""
     h = hashlib.sha256()
     for d in sorted(digests):
         h.update(d)
@@ -303,8 +310,8 @@ def merge_streaming(base_dir: str | os.PathLike, vectors: Sequence[str | os.Path
     in-memory ``merge_state_dict``; ``weights`` maps vector names to weights, ``dtype`` overrides the base's."""
     import yaml
 
-    from optimer_lib.export import _card, mergekit_config
-    from optimer_lib.merge import _merge_tensor, _ordered_weights, check_method_params
+    from optimer_lib.merging.export import _card, mergekit_config
+    from optimer_lib.merging.methods import _merge_tensor, _ordered_weights, check_method_params
 
     params = dict(params or {})
     check_method_params(method, params)

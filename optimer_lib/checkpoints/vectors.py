@@ -1,12 +1,12 @@
 """Distribution vectors tau = theta_tuned - theta_base: extract, save, load, validate, compare.
 
-    from optimer_lib.vectors import extract_vector, save_vector, load_vector, format_info
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector, load_vector, format_info
     vec = extract_vector("assets/base", "runs/ja", name="ja", source="runs/ja", tokens_trained=400_000)
     save_vector(vec, "vectors/ja.safetensors")          # CLI: optimer vector extract ...
     print(format_info([load_vector("vectors/ja.safetensors"), load_vector("vectors/zh.safetensors")]))
 
 A vector is one ``.safetensors`` file (or, for large models, a folder of shards plus
-``vector.safetensors.index.json``: see ``optimer_lib.streaming``) holding, for every floating-point
+``vector.safetensors.index.json``: see ``optimer_lib.checkpoints.streaming``) holding, for every floating-point
 tensor of the model, the shift under the model's own tensor name, plus string metadata (``format``,
 ``format_version``, ``name``, ``source``, ``base_fingerprint``, ``dtype``, ``tokens_trained``).
 
@@ -97,7 +97,7 @@ def _as_state(obj: object, trust_remote_code: bool = False) -> Mapping[str, torc
     if isinstance(obj, (str, os.PathLike)):
         # Loaded through transformers (not raw safetensors) so checkpoint key renames in transformers>=5
         # weight conversions are applied and names match a loaded model's state_dict().
-        from optimer_lib.models import check_checkpoint_dir, load_model
+        from optimer_lib.checkpoints.models import check_checkpoint_dir, load_model
 
         path = check_checkpoint_dir(obj)
         return load_model(path, dtype=_checkpoint_dtype(path), trust_remote_code=trust_remote_code).state_dict()
@@ -211,7 +211,7 @@ def save_vector(vec: DistributionVector, path: str | os.PathLike, *, overwrite: 
     return path
 
 
-VECTOR_INDEX = "vector.safetensors.index.json"  # in a sharded vector folder (see optimer_lib.streaming)
+VECTOR_INDEX = "vector.safetensors.index.json"  # in a sharded vector folder (see optimer_lib.checkpoints.streaming)
 
 
 def vector_files(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Path]]:
@@ -249,7 +249,7 @@ def vector_files(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Pat
 
 def load_vector(path: str | os.PathLike) -> DistributionVector:
     """Read and validate a vector file written by :func:`save_vector`, or a sharded vector folder
-    (shards plus ``vector.safetensors.index.json``, written by ``optimer_lib.streaming``)."""
+    (shards plus ``vector.safetensors.index.json``, written by ``optimer_lib.checkpoints.streaming``)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

@@ -1,6 +1,6 @@
 """What a merge-weight search minimises: presets, weighted metric lists, or a user callable.
 
-    from optimer_lib.objectives import parse_objective
+    from optimer_lib.scoring.objectives import parse_objective
     obj = parse_objective("balanced", ["en", "ja", "math"], qa_names=["math"])
     obj = parse_objective("ppl:ja=1,loss:en=0.5,acc:math=2", ["en", "ja"], qa_names=["math"])
     obj = parse_objective("my_pkg.scoring:score", ["en"])      # or "path/to/file.py:score"
@@ -16,7 +16,7 @@ A callable is called as ``fn(model, tokenizer, **kw)``, where ``kw`` holds which
 dict of metrics with an ``"objective"`` entry (the float to minimise; the rest is recorded).
 
 A term ``lmeval:SOURCE[:METRIC]`` is a metric of an lm-evaluation-harness task (a local task YAML,
-a directory of them, or a task shipped with lm-eval; see :mod:`optimer_lib.lmeval`), scored on the
+a directory of them, or a task shipped with lm-eval; see :mod:`optimer_lib.scoring.lmeval`), scored on the
 model itself with ``limit`` documents; higher-is-better metrics (acc, acc_norm...) enter as ``-v``.
 A list with such terms becomes a callable objective (:class:`WeightedTerms`) that scores its lm-eval
 tasks and only the dev sets it reads, and records all of their metrics.
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimer_lib.errors import ConfigError, DataError
-from optimer_lib.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
 
 if TYPE_CHECKING:
-    from optimer_lib.lmeval import LMEvalTerm
+    from optimer_lib.scoring.lmeval import LMEvalTerm
 
 LOWER_IS_BETTER = ("loss", "ppl")
 HIGHER_IS_BETTER = ("acc",)
@@ -146,7 +146,7 @@ class WeightedTerms:
     """
 
     def __init__(self, terms: Mapping[str, float], lmeval_terms: Mapping[str, LMEvalTerm]) -> None:
-        from optimer_lib.lmeval import LMEvalScorer
+        from optimer_lib.scoring.lmeval import LMEvalScorer
 
         missing = [k for k in lmeval_terms if k not in terms]
         if missing:
@@ -178,7 +178,7 @@ class WeightedTerms:
 
     def __call__(self, model: Any, tokenizer: Any, *, suite: EvalSuite | None = None, limit: int | None = None,
                  seq_len: int = 128, batch_size: int = 16) -> dict[str, float]:
-        from optimer_lib.lmeval import metric_key, pick_metric
+        from optimer_lib.scoring.lmeval import metric_key, pick_metric
 
         metrics: dict[str, float] = {}
         texts, qa = self.needed_texts, self.needed_qa
@@ -279,7 +279,7 @@ def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str],
         kind, name = kind.strip(), name.strip()
         key = f"{kind}:{name}"
         if kind == LMEVAL and sep:
-            from optimer_lib.lmeval import parse_term
+            from optimer_lib.scoring.lmeval import parse_term
 
             try:
                 term = parse_term(name)  # MissingDependencyError propagates: no point listing more problems

@@ -1,6 +1,6 @@
 """Export a merged model as a normal Hugging Face checkpoint, with a model card and a mergekit recipe.
 
-    from optimer_lib.export import export_merged
+    from optimer_lib.merging.export import export_merged
     merger.set_weights(best)                                    # a ResidentMerger holding the merge
     export_merged(merger.model, tok, "out/merged", base_path="assets/base", vectors=vecs, weights=best,
                   scores={"dev_loss": 3.68})
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.errors import OptimerError
-from optimer_lib.vectors import DistributionVector
 
 # mergekit has no single-step equivalent of these; the recipe names its closest method.
 _MERGEKIT_METHOD = {"ties": "ties", "dare": "dare_linear"}

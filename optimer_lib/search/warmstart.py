@@ -1,6 +1,6 @@
 """Warm-started re-optimisation: a new study for a new objective, seeded with the trials already stored.
 
-    from optimer_lib.warmstart import warm_start_search, warm_start_study
+    from optimer_lib.search.warmstart import warm_start_search, warm_start_study
     study = warm_start_study("optimer", "math", storage="sqlite:///runs/s/optuna.db", study_name="math")
     res = warm_start_search(merger, tok, suite, objective, SearchConfig(study_name="math", trials=60,
                             workdir=Path("runs/s")), source="optimer")            # seeds count toward the 60
@@ -10,13 +10,13 @@
 :func:`warm_start_study` evaluates nothing: each COMPLETE trial of the source study (or studies)
 becomes a COMPLETE trial of the new one (``optuna.trial.create_trial`` + ``study.add_trials``) with
 the same weights, the source's bounds (``FloatDistribution`` per vector) and its value recomputed for
-the new objective from the stored metrics (see :mod:`optimer_lib.rerank`), at the source's *search*
+the new objective from the stored metrics (see :mod:`optimer_lib.search.rerank`), at the source's *search*
 fidelity by default so seeds and new trials are scored alike. The sampler then starts from a model of
 the landscape instead of from random start-up points. Seeded trials are ordinary trials of the new
 study, so they count toward ``SearchConfig.trials`` (the study's total, the same rule as a resume);
 ``extra_trials`` asks for N new evaluations on top instead. Re-running is safe: an already seeded
 study is reused as is. A list of objectives seeds a multi-objective study for
-:func:`optimer_lib.pareto.run_pareto_search`.
+:func:`optimer_lib.search.pareto.run_pareto_search`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite
-from optimer_lib.objectives import Objective
-from optimer_lib.rerank import RankedTrial, open_study, resolve_objective, score_stored
-from optimer_lib.search import SearchConfig, SearchResult, _tag, open_storage, run_search
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import Objective
+from optimer_lib.search.rerank import RankedTrial, open_study, resolve_objective, score_stored
+from optimer_lib.search.study import SearchConfig, SearchResult, _tag, open_storage, run_search
 
 log = logging.getLogger(__name__)
 Source = optuna.Study | str | Sequence[optuna.Study | str]

@@ -1,12 +1,12 @@
 """Multi-fidelity search: score each trial on growing subsets of the dev sets and prune poor ones early.
 
-    from optimer_lib.search import SearchConfig, run_search
+    from optimer_lib.search.study import SearchConfig, run_search
     cfg = SearchConfig(trials=100, search_limit=100, pruner="median", fidelities=(10, 30, 100))
     res = run_search(merger, tokenizer, suite, objective, cfg)    # PRUNED trials keep metrics@10 / metrics@30
 
     optimer search ... --pruner asha --fidelities 10,30,100
 
-    from optimer_lib.pruning import nested_metrics
+    from optimer_lib.search.pruning import nested_metrics
     for limit, metrics in nested_metrics(model, tokenizer, suite, (10, 30, 100)):
         ...   # metrics ≈ evaluate_suite(model, tokenizer, suite, limit=limit) (float rounding apart)
 
@@ -38,8 +38,8 @@ from typing import Any
 import optuna
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite, _encoded_texts, exact_match, max_positions, mean_token_loss
-from optimer_lib.objectives import Objective
+from optimer_lib.scoring.evaluate import EvalSuite, _encoded_texts, exact_match, max_positions, mean_token_loss
+from optimer_lib.scoring.objectives import Objective
 
 PrunerFactory = Callable[[tuple[int, ...], int], optuna.pruners.BasePruner]
 MIN_RUNG = 5  # default rungs score at least this many items per dev set (fewer is mostly noise)
@@ -205,7 +205,7 @@ def fidelity_plan(config: Any, suite: EvalSuite, objective: Objective, tokenizer
     Weighted objectives score the suite (``record_metrics="all"``) or the sets they read, nested; a
     callable objective is called once per rung at that rung's limit (its docs count the whole suite per call).
     """
-    from optimer_lib.costs import search_eval_tokens
+    from optimer_lib.experiments.costs import search_eval_tokens
 
     size = max((len(v) for v in (*suite.texts.values(), *suite.qa.values())), default=0)
     if config.fidelities is not None:

@@ -2,10 +2,10 @@
 
     optimer report runs/experiments        # writes report.html, report.md, summary.json, costs.json, FINDINGS.md
 
-    from optimer_lib.report import write_all, summarise, render_findings
+    from optimer_lib.experiments.report import write_all, summarise, render_findings
     summary = write_all(Path("runs/experiments"))
 
-Input: ``<dir>/stages/*.json`` as written by :mod:`optimer_lib.experiments` (any subset: missing
+Input: ``<dir>/stages/*.json`` as written by :mod:`optimer_lib.experiments.run` (any subset: missing
 stages are skipped). ``report.html`` embeds the plotly.js bundle once (``include_plotlyjs=True`` on
 the first figure), so it opens without a network.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from optimer_lib.costs import CostLedger, cost_to_reach, quality_curve
+from optimer_lib.experiments.costs import CostLedger, cost_to_reach, quality_curve
 from optimer_lib.fileio import atomic_write_json, atomic_write_text
 
 PAPER = {

@@ -1,6 +1,6 @@
 """Baselines OptiMer is compared with: data-mixture CPT (one model, or a search over ratios) and merges.
 
-    from optimer_lib.baselines import (BASELINES, MixtureSearchConfig, mixture_budget, run_mixture_search,
+    from optimer_lib.experiments.baselines import (BASELINES, MixtureSearchConfig, mixture_budget, run_mixture_search,
                                        search_baseline, train_mixture)
     train_mixture("assets/base", {"ja": 0.5, "math": 0.5}, "runs/mix", TrainConfig(tokens=800_000))
     per, budget = mixture_budget("equal_total", cpt_tokens=400_000, n_datasets=4, candidates=3)
@@ -16,7 +16,7 @@ CPT run's tokens (T). Candidates are trained from the base until the next one wo
 Merge baselines (:data:`BASELINES`): ``uniform`` (model averaging, α = 1/K), ``task_arithmetic``
 (one shared λ, a 1-D search), ``ties`` (weights 1, density and λ searched), ``dare`` (α per vector and
 density searched). All use the same objective and dev suite as OptiMer; cost entries come from trial
-timestamps (:func:`optimer_lib.costs.ledger_from_study`).
+timestamps (:func:`optimer_lib.experiments.costs.ledger_from_study`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from optimer_lib.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
 from optimer_lib.data import load_corpus, pack_tokens
 from optimer_lib.errors import ConfigError, OptimerError
-from optimer_lib.search import SearchConfig, make_sampler, open_storage, run_search
-from optimer_lib.train import TrainConfig, TrainResult, train_cpt, train_model
+from optimer_lib.experiments.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
+from optimer_lib.search.study import SearchConfig, make_sampler, open_storage, run_search
+from optimer_lib.training.train import TrainConfig, TrainResult, train_cpt, train_model
 
 BUDGET_MODES = ("equal_total", "per_run")
 BASELINES: dict[str, dict[str, Any]] = {
@@ -127,7 +127,7 @@ def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: Any
     until the budget or ``max_trials`` is reached. Ratios are suggested in [0, 1] per dataset and
     normalised. ``ledger`` (if given) receives one entry per trial.
     """
-    from optimer_lib.models import load_model, load_tokenizer
+    from optimer_lib.checkpoints.models import load_model, load_tokenizer
 
     names = list(names)
     workdir = Path(cfg.workdir)
@@ -215,7 +215,7 @@ def _prune_dirs(study: optuna.Study, workdir: Path, keep: bool) -> None:
 
 
 class MethodMerger:
-    """Exposes a merge method's searched quantities to :func:`optimer_lib.search.run_search` as 'weights'.
+    """Exposes a merge method's searched quantities to :func:`optimer_lib.search.study.run_search` as 'weights'.
 
     ``weights``: ``"search"`` (one α per vector), ``"shared"`` (one λ for all, named ``lambda``),
     ``"uniform"`` (1/K each, fixed), ``"ones"`` (1 each, fixed) or a mapping of fixed weights.

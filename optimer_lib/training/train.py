@@ -2,7 +2,7 @@
 
     optimer train --base assets/base --data ja --out runs/cpt-ja --tokens 400000 --lr 1e-3
 
-    from optimer_lib.train import TrainConfig, train_cpt
+    from optimer_lib.training.train import TrainConfig, train_cpt
     train_cpt("assets/base", "ja", "runs/cpt-ja", TrainConfig(tokens=400_000))
     train_cpt("assets/base", {"ja": 0.5, "math": 0.5}, "runs/mix", TrainConfig(tokens=800_000))
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_device
 from optimer_lib.data import load_corpus, pack_tokens
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
-from optimer_lib.models import load_model, load_tokenizer, resolve_device
 
 
 @dataclass

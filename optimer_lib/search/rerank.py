@@ -1,6 +1,6 @@
 """Objectives on demand: re-rank a finished study for a new objective with no model evaluation.
 
-    from optimer_lib.rerank import rerank
+    from optimer_lib.search.rerank import rerank
     res = rerank("sqlite:///runs/search/optuna.db", "loss:ja=1,acc:math=2")   # or an optuna.Study
     res.best_weights, res.best_value, print(res.table(10)), res.confidence.summary()
     # CLI: optimer rerank --workdir runs/search --objective 'loss:ja=1,acc:math=2'
@@ -13,8 +13,8 @@ one asked: then trials without it are skipped), and reports how trustworthy the 
 near it, the fidelity it was scored at, and whether it sits on the edge of the search box. Mixing
 fidelities is deliberate (re-scored trials are the better measured ones); ``res.confidence.fidelities``
 shows the mix, and ``fidelity=<search limit>`` ranks everything on equal terms.
-Warm-started re-optimisation lives in :mod:`optimer_lib.warmstart`, Pareto fronts in
-:mod:`optimer_lib.pareto`.
+Warm-started re-optimisation lives in :mod:`optimer_lib.search.warmstart`, Pareto fronts in
+:mod:`optimer_lib.search.pareto`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.objectives import Objective, parse_objective
-from optimer_lib.search import open_storage
+from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.search.study import open_storage
 
 Metrics = dict[str, float]
 

@@ -1,6 +1,6 @@
 """Dev-set metrics for an in-memory model: per-distribution loss/perplexity and exact-match accuracy.
 
-    from optimer_lib.evaluate import EvalSuite, evaluate_suite
+    from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
     suite = EvalSuite(texts={"en": en_docs, "ja": ja_docs},
                       qa={"math": [("Question: What is 12 + 35?\\nAnswer:", "47")]})
     metrics = evaluate_suite(model, tokenizer, suite, limit=100)

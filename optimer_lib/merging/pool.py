@@ -1,6 +1,6 @@
 """A vector pool opened for work: base model + distribution vectors + a resident merger.
 
-    from optimer_lib.pool import open_pool
+    from optimer_lib.merging.pool import open_pool
     pool = open_pool("assets/base", ["runs/demo/vectors/ja.safetensors", ...],
                      instruction="runs/demo/vectors/instruct.safetensors")
     pool.merger.set_weights({"ja": 0.3, "zh": 0.2, ...})   # rewrites pool.model in place
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimer_lib.checkpoints.models import load_model, load_tokenizer
+from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, load_vector, state_fingerprint
 from optimer_lib.errors import VectorError
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.models import load_model, load_tokenizer
-from optimer_lib.vectors import DistributionVector, check_compatible, load_vector, state_fingerprint
+from optimer_lib.merging.methods import ResidentMerger
 
 
 @dataclass

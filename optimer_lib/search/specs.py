@@ -1,6 +1,6 @@
 """Parsers of the command-line specs ``--vector FILE=WEIGHT`` and ``--bounds LOW:HIGH|NAME=LOW:HIGH,...``.
 
-    from optimer_lib.specs import parse_bounds, parse_vector_spec
+    from optimer_lib.search.specs import parse_bounds, parse_vector_spec
     parse_vector_spec("vectors/ja.safetensors=0.3")   # ("vectors/ja.safetensors", 0.3)
     parse_bounds("ja=0:1.5,zh=0:1")                   # {"ja": (0.0, 1.5), "zh": (0.0, 1.0)}
 

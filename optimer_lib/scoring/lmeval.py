@@ -4,12 +4,12 @@
     optimer search --base DIR --vector ja.safetensors --vector math.safetensors \\
         --objective 'lmeval:examples/lmeval/arith_mc.yaml:acc_norm=1,loss:ja=0.5' --search-limit 32
 
-    from optimer_lib.lmeval import LMEvalScorer, load_task
+    from optimer_lib.scoring.lmeval import LMEvalScorer, load_task
     task = load_task("examples/lmeval/arith_mc.yaml")   # or DIR, DIR/NAME, or a task shipped with lm-eval
     scorer = LMEvalScorer()                             # one HFLM wrapper per model object, reused
     scorer.evaluate(task, model, tokenizer, limit=20)   # {"acc": 0.45, "acc_norm": 0.4}
 
-An objective term reads ``lmeval:SOURCE[:METRIC]`` (``optimer_lib.objectives`` parses it; weights
+An objective term reads ``lmeval:SOURCE[:METRIC]`` (``optimer_lib.scoring.objectives`` parses it; weights
 ``=W`` as for every term). SOURCE is a task YAML file (``dataset_path: json`` with
 ``dataset_kwargs: {data_files: ...}`` relative to the YAML runs anywhere), a directory of task YAMLs
 that defines one task (or one group), ``DIR/NAME`` for the task or group NAME among the YAMLs of DIR,

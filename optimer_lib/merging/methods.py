@@ -1,6 +1,6 @@
 """Merge methods (pure tensor functions) and the resident merger that re-merges a model in place.
 
-    from optimer_lib.merge import ResidentMerger, merge_state_dict
+    from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
     merger = ResidentMerger(model, [ja, zh], instruction=it)   # model holds the base weights
     merger.set_weights({"ja": 0.3, "zh": 0.1})                 # theta = base + 0.3 ja + 0.1 zh + 1.0 it
     with merger.lock:                                           # a re-merge never races a generation
@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, unique_tensors
 from optimer_lib.errors import ConfigError
-from optimer_lib.vectors import DistributionVector, check_compatible, unique_tensors
 
 MergeMethod = Callable[..., Tensor]
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -230,7 +230,7 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
     Tensors no vector touches (and non-float ones) are the base's own tensor objects, not copies; tied
     aliases map to the same merged tensor. The instruction vector is added linearly with its own weight
     after the method's merge. Names and shapes are checked; the base fingerprint is the caller's job
-    (see :func:`optimer_lib.vectors.check_compatible`).
+    (see :func:`optimer_lib.checkpoints.vectors.check_compatible`).
     """
     check_method_params(method, params)
     ws = _ordered_weights([v.name for v in vectors], weights)
@@ -270,7 +270,7 @@ class ResidentMerger:
     """Keeps ``model`` loaded and rewrites its parameters in place for each new set of weights.
 
     The model must hold the base weights when the merger is built; names and shapes are checked here,
-    the base fingerprint is the caller's job (``optimer_lib.pool.open_pool`` does it, once). ``method``
+    the base fingerprint is the caller's job (``optimer_lib.merging.pool.open_pool`` does it, once). ``method``
     and ``params`` are plain attributes read at each ``set_weights``. Memory: one copy of every touched
     parameter plus each vector, all on the model's device and in its dtype. Tied parameters are one
     tensor and are written once, so they stay tied. ``method="optimer"`` takes a fast path (in-place

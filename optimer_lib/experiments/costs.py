@@ -1,6 +1,6 @@
 """Cost accounting in common units for every method, and quality-vs-cost curves.
 
-    from optimer_lib.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
+    from optimer_lib.experiments.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
     ledger = CostLedger()
     per_trial = eval_tokens(tokenizer, suite, objective, limit=100)        # tokens one scoring reads
     per_trial = search_eval_tokens(tokenizer, suite, objective, search_config)   # ... as run_search scores
@@ -165,7 +165,7 @@ def cost_to_reach(curve: Sequence[tuple[float, float]], target: float, *, tol: f
 
 def eval_tokens(tokenizer: Any, suite: Any, objective: Any = None, *, limit: int | None = None,
                 seq_len: int = 128, max_new_tokens: int = 8, model: Any = None) -> int:
-    """Tokens one scoring of ``suite`` processes: what :func:`optimer_lib.evaluate.evaluate_suite` reads.
+    """Tokens one scoring of ``suite`` processes: what :func:`optimer_lib.scoring.evaluate.evaluate_suite` reads.
 
     Text sets: every document among the first ``limit`` (as tokenised for scoring: bos first,
     truncated to ``seq_len`` and the model's position limit, documents under 2 tokens skipped).
@@ -173,7 +173,7 @@ def eval_tokens(tokenizer: Any, suite: Any, objective: Any = None, *, limit: int
     row is done, so the maximum is what is paid). Only the sets ``objective`` reads are counted (all
     of them for a callable objective or ``None``).
     """
-    from optimer_lib.evaluate import _encode, max_positions
+    from optimer_lib.scoring.evaluate import _encode, max_positions
 
     texts = getattr(objective, "needed_texts", None) if getattr(objective, "terms", None) else None
     qa = getattr(objective, "needed_qa", None) if getattr(objective, "terms", None) else None
@@ -191,7 +191,7 @@ def eval_tokens(tokenizer: Any, suite: Any, objective: Any = None, *, limit: int
 
 
 def search_eval_tokens(tokenizer: Any, suite: Any, objective: Any, config: Any, *, rescore: bool = False) -> int:
-    """Tokens one trial of :func:`optimer_lib.search.run_search` with ``config`` scores (or one re-score).
+    """Tokens one trial of :func:`optimer_lib.search.study.run_search` with ``config`` scores (or one re-score).
 
     A search that records every metric (``config.record_metrics == "all"``, weighted objectives)
     scores the whole suite, not only what the objective reads.

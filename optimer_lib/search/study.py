@@ -1,6 +1,6 @@
 """Post-hoc search of merge weights α with Optuna, plus two-fidelity top-k re-scoring.
 
-    from optimer_lib.search import SearchConfig, run_search
+    from optimer_lib.search.study import SearchConfig, run_search
     result = run_search(merger, tokenizer, suite, objective, SearchConfig(trials=100, workdir=Path("runs/x")))
     result.best_weights, result.best_value, result.path   # <workdir>/best.json
 
@@ -10,11 +10,11 @@ workdir by default); ``trials`` is the study's *total*, so re-running an interru
 continues to N and re-running a finished one only re-reads it. Each trial stores its weights and
 metrics as user attrs (``weights``, ``metrics@<search_limit>``); with ``record_metrics="all"`` (the
 default) those are every metric of the suite, not only the objective's, so the study can be re-ranked
-for another objective later without evaluating anything (``optimer_lib.rerank``). The top-k trials
+for another objective later without evaluating anything (``optimer_lib.search.rerank``). The top-k trials
 are then re-scored at ``rescore_limit`` and the best re-scored one is written to best.json. On return
 the merger holds the best weights. ``callbacks`` are called as ``cb(study, frozen_trial)`` after every trial (live UIs).
 ``pruner``/``fidelities`` score each trial on growing nested subsets first and stop poor ones early
-(state PRUNED; see ``optimer_lib.pruning``).
+(state PRUNED; see ``optimer_lib.search.pruning``).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
-from optimer_lib.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.fileio import atomic_write_json
-from optimer_lib.gradient import grad_tpe
-from optimer_lib.objectives import Objective
-from optimer_lib.pruning import fidelity_plan, fidelity_problems, make_pruner, score_rungs
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.objectives import Objective
+from optimer_lib.search.gradient import grad_tpe
+from optimer_lib.search.pruning import fidelity_plan, fidelity_problems, make_pruner, score_rungs
 
 log = logging.getLogger(__name__)
 SamplerFactory = Callable[[int, dict[str, tuple[float, float]], int], optuna.samplers.BaseSampler]
@@ -110,7 +110,7 @@ class SearchConfig:
     ``record_metrics``: ``"all"`` scores every distribution/task of the suite in each trial and stores
     them (the objective is computed from them); ``"needed"`` scores only what the objective reads
     (cheaper, but the study cannot be re-ranked for other metrics). A callable objective always
-    records the dict it returns. ``pruner`` (``optimer_lib.pruning.PRUNERS``: none, median, asha,
+    records the dict it returns. ``pruner`` (``optimer_lib.search.pruning.PRUNERS``: none, median, asha,
     hyperband...) scores each trial at increasing ``fidelities`` (documents per dev set, ending at
     ``search_limit``; default about 1/9, 1/3, all of it) and may stop it after any rung but the last.
     """
@@ -478,7 +478,7 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
     Metrics are the highest fidelity's the trial has; in a multi-fidelity study ``fidelity`` is the report
     step (documents per set) of the last rung a trial reached (a PRUNED trial's objective is at that rung).
     """
-    from optimer_lib.rerank import fidelity_key
+    from optimer_lib.search.rerank import fidelity_key
 
     rows = []
     rescores = {k: v for k, v in study.user_attrs.items() if k.startswith("rescore@")}

@@ -1,6 +1,6 @@
 """Gradient of a dev-loss objective w.r.t. the merge weights α, projected descent, and the ``grad`` sampler.
 
-    from optimer_lib.gradient import objective_gradient, projected_descent
+    from optimer_lib.search.gradient import objective_gradient, projected_descent
     g = objective_gradient(pool.merger, pool.tokenizer, suite, objective, {"ja": 0.3, "zh": 0.2}, limit=100)
     g.value, g.grad        # the objective at α and dL/dα_i, e.g. {"ja": -0.41, "zh": 0.07}
     path = projected_descent(pool.merger, pool.tokenizer, suite, objective, {"ja": (0, 1), "zh": (0, 1)}, steps=5)
@@ -14,14 +14,14 @@ are accumulated over a dev set's batches into ``.grad`` of the merged parameters
 gradients), then contracted with each vector tensor by tensor and freed before the next dev set.
 
 Differentiable terms are ``loss:<set>`` and ``ppl:<set>`` (= exp(loss), chain rule) of a weighted metric list,
-with the loss of :func:`optimer_lib.evaluate.mean_token_loss` (token-weighted mean NLL of the first ``limit``
+with the loss of :func:`optimer_lib.scoring.evaluate.mean_token_loss` (token-weighted mean NLL of the first ``limit``
 documents, same tokenisation and batching). ``acc:<task>`` (exact match of greedy generations) is piecewise
 constant in α, so its derivative is zero almost everywhere: it is left out of ``value`` and ``grad`` (listed in
 ``dropped``) while ``Σ|w|`` still counts its weight, so ``grad`` is the objective's own slope. An objective
 with no loss/ppl term, a callable (lm-eval terms included), a non-linear merge method or a ``maximize`` search
 raise ConfigError.
 
-Sampler ``grad`` (:class:`GradientTPESampler`, registered in ``optimer_lib.search.SAMPLERS``): before the
+Sampler ``grad`` (:class:`GradientTPESampler`, registered in ``optimer_lib.search.study.SAMPLERS``): before the
 first trial, ``run_search`` calls its :meth:`~GradientTPESampler.warm_start`, which runs
 :func:`projected_descent` (Adam on α from the uniform average 1/K, projected onto the bounds) and enqueues the
 iterates as the study's first trials (``study.enqueue_trial``, user attr ``grad_step``); multivariate TPE then
@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.evaluate import EvalSuite, _device, _pad_id, scored_documents
-from optimer_lib.merge import ResidentMerger
-from optimer_lib.objectives import HIGHER_IS_BETTER, LOWER_IS_BETTER, Objective
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import EvalSuite, _device, _pad_id, scored_documents
+from optimer_lib.scoring.objectives import HIGHER_IS_BETTER, LOWER_IS_BETTER, Objective
 
 if TYPE_CHECKING:
-    from optimer_lib.search import SearchConfig
+    from optimer_lib.search.study import SearchConfig
 
 log = logging.getLogger(__name__)
 Bounds = Mapping[str, tuple[float, float]]
@@ -89,7 +89,7 @@ def resident_merger(merger: Any) -> ResidentMerger:
         chain.append(found)
     if not isinstance(found, ResidentMerger):
         raise ConfigError(f"the weight gradient needs the resident merger of a loaded pool "
-                          f"(optimer_lib.pool.open_pool), got {type(merger).__name__}: use --sampler tpe")
+                          f"(optimer_lib.merging.pool.open_pool), got {type(merger).__name__}: use --sampler tpe")
     if list(merger.names) != found.names:
         raise ConfigError(f"the search varies {list(merger.names)}, not the vector weights {found.names}: "
                           "the weight gradient covers plain per-vector weights only (use --sampler tpe)")
@@ -398,6 +398,6 @@ class GradientTPESampler(optuna.samplers.TPESampler):
 
 def grad_tpe(seed: int, bounds: Bounds, n_trials: int, *, steps: int | None = None, lr: float = 0.1,
              optimizer: str = "adam") -> GradientTPESampler:
-    """The ``grad`` entry of ``optimer_lib.search.SAMPLERS``: TPE seeded with :func:`default_steps` gradient points."""
+    """The ``grad`` entry of ``search.study.SAMPLERS``: TPE seeded with :func:`default_steps` gradient points."""
     return GradientTPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 5)),
                               steps=default_steps(n_trials) if steps is None else steps, lr=lr, optimizer=optimizer)

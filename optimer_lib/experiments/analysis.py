@@ -1,7 +1,7 @@
 """Analyses of a vector pool: orthogonality, linearity of CPT, the α landscape, α -> ratios, re-optimisation.
 
-    from optimer_lib.analysis import (alpha_to_ratios, landscape_grid, linearity, pairwise_cosine, reoptimise,
-                                      trajectory_checkpoints, trials_to_reach)
+    from optimer_lib.experiments.analysis import (alpha_to_ratios, landscape_grid, linearity, pairwise_cosine,
+                                                  reoptimise, trajectory_checkpoints, trials_to_reach)
     pairwise_cosine([ja, zh, math])                      # {"names", "matrix", "off_diagonal": {min, max, mean}}
     steps = trajectory_checkpoints("runs/cpt/ja")        # [(fraction of training, checkpoint dir), ...]
     linearity("assets/base", [p for _, p in steps], ja_vector, fractions=[f for f, _ in steps])
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from optimer_lib.checkpoints.vectors import DistributionVector, cosine_matrix, norms, unique_tensors
 from optimer_lib.errors import ConfigError
-from optimer_lib.vectors import DistributionVector, cosine_matrix, norms, unique_tensors
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -63,7 +63,7 @@ class _Reader:
                 with safe_open(str(root / "model.safetensors"), framework="pt") as f:
                     self._files = dict.fromkeys(f.keys(), root / "model.safetensors")
             else:  # other formats: load whole (renames handled by transformers)
-                from optimer_lib.vectors import _as_state
+                from optimer_lib.checkpoints.vectors import _as_state
 
                 self._state = _as_state(root)
 
@@ -88,7 +88,7 @@ def _reader(src: Source, keys: Sequence[str]) -> _Reader:
     """A reader holding every key; a directory whose file names differ (renamed keys) is loaded whole."""
     r = _Reader(src)
     if isinstance(src, (str, os.PathLike)) and any(k not in r for k in keys):
-        from optimer_lib.vectors import _as_state
+        from optimer_lib.checkpoints.vectors import _as_state
 
         r = _Reader(_as_state(src))
     return r
@@ -223,8 +223,8 @@ def reoptimise(merger: Any, tokenizer: Any, suite: Any, objectives: Mapping[str,
     ``eval_suites`` (e.g. ``{"dev": dev, "test": test}``, default ``{"dev": suite}``) are scored in full
     (all metrics, first ``limit`` items) at each result, and every objective's value is computed on them.
     """
-    from optimer_lib.evaluate import evaluate_suite
-    from optimer_lib.search import run_search
+    from optimer_lib.scoring.evaluate import evaluate_suite
+    from optimer_lib.search.study import run_search
 
     eval_suites = dict(eval_suites or {"dev": suite})
     out: dict[str, Any] = {}

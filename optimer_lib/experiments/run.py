@@ -4,7 +4,7 @@
     optimer experiments --regime-map                                # the regime map only (long, cached)
     optimer report runs/experiments                                 # re-render report.html / report.md
 
-    from optimer_lib.experiments import ExperimentConfig, run_experiments
+    from optimer_lib.experiments.run import ExperimentConfig, run_experiments
     run_experiments(ExperimentConfig.quick(Path("runs/exp-quick")))
 
 Every stage writes ``<workdir>/stages/<stage>.json`` and is skipped when that file exists, so an
@@ -25,16 +25,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from optimer_lib import analysis as an
-from optimer_lib import baselines as bl
-from optimer_lib.costs import CostEntry, ledger_from_study, search_eval_tokens
+from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.data import assets_dir, load_eval_suite
-from optimer_lib.evaluate import evaluate_suite
+from optimer_lib.experiments import analysis as an
+from optimer_lib.experiments import baselines as bl
+from optimer_lib.experiments.costs import CostEntry, ledger_from_study, search_eval_tokens
 from optimer_lib.fileio import atomic_write_json
-from optimer_lib.objectives import parse_objective
-from optimer_lib.search import SearchConfig, run_search
-from optimer_lib.train import TrainConfig, train_cpt
-from optimer_lib.vectors import extract_vector, load_vector, save_vector
+from optimer_lib.scoring.evaluate import evaluate_suite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search.study import SearchConfig, run_search
+from optimer_lib.training.train import TrainConfig, train_cpt
 
 MERGE_BASELINES = ("uniform", "task_arithmetic", "ties", "dare")
 REPO_FINDINGS = Path(__file__).resolve().parent.parent / "FINDINGS.md"
@@ -128,7 +128,7 @@ class Experiments:
 
     @cached_property
     def pool(self) -> Any:
-        from optimer_lib.pool import open_pool
+        from optimer_lib.merging.pool import open_pool
 
         return open_pool(self.base, [self.wd / "vectors" / f"{n}.safetensors" for n in self.cfg.corpora])
 
@@ -166,7 +166,7 @@ class Experiments:
                 "costs": [asdict(e) for e in costs]}
 
     def baseline_stage(self, name: str) -> dict[str, Any]:
-        from optimer_lib.costs import CostLedger
+        from optimer_lib.experiments.costs import CostLedger
 
         ledger = CostLedger()
         cfg = self.search_config("baselines", self.cfg.baseline_trials, workdir=self.wd / "search")
@@ -233,7 +233,7 @@ class Experiments:
 
     def final_stage(self, s: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Dev and test metrics (first ``final_limit`` items) of every method's final candidate."""
-        from optimer_lib.models import load_model
+        from optimer_lib.checkpoints.models import load_model
 
         c, pool = self.cfg, self.pool
         test = load_eval_suite(c.eval_corpora, "test")
@@ -298,9 +298,9 @@ class Experiments:
 def _regime_base(exp: Experiments, size: str, recipe: str) -> Path:
     """Pretrain (cached) a small base of ``size`` on ``recipe`` with the embedded tokenizer."""
     from optimer_lib.assets.build import BuildConfig, new_base_model
+    from optimer_lib.checkpoints.models import load_tokenizer
     from optimer_lib.data import load_corpus, pack_tokens
-    from optimer_lib.models import load_tokenizer
-    from optimer_lib.train import train_model
+    from optimer_lib.training.train import train_model
 
     c, out = exp.cfg, exp.wd / "regime" / "bases" / f"{size}-{recipe}"
     if not (out / "training.json").exists():
@@ -316,8 +316,8 @@ def _regime_base(exp: Experiments, size: str, recipe: str) -> Path:
 
 def regime_setting(exp: Experiments, size: str, recipe: str, lr: float) -> dict[str, Any]:
     """One cell of the regime map: base, uniform average, OptiMer and the equal-token mixture, on test."""
-    from optimer_lib.models import load_model
-    from optimer_lib.pool import open_pool
+    from optimer_lib.checkpoints.models import load_model
+    from optimer_lib.merging.pool import open_pool
 
     c = exp.cfg
     base = _regime_base(exp, size, recipe)
@@ -363,7 +363,7 @@ def run_regime_map(exp: Experiments) -> None:
 def run_experiments(cfg: ExperimentConfig, *, regime_map: bool = False,
                     findings: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the main set, or with ``regime_map`` the regime map; then write the report files."""
-    from optimer_lib.report import write_all
+    from optimer_lib.experiments.report import write_all
 
     wd = Path(cfg.workdir)
     wd.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Multi-objective search of merge weights: the whole trade-off (Pareto front) instead of one scalar.
 
-    from optimer_lib.pareto import export_point, pareto_figure, pareto_front, run_pareto_search
+    from optimer_lib.search.pareto import export_point, pareto_figure, pareto_front, run_pareto_search
     objs = [parse_objective(s, list(suite.texts), qa_names=list(suite.qa)) for s in ("ppl:ja", "acc:math", "loss:en")]
     res = run_pareto_search(pool.merger, pool.tokenizer, suite, objs, SearchConfig(trials=100, sampler="nsga2"))
     res.front[0].weights, res.front[0].values          # non-dominated trials; <workdir>/pareto.json
@@ -9,9 +9,9 @@
     pareto_front(single_objective_study, ["loss:ja", "acc:math"])   # a front from stored metrics, no evaluation
     # CLI: optimer search ... --objectives ppl:ja acc:math loss:en [--sampler nsga2]
 
-Every objective is minimised (``acc`` enters negated, as in :mod:`optimer_lib.objectives`). Samplers:
+Every objective is minimised (``acc`` enters negated, as in :mod:`optimer_lib.scoring.objectives`). Samplers:
 ``tpe`` (default, multi-objective TPE), ``nsga2`` (NSGA-II) and ``random``. Trials store weights and
-metrics exactly like :func:`optimer_lib.search.run_search` (``metrics@<search_limit>``, every suite
+metrics exactly like :func:`optimer_lib.search.study.run_search` (``metrics@<search_limit>``, every suite
 metric with ``record_metrics="all"``), so a multi-objective study can be re-ranked for any scalar
 objective too. ``trials`` is the study's total (resumes continue to it). There is no top-k
 re-scoring: the front is at search fidelity; on return the merger holds the last trial's weights.
@@ -31,10 +31,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError, OptimerError
-from optimer_lib.evaluate import EvalSuite, evaluate_suite
-from optimer_lib.objectives import Objective
-from optimer_lib.rerank import resolve_objective, score_stored
-from optimer_lib.search import SearchConfig, _atomic_json, _counted, _tag, open_storage, tell_outcome
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.objectives import Objective
+from optimer_lib.search.rerank import resolve_objective, score_stored
+from optimer_lib.search.study import SearchConfig, _atomic_json, _counted, _tag, open_storage, tell_outcome
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ def _loop(study: optuna.Study, score: Callable[[dict[str, float]], tuple[list[fl
 
 
 def export_point(pool: Any, point: ParetoPoint, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Merge ``point.weights`` into ``pool`` (an :class:`optimer_lib.pool.Pool`) and export it."""
-    from optimer_lib.export import export_merged
+    """Merge ``point.weights`` into ``pool`` (an :class:`optimer_lib.merging.pool.Pool`) and export it."""
+    from optimer_lib.merging.export import export_merged
 
     pool.merger.set_weights(point.weights)
     return export_merged(pool.model, pool.tokenizer, out_dir, base_path=str(pool.base_dir), vectors=pool.vectors,
