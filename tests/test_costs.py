@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+from helpers import FakeMerger
 
 from optimer_lib.experiments.costs import (
     BACKWARD_FACTOR,
@@ -93,30 +94,16 @@ def test_eval_tokens_counts_scored_and_generated_tokens(tiny_tokenizer):
     assert search_eval_tokens(tok, suite, obj, cfg) == _manual_count(tok, en, 2, 16)
 
 
-class _Fake:
-    names = ["a", "b"]
-
-    def __init__(self):
-        self.w = {}
-
-    @property
-    def model(self):
-        return self
-
-    def set_weights(self, w):
-        self.w = dict(w)
-
-
 def _slow_quadratic(model, tokenizer):
     time.sleep(0.01)
-    return (model.w["a"] - 0.3) ** 2 + (model.w["b"] - 0.6) ** 2
+    return (model.weights["a"] - 0.3) ** 2 + (model.weights["b"] - 0.6) ** 2
 
 
 def test_recorder_and_study_timestamps(tmp_path):
     led = CostLedger()
     t0 = time.perf_counter()
     cfg = SearchConfig(trials=6, storage=":memory:", workdir=tmp_path, top_k=0, sampler="random")
-    res = run_search(_Fake(), None, EvalSuite(texts={"en": ["x"]}), Objective(fn=_slow_quadratic), cfg,
+    res = run_search(FakeMerger(["a", "b"]), None, EvalSuite(texts={"en": ["x"]}), Objective(fn=_slow_quadratic), cfg,
                      callbacks=[led.recorder("tpe", tokens_evaluated=42)], progress=False)
     wall = time.perf_counter() - t0
     rec = led.of("tpe")

@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 import optuna
+from helpers import FakeMerger
 from optuna.trial import TrialState
-from test_search import SUITE, FakeMerger, config, quadratic
+from test_search import SUITE, config, quadratic
 
 from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 from optimer_lib.scoring.objectives import Objective

@@ -12,22 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_cpu_training_writes_one_checkpoint(tmp_path: Path, tiny_pool):
@@ -41,7 +35,7 @@ def test_two_process_cpu_training_writes_one_checkpoint(tmp_path: Path, tiny_poo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "optimer_lib.cli", "train",
+         "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "optimer_lib.cli", "train",
          "--base", base, "--data", corpus, "--out", out, "--tokens", "512", "--batch-size", "4", "--seq-len", "16",
          "--lr", "0.01", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]

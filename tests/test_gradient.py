@@ -9,6 +9,7 @@ import optuna
 import pytest
 import torch
 from conftest import make_model, perturbed
+from helpers import FakeMerger
 
 import optimer_lib.search.gradient as gradient_mod
 from optimer_lib.checkpoints.vectors import extract_vector
@@ -152,14 +153,6 @@ def test_descent_improves_and_grad_search_beats_its_start(tiny_tokenizer, tmp_pa
     assert sum("grad_step" in t.user_attrs for t in res2.study.trials) == 3
 
 
-class _Fake:
-    names = ["a"]
-    model = None
-
-    def set_weights(self, weights):
-        pass
-
-
 @pytest.mark.parametrize("objective, merger_kind, match", [
     (Objective(terms={"acc:math": 1.0}), "real", "no differentiable term"),
     (Objective(terms={"loss:en": 0.0, "acc:math": 1.0}), "real", "no differentiable term"),
@@ -168,7 +161,7 @@ class _Fake:
     (Objective(terms={"loss:en": 1.0}), "ties", "not linear"),
 ])
 def test_grad_sampler_refuses_what_it_cannot_differentiate(objective, merger_kind, match, tiny_tokenizer, tmp_path):
-    merger = _Fake() if merger_kind == "fake" else _merger("llama", tiny_tokenizer, torch.float32)
+    merger = FakeMerger(["a"]) if merger_kind == "fake" else _merger("llama", tiny_tokenizer, torch.float32)
     if merger_kind == "ties":
         merger.method, merger.params = "ties", {"density": 0.5}
     cfg = SearchConfig(trials=3, sampler="grad", storage=":memory:", top_k=0, workdir=tmp_path)

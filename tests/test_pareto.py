@@ -9,7 +9,8 @@ import sys
 
 import optuna
 import pytest
-from test_rerank import SUITE, FakeMerger, fake_metrics, obj
+from helpers import FakeMerger
+from test_rerank import SUITE, fake_metrics, obj
 
 import optimer_lib.search.pareto as pareto_mod
 import optimer_lib.search.study as search_mod

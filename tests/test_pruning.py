@@ -8,8 +8,8 @@ import optuna
 import pytest
 import torch
 from conftest import make_model, perturbed
+from helpers import FakeMerger
 from optuna.trial import TrialState
-from test_rerank import FakeMerger as RerankFakeMerger
 
 from optimer_lib.cli import main
 from optimer_lib.errors import ConfigError
@@ -30,12 +30,6 @@ OPT = {"a": 0.2, "b": 0.7}
 SUITE = EvalSuite(texts={"en": [f"doc {i}" for i in range(20)]}, qa={"math": [("q", "1")] * 4})
 
 
-class FakeMerger(RerankFakeMerger):
-    """Two vectors; its 'model' is itself, so a callable objective can read the current weights."""
-
-    names = ["a", "b"]
-
-
 def biased(model, tokenizer, limit):
     """Distance to OPT; low fidelities read 2 *better* than the full one, so a pruned trial's last
     report is lower than every completed value (it must still never become best)."""
@@ -48,7 +42,7 @@ def fake_search(tmp_path, pruner="median", trials=30, **kw):
     kw.setdefault("storage", ":memory:")
     cfg = SearchConfig(trials=trials, sampler="random", workdir=tmp_path, top_k=0, search_limit=10,
                        pruner=pruner, fidelities=(2, 5, 10), **kw)
-    return run_search(FakeMerger(), None, SUITE, Objective(fn=biased), cfg, progress=False)
+    return run_search(FakeMerger(OPT), None, SUITE, Objective(fn=biased), cfg, progress=False)
 
 
 @pytest.mark.parametrize("pruner", ["median", "asha", "successive-halving", "hyperband"])
@@ -84,7 +78,7 @@ def test_pruned_trials_report_lower_rungs_only_and_never_win(tmp_path, pruner):
 def test_no_pruner_is_a_plain_one_fidelity_search(tmp_path):
     biased.calls = []
     cfg = SearchConfig(trials=6, sampler="random", workdir=tmp_path, top_k=0, search_limit=10, storage=":memory:")
-    res = run_search(FakeMerger(), None, SUITE, Objective(fn=biased), cfg, progress=False)
+    res = run_search(FakeMerger(OPT), None, SUITE, Objective(fn=biased), cfg, progress=False)
     assert [limit for _, limit in biased.calls] == [10] * 6
     assert all(t.state == TrialState.COMPLETE and not t.intermediate_values for t in res.study.trials)
 

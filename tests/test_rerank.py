@@ -12,8 +12,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from conftest import make_model, perturbed
+from helpers import FakeMerger, TinyMerger
 from optuna.distributions import FloatDistribution
 
 import optimer_lib.search.study as search_mod
@@ -27,20 +27,6 @@ from optimer_lib.search.warmstart import warm_start_search, warm_start_study
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SUITE = EvalSuite(texts={"en": ["x"], "ja": ["y"]}, qa={"math": [("q", "1")]})
 TARGETS = {"loss:en": {"a": 0.2, "b": 0.1}, "loss:ja": {"a": 0.8, "c": 0.5}}
-
-
-class FakeMerger:
-    names = ["a", "b", "c"]
-
-    def __init__(self):
-        self.weights: dict[str, float] = {}
-
-    @property
-    def model(self):
-        return self
-
-    def set_weights(self, weights):
-        self.weights = dict(weights)
 
 
 def fake_metrics(model, tokenizer, suite, *, limit=None, **kw):
@@ -172,18 +158,6 @@ def test_warm_start_seeds_stored_trials_and_continues(tmp_path, fake_eval):
     with pytest.raises(ConfigError, match="differ from the source"):
         warm_start_search(merger, None, SUITE, new, dataclasses.replace(cfg, bounds=(0.0, 1.0)),
                           "optimer", progress=False)
-
-
-class TinyMerger:
-    def __init__(self, base, tuned):
-        self.model, self.names = base, list(tuned)
-        self.base = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        self.taus = {n: {k: v - self.base[k] for k, v in m.state_dict().items()} for n, m in tuned.items()}
-
-    @torch.no_grad()
-    def set_weights(self, weights):
-        for key, param in self.model.state_dict().items():
-            param.copy_(self.base[key] + sum(weights[n] * self.taus[n][key] for n in self.names))
 
 
 def test_real_tiny_model_rerank_matches_fresh_evaluation(tmp_path, tiny_tokenizer):

@@ -8,6 +8,7 @@ import optuna
 import pytest
 import torch
 from conftest import make_model, perturbed
+from helpers import FakeMerger, TinyMerger
 
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
 from optimer_lib.scoring.evaluate import EvalSuite
@@ -17,24 +18,6 @@ from optimer_lib.search.study import SAMPLERS, SearchConfig, make_sampler, run_s
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OPT = {"a": 0.2, "b": 0.7, "c": 0.5}
 SUITE = EvalSuite(texts={"en": ["unused by fake objectives"]})
-
-
-class FakeMerger:
-    """Records weights; its 'model' is itself so an objective callable can read the current weights."""
-
-    names = ["a", "b", "c"]
-
-    def __init__(self):
-        self.weights: dict[str, float] = {}
-        self.history: list[dict[str, float]] = []
-
-    @property
-    def model(self):
-        return self
-
-    def set_weights(self, weights):
-        self.weights = dict(weights)
-        self.history.append(dict(weights))
 
 
 def quadratic(model, tokenizer):
@@ -188,21 +171,6 @@ def test_best_json_and_rescoring_picks_rescored_argmin(tmp_path):
     assert json.loads((tmp_path / "rescore.json").read_text())["limit"] == 30
     table = trial_table(res.study)
     assert {"number", "state", "objective", "a", "b", "c", "q", "objective@30"} <= set(table.columns)
-
-
-class TinyMerger:
-    """θ = θ_base + Σ α_i τ_i applied in place to a real tiny Llama (what merge.py will do at scale)."""
-
-    def __init__(self, base, tuned: dict[str, torch.nn.Module]):
-        self.model = base
-        self.names = list(tuned)
-        self.base = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        self.taus = {n: {k: v - self.base[k] for k, v in m.state_dict().items()} for n, m in tuned.items()}
-
-    @torch.no_grad()
-    def set_weights(self, weights):
-        for key, param in self.model.state_dict().items():
-            param.copy_(self.base[key] + sum(weights[n] * self.taus[n][key] for n in self.names))
 
 
 def test_real_tiny_model_search(tmp_path, tiny_tokenizer):

@@ -7,13 +7,13 @@ Screenshots go to ``test-artifacts/``.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 # CI sets OPTIMER_REQUIRE_BROWSER=1: there a missing browser is a failure, never a silent skip.
@@ -28,12 +28,6 @@ TIMEOUT_MS = 60_000
 torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     from test_workbench_session import SUITE, tiny_workdir
@@ -41,7 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     from workbench.app import launch
 
     root = tiny_workdir(tmp_path_factory.mktemp("wb") / "workdir")
-    port = _free_port()
+    port = free_port()
     demo = launch(root, port=port, block=False, suite=SUITE, tune_limit=3, qa_limit=2, poll_s=0.5)
     try:
         yield f"http://127.0.0.1:{port}/", root
@@ -210,7 +204,7 @@ def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):
         return [vecs / "ja.safetensors", vecs / "math.safetensors"], vecs / "instruct.safetensors"
 
     monkeypatch.setattr(optimer_lib.demo, "build_pool", fake_build_pool)
-    port = _free_port()
+    port = free_port()
     demo = launch(tmp_path / "fresh", port=port, block=False, suite=SUITE, tune_limit=3, qa_limit=2)
     pg = browser.new_page(viewport={"width": 1400, "height": 1000})
     pg.set_default_timeout(TIMEOUT_MS)

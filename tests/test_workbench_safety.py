@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 import torch
+from helpers import free_port
 from test_workbench_session import SUITE, tiny_workdir
 
 from optimer_lib.cli import main
@@ -20,12 +21,6 @@ from workbench.session import BASE, TUNE, Session
 from workbench.workspace import WorkbenchError, Workspace
 
 torch.set_num_threads(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _outward_ip() -> str | None:
@@ -46,7 +41,7 @@ def served(tmp_path, monkeypatch):
     demos = []
 
     def start(**kw):
-        port = _free_port()
+        port = free_port()
         demo = app.launch(tmp_path / "wd", port=port, block=False, threads=1, **kw)
         demos.append(demo)
         return demo, f"http://127.0.0.1:{port}"
