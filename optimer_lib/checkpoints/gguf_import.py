@@ -36,6 +36,7 @@ import torch
 
 from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_dtype
 from optimer_lib.errors import MissingDependencyError, ModelError, OptimerError
+from optimer_lib.fileio import normal_permissions
 
 GGUF_MAGIC = b"GGUF"
 IMPORT_INFO = "gguf_import.json"
@@ -205,7 +206,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             check = load_model(tmp, dtype=torch_dtype, device="cpu")
             del check
             load_tokenizer(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; checkpoints are shared like any output
+        normal_permissions(tmp)  # mkdtemp and safetensors make folder and weights private
         if out.exists():  # overwrite (checked above): swap the new folder in, then drop the old one
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / "replaced")

@@ -45,6 +45,7 @@ from optimer_lib.checkpoints.vectors import (
     vector_files,
 )
 from optimer_lib.errors import ConfigError, ModelError, OptimerError, VectorError
+from optimer_lib.fileio import normal_permissions
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _WEIGHTS = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$|mergekit\.yaml$"
@@ -201,9 +202,7 @@ def _prepare(out: Path, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise OptimerError(f"{str(out)!r} already exists: choose another --out or use --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; models and vectors are shared like any other file
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
 def _swap_into_place(new: Path, out: Path) -> None:
@@ -289,12 +288,11 @@ def extract_vector_streaming(base_dir: str | os.PathLike, tuned_dir: str | os.Pa
             save_file(tensors, str(tmp / file), metadata=meta if len(plan) == 1 else {"format": FORMAT + "-shard"})
             del tensors
         if len(plan) == 1:
-            os.chmod(tmp / file, 0o644)
-            _swap_into_place(tmp / file, out)
+            _swap_into_place(normal_permissions(tmp / file), out)
         else:
             index = {"metadata": {**meta, "total_size": sum(size.values())}, "weight_map": weight_map}
             (tmp / VECTOR_INDEX).write_text(json.dumps(index, indent=2))
-            _swap_into_place(tmp, out)
+            _swap_into_place(normal_permissions(tmp), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return StreamResult(out, len(plan), len(keys), sum(size.values()), math.sqrt(norm2), vector_files(out)[0])
@@ -384,7 +382,7 @@ def merge_streaming(base_dir: str | os.PathLike, vectors: Sequence[str | os.Path
         recipe = mergekit_config(**card, method_params=params, dtype=str(cfg.get("dtype") or "float32"))
         (tmp / "mergekit.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         (tmp / "README.md").write_text(_card(**card, params=params, scores=scores, out_dir=out))
-        _swap_into_place(tmp, out)
+        _swap_into_place(normal_permissions(tmp), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return StreamResult(out, len(plan), len(weight_map), sum(size.values()))

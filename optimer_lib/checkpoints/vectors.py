@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from optimer_lib.errors import OptimerError, VectorError
+from optimer_lib.fileio import normal_permissions
 
 FORMAT = "optimer-vector"
 FORMAT_VERSION = "1"
@@ -202,7 +203,7 @@ def save_vector(vec: DistributionVector, path: str | os.PathLike, *, overwrite: 
     os.close(fd)
     try:
         save_file({k: t.detach().cpu().contiguous() for k, t in vec.tensors.items()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; vectors are shared like checkpoints
+        normal_permissions(tmp)  # mkstemp and safetensors make it private; vectors are shared like checkpoints
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

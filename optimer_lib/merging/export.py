@@ -24,6 +24,7 @@ import torch
 
 from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.errors import OptimerError
+from optimer_lib.fileio import normal_permissions
 
 # mergekit has no single-step equivalent of these; the recipe names its closest method.
 _MERGEKIT_METHOD = {"ties": "ties", "dare": "dare_linear"}
@@ -131,7 +132,6 @@ def export_merged(model: torch.nn.Module, tokenizer: object, out_dir: str | os.P
     params = dict(method_params or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory should be readable like any other
     old: Path | None = None
     try:
         model.save_pretrained(tmp)  # type: ignore[operator]
@@ -144,6 +144,7 @@ def export_merged(model: torch.nn.Module, tokenizer: object, out_dir: str | os.P
         (tmp / "README.md").write_text(_card(
             base_path=str(base_path), vectors=vectors, weights=weights, method=method, params=params,
             instruction=instruction, instruction_weight=instruction_weight, scores=scores, out_dir=out))
+        normal_permissions(tmp)  # mkdtemp and safetensors make the folder and weights private
         if out.exists():  # overwrite: move the old one aside first so the swap is two renames
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "prev")

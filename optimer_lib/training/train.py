@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_device
 from optimer_lib.data import load_corpus, pack_tokens
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
+from optimer_lib.fileio import normal_permissions
 
 
 @dataclass
@@ -121,6 +122,7 @@ def _save_model(model, tokenizer, out: Path, extra: dict | None = None, keep: tu
     for sub in keep:
         if (out / sub).exists():
             os.replace(out / sub, tmp / sub)
+    normal_permissions(tmp)  # safetensors writes the weights 0600
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -252,6 +254,7 @@ def _save_resume(model, opt, gen, cfg, ratios, step, seen, resume: Path) -> None
     save_file(state, tmp / "model.safetensors")
     torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step, "seen": dict(seen),
                 "config": asdict(cfg), "ratios": dict(ratios)}, tmp / "state.pt")
+    normal_permissions(tmp)
     shutil.rmtree(resume, ignore_errors=True)
     os.replace(tmp, resume)
 
