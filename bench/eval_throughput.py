@@ -43,7 +43,7 @@ def main() -> None:
 
     from optimer_lib.checkpoints.models import load_model, load_tokenizer
     from optimer_lib.data import assets_dir, load_eval_suite
-    from optimer_lib.scoring.evaluate import _encode, mean_token_loss
+    from optimer_lib.scoring.evaluate import encode_text, mean_token_loss
 
     base = assets_dir() / "base"
     model, tok = load_model(base), load_tokenizer(base)
@@ -55,7 +55,7 @@ def main() -> None:
           f"{len(docs)} documents ({a.limit} per set of {', '.join(suite.texts)}); medians of {a.reps} repetitions")
 
     def encode(text: str) -> list[int]:
-        return _encode(tok, text)[:a.seq_len]
+        return encode_text(tok, text)[:a.seq_len]
 
     def plain(pre: list[list[int]] | None) -> tuple[float, int]:
         total, count = 0.0, 0

@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 
 from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.search.defaults import BATCH
 
 
 def _exists(path: str) -> bool:
@@ -184,12 +185,13 @@ def cmd_search(a: argparse.Namespace) -> None:
         raise ConfigError("--pruner/--fidelities work with one --objective, not a Pareto search (--objectives)")
     files = [parse_vector_spec(s)[0] for s in a.vector]
     suite = load_eval_suite(a.eval, a.split)
-    objectives = [parse_objective(o, list(suite.texts), qa_names=list(suite.qa)) for o in a.objectives or [a.objective]]
+    objectives = [parse_objective(o, list(suite.texts), qa_names=list(suite.qa), maximize=a.maximize or None)
+                  for o in a.objectives or [a.objective]]
     objective = objectives[0]
     bounds = parse_bounds(a.bounds) if a.bounds else None
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
-                       rescore_limit=a.rescore_limit, top_k=a.top_k, direction="minimize", pruner=a.pruner,
+                       rescore_limit=a.rescore_limit, top_k=a.top_k, pruner=a.pruner,
                        fidelities=fidelities)
     inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
     _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
@@ -200,7 +202,7 @@ def cmd_search(a: argparse.Namespace) -> None:
         pool.merger.instruction_weight = 1.0 if inst_w is None else inst_w
     if a.objectives or a.warm_start_from:  # these validate their own settings (Pareto samplers differ)
         return _search_on_demand(a, pool, suite, objectives, cfg)
-    cfg.resolved_bounds(pool.names)  # validate bound names before any trial
+    cfg.check(pool.names)  # every settings problem (bound names included) before any trial
     res = run_search(pool.merger, pool.tokenizer, suite, objective, cfg)
     print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path)},
                      indent=2))
@@ -233,12 +235,13 @@ def _check_best_json(workdir: Path, study: str, storage: str, force: bool, *, ar
 
 def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg) -> None:
     """``search --objectives`` (Pareto search) and/or ``--warm-start-from STUDY`` (same storage)."""
+    from optimer_lib.search import record
     from optimer_lib.search.pareto import run_pareto_search
     from optimer_lib.search.warmstart import seeded_bounds, warm_start_search, warm_start_study
 
     if not a.objectives:
         res = warm_start_search(pool.merger, pool.tokenizer, suite, objectives[0], cfg, a.warm_start_from)
-        seeded = res.study.user_attrs["warm_start"]["seeded"]
+        seeded = res.study.user_attrs[record.WARM_START]["seeded"]
         print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "seeded": seeded,
                           "best_json": str(res.path)}, indent=2))
         return
@@ -254,19 +257,19 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
 
 def cmd_rerank(a: argparse.Namespace) -> None:
     from optimer_lib.search.rerank import rerank
+    from optimer_lib.search.storage import workdir_storage
 
-    storage = a.storage or f"sqlite:///{Path(a.workdir).resolve() / 'optuna.db'}"
+    storage = workdir_storage(a.workdir, a.storage)
     res = rerank(storage, a.objective, fidelity=a.fidelity, study_name=a.study)
     print(f"study {res.study.study_name!r} re-ranked for {res.objective!r} from stored metrics (no evaluation)")
     print(res.table(a.top))
     print("best weights: " + json.dumps({k: round(v, 6) for k, v in res.best_weights.items()}))
     print(f"objective: {res.best_value:.6g} (trial {res.best.number})")
     print("confidence: " + res.confidence.summary())
-    from optimer_lib.search.study import _atomic_json
+    from optimer_lib.fileio import atomic_write_json
 
     out = Path(a.workdir) / "rerank.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out, res.to_dict())  # temp file + rename: never a half-written rerank.json
+    atomic_write_json(out, res.to_dict())  # temp file + rename: never a half-written rerank.json
     print(f"wrote {out}")
 
 
@@ -280,12 +283,11 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_experiments(a: argparse.Namespace) -> None:
-    from optimer_lib.experiments.run import REPO_FINDINGS, ExperimentConfig, run_experiments
+    from optimer_lib.experiments.run import ExperimentConfig, run_experiments
 
     cfg = ExperimentConfig.quick(a.workdir or Path("runs/experiments-quick")) if a.quick else \
         ExperimentConfig(workdir=a.workdir or Path("runs/experiments"))
-    findings = a.findings or (None if a.quick else REPO_FINDINGS)
-    summary = run_experiments(cfg, regime_map=a.regime_map, findings=findings)
+    summary = run_experiments(cfg, regime_map=a.regime_map, findings=a.findings)  # outputs: the workdir only
     print(f"wrote {cfg.workdir / 'report.html'} and FINDINGS.md ({len(summary['figures'])} figures)")
 
 
@@ -389,19 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "lmeval:TASK.yaml[:METRIC], extra [lmeval]), or module:function")
     so.add_argument("--objectives", nargs="+", metavar="SPEC", help="several objectives: Pareto search "
                     "(--sampler tpe|nsga2|random), writes pareto.json")
-    s.add_argument("--trials", type=int, default=100, help="total trials of the study (resumes up to N)")
-    s.add_argument("--sampler", default="tpe")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--maximize", action="store_true", help="maximise a callable objective (an accuracy, a reward); "
+                   "a callable with the attribute higher_is_better = True is maximised without it")
+    s.add_argument("--trials", type=int, default=BATCH.trials, help="total trials of the study (resumes up to N)")
+    s.add_argument("--sampler", default=BATCH.sampler)
+    s.add_argument("--seed", type=int, default=BATCH.seed)
     s.add_argument("--bounds", help="0:1 for all, or NAME=LO:HI,...")
     s.add_argument("--storage", help="Optuna storage URL (default sqlite in --workdir)")
     s.add_argument("--study", default="optimer")
     s.add_argument("--workdir", default="runs/search")
     s.add_argument("--eval", nargs="+", help="dev corpora (default: all embedded)")
     s.add_argument("--split", default="dev")
-    s.add_argument("--search-limit", type=int, default=100, help="samples per distribution per trial")
-    s.add_argument("--rescore-limit", type=int, default=300, help="samples for the top-k re-score")
-    s.add_argument("--top-k", type=int, default=3)
-    s.add_argument("--pruner", default="none", help="score each trial on growing subsets and stop poor ones early: "
+    s.add_argument("--search-limit", type=int, default=BATCH.search_limit, help="samples per distribution per trial")
+    s.add_argument("--rescore-limit", type=int, default=BATCH.rescore_limit,
+                   help="samples for the top-k re-score")
+    s.add_argument("--top-k", type=int, default=BATCH.top_k)
+    s.add_argument("--pruner", default=BATCH.pruner,
+                   help="score each trial on growing subsets and stop poor ones early: "
                    "none (default), median, asha (successive-halving), hyperband")
     s.add_argument("--fidelities", metavar="N,N,...", help="documents per dev set at each rung, ending at "
                    "--search-limit (default with a pruner: about 1/9, 1/3, all of it; e.g. 10,30,100)")
@@ -430,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", type=Path)
     e.add_argument("--quick", action="store_true", help="small sizes: a smoke version of the whole set")
     e.add_argument("--regime-map", action="store_true", help="run the regime map instead (long; cached)")
-    e.add_argument("--findings", type=Path, help="where to write FINDINGS.md besides the workdir "
-                   "(default: the repository root for a full run, nowhere else for --quick)")
+    e.add_argument("--findings", type=Path, help="also write FINDINGS.md here (default: only in the workdir; "
+                   "--findings FINDINGS.md in a checkout updates the published one)")
     e.set_defaults(fn=cmd_experiments)
 
     w = sub.add_parser("workbench", help="the Gradio workbench: tune, search, chat, export in a browser")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -14,13 +13,12 @@ from optimer_lib.experiments.costs import (
     CostEntry,
     CostLedger,
     cost_to_reach,
-    eval_tokens,
     ledger_from_study,
     quality_curve,
-    search_eval_tokens,
 )
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.scoring.scorer import TrialScorer, eval_tokens
 from optimer_lib.search.study import SearchConfig, run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -87,11 +85,11 @@ def test_eval_tokens_counts_scored_and_generated_tokens(tiny_tokenizer):
     assert _manual_count(tok, en, None, 16) < _manual_count(tok, en, None, 1000)  # truncation matters
     # a search that records every metric scores the whole suite whatever the objective reads
     obj = parse_objective("loss:en", ["en", "code"], qa_names=["math"])
-    cfg = SimpleNamespace(search_limit=2, rescore_limit=None, seq_len=16, record_metrics="all")
-    assert search_eval_tokens(tok, suite, obj, cfg) == eval_tokens(tok, suite, None, limit=2, seq_len=16)
-    assert search_eval_tokens(tok, suite, obj, cfg, rescore=True) == full
-    cfg.record_metrics = "needed"
-    assert search_eval_tokens(tok, suite, obj, cfg) == _manual_count(tok, en, 2, 16)
+    scorer = TrialScorer(None, tok, suite, [obj], seq_len=16, record_metrics="all")  # counting needs no model
+    assert scorer.eval_tokens(2) == eval_tokens(tok, suite, None, limit=2, seq_len=16)
+    assert scorer.eval_tokens(None) == full
+    scorer = TrialScorer(None, tok, suite, [obj], seq_len=16, record_metrics="needed")
+    assert scorer.eval_tokens(2) == _manual_count(tok, en, 2, 16)
 
 
 def _slow_quadratic(model, tokenizer):

@@ -154,9 +154,8 @@ def test_interrupted_vector_overwrite_keeps_the_old_one(tmp_path, monkeypatch):
 
 def test_interrupted_best_json_keeps_the_old_one(tmp_path, monkeypatch):
     from optimer_lib import fileio
-    from optimer_lib.search import study as search
 
-    path = search._atomic_json(tmp_path / "best.json", {"weights": {"a": 0.1}, "objective": 1.0})
+    path = fileio.atomic_write_json(tmp_path / "best.json", {"weights": {"a": 0.1}, "objective": 1.0})
 
     class HalfFile:
         """A file that takes the first 10 characters, then finds the disk full."""
@@ -176,7 +175,7 @@ def test_interrupted_best_json_keeps_the_old_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fileio.os, "fdopen", HalfFile)
     with pytest.raises(OSError, match="No space"):
-        search._atomic_json(path, {"weights": {"a": 0.9}, "objective": 0.5})
+        fileio.atomic_write_json(path, {"weights": {"a": 0.9}, "objective": 0.5})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"weights": {"a": 0.1}, "objective": 1.0}
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]

@@ -20,7 +20,9 @@ from test_search import SUITE, config, quadratic
 
 from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 from optimer_lib.scoring.objectives import Objective
-from optimer_lib.search.study import _counted, open_storage, run_search
+from optimer_lib.search.storage import open_storage
+from optimer_lib.search.study import run_search
+from optimer_lib.search.trials import counted
 
 OBJECTIVE = '''
 import os, time, pathlib
@@ -62,7 +64,7 @@ def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool):
     numbers = [t.number for t in trials]
     assert sorted(numbers) == list(range(len(trials)))  # no duplicate or missing numbers
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # nothing left hanging
-    assert _counted(study) == n  # exactly the study's total, between both workers
+    assert counted(study) == n  # exactly the study's total, between both workers
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) == n and all(t.user_attrs.get("weights") for t in done)  # no losses
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers contributed
@@ -85,7 +87,7 @@ def test_running_trials_of_live_workers_hold_slots_and_dead_ones_are_freed(tmp_p
     assert res.new_trials == 3  # 4 - the live worker's running trial
     frozen = res.study.get_trials(deepcopy=False)
     assert frozen[dead_trial.number].state == TrialState.FAIL and frozen[dead_trial.number].user_attrs["interrupted"]
-    assert frozen[live_trial.number].state == TrialState.RUNNING and _counted(res.study) == 3
+    assert frozen[live_trial.number].state == TrialState.RUNNING and counted(res.study) == 3
 
 
 def test_journal_storage_url(tmp_path):
@@ -95,7 +97,7 @@ def test_journal_storage_url(tmp_path):
                                                             sampler="random"), progress=False)
     assert log.is_file() and res.new_trials == 3
     study = optuna.load_study(study_name="optimer", storage=open_storage(f"journal://{log}"))
-    assert _counted(study) == 3
+    assert counted(study) == 3
     assert isinstance(open_storage(f"journal://{log}"), optuna.storages.JournalStorage)
 
 

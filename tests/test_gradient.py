@@ -24,7 +24,8 @@ from optimer_lib.search.gradient import (
     objective_gradient,
     projected_descent,
 )
-from optimer_lib.search.study import SAMPLERS, SearchConfig, run_search
+from optimer_lib.search.samplers import SAMPLERS
+from optimer_lib.search.study import SearchConfig, run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 NAMES = ("ja", "zh", "good")

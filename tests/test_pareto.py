@@ -12,8 +12,8 @@ import pytest
 from helpers import FakeMerger
 from test_rerank import SUITE, fake_metrics, obj
 
+import optimer_lib.scoring.scorer as scorer_mod
 import optimer_lib.search.pareto as pareto_mod
-import optimer_lib.search.study as search_mod
 from optimer_lib.errors import ConfigError
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.scoring.objectives import parse_objective
@@ -28,8 +28,7 @@ SPECS = ["loss:en", "loss:ja", "acc:math"]
 @pytest.fixture
 def fake_eval(monkeypatch):
     fake_metrics.calls = []
-    for mod in (search_mod, pareto_mod):
-        monkeypatch.setattr(mod, "evaluate_suite", fake_metrics)
+    monkeypatch.setattr(scorer_mod, "evaluate_suite", fake_metrics)  # the one scorer every search calls
     return fake_metrics
 
 

@@ -13,17 +13,14 @@ from optuna.trial import TrialState
 
 from optimer_lib.cli import main
 from optimer_lib.errors import ConfigError
-from optimer_lib.experiments.costs import CostLedger, ledger_from_study, search_eval_tokens
+from optimer_lib.experiments.costs import CostLedger, ledger_from_study
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.scoring.fidelity import default_fidelities, nested_metrics
 from optimer_lib.scoring.objectives import Objective, parse_objective
-from optimer_lib.search.pruning import (
-    default_fidelities,
-    fidelity_problems,
-    nested_metrics,
-    parse_fidelities,
-    reduction_factor,
-)
-from optimer_lib.search.study import SearchConfig, _counted, run_search, trial_table
+from optimer_lib.scoring.scorer import TrialScorer
+from optimer_lib.search.pruning import fidelity_problems, parse_fidelities, reduction_factor
+from optimer_lib.search.study import SearchConfig, run_search, trial_table
+from optimer_lib.search.trials import counted
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OPT = {"a": 0.2, "b": 0.7}
@@ -88,22 +85,22 @@ def test_resume_counts_pruned_trials(tmp_path):
     first = fake_search(tmp_path, trials=15, storage=storage)
     assert first.new_trials == 15 and any(t.state == TrialState.PRUNED for t in first.study.trials)
     again = fake_search(tmp_path, trials=20, storage=storage)
-    assert again.new_trials == 5 and len(again.study.trials) == 20 and _counted(again.study) == 20
+    assert again.new_trials == 5 and len(again.study.trials) == 20 and counted(again.study) == 20
     assert fake_search(tmp_path, trials=20, storage=storage).new_trials == 0
     assert again.study.user_attrs["fidelities"] == [2, 5, 10] and again.study.user_attrs["pruner"] == "median"
 
 
 def test_settings_are_checked_all_at_once():
     with pytest.raises(ConfigError) as err:
-        SearchConfig(trials=0, pruner="median", fidelities=(30, 20)).resolved_bounds(["a"])
+        SearchConfig(trials=0, pruner="median", fidelities=(30, 20)).check(["a"])
     said = str(err.value)
     assert "trials must be >= 1" in said and "must increase" in said and "end at the search limit 100" in said
     with pytest.raises(ConfigError, match="unknown pruner 'bogus'.*median"):
-        SearchConfig(pruner="bogus").resolved_bounds(["a"])
+        SearchConfig(pruner="bogus").check(["a"])
     with pytest.raises(ConfigError, match="need a pruner"):
-        SearchConfig(fidelities=(10, 100)).resolved_bounds(["a"])
+        SearchConfig(fidelities=(10, 100)).check(["a"])
     with pytest.raises(ConfigError, match="too small for the default fidelities"):
-        SearchConfig(pruner="asha", search_limit=10).resolved_bounds(["a"])
+        SearchConfig(pruner="asha", search_limit=10).check(["a"])
     assert fidelity_problems("median", (10, 30, None), None) == []
     assert fidelity_problems("median", None, 100) == []
     assert default_fidelities(100) == (11, 33, 100) and default_fidelities(20) == (7, 20)
@@ -163,7 +160,7 @@ def test_real_search_costs_and_complete_values(real, tmp_path):
                      callbacks=[ledger.recorder("live", tokens_evaluated=-1)])
     states = {t.state for t in res.study.trials}
     assert TrialState.COMPLETE in states
-    tokens = {r: search_eval_tokens(tok, suite, objective, SearchConfig(search_limit=r, seq_len=16)) for r in (3, 9)}
+    tokens = {r: TrialScorer(merger, tok, suite, [objective], seq_len=16).eval_tokens(r) for r in (3, 9)}
     for t in res.study.trials:
         reached = max(t.intermediate_values)
         assert t.user_attrs["docs_evaluated"] == {3: 3 * 3, 9: 9 * 2 + 7}[reached]  # each item scored once

@@ -16,7 +16,7 @@ from conftest import make_model, perturbed
 from helpers import FakeMerger, TinyMerger
 from optuna.distributions import FloatDistribution
 
-import optimer_lib.search.study as search_mod
+import optimer_lib.scoring.scorer as scorer_mod
 from optimer_lib.errors import ConfigError
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.scoring.objectives import Objective, parse_objective
@@ -45,7 +45,7 @@ def fake_metrics(model, tokenizer, suite, *, limit=None, **kw):
 @pytest.fixture
 def fake_eval(monkeypatch):
     fake_metrics.calls = []
-    monkeypatch.setattr(search_mod, "evaluate_suite", fake_metrics)
+    monkeypatch.setattr(scorer_mod, "evaluate_suite", fake_metrics)
     monkeypatch.setattr("optimer_lib.scoring.objectives.evaluate_suite", fake_metrics)
     return fake_metrics
 

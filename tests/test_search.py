@@ -13,7 +13,8 @@ from helpers import FakeMerger, TinyMerger
 from optimer_lib.errors import ConfigError, MissingDependencyError, OptimerError
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective, parse_objective
-from optimer_lib.search.study import SAMPLERS, SearchConfig, make_sampler, run_search, trial_table
+from optimer_lib.search.samplers import SAMPLERS, make_sampler
+from optimer_lib.search.study import SearchConfig, run_search, trial_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 OPT = {"a": 0.2, "b": 0.7, "c": 0.5}

@@ -30,9 +30,11 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
+from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
 from optimer_lib.search.specs import parse_bounds
-from optimer_lib.search.study import SearchConfig, SearchResult, open_storage, run_search, trial_table
+from optimer_lib.search.storage import open_storage
+from optimer_lib.search.study import SearchConfig, SearchResult, run_search, trial_table
 from workbench.workspace import SharedPool, WorkbenchError
 
 log = logging.getLogger(__name__)
@@ -50,15 +52,15 @@ class SearchSpec:
     """
 
     objective: str = "balanced"
-    sampler: str = "tpe"
-    trials: int = 20
-    bounds: str = "0:1"
+    sampler: str = INTERACTIVE.sampler
+    trials: int = INTERACTIVE.trials
+    bounds: str = INTERACTIVE.bounds
     study_name: str = ""
-    search_limit: int | None = 32
-    rescore_limit: int | None = 100
-    top_k: int = 0
-    seed: int = 0
-    instruction_weight: float = 0.0
+    search_limit: int | None = INTERACTIVE.search_limit
+    rescore_limit: int | None = INTERACTIVE.rescore_limit
+    top_k: int = INTERACTIVE.top_k
+    seed: int = INTERACTIVE.seed
+    instruction_weight: float = INTERACTIVE.instruction_weight
     objectives: tuple[str, ...] = ()
 
 
@@ -159,7 +161,7 @@ class SearchRun:
                                    bounds=bounds, storage=storage, study_name=self.study_name,
                                    search_limit=spec.search_limit, rescore_limit=spec.rescore_limit,
                                    top_k=int(spec.top_k), workdir=self.workdir)
-        self.config.resolved_bounds(shared.names)  # every settings problem raises here, before the thread
+        self.config.check(shared.names)  # every settings problem raises here, before the thread
         self.workdir.mkdir(parents=True, exist_ok=True)
         storage_for(storage)  # create the tables now: a poller and the thread must not both initialise the DB
         self.events: list[TrialEvent] = []

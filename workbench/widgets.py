@@ -30,7 +30,9 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 
 from optimer_lib.scoring.objectives import presets
-from optimer_lib.search.study import SAMPLERS, SearchResult
+from optimer_lib.search.defaults import INTERACTIVE
+from optimer_lib.search.samplers import SAMPLERS
+from optimer_lib.search.study import SearchResult
 from workbench.chatting import GenSettings, Message
 from workbench.figures import HEIGHT, empty, tune_chart
 from workbench.searching import SearchRun, SearchSpec, load_study
@@ -179,9 +181,10 @@ class SearchRunner(_Component):
     trials finish. :meth:`wait` blocks until the search ends (for headless runs) and raises if it failed.
     """
 
-    def __init__(self, session: Session, *, objective: str = "balanced", sampler: str = "tpe", trials: int = 20,
-                 bounds: str = "0:1", search_limit: int = 32, top_k: int = 0, study_name: str = "",
-                 instruction_weight: float = 0.0) -> None:
+    def __init__(self, session: Session, *, objective: str = "balanced", sampler: str = INTERACTIVE.sampler,
+                 trials: int = INTERACTIVE.trials, bounds: str = INTERACTIVE.bounds,
+                 search_limit: int = INTERACTIVE.search_limit or 32, top_k: int = INTERACTIVE.top_k,
+                 study_name: str = "", instruction_weight: float = INTERACTIVE.instruction_weight) -> None:
         self.session = session
         suite = session.shared.suite
         choices = list(presets(list(suite.texts), list(suite.qa)))

@@ -21,7 +21,6 @@ timestamps (:func:`optimer_lib.experiments.costs.ledger_from_study`).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -31,12 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.data import load_corpus, pack_tokens
 from optimer_lib.errors import ConfigError, OptimerError
-from optimer_lib.experiments.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
-from optimer_lib.search.study import SearchConfig, make_sampler, open_storage, run_search
+from optimer_lib.experiments.costs import CostLedger, ledger_from_study
+from optimer_lib.merging.merger import Merger
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import Objective
+from optimer_lib.scoring.scorer import TrialScorer, eval_tokens
+from optimer_lib.search import record
+from optimer_lib.search.samplers import make_sampler
+from optimer_lib.search.storage import open_storage, workdir_storage
+from optimer_lib.search.study import SearchConfig, run_search
+from optimer_lib.search.trials import run_trials
 from optimer_lib.training.train import TrainConfig, TrainResult, train_cpt, train_model
 
 BUDGET_MODES = ("equal_total", "per_run")
@@ -112,20 +119,26 @@ class MixtureSearchResult:
         return ledger_from_study(self.study, method, attr_tokens_trained="tokens_trained")
 
 
-def _counted(study: optuna.Study) -> list:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-            if not t.user_attrs.get("interrupted")]
+def _counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=record.FINISHED) if record.is_counted(t)]
 
 
-def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: Any, objective: Any,
+def _trained(study: optuna.Study) -> int:
+    """Tokens trained by every candidate holding a slot (finished or running in any worker)."""
+    return sum(int(t.user_attrs.get(record.TOKENS_TRAINED, 0)) for t in study.get_trials(deepcopy=False)
+               if not t.user_attrs.get(record.INTERRUPTED) and t.state in (*record.FINISHED, TrialState.RUNNING))
+
+
+def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: EvalSuite, objective: Objective,
                        cfg: MixtureSearchConfig, *, data: Mapping[str, str] | None = None,
                        ledger: CostLedger | None = None, method: str = "mixture",
                        progress: bool = False) -> MixtureSearchResult:
     """Search mixture ratios with an Optuna sampler; each trial trains and scores one mixture model.
 
-    Resumable (the study lives in ``storage``, default SQLite in the workdir): re-running continues
-    until the budget or ``max_trials`` is reached. Ratios are suggested in [0, 1] per dataset and
-    normalised. ``ledger`` (if given) receives one entry per trial.
+    Resumable (the study lives in ``storage``, default SQLite in the workdir): re-running continues until the
+    budget or ``max_trials`` is reached. Ratios are suggested in [0, 1] per dataset and normalised. Trials run
+    through the one trial loop (:func:`optimer_lib.search.trials.run_trials`: slots, failures, Ctrl-C), so
+    several workers may share the study. ``ledger`` (if given) receives one entry per trial.
     """
     from optimer_lib.checkpoints.models import load_model, load_tokenizer
 
@@ -134,72 +147,64 @@ def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: Any
     workdir.mkdir(parents=True, exist_ok=True)
     tcfg = replace(cfg.train, tokens=cfg.tokens_per_candidate, checkpoint_every=0, trajectory=0)
     tcfg.validate()
-    if cfg.budget_tokens < tcfg.steps * tcfg.batch_size * tcfg.seq_len:
+    planned = tcfg.steps * tcfg.batch_size * tcfg.seq_len
+    if cfg.budget_tokens < planned:
         raise ConfigError(f"budget {cfg.budget_tokens} tokens is less than one candidate "
                           f"({cfg.tokens_per_candidate}): raise budget_tokens")
     tokenizer = load_tokenizer(base)
     blocks = {n: pack_tokens(load_corpus((data or {}).get(n, n), "train"), tokenizer, tcfg.seq_len) for n in names}
     bounds = {n: (0.0, 1.0) for n in names}
-    storage = None if cfg.storage == ":memory:" else cfg.storage or f"sqlite:///{workdir.resolve() / 'optuna.db'}"
     sampler = make_sampler(cfg.sampler, cfg.seed, bounds, cfg.max_trials)
-    study = optuna.create_study(storage=open_storage(storage), study_name=cfg.study_name, direction="minimize",
-                                load_if_exists=True, sampler=sampler)
-    attrs = study.user_attrs
-    if attrs.get("names", names) != names or attrs.get("objective", objective.spec) != objective.spec:
-        raise ConfigError(f"study {cfg.study_name!r} was run with other datasets or objective: use another workdir")
+    study = optuna.create_study(storage=open_storage(workdir_storage(workdir, cfg.storage)),
+                                study_name=cfg.study_name, direction=objective.direction, load_if_exists=True,
+                                sampler=sampler)
+    record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec}, what="workdir")
     if study.trials:
         study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials), bounds, cfg.max_trials)
     elif cfg.enqueue_uniform:
         study.enqueue_trial(dict.fromkeys(names, 1.0))
-    study.set_user_attr("names", names)
-    study.set_user_attr("objective", objective.spec)
+    record.write_study_attrs(study, {record.NAMES: names, record.OBJECTIVE: objective.spec,
+                                     record.DIRECTION: objective.direction, record.SAMPLER: cfg.sampler,
+                                     record.SEED: cfg.seed, record.LIMITS: [cfg.search_limit]})
     per_eval = eval_tokens(tokenizer, suite, objective, limit=cfg.search_limit, seq_len=tcfg.seq_len)
-    planned = tcfg.steps * tcfg.batch_size * tcfg.seq_len
-    while True:
-        counted = _counted(study)
-        trained = sum(int(t.user_attrs.get("tokens_trained", 0)) for t in counted)
-        if len(counted) >= cfg.max_trials or trained + planned > cfg.budget_tokens:
-            break
-        trial = study.ask()
-        ratios = normalised_ratios({n: trial.suggest_float(n, *bounds[n]) for n in names})
+
+    def suggest(trial: optuna.Trial) -> dict[str, float]:
+        raw = {n: trial.suggest_float(n, *bounds[n]) for n in names}
+        ratios = {n: r for n, r in normalised_ratios(raw).items() if r > 0}
+        trial.set_user_attr(record.RATIOS, ratios)
+        trial.set_user_attr(record.TOKENS_TRAINED, planned)
+        trial.set_user_attr(record.TOKENS_EVALUATED, per_eval)
+        return raw
+
+    def score(trial: optuna.Trial, raw: dict[str, float]) -> tuple[float, dict[str, float]]:
+        ratios = normalised_ratios(raw)
         ratios = {n: r for n, r in ratios.items() if r > 0}
-        trial.set_user_attr("ratios", ratios)
-        trial.set_user_attr("tokens_trained", planned)
-        trial.set_user_attr("tokens_evaluated", per_eval)
-        out = workdir / f"cand-{trial.number:03d}"
-        try:
-            model = load_model(base, dtype="float32", device="cpu")
-            train_model(model, tokenizer, {n: blocks[n] for n in ratios}, ratios, out, tcfg,
-                        meta={"base": str(base), "data": ratios, "trial": trial.number}, progress=progress)
-            value, metrics = objective.evaluate(model, tokenizer, suite, limit=cfg.search_limit,
-                                                seq_len=tcfg.seq_len, batch_size=cfg.batch_size)
-            trial.set_user_attr(f"metrics@{cfg.search_limit or 'all'}", metrics)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"objective is {value}")
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        except OptimerError:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        except Exception as exc:  # a diverging candidate must not end the search
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, value)
-        _prune_dirs(study, workdir, cfg.keep_models)
+        model = load_model(base, dtype="float32", device="cpu")
+        train_model(model, tokenizer, {n: blocks[n] for n in ratios}, ratios, workdir / f"cand-{trial.number:03d}",
+                    tcfg, meta={"base": str(base), "data": ratios, "trial": trial.number}, progress=progress)
+        return objective.evaluate(model, tokenizer, suite, limit=cfg.search_limit, seq_len=tcfg.seq_len,
+                                  batch_size=cfg.batch_size)
+
+    def over_budget(study: optuna.Study) -> bool:  # the next candidate would exceed the token budget
+        return _trained(study) + planned > cfg.budget_tokens
+
+    outcome = run_trials(study, total=cfg.max_trials, suggest=suggest, score=score,
+                         metrics_key=record.metrics_key(cfg.search_limit), progress=progress, desc="mixture",
+                         should_stop=over_budget, callbacks=[lambda st, _t: _prune_dirs(st, workdir, cfg.keep_models)])
+    if outcome.interrupted:
+        raise KeyboardInterrupt
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
-        raise OptimerError(f"no mixture candidate of {cfg.study_name!r} completed: check the data and the budget")
+        raise OptimerError(f"no mixture candidate of {cfg.study_name!r} completed: check the data and the budget"
+                           + (f" (first error: {record.first_error(study)})" if record.first_error(study) else ""))
     best = study.best_trial
-    result = MixtureSearchResult(study=study, best_ratios=dict(best.user_attrs["ratios"]),
+    counted = _counted_trials(study)
+    result = MixtureSearchResult(study=study, best_ratios=dict(best.user_attrs[record.RATIOS]),
                                  best_value=float(best.value),
-                                 best_metrics=dict(best.user_attrs.get(f"metrics@{cfg.search_limit or 'all'}", {})),
+                                 best_metrics=dict(best.user_attrs.get(record.metrics_key(cfg.search_limit), {})),
                                  best_dir=workdir / f"cand-{best.number:03d}",
-                                 tokens_trained=sum(int(t.user_attrs.get("tokens_trained", 0))
-                                                    for t in _counted(study)),
-                                 trials=len(_counted(study)))
+                                 tokens_trained=sum(int(t.user_attrs.get(record.TOKENS_TRAINED, 0)) for t in counted),
+                                 trials=len(counted))
     if ledger is not None:
         ledger.extend(result.cost_entries(method))
     return result
@@ -223,7 +228,7 @@ class MethodMerger:
     Use as a context manager: on exit the wrapped merger's method and params are restored.
     """
 
-    def __init__(self, merger: Any, method: str = "optimer", *, weights: str | Mapping[str, float] = "search",
+    def __init__(self, merger: Merger, method: str = "optimer", *, weights: str | Mapping[str, float] = "search",
                  params: Mapping[str, object] | None = None,
                  search_params: Mapping[str, tuple[float, float]] | None = None) -> None:
         self.inner, self.method, self.weights_mode = merger, method, weights
@@ -282,7 +287,8 @@ def apply_choice(merger: Any, choice: Mapping[str, Any]) -> None:
     merger.set_weights(dict(choice["weights"]))
 
 
-def search_baseline(merger: Any, tokenizer: Any, suite: Any, objective: Any, name: str, config: SearchConfig, *,
+def search_baseline(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective, name: str,
+                    config: SearchConfig, *,
                     ledger: CostLedger | None = None, progress: bool = False, **spec: Any) -> dict[str, Any]:
     """Run one baseline of :data:`BASELINES` (``spec`` overrides its entries) with the OptiMer objective.
 
@@ -293,14 +299,14 @@ def search_baseline(merger: Any, tokenizer: Any, suite: Any, objective: Any, nam
     if name not in BASELINES and "method" not in spec:
         raise ConfigError(f"unknown baseline {name!r}: choose one of {', '.join(BASELINES)}")
     full = {**BASELINES.get(name, {}), **spec}
-    per_eval = search_eval_tokens(tokenizer, suite, objective, config)
     t0 = time.perf_counter()
     with MethodMerger(merger, full.get("method", "optimer"), weights=full.get("weights", "search"),
                       params=full.get("params"), search_params=full.get("search_params")) as mm:
+        scorer = TrialScorer(mm, tokenizer, suite, [objective], seq_len=config.seq_len, batch_size=config.batch_size,
+                             record_metrics=config.record_metrics)
+        per_eval = scorer.eval_tokens(config.search_limit)
         if not mm.names:
-            mm.set_weights({})
-            value, metrics = objective.evaluate(mm.model, tokenizer, suite, limit=config.search_limit,
-                                                seq_len=config.seq_len, batch_size=config.batch_size)
+            value, metrics = scorer.score({}, config.search_limit)
             seconds = time.perf_counter() - t0
             if ledger is not None:
                 ledger.add(name, kind="trial", tokens_evaluated=per_eval, seconds=seconds, objective=value)

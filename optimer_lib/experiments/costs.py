@@ -1,9 +1,9 @@
 """Cost accounting in common units for every method, and quality-vs-cost curves.
 
-    from optimer_lib.experiments.costs import CostLedger, eval_tokens, ledger_from_study, search_eval_tokens
+    from optimer_lib.experiments.costs import CostLedger, ledger_from_study
+    from optimer_lib.scoring.scorer import TrialScorer
     ledger = CostLedger()
-    per_trial = eval_tokens(tokenizer, suite, objective, limit=100)        # tokens one scoring reads
-    per_trial = search_eval_tokens(tokenizer, suite, objective, search_config)   # ... as run_search scores
+    per_trial = TrialScorer(merger, tokenizer, suite, [objective]).eval_tokens(100)   # tokens one trial scores
     ledger.add("mixture", kind="trial", tokens_trained=1_600_000, tokens_evaluated=per_trial,
                seconds=163.0, objective=3.63)
     ledger.extend(ledger_from_study(study, "optimer", tokens_evaluated=per_trial))   # from timestamps
@@ -11,7 +11,9 @@
     cost_to_reach(curve, target=3.63)                    # first cumulative cost whose best is <= target
 
 Units (:data:`UNITS`): ``tokens_trained`` (tokens through forward+backward), ``tokens_evaluated``
-(tokens scored: document tokens at the trial's limit plus generated tokens), ``tokens`` (their sum),
+(tokens scored: document tokens at the trial's limit plus generated tokens; counted by
+:meth:`optimer_lib.scoring.scorer.TrialScorer.eval_tokens`, the one place that knows what a trial scores),
+``tokens`` (their sum),
 ``compute`` (forward-token equivalents: ``3 * tokens_trained + tokens_evaluated``, a backward pass
 costing about two forwards) and ``seconds`` (wall time on this machine). A search's curve starts at
 zero at the start of that search; one-off costs (the per-dataset CPT runs of an OptiMer pool) are
@@ -161,44 +163,6 @@ def cost_to_reach(curve: Sequence[tuple[float, float]], target: float, *, tol: f
         if best <= target + tol:
             return cost
     return None
-
-
-def eval_tokens(tokenizer: Any, suite: Any, objective: Any = None, *, limit: int | None = None,
-                seq_len: int = 128, max_new_tokens: int = 8, model: Any = None) -> int:
-    """Tokens one scoring of ``suite`` processes: what :func:`optimer_lib.scoring.evaluate.evaluate_suite` reads.
-
-    Text sets: every document among the first ``limit`` (as tokenised for scoring: bos first,
-    truncated to ``seq_len`` and the model's position limit, documents under 2 tokens skipped).
-    QA sets: prompt tokens plus ``max_new_tokens`` per item (batched greedy generation runs until every
-    row is done, so the maximum is what is paid). Only the sets ``objective`` reads are counted (all
-    of them for a callable objective or ``None``).
-    """
-    from optimer_lib.scoring.evaluate import _encode, max_positions
-
-    texts = getattr(objective, "needed_texts", None) if getattr(objective, "terms", None) else None
-    qa = getattr(objective, "needed_qa", None) if getattr(objective, "terms", None) else None
-    max_pos = max_positions(model) if model is not None else None
-    width = min(seq_len, max_pos) if max_pos else seq_len
-    total = 0
-    for name, docs in suite.texts.items():
-        if texts is None or name in texts:
-            lengths = (min(len(_encode(tokenizer, d)), width) for d in docs[:limit])
-            total += sum(n for n in lengths if n >= 2)
-    for name, pairs in suite.qa.items():
-        if qa is None or name in qa:
-            total += sum(len(_encode(tokenizer, p)) + max_new_tokens for p, _ in pairs[:limit])
-    return total
-
-
-def search_eval_tokens(tokenizer: Any, suite: Any, objective: Any, config: Any, *, rescore: bool = False) -> int:
-    """Tokens one trial of :func:`optimer_lib.search.study.run_search` with ``config`` scores (or one re-score).
-
-    A search that records every metric (``config.record_metrics == "all"``, weighted objectives)
-    scores the whole suite, not only what the objective reads.
-    """
-    whole = getattr(config, "record_metrics", "needed") == "all" and getattr(objective, "fn", None) is None
-    limit = config.rescore_limit if rescore else config.search_limit
-    return eval_tokens(tokenizer, suite, None if whole else objective, limit=limit, seq_len=config.seq_len)
 
 
 def ledger_from_study(study: Any, method: str, *, tokens_evaluated: int = 0, tokens_trained: int = 0,

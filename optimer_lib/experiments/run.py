@@ -10,8 +10,8 @@
 Every stage writes ``<workdir>/stages/<stage>.json`` and is skipped when that file exists, so an
 interrupted run resumes (searches also resume inside their Optuna studies). Searches see dev splits
 only; the ``final`` stage alone scores test splits. The end writes ``costs.json``, ``summary.json``,
-``report.html``, ``report.md`` and ``FINDINGS.md`` in the workdir (a full run also writes the
-repository's ``FINDINGS.md``). The regime map (two model sizes x two base recipes x two CPT learning
+``report.html``, ``report.md`` and ``FINDINGS.md`` in the workdir, and a copy of ``FINDINGS.md`` only where
+``findings=`` (``--findings``) says. The regime map (two model sizes x two base recipes x two CPT learning
 rates: new small bases are pretrained) lives in ``regime-*`` stages.
 """
 
@@ -29,15 +29,15 @@ from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_ve
 from optimer_lib.data import assets_dir, load_eval_suite
 from optimer_lib.experiments import analysis as an
 from optimer_lib.experiments import baselines as bl
-from optimer_lib.experiments.costs import CostEntry, ledger_from_study, search_eval_tokens
+from optimer_lib.experiments.costs import CostEntry, ledger_from_study
 from optimer_lib.fileio import atomic_write_json
 from optimer_lib.scoring.evaluate import evaluate_suite
 from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.scoring.scorer import TrialScorer
 from optimer_lib.search.study import SearchConfig, run_search
 from optimer_lib.training.train import TrainConfig, train_cpt
 
 MERGE_BASELINES = ("uniform", "task_arithmetic", "ties", "dare")
-REPO_FINDINGS = Path(__file__).resolve().parent.parent / "FINDINGS.md"
 
 
 @dataclass
@@ -133,7 +133,9 @@ class Experiments:
         return open_pool(self.base, [self.wd / "vectors" / f"{n}.safetensors" for n in self.cfg.corpora])
 
     def per_eval(self, config: SearchConfig, rescore: bool = False) -> int:
-        return search_eval_tokens(self.pool.tokenizer, self.dev, self.objective, config, rescore=rescore)
+        scorer = TrialScorer(self.pool.merger, self.pool.tokenizer, self.dev, [self.objective], seq_len=config.seq_len,
+                             record_metrics=config.record_metrics)
+        return scorer.eval_tokens(config.rescore_limit if rescore else config.search_limit)
 
     # -- stages ---------------------------------------------------------------------------------------------
     def pool_stage(self) -> dict[str, Any]:

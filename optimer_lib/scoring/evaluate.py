@@ -57,7 +57,7 @@ class EvalSuite:
             qa={k: v for k, v in self.qa.items() if qa is None or k in qa})
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     dev = getattr(model, "device", None)
     if isinstance(dev, torch.device):
         return dev
@@ -77,7 +77,7 @@ def max_positions(model: Any) -> int | None:
     return None
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
     # add_special_tokens=False + explicit bos gives the same layout for every tokenizer family
     # (some add bos themselves, some add eos, some nothing).
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -92,20 +92,20 @@ _CACHE: OrderedDict[tuple, tuple[Any, tuple[str, ...], list[list[int]]]] = Order
 _CACHE_SIZE = 32
 
 
-def _encoded_texts(tokenizer: Any, texts: tuple[str, ...], seq_len: int) -> list[list[int]]:
+def encoded_texts(tokenizer: Any, texts: tuple[str, ...], seq_len: int) -> list[list[int]]:
     key = (id(tokenizer), seq_len, len(texts), hash(texts))
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is tokenizer and hit[1] == texts:
         _CACHE.move_to_end(key)
         return hit[2]
-    encoded = [_encode(tokenizer, t)[:seq_len] for t in texts]
+    encoded = [encode_text(tokenizer, t)[:seq_len] for t in texts]
     _CACHE[key] = (tokenizer, texts, encoded)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return encoded
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
@@ -125,7 +125,7 @@ def scored_documents(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: 
         raise DataError("no documents to score: the dev set is empty (check the corpus split or --limit)")
     max_pos = max_positions(model)
     seq_len = min(seq_len, max_pos) if max_pos else seq_len
-    encoded = [e for e in _encoded_texts(tokenizer, subset, seq_len) if len(e) >= 2]
+    encoded = [e for e in encoded_texts(tokenizer, subset, seq_len) if len(e) >= 2]
     if not encoded:
         raise DataError("every dev document is shorter than 2 tokens; nothing to predict")
     return sorted(encoded, key=len, reverse=True)
@@ -140,7 +140,7 @@ def mean_token_loss(model: Any, tokenizer: Any, texts: Sequence[str], *, seq_len
     perplexity. Raises DataError when nothing is left to score.
     """
     encoded = scored_documents(model, tokenizer, texts, seq_len, limit)
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_token_id(tokenizer)
     starts = range(0, len(encoded), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -220,8 +220,8 @@ def exact_match(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *,
     subset = list(pairs[:limit] if limit is not None else pairs)
     if not subset:
         raise DataError("no QA pairs to score: the QA dev set is empty (check the split or --limit)")
-    encoded = sorted(((_encode(tokenizer, p), g) for p, g in subset), key=lambda e: len(e[0]))
-    device, pad = _device(model), _pad_id(tokenizer)
+    encoded = sorted(((encode_text(tokenizer, p), g) for p, g in subset), key=lambda e: len(e[0]))
+    device, pad = model_device(model), pad_token_id(tokenizer)
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):

@@ -12,8 +12,10 @@ Metrics are named ``kind:name``: ``loss`` and ``ppl`` (lower is better) for text
 entering as ``-v``, so weights are relative and values stay on the metrics' own scale.
 
 A callable is called as ``fn(model, tokenizer, **kw)``, where ``kw`` holds whichever of ``suite``,
-``limit``, ``seq_len`` and ``batch_size`` it accepts, and returns either the float to minimise or a
-dict of metrics with an ``"objective"`` entry (the float to minimise; the rest is recorded).
+``limit``, ``seq_len`` and ``batch_size`` it accepts, and returns either the objective's float or a
+dict of metrics with an ``"objective"`` entry (the rest is recorded). It is minimised unless it says
+otherwise: a function attribute ``higher_is_better = True`` (or ``--maximize`` / ``maximize=True``)
+makes every search, Pareto front and re-ranking maximise it (an accuracy, a reward).
 
 A term ``lmeval:SOURCE[:METRIC]`` is a metric of an lm-evaluation-harness task (a local task YAML,
 a directory of them, or a task shipped with lm-eval; see :mod:`optimer_lib.scoring.lmeval`), scored on the
@@ -71,15 +73,26 @@ class Objective:
     terms: dict[str, float] = field(default_factory=dict)
     fn: Callable[..., Any] | None = None
     spec: str = ""
+    maximize: bool | None = None  # None: a callable's own ``higher_is_better`` attribute (default False)
 
     def __post_init__(self) -> None:
         if (self.fn is None) == (not self.terms):
             raise ConfigError("an Objective needs either metric terms or a callable (exactly one of them)")
+        if self.maximize is None:
+            self.maximize = bool(getattr(self.fn, "higher_is_better", False))
+        if self.maximize and (self.fn is None or isinstance(self.fn, WeightedTerms)):
+            raise ConfigError("a weighted metric list is always minimised (acc terms enter negated): drop "
+                              "--maximize, or give a callable objective that returns the value to maximise")
         if self.terms and not sum(abs(w) for w in self.terms.values()) > 0:
             raise ConfigError("objective weights are all zero: give at least one metric a non-zero weight")
         if not self.spec:
             self.spec = (",".join(f"{k}={w:g}" for k, w in self.terms.items()) if self.terms
                          else f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', '?')}")
+
+    @property
+    def direction(self) -> str:
+        """``"maximize"`` for a callable that says higher is better (``--maximize``, ``higher_is_better``)."""
+        return "maximize" if self.maximize else "minimize"
 
     @property
     def needed_metrics(self) -> tuple[str, ...]:
@@ -233,7 +246,8 @@ def valid_metrics(available: Sequence[str], qa_names: Sequence[str] = ()) -> lis
     return [f"{k}:{n}" for n in available for k in LOWER_IS_BETTER] + [f"acc:{n}" for n in qa_names]
 
 
-def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[str] = ()) -> Objective:
+def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[str] = (),
+                    maximize: bool | None = None) -> Objective:
     """Turn an ``--objective`` string into an :class:`Objective`; every problem raises ConfigError.
 
     ``available`` are the text distribution names of the dev suite, ``qa_names`` its QA tasks.
@@ -242,6 +256,8 @@ def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[s
     (loss, ppl, acc) or ``lmeval`` always means a metric, never a module of that name. A list with
     ``lmeval:SOURCE[:METRIC]`` terms loads their lm-eval tasks now (so a bad task fails before any
     trial; MissingDependencyError without the ``lmeval`` extra) and becomes a :class:`WeightedTerms`.
+    ``maximize=True`` asks to maximise a callable (None: the callable's ``higher_is_better`` attribute);
+    weighted lists are always minimised.
     """
     spec = (spec or "").strip()
     table = presets(available, qa_names)
@@ -250,6 +266,9 @@ def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[s
                  "or a callable 'module:function' / 'path/to/file.py:function'")
     if not spec:
         raise ConfigError(f"empty --objective; {help_text}")
+    if maximize and not is_callable_spec(spec, table):
+        raise ConfigError(f"--maximize applies to a callable objective; {spec!r} is a weighted metric list, which "
+                          "is always minimised (acc terms enter negated): drop --maximize")
     if spec in table:
         return Objective(terms=dict(table[spec]), spec=spec)
     head = spec.split(":", 1)[0].strip()
@@ -259,8 +278,14 @@ def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[s
             return Objective(fn=WeightedTerms(terms, lmeval_terms), spec=spec)
         return Objective(terms=terms, spec=spec)
     if ":" in spec:
-        return Objective(fn=_load_callable(spec, help_text), spec=spec)
+        return Objective(fn=_load_callable(spec, help_text), spec=spec, maximize=maximize)
     raise ConfigError(f"unknown objective preset {spec!r}; {help_text}")
+
+
+def is_callable_spec(spec: str, table: Mapping[str, Any] = ()) -> bool:
+    """Whether ``spec`` names a callable (``module:function``) rather than a preset or a metric list."""
+    head = spec.split(":", 1)[0].strip()
+    return spec not in table and ":" in spec and not ("=" in spec or "," in spec or head in KINDS or head == LMEVAL)
 
 
 def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str],

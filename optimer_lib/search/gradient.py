@@ -46,8 +46,9 @@ import torch.nn.functional as F
 
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.methods import ResidentMerger
-from optimer_lib.scoring.evaluate import EvalSuite, _device, _pad_id, scored_documents
+from optimer_lib.scoring.evaluate import EvalSuite, model_device, pad_token_id, scored_documents
 from optimer_lib.scoring.objectives import HIGHER_IS_BETTER, LOWER_IS_BETTER, Objective
+from optimer_lib.search import record
 
 if TYPE_CHECKING:
     from optimer_lib.search.study import SearchConfig
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 Bounds = Mapping[str, tuple[float, float]]
 LINEAR_METHODS = ("optimer", "linear")
 OPTIMIZERS = ("adam", "sgd")
-WARM_START_ATTR = "grad_warm_start"  # study user attr: what the gradient warm start did
+WARM_START_ATTR = record.GRAD_WARM_START  # study user attr: what the gradient warm start did
 
 
 def differentiable_terms(objective: Objective) -> tuple[dict[str, float], tuple[str, ...]]:
@@ -185,7 +186,7 @@ def _loss_and_grad(merger: ResidentMerger, tokenizer: Any, texts: Sequence[str],
     encoded = scored_documents(model, tokenizer, texts, seq_len, limit)
     count = sum(len(e) - 1 for e in encoded)  # the scored targets: every token but each document's first
     total = 0.0
-    for ids, mask, target in _batches(encoded, batch_size, _pad_id(tokenizer), _device(model)):
+    for ids, mask, target in _batches(encoded, batch_size, pad_token_id(tokenizer), model_device(model)):
         logits = model(input_ids=ids, attention_mask=mask).logits
         logits = logits if logits.dtype == torch.float64 else logits.float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
@@ -378,9 +379,9 @@ class GradientTPESampler(optuna.samplers.TPESampler):
             if key in seen or len(seen) >= config.trials:
                 continue
             seen.add(key)
-            attrs: dict[str, Any] = {"grad_step": k}
+            attrs: dict[str, Any] = {record.GRAD_STEP: k}
             if point.value is not None:
-                attrs["grad_value"] = point.value
+                attrs[record.GRAD_VALUE] = point.value
             study.enqueue_trial(dict(point.weights), user_attrs=attrs, skip_if_exists=True)
         study.set_user_attr(WARM_START_ATTR, {
             "evaluations": sum(p.value is not None for p in path), "enqueued": len(seen), "lr": self.lr,

@@ -9,7 +9,9 @@
     pareto_front(single_objective_study, ["loss:ja", "acc:math"])   # a front from stored metrics, no evaluation
     # CLI: optimer search ... --objectives ppl:ja acc:math loss:en [--sampler nsga2]
 
-Every objective is minimised (``acc`` enters negated, as in :mod:`optimer_lib.scoring.objectives`). Samplers:
+Values are compared lower-is-better: a weighted objective is minimised (``acc`` enters negated, as in
+:mod:`optimer_lib.scoring.objectives`); a callable that is to be maximised (``Objective.direction``) is stored as
+it is, in a study direction of "maximize", and enters the front negated. Samplers:
 ``tpe`` (default, multi-objective TPE), ``nsga2`` (NSGA-II) and ``random``. Trials store weights and
 metrics exactly like :func:`optimer_lib.search.study.run_search` (``metrics@<search_limit>``, every suite
 metric with ``record_metrics="all"``), so a multi-objective study can be re-ranked for any scalar
@@ -23,28 +25,30 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optimer_lib.errors import ConfigError, OptimerError
-from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from optimer_lib.errors import ConfigError
+from optimer_lib.fileio import atomic_write_json
+from optimer_lib.merging.merger import Merger
+from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
+from optimer_lib.scoring.scorer import TrialScorer
+from optimer_lib.search import record
 from optimer_lib.search.rerank import resolve_objective, score_stored
-from optimer_lib.search.study import SearchConfig, _atomic_json, _counted, _tag, open_storage, tell_outcome
+from optimer_lib.search.samplers import startup_trials
+from optimer_lib.search.storage import open_storage
+from optimer_lib.search.study import SearchConfig, no_trial_completed
+from optimer_lib.search.trials import counted, run_trials
 
 log = logging.getLogger(__name__)
 
 
-def _startup(n: int) -> int:
-    return max(2, min(10, n // 5))
-
-
 PARETO_SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
-    "tpe": lambda seed, n: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=_startup(n)),
+    "tpe": lambda seed, n: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials(n)),
     "nsga2": lambda seed, n: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n // 5))),
     "random": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
 }
@@ -89,19 +93,21 @@ def all_points(study: optuna.Study, objectives: Sequence[str | Objective] | None
     """Every COMPLETE trial as a point: its stored values, or ``objectives`` recomputed from stored metrics."""
     if objectives is None:
         n_obj = len(study.directions)
-        specs = study.user_attrs.get("objectives") or [study.user_attrs.get("objective", "objective")]
+        specs = study.user_attrs.get(record.OBJECTIVES) or [study.user_attrs.get(record.OBJECTIVE, "objective")]
         specs = specs if len(specs) == n_obj else [f"objective {i}" for i in range(n_obj)]
         sign = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions]
         out = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            metrics = next((v for k, v in t.user_attrs.items() if k.startswith("metrics@")), {})
+            metrics = record.best_stored_metrics(t)
             out.append(ParetoPoint(t.number, {n: float(v) for n, v in t.params.items()},
                                    {s: g * v for s, g, v in zip(specs, sign, t.values, strict=True)}, dict(metrics)))
         return out
     objs = [resolve_objective(study, o) for o in objectives]
     scored = [{r.number: r for r in score_stored(study, o, fidelity=fidelity)[0]} for o in objs]
     common = sorted(set.intersection(*(set(s) for s in scored)))
-    return [ParetoPoint(n, scored[0][n].weights, {o.spec: s[n].value for o, s in zip(objs, scored, strict=True)},
+    sign = {o.spec: -1.0 if o.direction == "maximize" else 1.0 for o in objs}  # the front compares lower-is-better
+    return [ParetoPoint(n, scored[0][n].weights,
+                        {o.spec: sign[o.spec] * s[n].value for o, s in zip(objs, scored, strict=True)},
                         scored[0][n].metrics) for n in common]
 
 
@@ -116,20 +122,15 @@ def pareto_front(study: optuna.Study, objectives: Sequence[str | Objective] | No
                   key=lambda p: (list(p.values.values()), p.number))
 
 
-def _check(study: optuna.Study, names: list[str], specs: list[str]) -> None:
-    attrs = study.user_attrs
-    if attrs.get("names") not in (None, names) or attrs.get("objectives") not in (None, specs):
-        raise ConfigError(f"study {study.study_name!r} was run with vectors {attrs.get('names')} and objectives "
-                          f"{attrs.get('objectives')} (now {names}, {specs}): pick a new --study name")
-
-
-def run_pareto_search(merger: Any, tokenizer: Any, suite: EvalSuite, objectives: Sequence[Objective],
+def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectives: Sequence[Objective],
                       config: SearchConfig, *, callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
                       progress: bool = True) -> ParetoResult:
     """Run (or resume) a multi-objective study to ``config.trials``; write ``<workdir>/pareto.json``.
 
-    ``config.sampler`` is one of :data:`PARETO_SAMPLERS`; ``direction``, ``top_k`` and
-    ``rescore_limit`` are not used. Trial failures are handled as in ``run_search``.
+    ``config.sampler`` is one of :data:`PARETO_SAMPLERS`; ``top_k`` and ``rescore_limit`` are not used, each
+    objective keeps its own direction (``Objective.direction``). Trials run through the one trial loop
+    (:func:`optimer_lib.search.trials.run_trials`): several workers on one study finish exactly ``trials``,
+    failures are handled as in ``run_search``.
     """
     objs, specs = list(objectives), [o.spec for o in objectives]
     problems = [] if len(objs) >= 2 else [f"give at least two objectives for a Pareto search (got {len(objs)})"]
@@ -137,87 +138,41 @@ def run_pareto_search(merger: Any, tokenizer: Any, suite: EvalSuite, objectives:
         problems.append(f"objectives repeat: {specs}")
     if getattr(config, "pruner", "none") != "none":
         raise ConfigError("pruning works with one objective: a Pareto search has no single value to prune on")
-    if config.sampler not in PARETO_SAMPLERS:
-        problems.append(f"unknown multi-objective sampler {config.sampler!r}; "
-                        f"choose one of {', '.join(PARETO_SAMPLERS)}")
+    names = list(merger.names)
+    bounds, bound_problems = config.bound_problems(names)
+    problems += bound_problems + config.setting_problems(PARETO_SAMPLERS)
     if problems:
         raise ConfigError("bad Pareto search settings:\n  - " + "\n  - ".join(problems))
-    names = list(merger.names)
-    bounds = dataclasses.replace(config, sampler="tpe").resolved_bounds(names)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    directions = [o.direction for o in objs]
     study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
-                                load_if_exists=True, directions=["minimize"] * len(objs))
-    _check(study, names, specs)
+                                load_if_exists=True, directions=directions)
+    record.check_study(study, {record.NAMES: names, record.OBJECTIVES: specs})
     study.sampler = PARETO_SAMPLERS[config.sampler](config.seed + len(study.trials), config.trials)
-    for key, value in {"names": names, "objectives": specs, "sampler": config.sampler, "seed": config.seed,
-                       "limits": [config.search_limit], "record_metrics": config.record_metrics,
-                       "suite": {"texts": list(suite.texts), "qa": list(suite.qa)}}.items():
-        if key not in study.user_attrs:
-            study.set_user_attr(key, value)
-    kw = {"limit": config.search_limit, "seq_len": config.seq_len, "batch_size": config.batch_size}
-    terms = [o for o in objs if o.fn is None]
-    sub = suite if config.record_metrics == "all" else suite.select(
-        texts=set().union(*(o.needed_texts for o in terms)), qa=set().union(*(o.needed_qa for o in terms)))
-
-    def score(weights: dict[str, float]) -> tuple[list[float], dict[str, float]]:
-        merger.set_weights(weights)
-        metrics = evaluate_suite(merger.model, tokenizer, sub, **kw) if terms else {}
-        values = []
-        for o in objs:
-            if o.fn is None:
-                values.append(o(metrics))
-            else:
-                v, m = o.evaluate(merger.model, tokenizer, suite, **kw)
-                metrics.update({k: x for k, x in m.items() if k != "objective"})
-                metrics[f"objective:{o.spec}"] = v
-                values.append(v)
-        return values, metrics
-
-    done, interrupted = _loop(study, score, bounds, config, list(callbacks), progress)
+    record.write_study_attrs(study, {
+        record.NAMES: names, record.OBJECTIVES: specs, record.SAMPLER: config.sampler, record.SEED: config.seed,
+        record.LIMITS: [config.search_limit], record.RECORD_METRICS: config.record_metrics,
+        record.SUITE: {"texts": list(suite.texts), "qa": list(suite.qa)}})
+    scorer = TrialScorer(merger, tokenizer, suite, objs, seq_len=config.seq_len, batch_size=config.batch_size,
+                         record_metrics=config.record_metrics)
+    outcome = run_trials(study, total=config.trials,
+                         suggest=lambda t: {n: t.suggest_float(n, *b) for n, b in bounds.items()},
+                         score=lambda trial, weights: scorer.score(weights, config.search_limit),
+                         metrics_key=record.metrics_key(config.search_limit), callbacks=callbacks, progress=progress,
+                         desc="pareto")
     front = pareto_front(study)
     if not front:
-        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs]
-        if interrupted:
+        if outcome.interrupted:
             raise KeyboardInterrupt
-        raise OptimerError(f"no trial of study {config.study_name!r} completed"
-                           + (f"; first error: {errors[0]}" if errors else ""))
-    payload = {"objectives": specs, "study": config.study_name, "storage": config.storage_url() or ":memory:",
-               "sampler": config.sampler, "seed": config.seed, "search_limit": config.search_limit,
-               "trials": _counted(study), "front": [{"trial": p.number, "weights": p.weights, "values": p.values,
-                                                     "metrics": p.metrics} for p in front]}
-    path = _atomic_json(workdir / "pareto.json", payload)
-    return ParetoResult(study, specs, front, path, done, interrupted)
-
-
-def _loop(study: optuna.Study, score: Callable[[dict[str, float]], tuple[list[float], dict[str, float]]],
-          bounds: dict[str, tuple[float, float]], config: SearchConfig,
-          callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], progress: bool) -> tuple[int, bool]:
-    remaining = max(0, config.trials - _counted(study))
-    key = f"metrics@{_tag(config.search_limit)}"
-    bar = None
-    if progress and remaining:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=remaining, desc=f"pareto {config.study_name}", unit="trial")
-    done = 0
-    try:
-        for _ in range(remaining):
-            trial = study.ask()
-            weights = {n: trial.suggest_float(n, *b) for n, b in bounds.items()}
-            trial.set_user_attr("weights", weights)
-            frozen = tell_outcome(study, trial, partial(score, weights), key)
-            if frozen is None:
-                return done, True
-            done += 1
-            if bar is not None:
-                bar.update(1)
-            for cb in callbacks:
-                cb(study, frozen)
-    finally:
-        if bar is not None:
-            bar.close()
-    return done, False
+        raise no_trial_completed(study)
+    payload = {"objectives": specs, "directions": directions, "study": config.study_name,
+               "storage": config.storage_url() or ":memory:", "sampler": config.sampler, "seed": config.seed,
+               "search_limit": config.search_limit, "trials": counted(study),
+               "front": [{"trial": p.number, "weights": p.weights, "values": p.values, "metrics": p.metrics}
+                         for p in front]}
+    path = atomic_write_json(workdir / "pareto.json", payload)
+    return ParetoResult(study, specs, front, path, outcome.done, outcome.interrupted)
 
 
 def export_point(pool: Any, point: ParetoPoint, out_dir: str | Path, *, overwrite: bool = False) -> Path:

@@ -6,16 +6,13 @@
 
     optimer search ... --pruner asha --fidelities 10,30,100
 
-    from optimer_lib.search.pruning import nested_metrics
-    for limit, metrics in nested_metrics(model, tokenizer, suite, (10, 30, 100)):
-        ...   # metrics ≈ evaluate_suite(model, tokenizer, suite, limit=limit) (float rounding apart)
-
-``evaluate_suite(limit=N)`` reads the *first* N items of every dev set, so the rungs nest: a rung scores only
-the items the previous rung did not, and a trial that reaches the last rung has cost what one scoring at
-``search_limit`` costs. After every rung the objective is reported to Optuna (``trial.report(value,
+What each rung scores and costs is planned by :meth:`optimer_lib.scoring.scorer.TrialScorer.plan` (nested
+subsets, :mod:`optimer_lib.scoring.fidelity`: a trial that reaches the last rung has cost what one scoring at
+``search_limit`` costs); this module decides when to stop. After every rung the objective is reported to
+Optuna (``trial.report(value,
 step=limit)``); after every rung but the last the pruner may stop the trial: it is told PRUNED, with that
 rung's metrics in ``metrics@<limit>`` and its cost in ``docs_evaluated`` / ``tokens_evaluated`` (items and
-tokens scored; a one-fidelity search sets neither: each trial costs one scoring, ``costs.search_eval_tokens``).
+tokens scored; a one-fidelity search sets neither: each trial costs one scoring, ``TrialScorer.eval_tokens``).
 Only COMPLETE trials (scored at ``search_limit``) compete for best and for top-k re-scoring; pruned ones count
 toward ``trials``.
 
@@ -28,22 +25,18 @@ several successive-halving brackets). Whether pruning pays off is measured by ``
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import Any
 
 import optuna
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.scoring.evaluate import EvalSuite, _encoded_texts, exact_match, max_positions, mean_token_loss
-from optimer_lib.scoring.objectives import Objective
+from optimer_lib.scoring.fidelity import FidelityPlan, Limit, default_fidelities, fmt_limits
+from optimer_lib.scoring.scorer import TrialScorer
+from optimer_lib.search import record
 
 PrunerFactory = Callable[[tuple[int, ...], int], optuna.pruners.BasePruner]
-MIN_RUNG = 5  # default rungs score at least this many items per dev set (fewer is mostly noise)
-Limit = int | None  # documents per dev set; None = all
 
 
 def reduction_factor(steps: Sequence[int]) -> int:
@@ -79,15 +72,6 @@ PRUNERS: dict[str, PrunerFactory] = {"none": _none, "median": _median, "successi
                                      "asha": _asha, "hyperband": _hyperband}
 
 
-def default_fidelities(search_limit: int) -> tuple[int, ...]:
-    """Rungs at about 1/9, 1/3 and all of ``search_limit`` (those under :data:`MIN_RUNG` dropped).
-
-    ``default_fidelities(100) == (11, 33, 100)``; a limit under 14 leaves a single rung (no pruning possible).
-    """
-    lower = [r for r in (round(search_limit / 9), round(search_limit / 3)) if MIN_RUNG <= r < search_limit]
-    return (*dict.fromkeys(lower), search_limit)
-
-
 def fidelity_problems(pruner: str, fidelities: Sequence[Limit] | None, search_limit: Limit) -> list[str]:
     """Every problem with ``pruner``/``fidelities`` for a search at ``search_limit`` (empty list: fine)."""
     if pruner not in PRUNERS:
@@ -98,26 +82,23 @@ def fidelity_problems(pruner: str, fidelities: Sequence[Limit] | None, search_li
                     f"give fidelities explicitly (e.g. 3,{search_limit})"]
         return []
     if pruner == "none":
-        return [f"fidelities {_fmt(fidelities)} need a pruner: choose one of "
+        return [f"fidelities {fmt_limits(fidelities)} need a pruner: choose one of "
                 f"{', '.join(p for p in PRUNERS if p != 'none')}"]
     rungs = list(fidelities)
     head = rungs[:-1] if search_limit is None else rungs
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in head):
-        return [f"fidelities must be whole numbers of documents >= 1, got {_fmt(fidelities)}"]
+        return [f"fidelities must be whole numbers of documents >= 1, got {fmt_limits(fidelities)}"]
     problems = []
     if len(rungs) < 2:
         example = f"{max(1, search_limit // 3)},{search_limit}" if search_limit else "10,all"
-        problems.append(f"fidelities need at least two rungs (e.g. {example}), got {_fmt(fidelities)}"
+        problems.append(f"fidelities need at least two rungs (e.g. {example}), got {fmt_limits(fidelities)}"
                         + (": raise --search-limit or give --fidelities" if search_limit and search_limit < 15 else ""))
     if any(b <= a for a, b in pairwise(head)):
-        problems.append(f"fidelities must increase, got {_fmt(fidelities)}")
+        problems.append(f"fidelities must increase, got {fmt_limits(fidelities)}")
     if rungs[-1] != search_limit:
-        problems.append(f"fidelities must end at the search limit {_fmt([search_limit])}, got {_fmt(fidelities)}")
+        problems.append(f"fidelities must end at the search limit {fmt_limits([search_limit])}, "
+                        f"got {fmt_limits(fidelities)}")
     return problems
-
-
-def _fmt(limits: Sequence[Any]) -> str:
-    return ",".join("all" if r is None else str(r) for r in limits)
 
 
 def parse_fidelities(spec: str) -> tuple[Limit, ...]:
@@ -135,104 +116,8 @@ def parse_fidelities(spec: str) -> tuple[Limit, ...]:
     return tuple(out)
 
 
-def nested_metrics(model: Any, tokenizer: Any, suite: EvalSuite, limits: Sequence[Limit], *, seq_len: int = 128,
-                   batch_size: int = 16, max_new_tokens: int = 8) -> Iterator[tuple[Limit, dict[str, float]]]:
-    """Yield ``(limit, metrics)`` for each of the increasing ``limits``, scoring each item only once.
-
-    ``metrics`` are those of ``evaluate_suite(..., limit=limit)``: losses are token-weighted means of the
-    rungs' parts, accuracies counts over all items so far (equal up to float rounding; the first rung is
-    exactly evaluate_suite's). Raises DataError as evaluate_suite does when a set has nothing to score.
-    """
-    max_pos = max_positions(model)
-    width = min(seq_len, max_pos) if max_pos else seq_len
-    parts: dict[str, list[tuple[float, int]]] = {name: [] for name in suite.texts}
-    right: dict[str, list[int]] = {name: [0, 0] for name in suite.qa}
-    prev = 0
-    for limit in limits:
-        metrics: dict[str, float] = {}
-        for name, docs in suite.texts.items():
-            delta = docs[prev:limit]
-            tokens = sum(len(e) - 1 for e in _encoded_texts(tokenizer, tuple(delta), width) if len(e) >= 2)
-            if tokens:
-                parts[name].append((mean_token_loss(model, tokenizer, delta, seq_len=seq_len,
-                                                    batch_size=batch_size), tokens))
-            if not parts[name]:  # nothing scorable yet: let evaluate's own check raise its DataError
-                mean_token_loss(model, tokenizer, docs, seq_len=seq_len, batch_size=batch_size, limit=limit)
-            got = parts[name]
-            loss = got[0][0] if len(got) == 1 else sum(v * n for v, n in got) / sum(n for _, n in got)
-            metrics[f"loss:{name}"] = loss
-            metrics[f"ppl:{name}"] = math.exp(min(loss, 700.0))
-        for name, pairs in suite.qa.items():
-            delta_pairs = pairs[prev:limit]
-            if delta_pairs:
-                acc = exact_match(model, tokenizer, delta_pairs, max_new_tokens=max_new_tokens, batch_size=batch_size)
-                right[name][0] += round(acc * len(delta_pairs))
-                right[name][1] += len(delta_pairs)
-            if not right[name][1]:
-                exact_match(model, tokenizer, pairs, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            metrics[f"acc:{name}"] = right[name][0] / right[name][1]
-        yield limit, metrics
-        if limit is None:
-            return
-        prev = limit
-
-
-def n_items(suite: EvalSuite, limit: Limit) -> int:
-    """Documents plus QA items among the first ``limit`` of every set of ``suite``."""
-    return sum(len(v[:limit]) for v in (*suite.texts.values(), *suite.qa.values()))
-
-
-@dataclass
-class FidelityPlan:
-    """The rungs of a multi-fidelity search and what reaching each one has cost a trial.
-
-    ``limits`` are documents per dev set (last: ``search_limit``; None = all), ``steps`` the Optuna report
-    steps (the limits, "all" as the largest set's size), ``docs[k]``/``tokens[k]`` the items/tokens scored
-    by a trial that stopped at rung k (tokens None when not countable: callable objectives).
-    """
-
-    limits: tuple[Limit, ...]
-    steps: tuple[int, ...]
-    docs: tuple[int, ...]
-    tokens: tuple[int, ...] | None
-    scored: EvalSuite
-    incremental: bool
-
-
-def fidelity_plan(config: Any, suite: EvalSuite, objective: Objective, tokenizer: Any) -> FidelityPlan:
-    """Resolve ``config.fidelities`` (or the default rungs) against ``suite`` for :func:`score_rungs`.
-
-    Weighted objectives score the suite (``record_metrics="all"``) or the sets they read, nested; a
-    callable objective is called once per rung at that rung's limit (its docs count the whole suite per call).
-    """
-    from optimer_lib.experiments.costs import search_eval_tokens
-
-    size = max((len(v) for v in (*suite.texts.values(), *suite.qa.values())), default=0)
-    if config.fidelities is not None:
-        limits = tuple(config.fidelities)
-    elif config.search_limit is None:
-        limits = (*default_fidelities(size)[:-1], None)
-    else:
-        limits = default_fidelities(config.search_limit)
-    steps = tuple(size if r is None else r for r in limits)
-    if len(limits) < 2 or any(b <= a for a, b in pairwise(steps)):
-        raise ConfigError(f"fidelities {_fmt(limits)} do not give increasing rungs on dev sets of up to {size} "
-                          "items: give fewer, smaller fidelities")
-    incremental = objective.fn is None
-    scored = suite if not incremental or config.record_metrics == "all" else \
-        suite.select(texts=objective.needed_texts, qa=objective.needed_qa)
-    per = [n_items(scored, r) for r in limits]
-    docs = tuple(per) if incremental else tuple(sum(per[:k + 1]) for k in range(len(per)))
-    tokens = None
-    if incremental:
-        tokens = tuple(search_eval_tokens(tokenizer, suite, objective, dataclasses.replace(config, search_limit=r))
-                       for r in limits)
-    return FidelityPlan(limits, steps, docs, tokens, scored, incremental)
-
-
-def score_rungs(trial: optuna.Trial, weights: dict[str, float], *, merger: Any, tokenizer: Any, suite: EvalSuite,
-                objective: Objective, plan: FidelityPlan, seq_len: int = 128,
-                batch_size: int = 16) -> tuple[float, dict[str, float]]:
+def score_rungs(trial: optuna.Trial, weights: dict[str, float], *, scorer: TrialScorer,
+                plan: FidelityPlan) -> tuple[float, dict[str, float]]:
     """Score ``weights`` rung by rung; returns the last rung's ``(value, metrics)`` or raises optuna.TrialPruned.
 
     Each rung sets ``docs_evaluated`` (and ``tokens_evaluated``) to the trial's cost so far and reports the
@@ -240,26 +125,19 @@ def score_rungs(trial: optuna.Trial, weights: dict[str, float], *, merger: Any, 
     one's) and asks the pruner. A non-finite value raises FloatingPointError (the trial fails, as in a
     one-fidelity search).
     """
-    merger.set_weights(weights)
-    kw = {"seq_len": seq_len, "batch_size": batch_size}
-    if plan.incremental:
-        stages = ((r, objective(m), m) for r, m in nested_metrics(merger.model, tokenizer, plan.scored,
-                                                                  plan.limits, **kw))
-    else:
-        stages = ((r, *objective.evaluate(merger.model, tokenizer, suite, limit=r, **kw)) for r in plan.limits)
     last = len(plan.limits) - 1
-    for k, (limit, value, metrics) in enumerate(stages):
-        trial.set_user_attr("docs_evaluated", plan.docs[k])
+    for k, (limit, value, metrics) in enumerate(scorer.rungs(weights, plan)):
+        trial.set_user_attr(record.DOCS_EVALUATED, plan.docs[k])
         if plan.tokens is not None:
-            trial.set_user_attr("tokens_evaluated", plan.tokens[k])
+            trial.set_user_attr(record.TOKENS_EVALUATED, plan.tokens[k])
         if not math.isfinite(value):
-            raise FloatingPointError(f"objective is {value} at {_fmt([limit])} documents per set")
+            raise FloatingPointError(f"objective is {value} at {fmt_limits([limit])} documents per set")
         trial.report(value, step=plan.steps[k])
         if k == last:
             return value, metrics
-        trial.set_user_attr(f"metrics@{_fmt([limit])}", metrics)  # search._tag
+        trial.set_user_attr(record.metrics_key(limit), metrics)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at {_fmt([limit])} documents per set (objective {value:.6g})")
+            raise optuna.TrialPruned(f"pruned at {fmt_limits([limit])} documents per set (objective {value:.6g})")
     raise AssertionError("unreachable: the last rung returns")
 
 

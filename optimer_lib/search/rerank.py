@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,56 +29,25 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.scoring.objectives import Objective, parse_objective
-from optimer_lib.search.study import open_storage
+from optimer_lib.scoring.objectives import Objective, is_callable_spec, parse_objective
+from optimer_lib.search import record
+from optimer_lib.search.record import fidelity_key, stored_metrics
+from optimer_lib.search.storage import open_study
 
 Metrics = dict[str, float]
-
-
-def fidelity_key(tag: str) -> float:
-    """Sort key of a fidelity tag: samples per dev set, ``"all"`` highest."""
-    return math.inf if tag == "all" else float(tag) if tag.isdigit() else -1.0
-
-
-def open_study(storage: str, study_name: str | None = None) -> optuna.Study:
-    """Load an existing study; ``study_name=None`` picks the storage's only study (else lists them)."""
-    for prefix, what in (("sqlite:///", "study database"), ("journal://", "study journal")):
-        if storage.startswith(prefix) and not Path(storage.removeprefix(prefix)).is_file():
-            raise ConfigError(f"no {what} at {storage!r}: point --workdir/--storage at a finished search")
-    store = open_storage(storage)
-    names = optuna.get_all_study_names(store)
-    if study_name is None:
-        if len(names) != 1:
-            raise ConfigError(f"{storage} holds studies {names or '(none)'}: choose one with --study NAME")
-        study_name = names[0]
-    if study_name not in names:
-        raise ConfigError(f"no study {study_name!r} in {storage} (studies: {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=study_name, storage=store)
-
-
-def stored_metrics(study: optuna.Study) -> dict[int, dict[str, Metrics]]:
-    """``{trial number: {fidelity tag: metrics}}`` for every COMPLETE trial (search + re-score metrics)."""
-    out: dict[int, dict[str, Metrics]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        out[t.number] = {k.split("@", 1)[1]: dict(v) for k, v in t.user_attrs.items()
-                         if k.startswith("metrics@") and isinstance(v, dict) and v}
-    for key, table in study.user_attrs.items():
-        if key.startswith("rescore@") and isinstance(table, dict):
-            for number, entry in table.items():
-                if int(number) in out and entry.get("metrics") and "error" not in entry:
-                    out[int(number)].setdefault(key.split("@", 1)[1], dict(entry["metrics"]))
-    return out
 
 
 def resolve_objective(study: optuna.Study, objective: str | Objective) -> Objective:
     """Parse a spec against the study's dev suite (as recorded by the search, else as stored)."""
     if isinstance(objective, Objective):
         return objective
-    suite = study.user_attrs.get("suite") or {}
+    suite = study.user_attrs.get(record.SUITE) or {}
     keys = {k for per in stored_metrics(study).values() for m in per.values() for k in m}
     texts = suite.get("texts") or sorted({k.split(":", 1)[1] for k in keys if k.startswith("loss:")})
     qa = suite.get("qa") or sorted({k.split(":", 1)[1] for k in keys if k.startswith("acc:")})
-    return parse_objective(objective, texts, qa_names=qa)
+    own = study.user_attrs.get(record.OBJECTIVE) == objective and is_callable_spec(objective)
+    maximize = True if own and study.user_attrs.get(record.DIRECTION) == "maximize" else None
+    return parse_objective(objective, texts, qa_names=qa, maximize=maximize)
 
 
 def value_from_metrics(objective: Objective, metrics: Metrics, study: optuna.Study) -> float | None:
@@ -87,7 +55,7 @@ def value_from_metrics(objective: Objective, metrics: Metrics, study: optuna.Stu
     if objective.fn is not None:  # a callable needs the model; only its own stored value can be reused
         if f"objective:{objective.spec}" in metrics:
             return float(metrics[f"objective:{objective.spec}"])
-        same = study.user_attrs.get("objective") == objective.spec
+        same = study.user_attrs.get(record.OBJECTIVE) == objective.spec
         return float(metrics["objective"]) if same and "objective" in metrics else None
     if any(k not in metrics for k in objective.needed_metrics):
         return None
@@ -108,7 +76,7 @@ def _missing_error(study: optuna.Study, objective: Objective, fidelity: str | No
         return ConfigError(f"no trial of study {name!r} stored metrics at fidelity {fidelity!r} "
                            f"(stored fidelities: {', '.join(tags) or 'none'})")
     missing = [k for k in objective.needed_metrics if k not in stored] or list(objective.needed_metrics)
-    mode = study.user_attrs.get("record_metrics", "unknown")
+    mode = study.user_attrs.get(record.RECORD_METRICS, "unknown")
     return ConfigError(f"metric(s) {', '.join(missing)} needed by objective {objective.spec!r} were never stored "
                        f"together in study {name!r} (record_metrics={mode}; stored: {', '.join(stored) or 'none'}): "
                        "re-run the search with record_metrics='all' (the default; `optimer search` records all) "
@@ -226,12 +194,13 @@ def _boundary(r: RankedTrial, tol: float = 0.01) -> dict[str, str]:
 
 def rerank(study_or_storage: optuna.Study | str, objective: str | Objective, *, fidelity: str | int | None = None,
            study_name: str | None = None) -> RerankResult:
-    """Rank every stored COMPLETE trial for ``objective`` (lower is better) without evaluating a model."""
+    """Rank every stored COMPLETE trial for ``objective`` (best first, in its direction) without evaluating a model."""
     study = study_or_storage if isinstance(study_or_storage, optuna.Study) else \
         open_study(study_or_storage, study_name)
     obj = resolve_objective(study, objective)
     scored, skipped = score_stored(study, obj, fidelity=fidelity)
-    scored.sort(key=lambda r: (not math.isfinite(r.value), r.value, r.number))
+    sign = -1.0 if obj.direction == "maximize" else 1.0
+    scored.sort(key=lambda r: (not math.isfinite(r.value), sign * r.value, r.number))
     best = scored[0]
     scale = max(abs(best.value), 1e-12)
     near = [abs(r.value - best.value) / scale for r in scored[1:] if math.isfinite(r.value)]

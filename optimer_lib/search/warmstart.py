@@ -31,10 +31,13 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging.merger import Merger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
-from optimer_lib.search.rerank import RankedTrial, open_study, resolve_objective, score_stored
-from optimer_lib.search.study import SearchConfig, SearchResult, _tag, open_storage, run_search
+from optimer_lib.search import record
+from optimer_lib.search.rerank import RankedTrial, resolve_objective, score_stored
+from optimer_lib.search.storage import open_storage, open_study
+from optimer_lib.search.study import SearchConfig, SearchResult, run_search
 
 log = logging.getLogger(__name__)
 Source = optuna.Study | str | Sequence[optuna.Study | str]
@@ -56,8 +59,8 @@ def _sources(source: Source, storage: str | None) -> list[optuna.Study]:
 
 
 def _search_tag(study: optuna.Study) -> str | None:
-    limits = study.user_attrs.get("limits")
-    return _tag(limits[0]) if isinstance(limits, list) and limits else None
+    limits = study.user_attrs.get(record.LIMITS)
+    return record.tag(limits[0]) if isinstance(limits, list) and limits else None
 
 
 def _seed_trials(sources: list[optuna.Study], objectives: list[Objective],
@@ -74,7 +77,7 @@ def _seed_trials(sources: list[optuna.Study], objectives: list[Objective],
             per_obj.append({r.number: r for r in scored})
         common = sorted(set.intersection(*(set(p) for p in per_obj)))
         skipped += len(src.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) - len(common)
-        src_names = src.user_attrs.get("names") or (list(per_obj[0][common[0]].weights) if common else [])
+        src_names = src.user_attrs.get(record.NAMES) or (list(per_obj[0][common[0]].weights) if common else [])
         if names is None:
             names = list(src_names)
         elif sorted(names) != sorted(src_names):
@@ -88,9 +91,9 @@ def _seed_trials(sources: list[optuna.Study], objectives: list[Objective],
             seeds.setdefault(tuple(first.weights[n] for n in names), optuna.trial.create_trial(
                 params={n: first.weights[n] for n in names},
                 distributions={n: FloatDistribution(*first.bounds[n]) for n in names},
-                values=values, user_attrs={"weights": {n: first.weights[n] for n in names},
-                                           f"metrics@{first.fidelity}": first.metrics,
-                                           "seeded_from": f"{src.study_name}#{number}"}))
+                values=values, user_attrs={record.WEIGHTS: {n: first.weights[n] for n in names},
+                                           record.METRICS_PREFIX + first.fidelity: first.metrics,
+                                           record.SEEDED_FROM: f"{src.study_name}#{number}"}))
     return list(seeds.values()), names or [], skipped
 
 
@@ -112,8 +115,9 @@ def warm_start_study(source_study: Source, new_objective: str | Objective | Sequ
     store = open_storage(storage)  # journal:// URLs too
     if store is not None and study_name in optuna.get_all_study_names(store):
         study = optuna.load_study(study_name=study_name, storage=store)
-        done = study.user_attrs.get("warm_start")
-        if done and study.user_attrs.get("objectives" if multi else "objective") == (specs if multi else specs[0]):
+        done = study.user_attrs.get(record.WARM_START)
+        key = record.OBJECTIVES if multi else record.OBJECTIVE
+        if done and study.user_attrs.get(key) == (specs if multi else specs[0]):
             return study
         if done or study.trials:
             raise ConfigError(f"study {study_name!r} already exists with other trials or another objective: "
@@ -122,15 +126,16 @@ def warm_start_study(source_study: Source, new_objective: str | Objective | Sequ
     if not seeds:
         raise ConfigError(f"no stored trial of {[s.study_name for s in sources]} can be scored for {specs}")
     study = optuna.create_study(storage=store, study_name=study_name, load_if_exists=True,
-                                directions=["minimize"] * len(objectives))
+                                directions=[o.direction for o in objectives])
     study.add_trials(seeds)
-    attrs: dict[str, Any] = {"names": names, ("objectives" if multi else "objective"): specs if multi else specs[0]}
-    if "suite" in sources[0].user_attrs:
-        attrs["suite"] = sources[0].user_attrs["suite"]
-    for key, value in attrs.items():
-        study.set_user_attr(key, value)
-    study.set_user_attr("warm_start", {"sources": [s.study_name for s in sources], "seeded": len(seeds),
-                                       "skipped": skipped})
+    attrs: dict[str, Any] = {record.NAMES: names,
+                             (record.OBJECTIVES if multi else record.OBJECTIVE): specs if multi else specs[0]}
+    if not multi:
+        attrs[record.DIRECTION] = objectives[0].direction
+    if record.SUITE in sources[0].user_attrs:
+        attrs[record.SUITE] = sources[0].user_attrs[record.SUITE]
+    record.write_study_attrs(study, {**attrs, record.WARM_START: {
+        "sources": [s.study_name for s in sources], "seeded": len(seeds), "skipped": skipped}})
     log.info("seeded study %r with %d trials from %s", study_name, len(seeds), [s.study_name for s in sources])
     return study
 
@@ -138,13 +143,13 @@ def warm_start_study(source_study: Source, new_objective: str | Objective | Sequ
 def seeded_bounds(study: optuna.Study) -> dict[str, tuple[float, float]]:
     """The per-vector bounds of a warm-started study's seeds (empty if it has none)."""
     for t in study.get_trials(deepcopy=False):
-        if "seeded_from" in t.user_attrs:
+        if record.SEEDED_FROM in t.user_attrs:
             return {n: (float(d.low), float(d.high)) for n, d in t.distributions.items()
                     if isinstance(d, FloatDistribution)}
     return {}
 
 
-def warm_start_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objective, config: SearchConfig,
+def warm_start_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective, config: SearchConfig,
                       source: Source, *, extra_trials: int | None = None, fidelity: str | int | None = None,
                       callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
                       progress: bool = True) -> SearchResult:
@@ -165,5 +170,5 @@ def warm_start_search(merger: Any, tokenizer: Any, suite: EvalSuite, objective: 
         raise ConfigError(f"bounds {config.resolved_bounds(names)} differ from the source study's {bounds}: "
                           "drop --bounds (the source's are used) or warm-start from a study with these bounds")
     if extra_trials is not None:
-        config = dataclasses.replace(config, trials=study.user_attrs["warm_start"]["seeded"] + extra_trials)
+        config = dataclasses.replace(config, trials=study.user_attrs[record.WARM_START]["seeded"] + extra_trials)
     return run_search(merger, tokenizer, suite, objective, config, callbacks=callbacks, progress=progress)

@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.pareto import PARETO_SAMPLERS, pareto_front
 from workbench.figures import pareto_chart
 from workbench.searching import SearchSpec, load_study
@@ -81,7 +82,8 @@ class ObjectivesPanel:
                     with gr.Row():
                         self.sampler = gr.Dropdown(list(PARETO_SAMPLERS), value="tpe", label="sampler",
                                                    min_width=100)
-                        self.trials = gr.Number(20, precision=0, minimum=1, label="trials", elem_id="pareto-trials")
+                        self.trials = gr.Number(INTERACTIVE.trials, precision=0, minimum=1, label="trials",
+                                                elem_id="pareto-trials")
                     with gr.Row():
                         self.run = gr.Button("Run Pareto search", variant="primary", elem_id="pareto-run")
                         self.stop = gr.Button("Stop", variant="stop", elem_id="pareto-stop")

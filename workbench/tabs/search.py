@@ -13,7 +13,8 @@ from typing import Any
 import gradio as gr
 
 from optimer_lib.scoring.objectives import presets
-from optimer_lib.search.study import SAMPLERS
+from optimer_lib.search.defaults import INTERACTIVE as D
+from optimer_lib.search.samplers import SAMPLERS
 from workbench.figures import study_figures
 from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session
@@ -35,17 +36,19 @@ class SearchTab:
                 self.spec = gr.Textbox(label="weighted metrics or callable", visible=False, elem_id="obj-spec",
                                        placeholder="loss:ja=1,acc:math=2   or   my_module:score / file.py:score")
                 with gr.Row():
-                    self.sampler = gr.Dropdown(list(SAMPLERS), value="tpe", label="sampler", min_width=100)
-                    self.trials = gr.Number(20, precision=0, minimum=1, label="trials", elem_id="search-trials")
+                    self.sampler = gr.Dropdown(list(SAMPLERS), value=D.sampler, label="sampler", min_width=100)
+                    self.trials = gr.Number(D.trials, precision=0, minimum=1, label="trials", elem_id="search-trials")
                 with gr.Row():
-                    self.bounds = gr.Textbox("0:1", label="bounds", info="0:1, or ja=0:1.5,zh=0:1")
-                    self.seed = gr.Number(0, precision=0, label="seed", min_width=80)
+                    self.bounds = gr.Textbox(D.bounds, label="bounds", info="0:1, or ja=0:1.5,zh=0:1")
+                    self.seed = gr.Number(D.seed, precision=0, label="seed", min_width=80)
                 with gr.Accordion("fidelity, study, instruction", open=False):
-                    self.search_limit = gr.Number(32, precision=0, minimum=1, label="documents per dev set / trial")
-                    self.top_k = gr.Number(0, precision=0, minimum=0, label="re-score top-k (0: no re-scoring)")
-                    self.rescore_limit = gr.Number(100, precision=0, minimum=1, label="documents for re-scoring")
+                    self.search_limit = gr.Number(D.search_limit, precision=0, minimum=1,
+                                                  label="documents per dev set / trial")
+                    self.top_k = gr.Number(D.top_k, precision=0, minimum=0, label="re-score top-k (0: no re-scoring)")
+                    self.rescore_limit = gr.Number(D.rescore_limit, precision=0, minimum=1,
+                                                   label="documents for re-scoring")
                     self.study_name = gr.Textbox("", label="study name (empty: a new wb-<time> study)")
-                    self.iw = gr.Number(0.0, label="instruction weight during the search")
+                    self.iw = gr.Number(D.instruction_weight, label="instruction weight during the search")
                 with gr.Row():
                     self.start = gr.Button("Start", variant="primary", elem_id="search-start")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="search-stop")

@@ -1,0 +1,69 @@
+"""Where studies live: ``--storage`` URLs to Optuna storages, the workdir default, and opening a stored study.
+
+    from optimer_lib.search.storage import open_storage, open_study, workdir_storage
+    url = workdir_storage("runs/search")                 # sqlite:////abs/runs/search/optuna.db
+    study = open_study(url)                              # the storage's only study (else name one)
+
+``sqlite:///FILE`` (the default, one file in the workdir), ``journal:///abs/file.log`` (a JournalStorage: several
+hosts on a shared file system) and any SQLAlchemy URL (``postgresql://``, ``mysql://``) for workers on several
+machines. ``":memory:"`` means no storage at all (the study lives in the process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import optuna
+
+from optimer_lib.errors import ConfigError
+
+MEMORY = ":memory:"
+
+
+def workdir_storage(workdir: str | os.PathLike, storage: str | None = None) -> str | None:
+    """The storage URL of a search: ``storage`` as given, None for ``":memory:"``, else SQLite in ``workdir``."""
+    if storage == MEMORY:
+        return None
+    return storage or f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
+    """The Optuna storage for ``--storage``: ``journal:///abs/file.log`` (or ``journal://rel/file.log``) is a
+    JournalStorage on that file (several hosts on a shared file system); SQLite URLs get a 60 s lock
+    timeout so several workers can share one file; other URLs (postgresql://, mysql://) are RDB storages.
+    Workers starting together on a fresh database race to create its tables: the loser retries."""
+    if not url:
+        return None
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    return url
+
+
+def open_study(storage: str, study_name: str | None = None) -> optuna.Study:
+    """Load an existing study; ``study_name=None`` picks the storage's only study (else lists them)."""
+    for prefix, what in (("sqlite:///", "study database"), ("journal://", "study journal")):
+        if storage.startswith(prefix) and not Path(storage.removeprefix(prefix)).is_file():
+            raise ConfigError(f"no {what} at {storage!r}: point --workdir/--storage at a finished search")
+    store = open_storage(storage)
+    names = optuna.get_all_study_names(store)
+    if study_name is None:
+        if len(names) != 1:
+            raise ConfigError(f"{storage} holds studies {names or '(none)'}: choose one with --study NAME")
+        study_name = names[0]
+    if study_name not in names:
+        raise ConfigError(f"no study {study_name!r} in {storage} (studies: {', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=study_name, storage=store)
