@@ -134,8 +134,8 @@ def cmd_merge(a: argparse.Namespace) -> None:
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} already exists: choose another --out or use --force to replace it")
     if _streams(a, [a.base], tuple(f for f, _ in specs) + ((inst,) if inst else ())):
-        from optimer_lib.checkpoints.streaming import merge_streaming
         from optimer_lib.checkpoints.vectors import vector_files
+        from optimer_lib.merging.streamed import merge_streaming
 
         names = [vector_files(f)[0].get("name") or Path(f).stem for f, _ in specs]
         weights = {n: 1.0 if w is None else w for n, (_, w) in zip(names, specs, strict=True)}

@@ -15,10 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from optimer_lib.checkpoints.models import load_model
-from optimer_lib.checkpoints.streaming import checkpoint_files, extract_vector_streaming, merge_streaming, parse_size
+from optimer_lib.checkpoints.streaming import checkpoint_files, extract_vector_streaming, parse_size
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.errors import ConfigError, VectorError
 from optimer_lib.merging.methods import merge_state_dict
+from optimer_lib.merging.streamed import merge_streaming
 
 SHARD = "20KB"  # tiny models are ~30-60 KB: several shards each
 

@@ -1,11 +1,11 @@
-"""Streaming extract and merge for checkpoints larger than RAM: tensor by tensor, shard by shard.
+"""Streaming extract for checkpoints larger than RAM, and the tensor-by-tensor readers the streaming merge uses.
 
     optimer vector extract --base big/base --tuned big/cpt-ja --out vectors/ja.safetensors --streaming
     optimer merge --base big/base --vector vectors/ja.safetensors=0.4 --out big/merged --streaming --dtype bf16
 
-    from optimer_lib.checkpoints.streaming import extract_vector_streaming, merge_streaming
+    from optimer_lib.checkpoints.streaming import extract_vector_streaming
     extract_vector_streaming("big/base", "big/cpt-ja", "vectors/ja.safetensors", name="ja", shard_size="2GB")
-    merge_streaming("big/base", ["vectors/ja.safetensors"], {"ja": 0.4}, "big/merged", method="optimer")
+    # the streaming merge (a layer up): optimer_lib.merging.streamed.merge_streaming
 
 Inputs are safetensors checkpoints (one file, or shards + ``model.safetensors.index.json``) read with
 ``safe_open`` one tensor at a time; outputs are written one shard at a time, so memory stays near one output
@@ -41,14 +41,14 @@ from optimer_lib.checkpoints.vectors import (
     FORMAT_VERSION,
     VECTOR_INDEX,
     DistributionVector,
-    _tensor_digest,
+    tensor_digest,
     vector_files,
 )
 from optimer_lib.errors import ConfigError, ModelError, OptimerError, VectorError
 from optimer_lib.fileio import normal_permissions
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_WEIGHTS = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$|mergekit\.yaml$"
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack|gguf)$|.*\.index\.json$|README\.md$|mergekit\.yaml$"
                       r"|training\.json$|\..*")  # not copied from the base into a merge
 
 
@@ -81,7 +81,7 @@ def is_sharded(model_dir: str | os.PathLike) -> bool:
     return (Path(model_dir) / "model.safetensors.index.json").is_file()
 
 
-class _Reader:
+class TensorReader:
     """Tensors one at a time from ``{name: file}``, with shapes and dtypes from the headers.
 
     safetensors hands out tensors backed by a memory map that lives while the file is open; opening the file
@@ -111,7 +111,7 @@ class _Reader:
             return f.get_tensor(key)
 
 
-class _VectorReader(_Reader):
+class VectorReader(TensorReader):
     """A vector file or folder read lazily; ``lookup`` maps canonical base names to the vector's names."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -130,7 +130,7 @@ class _VectorReader(_Reader):
         return d
 
 
-def _name_mapper(model_dir: Path, trust_remote_code: bool = False) -> tuple[Callable[[str], str | None],
+def name_mapper(model_dir: Path, trust_remote_code: bool = False) -> tuple[Callable[[str], str | None],
                                                                            dict[str, list[str]]]:
     """``(to_model, aliases_of)`` from a weightless (meta) model of the config: checkpoint name -> canonical
     model name (None: the model has no such tensor), and canonical name -> its tied aliases."""
@@ -171,7 +171,7 @@ def _name_mapper(model_dir: Path, trust_remote_code: bool = False) -> tuple[Call
     return to_model, aliases_of
 
 
-def _fingerprint(digests: set[bytes]) -> str:
+def digest_fingerprint(digests: set[bytes]) -> str:
     """:func:`optimer_lib.checkpoints.vectors.state_fingerprint` from the per-tensor digests."""
     h = hashlib.sha256()
     for d in sorted(digests):
@@ -184,7 +184,7 @@ def _sq_sum(t: torch.Tensor) -> float:
     return sum(float(x.double().pow(2).sum()) for x in t.detach().reshape(-1).split(1 << 20))
 
 
-def _plan(keys: Sequence[str], nbytes: Callable[[str], int], shard_size: int) -> list[list[str]]:
+def plan_shards(keys: Sequence[str], nbytes: Callable[[str], int], shard_size: int) -> list[list[str]]:
     """Greedy split of ``keys`` (in order) into shards of at most ``shard_size`` bytes (one tensor at least)."""
     plan: list[list[str]] = [[]]
     size = 0
@@ -197,7 +197,7 @@ def _plan(keys: Sequence[str], nbytes: Callable[[str], int], shard_size: int) ->
     return plan
 
 
-def _prepare(out: Path, overwrite: bool) -> Path:
+def prepare_output(out: Path, overwrite: bool) -> Path:
     """Refuse an existing ``out`` unless ``overwrite``; a temporary folder beside it to write into."""
     if out.exists() and not overwrite:
         raise OptimerError(f"{str(out)!r} already exists: choose another --out or use --force to replace it")
@@ -205,7 +205,7 @@ def _prepare(out: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
-def _swap_into_place(new: Path, out: Path) -> None:
+def swap_into_place(new: Path, out: Path) -> None:
     """Replace ``out`` (file or folder) with ``new`` by renames; the old one is removed afterwards."""
     old = out.with_name(f".{out.name}.old")
     if out.exists():
@@ -243,8 +243,8 @@ def extract_vector_streaming(base_dir: str | os.PathLike, tuned_dir: str | os.Pa
     info = Path(tuned_dir) / "training.json"
     if tokens_trained is None and info.is_file():
         tokens_trained = json.loads(info.read_text()).get("tokens_trained")
-    to_model, _ = _name_mapper(check_checkpoint_dir(base_dir), trust_remote_code)
-    base, tuned = _Reader(checkpoint_files(base_dir)), _Reader(checkpoint_files(tuned_dir))
+    to_model, _ = name_mapper(check_checkpoint_dir(base_dir), trust_remote_code)
+    base, tuned = TensorReader(checkpoint_files(base_dir)), TensorReader(checkpoint_files(tuned_dir))
     b_map, t_map = {}, {}  # canonical model name -> checkpoint name (floats; a tied duplicate: the first)
     for r, m in ((base, b_map), (tuned, t_map)):
         for k in r.files:
@@ -260,8 +260,8 @@ def extract_vector_streaming(base_dir: str | os.PathLike, tuned_dir: str | os.Pa
     out_dt = None if dtype in (None, "auto", "keep") else resolve_dtype(dtype, dev)
     keys = list(t_map)
     size = {c: tuned.nbytes(t_map[c], out_dt) for c in keys}
-    plan = _plan(keys, size.__getitem__, parse_size(shard_size))
-    tmp = _prepare(out, overwrite)
+    plan = plan_shards(keys, size.__getitem__, parse_size(shard_size))
+    tmp = prepare_output(out, overwrite)
     digests: set[bytes] = set()
     norm2, weight_map, vec_dtype = 0.0, {}, out_dt
     try:
@@ -271,7 +271,7 @@ def extract_vector_streaming(base_dir: str | os.PathLike, tuned_dir: str | os.Pa
                 b, t = base.get(b_map[c]), tuned.get(t_map[c])
                 d = t.to(dev).float() - b.to(dev).float()
                 if b.numel():  # after the subtraction: sampling maps pages of the whole tensor anyway
-                    digests.add(_tensor_digest(b))
+                    digests.add(tensor_digest(b))
                 tensors[c] = d.to(out_dt or t.dtype).cpu().contiguous()
                 del b, t, d
                 if not math.isfinite(sq := _sq_sum(tensors[c])):
@@ -281,108 +281,18 @@ def extract_vector_streaming(base_dir: str | os.PathLike, tuned_dir: str | os.Pa
             file = f"vector-{i + 1:05d}-of-{len(plan):05d}.safetensors"
             weight_map.update(dict.fromkeys(tensors, file))
             meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-                    "source": str(source or tuned_dir), "base_fingerprint": _fingerprint(digests),
+                    "source": str(source or tuned_dir), "base_fingerprint": digest_fingerprint(digests),
                     "dtype": str(vec_dtype or torch.float32).removeprefix("torch."),
                     "tokens_trained": "" if tokens_trained is None else str(int(tokens_trained))}
             # complete metadata only once every base tensor is digested: in a lone file, or in the index
             save_file(tensors, str(tmp / file), metadata=meta if len(plan) == 1 else {"format": FORMAT + "-shard"})
             del tensors
         if len(plan) == 1:
-            _swap_into_place(normal_permissions(tmp / file), out)
+            swap_into_place(normal_permissions(tmp / file), out)
         else:
             index = {"metadata": {**meta, "total_size": sum(size.values())}, "weight_map": weight_map}
             (tmp / VECTOR_INDEX).write_text(json.dumps(index, indent=2))
-            _swap_into_place(normal_permissions(tmp), out)
+            swap_into_place(normal_permissions(tmp), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return StreamResult(out, len(plan), len(keys), sum(size.values()), math.sqrt(norm2), vector_files(out)[0])
-
-
-def merge_streaming(base_dir: str | os.PathLike, vectors: Sequence[str | os.PathLike], weights: Mapping[str, float],
-                    out_dir: str | os.PathLike, *, method: str = "optimer", params: Mapping[str, object] | None = None,
-                    instruction: str | os.PathLike | None = None, instruction_weight: float = 1.0,
-                    dtype: str | None = None, device: str = "cpu", shard_size: int | str = "2GB",
-                    scores: Mapping[str, float] | None = None, allow_fingerprint_mismatch: bool = False,
-                    overwrite: bool = False, trust_remote_code: bool = False) -> StreamResult:
-    """Write base + merge(vectors, weights) as a sharded HF checkpoint equal, tensor for tensor, to the
-    in-memory ``merge_state_dict``; ``weights`` maps vector names to weights, ``dtype`` overrides the base's."""
-    import yaml
-
-    from optimer_lib.merging.export import _card, mergekit_config
-    from optimer_lib.merging.methods import _merge_tensor, _ordered_weights, check_method_params
-
-    params = dict(params or {})
-    check_method_params(method, params)
-    base_dir, out, dev = check_checkpoint_dir(base_dir), Path(out_dir), resolve_device(device)
-    vecs = [_VectorReader(p) for p in vectors]
-    ws = _ordered_weights([v.name for v in vecs], weights)
-    inst = _VectorReader(instruction) if instruction is not None else None
-    every = [*vecs, *([inst] if inst else [])]
-    to_model, aliases_of = _name_mapper(base_dir, trust_remote_code)
-    base = _Reader(checkpoint_files(base_dir))
-    canon = {k: to_model(k) for k in base.files if base.is_float(k)}  # checkpoint name -> model name
-    accepted = {n: c for k, c in canon.items() if c for n in (c, k, *aliases_of.get(c, ()))}  # -> canonical
-    shape = {c: base.info[k][0] for k, c in canon.items() if c}
-    problems = []
-    for v in every:  # names and shapes, from the headers, before any work
-        unknown = [k for k in v.files if k not in accepted]
-        wrong = [k for k in v.files if k in accepted and v.info[k][0] != shape[accepted[k]]]
-        if unknown or wrong:
-            problems.append(f"vector {v.name!r} does not fit this base (tensors it lacks: {unknown[:3]}, other "
-                            f"shapes: {wrong[:3]}): use the base it was extracted from")
-        v.lookup = {accepted[k]: k for k in v.files if k in accepted}
-    if problems:
-        raise VectorError("cannot merge:\n  " + "\n  ".join(problems))
-    out_dt = None if dtype in (None, "auto", "keep") else resolve_dtype(dtype, dev)
-    size = {k: base.nbytes(k, out_dt) for k in base.files}
-    plan = _plan(list(base.files), size.__getitem__, parse_size(shard_size))
-    tmp = _prepare(out, overwrite)
-    digests: set[bytes] = set()
-    weight_map: dict[str, str] = {}
-    try:
-        for i, shard in enumerate(plan):
-            tensors = {}
-            for k in shard:
-                b, c = base.get(k), canon.get(k)
-                if c is not None and b.numel():
-                    digests.add(_tensor_digest(b))
-                ds = [v.delta(c, dev) for v in vecs] if c else []
-                instr = inst.delta(c, dev) if inst is not None and c else None
-                if c is None or (instr is None and all(d is None for d in ds)):  # untouched: the base's own
-                    t = b.to(out_dt) if out_dt is not None and b.is_floating_point() else b
-                else:  # a different output dtype: merge from fp32 and round once
-                    work = b.to(dev) if out_dt in (None, b.dtype) else b.to(dev).float()
-                    t = _merge_tensor(c, work, ds, ws, method, params, instr, float(instruction_weight))
-                    t = t.to(out_dt or b.dtype)
-                tensors[k] = t.cpu().contiguous()
-            file = "model.safetensors" if len(plan) == 1 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-            weight_map.update(dict.fromkeys(tensors, file))
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            del tensors
-        fp = _fingerprint(digests)
-        bad = [v.name for v in every if v.meta.get("base_fingerprint", fp) not in ("", fp)]
-        if bad and not allow_fingerprint_mismatch:
-            raise VectorError(f"vector(s) {bad} were extracted from a different base (this base: {fp}): use the base "
-                              "they came from, or pass --allow-base-mismatch to merge anyway")
-        if len(plan) > 1:
-            index = {"metadata": {"total_size": sum(size.values())}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for f in base_dir.iterdir():  # config, generation config, tokenizer files
-            if f.is_file() and not _WEIGHTS.fullmatch(f.name):
-                shutil.copy2(f, tmp / f.name)
-        cfg = json.loads((tmp / "config.json").read_text())
-        if out_dt is not None:
-            cfg.update({k: str(out_dt).removeprefix("torch.") for k in ("dtype", "torch_dtype")
-                        if k == "dtype" or k in cfg})
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        card = dict(base_path=str(base_dir), vectors=[v.header for v in vecs], method=method,
-                    weights={v.name: w for v, w in zip(vecs, ws, strict=True)},
-                    instruction=inst.header if inst else None,
-                    instruction_weight=float(instruction_weight) if inst else None)
-        recipe = mergekit_config(**card, method_params=params, dtype=str(cfg.get("dtype") or "float32"))
-        (tmp / "mergekit.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        (tmp / "README.md").write_text(_card(**card, params=params, scores=scores, out_dir=out))
-        _swap_into_place(normal_permissions(tmp), out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return StreamResult(out, len(plan), len(weight_map), sum(size.values()))

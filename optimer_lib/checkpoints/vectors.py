@@ -89,7 +89,7 @@ def unique_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return kept, aliases
 
 
-def _as_state(obj: object, trust_remote_code: bool = False) -> Mapping[str, torch.Tensor]:
+def as_state(obj: object, trust_remote_code: bool = False) -> Mapping[str, torch.Tensor]:
     """A state dict from a module, a mapping, or a local HF checkpoint directory."""
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
@@ -116,7 +116,7 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def _tensor_digest(t: torch.Tensor) -> bytes:
+def tensor_digest(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
     # float32 linspace can round the last index past the end above 2**24 entries: clamp (a no-op below)
     idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel()), device=flat.device).long()
@@ -135,7 +135,7 @@ def state_fingerprint(state: Mapping[str, torch.Tensor] | torch.nn.Module) -> st
     """
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
-    digests = sorted({_tensor_digest(t) for t in state.values() if t.is_floating_point() and t.numel()})
+    digests = sorted({tensor_digest(t) for t in state.values() if t.is_floating_point() and t.numel()})
     h = hashlib.sha256()
     for d in digests:
         h.update(d)
@@ -157,8 +157,8 @@ def extract_vector(base: object, tuned: object, *, name: str, source: str = "",
         info = Path(tuned) / "training.json"
         if tokens_trained is None and info.is_file():
             tokens_trained = json.loads(info.read_text()).get("tokens_trained")
-    b_state, b_alias = unique_tensors(_as_state(base, trust_remote_code))
-    t_state, t_alias = unique_tensors(_as_state(tuned, trust_remote_code))
+    b_state, b_alias = unique_tensors(as_state(base, trust_remote_code))
+    t_state, t_alias = unique_tensors(as_state(tuned, trust_remote_code))
     b_float = {k for k, v in b_state.items() if v.is_floating_point()}
     t_float = {k for k, v in t_state.items() if v.is_floating_point()}
     # A tied alias present as a separate copy on one side only is not a missing tensor.

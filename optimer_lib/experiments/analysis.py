@@ -63,9 +63,9 @@ class _Reader:
                 with safe_open(str(root / "model.safetensors"), framework="pt") as f:
                     self._files = dict.fromkeys(f.keys(), root / "model.safetensors")
             else:  # other formats: load whole (renames handled by transformers)
-                from optimer_lib.checkpoints.vectors import _as_state
+                from optimer_lib.checkpoints.vectors import as_state
 
-                self._state = _as_state(root)
+                self._state = as_state(root)
 
     def keys(self) -> list[str]:
         if self._state is not None:
@@ -88,9 +88,9 @@ def _reader(src: Source, keys: Sequence[str]) -> _Reader:
     """A reader holding every key; a directory whose file names differ (renamed keys) is loaded whole."""
     r = _Reader(src)
     if isinstance(src, (str, os.PathLike)) and any(k not in r for k in keys):
-        from optimer_lib.checkpoints.vectors import _as_state
+        from optimer_lib.checkpoints.vectors import as_state
 
-        r = _Reader(_as_state(src))
+        r = _Reader(as_state(src))
     return r
 
 

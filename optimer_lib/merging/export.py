@@ -78,7 +78,7 @@ def mergekit_config(*, base_path: str, vectors: Sequence[DistributionVector], we
     return cfg
 
 
-def _card(*, base_path: str, vectors: Sequence[DistributionVector], weights: Mapping[str, float], method: str,
+def model_card(*, base_path: str, vectors: Sequence[DistributionVector], weights: Mapping[str, float], method: str,
           params: Mapping[str, object], instruction: DistributionVector | None, instruction_weight: float | None,
           scores: Mapping[str, float] | None, out_dir: Path) -> str:
     lines = ["---", "library_name: transformers", "tags: [merge, optimer]", "---", "",
@@ -141,7 +141,7 @@ def export_merged(model: torch.nn.Module, tokenizer: object, out_dir: str | os.P
                               method_params=params, instruction=instruction,
                               instruction_weight=instruction_weight, dtype=_model_dtype(model))
         (tmp / "mergekit.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        (tmp / "README.md").write_text(_card(
+        (tmp / "README.md").write_text(model_card(
             base_path=str(base_path), vectors=vectors, weights=weights, method=method, params=params,
             instruction=instruction, instruction_weight=instruction_weight, scores=scores, out_dir=out))
         normal_permissions(tmp)  # mkdtemp and safetensors make the folder and weights private

@@ -169,7 +169,7 @@ def _tensor_params(params: Mapping[str, object], name: str) -> dict[str, object]
     return p
 
 
-def _ordered_weights(names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
+def ordered_weights(names: Sequence[str], weights: Mapping[str, float]) -> list[float]:
     """Weights in vector order; ConfigError naming missing or unknown keys, or non-finite values."""
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if list(names).count(n) > 1})
@@ -205,7 +205,7 @@ def _split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict
     return kept, aliases, aliases_of
 
 
-def _merge_tensor(name: str, base: Tensor, deltas: Sequence[Tensor | None], weights: Sequence[float],
+def merge_tensor(name: str, base: Tensor, deltas: Sequence[Tensor | None], weights: Sequence[float],
                   method: str, params: Mapping[str, object], instr: Tensor | None, instr_w: float) -> Tensor:
     fn = get_merge_method(method)
     ds = [torch.zeros_like(base) if d is None else d.to(base.device) for d in deltas]
@@ -233,7 +233,7 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
     (see :func:`optimer_lib.checkpoints.vectors.check_compatible`).
     """
     check_method_params(method, params)
-    ws = _ordered_weights([v.name for v in vectors], weights)
+    ws = ordered_weights([v.name for v in vectors], weights)
     state = base_state.state_dict() if isinstance(base_state, torch.nn.Module) else base_state
     extra = [instruction] if instruction is not None else []
     for v in [*vectors, *extra]:
@@ -246,7 +246,7 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
         if not base.is_floating_point() or (instr is None and all(d is None for d in deltas)):
             out[name] = base
             continue
-        out[name] = _merge_tensor(name, base.detach(), deltas, ws, method, params, instr,
+        out[name] = merge_tensor(name, base.detach(), deltas, ws, method, params, instr,
                                   float(instruction_weight))
     for alias, canon in aliases.items():
         out[alias] = out[canon]
@@ -300,7 +300,7 @@ class ResidentMerger:
                  method: str = "optimer", instruction: DistributionVector | None = None,
                  instruction_weight: float = 1.0, **params: object) -> None:
         check_method_params(method, params)
-        _ordered_weights([v.name for v in vectors], {v.name: 0.0 for v in vectors})  # unique names
+        ordered_weights([v.name for v in vectors], {v.name: 0.0 for v in vectors})  # unique names
         self._model, self._vectors, self.method, self.params = model, list(vectors), method, dict(params)
         self.instruction = instruction
         self.instruction_weight = float(instruction_weight)
@@ -341,7 +341,7 @@ class ResidentMerger:
 
         ``instruction_weight=None`` keeps the merger's current ``instruction_weight``.
         """
-        ws = _ordered_weights(self.names, weights)
+        ws = ordered_weights(self.names, weights)
         iw = self.instruction_weight if instruction_weight is None else float(instruction_weight)
         with self.lock, torch.no_grad():
             linear = self.method in ("optimer", "linear")
@@ -358,7 +358,7 @@ class ResidentMerger:
                 elif linear:
                     self._write_linear(t, ws, iw)
                 else:
-                    t.param.copy_(_merge_tensor(t.name, t.base, t.deltas, ws, self.method, self.params,
+                    t.param.copy_(merge_tensor(t.name, t.base, t.deltas, ws, self.method, self.params,
                                                 t.instr, iw))
             self._since_rebuild = self._since_rebuild + 1 if step else 0
             self._incremental_ok = linear
