@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 from helpers import FakeMerger
 from optuna.trial import TrialState
 from test_search import SUITE, config, quadratic
@@ -39,7 +40,9 @@ def slow(model, tokenizer):
 '''
 
 
-def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool):
+@pytest.mark.parametrize("pareto", [False, True], ids=["single", "pareto"])
+def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool, pareto):
+    """Both the single-objective and the Pareto search claim slots through the one trial loop."""
     base, tuned = tiny_pool("llama", 2)
     vecs = [save_vector(extract_vector(base, t, name=f"v{i}"), tmp_path / f"v{i}.safetensors")
             for i, t in enumerate(tuned)]
@@ -49,16 +52,18 @@ def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool):
     corpus.write_text("\n\n".join(f"the quick brown fox {i}" for i in range(20)))
     storage, n = f"sqlite:///{tmp_path / 'study.db'}", 12
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORKERS_DIR": str(tmp_path / "workers")}
+    slow = f"{tmp_path / 'obj.py'}:slow"
+    objective = ["--objectives", slow, "loss:notes"] if pareto else ["--objective", slow]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "optimer_lib.cli", "search", "--base", base, "--vector", vecs[0], "--vector", vecs[1],
-         "--eval", f"notes={corpus}", "--objective", f"{tmp_path / 'obj.py'}:slow", "--trials", str(n),
+         "--eval", f"notes={corpus}", *objective, "--trials", str(n),
          "--storage", storage, "--study", "shared", "--seed", str(seed), "--top-k", "0", "--sampler", "random",
          "--workdir", tmp_path / f"w{seed}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for seed in (0, 1)]
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
-        assert "best_weights" in json.loads(out)
+        assert ("front" if pareto else "best_weights") in json.loads(out)
     study = optuna.load_study(study_name="shared", storage=storage)
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
@@ -69,7 +74,8 @@ def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool):
     assert len(done) == n and all(t.user_attrs.get("weights") for t in done)  # no losses
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers contributed
     # each worker wrote its best.json; the one that finished last saw the whole study
-    assert max(json.loads((tmp_path / f"w{s}" / "best.json").read_text())["trials"] for s in (0, 1)) == n
+    result = "pareto.json" if pareto else "best.json"
+    assert max(json.loads((tmp_path / f"w{s}" / result).read_text())["trials"] for s in (0, 1)) == n
 
 
 def test_running_trials_of_live_workers_hold_slots_and_dead_ones_are_freed(tmp_path):
