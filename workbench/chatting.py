@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
+from optimer_lib.merging.merger import Merger
 from optimer_lib.scoring.evaluate import max_positions
 
 MAX_NEW_TOKENS = 256
@@ -108,7 +109,7 @@ class _StopOn(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_reply(merger: Any, tokenizer: Any, weights: Mapping[str, float], instruction_weight: float,
+def stream_reply(merger: Merger, tokenizer: Any, weights: Mapping[str, float], instruction_weight: float,
                  history: Sequence[Message], prompt: str, settings: GenSettings) -> Iterator[str]:
     """Yield the reply generated so far, growing, for a model merged with ``weights``.
 

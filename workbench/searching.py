@@ -29,6 +29,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from optimer_lib.merging.merger import Merger
 from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
 from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
@@ -78,12 +79,12 @@ class TrialEvent:
 
 
 class _Stoppable:
-    """Duck-typed merger for run_search whose ``set_weights`` raises KeyboardInterrupt once stopped.
+    """A :class:`Merger` for run_search whose ``set_weights`` raises KeyboardInterrupt once stopped.
 
     run_search treats that as Ctrl-C: the running trial is marked interrupted and finished ones are kept.
     """
 
-    def __init__(self, merger: Any, stop: threading.Event) -> None:
+    def __init__(self, merger: Merger, stop: threading.Event) -> None:
         self._merger, self._stop = merger, stop
 
     @property

@@ -28,19 +28,17 @@ from typing import Any
 
 import torch
 
-from optimer_lib.checkpoints.models import load_model, load_tokenizer
 from optimer_lib.checkpoints.vectors import (
     DistributionVector,
-    check_compatible,
     cosine_matrix,
     extract_vector,
     load_vector,
     save_vector,
-    state_fingerprint,
 )
 from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
 from optimer_lib.errors import OptimerError, VectorError
 from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.pool import load_checked
 from optimer_lib.scoring.evaluate import EvalSuite
 
 MANIFEST = "workbench.json"
@@ -218,39 +216,23 @@ class Workspace:
             return self._suite
         names = list(eval_names or embedded_corpora())
         if not names:
-            raise WorkbenchError("no dev data: the embedded corpora are missing (python -m optimer_lib.assets "
-                                 "build) and workbench.json names no 'eval' corpora (NAME=PATH)")
+            raise WorkbenchError("no dev data: the embedded corpora are missing (build them with python -m "
+                                 "optimer_lib.assets build --out DIR, then set OPTIMER_ASSETS=DIR) and workbench.json "
+                                 "names no 'eval' corpora (NAME=PATH)")
         return load_eval_suite(names, "dev")
 
     def _open(self, m: dict[str, Any]) -> SharedPool:
         if not m.get("base"):
             raise WorkbenchError("the pool has no base model: choose one in the Pool tab")
+        if not m.get("vectors"):
+            raise WorkbenchError("cannot open the pool: the pool has no distribution vector: add one in the Pool tab")
         base_dir = self._abs(m["base"])
-        model = load_model(base_dir, dtype=self.dtype, device=self.device)
-        tokenizer = load_tokenizer(base_dir)
-        state = model.state_dict()
-        fp = state_fingerprint(state)
-        problems: list[str] = []
-
-        def checked(p: str) -> DistributionVector | None:
-            try:
-                vec = load_vector(self._abs(p))
-                check_compatible(vec, state, base_fingerprint=fp)
-                return vec
-            except VectorError as exc:
-                problems.append(str(exc))
-                return None
-
-        vectors = [v for v in (checked(p) for p in m["vectors"]) if v is not None]
-        instruction = checked(m["instruction"]) if m.get("instruction") else None
-        names = [v.name for v in vectors]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            problems.append(f"several vectors are named {dupes}: rename one (optimer vector extract --name)")
-        if not vectors and not problems:
-            problems.append("the pool has no distribution vector: add one in the Pool tab")
-        if problems:
-            raise WorkbenchError("cannot open the pool:\n  " + "\n  ".join(problems))
+        inst = self._abs(m["instruction"]) if m.get("instruction") else None
+        try:
+            model, tokenizer, vectors, instruction = load_checked(
+                base_dir, [self._abs(p) for p in m["vectors"]], instruction=inst, device=self.device, dtype=self.dtype)
+        except VectorError as exc:
+            raise WorkbenchError(str(exc)) from exc
         self._version += 1
         return SharedPool(base_dir, model, tokenizer, vectors, instruction, self._suite_for(m.get("eval")),
                           version=self._version)
@@ -315,7 +297,7 @@ class Workspace:
 
         if not (assets_dir() / "base" / "config.json").is_file():
             raise WorkbenchError(f"the embedded world is missing ({assets_dir()}/base): build it with "
-                                 "`python -m optimer_lib.assets build` (make assets)")
+                                 "`python -m optimer_lib.assets build --out DIR` and set OPTIMER_ASSETS=DIR")
         cfg = DemoConfig.quick(self.workdir) if quick else DemoConfig(workdir=self.workdir)
         paths, inst = build_pool(cfg)
         return self.set_pool(assets_dir() / "base", paths, inst)

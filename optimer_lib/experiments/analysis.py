@@ -29,6 +29,7 @@ import torch
 
 from optimer_lib.checkpoints.vectors import DistributionVector, cosine_matrix, norms, unique_tensors
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging.merger import Merger
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -144,7 +145,7 @@ def trajectory_checkpoints(run_dir: str | os.PathLike) -> list[tuple[float, Path
     return out + [(1.0, run)]
 
 
-def landscape_grid(merger: Any, tokenizer: Any, suite: Any, objective: Any, x: str, y: str, *,
+def landscape_grid(merger: Merger, tokenizer: Any, suite: Any, objective: Any, x: str, y: str, *,
                    fixed: Mapping[str, float], points: int = 7, bounds: tuple[float, float] = (0.0, 1.0),
                    limit: int | None = 100, seq_len: int = 128, batch_size: int = 16,
                    within: float = 0.01) -> dict[str, Any]:
@@ -214,7 +215,7 @@ def ratio_conversions(alpha: Mapping[str, float], tokens: Mapping[str, float]) -
             "effective_tokens": effective, "effective_total": sum(effective.values())}
 
 
-def reoptimise(merger: Any, tokenizer: Any, suite: Any, objectives: Mapping[str, Any], config: Any, *,
+def reoptimise(merger: Merger, tokenizer: Any, suite: Any, objectives: Mapping[str, Any], config: Any, *,
                eval_suites: Mapping[str, Any] | None = None, limit: int | None = None,
                progress: bool = False) -> dict[str, Any]:
     """Search the same pool once per objective; evaluate every result on every distribution.

@@ -71,10 +71,15 @@ def _check_all(vectors: Sequence[DistributionVector], base_state, fingerprint: s
     _raise_problems(problems)
 
 
-def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
-              instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
-              allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False) -> Pool:
-    """Read the vectors, load the base, validate the vectors against it, and wrap it in a ResidentMerger."""
+def load_checked(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
+                 instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
+                 allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False
+                 ) -> tuple[Any, Any, list[DistributionVector], DistributionVector | None]:
+    """``(base model, tokenizer, vectors, instruction vector)``, every vector checked against the base.
+
+    The vector files are read (format, NaN/Inf, duplicate names) before the model is loaded, then checked
+    against it (names, shapes, base fingerprint); every problem is reported at once as a VectorError.
+    """
     if not vectors:
         raise VectorError("no vectors given: pass at least one distribution vector file (--vector FILE)")
     vecs, problems = _load_files(vectors)
@@ -84,6 +89,16 @@ def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
     tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
     state = model.state_dict()
     _check_all([*vecs, *insts], state, state_fingerprint(state), allow_fingerprint_mismatch)
-    inst = insts[0] if insts else None
+    return model, tokenizer, vecs, insts[0] if insts else None
+
+
+def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
+              instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
+              allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False) -> Pool:
+    """Read the vectors, load the base, validate the vectors against it (:func:`load_checked`), and wrap it in a
+    ResidentMerger."""
+    model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, device=device, dtype=dtype,
+                                                allow_fingerprint_mismatch=allow_fingerprint_mismatch,
+                                                trust_remote_code=trust_remote_code)
     merger = ResidentMerger(model, vecs, instruction=inst)
     return Pool(Path(base), model, tokenizer, vecs, inst, merger)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging.merger import Merger
 from optimer_lib.merging.methods import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite, model_device, pad_token_id, scored_documents
 from optimer_lib.scoring.objectives import HIGHER_IS_BETTER, LOWER_IS_BETTER, Objective
@@ -78,7 +79,7 @@ def differentiable_terms(objective: Objective) -> tuple[dict[str, float], tuple[
     return diff, dropped
 
 
-def resident_merger(merger: Any) -> ResidentMerger:
+def resident_merger(merger: Merger) -> ResidentMerger:
     """The :class:`ResidentMerger` behind ``merger``: itself, or one it wraps (``_merger``/``inner``).
 
     ConfigError when there is none, when the wrapper exposes other weights, or when the merge method is
@@ -196,7 +197,7 @@ def _loss_and_grad(merger: ResidentMerger, tokenizer: Any, texts: Sequence[str],
     return total / count, _take_alpha_grad(merger)
 
 
-def objective_gradient(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objective,
+def objective_gradient(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective,
                        weights: Mapping[str, float] | None = None, *, limit: int | None = 100, seq_len: int = 128,
                        batch_size: int = 16) -> ObjectiveGradient:
     """The objective's value and dL/dα at ``weights`` (None: the weights the merger holds).
@@ -279,7 +280,7 @@ def _check_descent(names: Sequence[str], bounds: Bounds, start: Mapping[str, flo
         raise ConfigError("bad gradient descent settings: " + "; ".join(problems))
 
 
-def projected_descent(merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objective, bounds: Bounds, *,
+def projected_descent(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective, bounds: Bounds, *,
                       steps: int = 5, lr: float = 0.1, start: Mapping[str, float] | None = None,
                       optimizer: str = "adam", limit: int | None = 100, seq_len: int = 128, batch_size: int = 16,
                       callback: Callable[[DescentPoint], None] | None = None) -> list[DescentPoint]:
@@ -352,7 +353,7 @@ class GradientTPESampler(optuna.samplers.TPESampler):
         self.path: list[DescentPoint] = []
         self._ready = False
 
-    def warm_start(self, study: optuna.Study, merger: Any, tokenizer: Any, suite: EvalSuite, objective: Objective,
+    def warm_start(self, study: optuna.Study, merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective,
                    config: SearchConfig, bounds: Bounds) -> list[DescentPoint]:
         """Check the search suits gradients (ConfigError if not); on a study without trials run the descent
         at ``config.search_limit`` and enqueue its distinct iterates (at most ``config.trials``).
