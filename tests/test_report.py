@@ -200,3 +200,22 @@ def test_cost_finding_when_merging_never_reaches_the_mixture(tmp_path):
     assert not f7["holds"] and f7["ours"].count("OptiMer never reached it") == 2
     # mixture (a) is at 2.7 after its first 40 s candidate (<= 3.2); mixture (b) at 3.1 after 10 s (<= 3.2)
     assert "ratio is undefined" in f7["reason"] and "40 s (equal_total), 10 s (per_run)" in f7["reason"]
+
+
+def test_selection_reads_dev_only(tmp_path):
+    """Two mixtures and two α-ratio mixtures whose test scores would flip the choice: the report picks on dev."""
+    write_stages(tmp_path)
+    from optimer_lib.experiments.report import load_stages
+
+    stages = load_stages(tmp_path)
+    rows = stages["final"]["rows"]
+    # per_run: better on dev (2.0 < 2.4) but worse on test (2.6 > 2.3) than equal_total
+    rows["data mixture (per_run) best"] = {**_row("mixture", 2.6), "dev_objectives": {"balanced": 2.0}}
+    rows["α-ratio mixture (token_weighted)"] = {**_row("mixture", 2.0), "dev_objectives": {"balanced": 9.0}}
+    f = summarise(stages)["findings"]
+    assert "best mixture (data mixture (per_run) best) 2.6" in f[1]["ours"]  # dev's pick, though test prefers the other
+    assert f[1]["holds"]  # OptiMer 2.2 beats the dev-chosen mixture's 2.6 on test
+    assert "retrained with α ratios 2.4" in f[5]["ours"]  # normalised (dev 2.5), not token_weighted (test 2.0)
+    del rows["data mixture (per_run) best"]["dev_objectives"]
+    with pytest.raises(ValueError, match="no dev objective"):
+        summarise(stages)

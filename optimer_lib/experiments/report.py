@@ -66,14 +66,24 @@ def cost_ratios(stages: dict[str, Any], ledger: CostLedger) -> dict[str, Any]:
     return out
 
 
+def pick_on_dev(candidates: Any, dev: dict[str, float]) -> str:
+    """The candidate row with the lowest dev objective (ties: the first): selection never reads test scores."""
+    names = list(candidates)
+    missing = [r for r in names if not math.isfinite(dev.get(r, math.nan))]
+    if missing:
+        raise ValueError(f"rows {missing} have no dev objective: a choice among them would have to read test scores")
+    return min(names, key=lambda r: dev[r])
+
+
 def summarise(stages: dict[str, Any]) -> dict[str, Any]:
     """Numbers per finding (only those whose stages exist), each with ``holds`` (bool) and ``ours`` (text)."""
     led, f, rows = ledger_of(stages), {}, stages.get("final", {}).get("rows", {})
     obj = stages.get("final", {}).get("objective", "balanced")
     test = {r: v["test_objectives"][obj] for r, v in rows.items()}
+    dev = {r: v.get("dev_objectives", {}).get(obj, math.nan) for r, v in rows.items()}
     mixes = {r: v for r, v in test.items() if r.startswith("data mixture") and r.endswith("best")}
     if "OptiMer" in test and mixes and "baseline: uniform" in test:
-        best_mix = min(mixes, key=mixes.__getitem__)
+        best_mix = pick_on_dev(mixes, dev)  # which mixture to compare with is chosen on dev, never on test
         gaps = {best_mix: test["OptiMer"] - mixes[best_mix],
                 "uniform average": test["OptiMer"] - test["baseline: uniform"]}
         behind = {k: v for k, v in gaps.items() if v >= 0}
@@ -111,7 +121,7 @@ def summarise(stages: dict[str, Any]) -> dict[str, Any]:
     alpha = [r for r in test if r.startswith("α-ratio mixture")]
     uni = [r for r in test if r.startswith("data mixture (equal_total) uniform")]
     if alpha and uni:
-        a = min(alpha, key=test.__getitem__)
+        a = pick_on_dev(alpha, dev)
         f[5] = {"holds": test[a] < test[uni[0]],
                 "ours": f"test objective: retrained with α ratios {_f(test[a])} vs uniform ratios {_f(test[uni[0]])} "
                         "(same total tokens)"}
