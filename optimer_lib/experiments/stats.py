@@ -1,0 +1,120 @@
+"""Intervals and verdicts for findings: paired bootstrap over seeds and test documents, criteria that can fail.
+
+    from optimer_lib.experiments.stats import Criterion, paired_difference, recovery
+    # per-document test losses, one row per seed: shape [seeds, documents], same documents in every row
+    d = paired_difference(optimer, mixture)             # Interval(mean, low, high) of mean(optimer - mixture)
+    Criterion("OptiMer beats the mixture", "below", 0.0).verdict(d)   # "holds" / "does not hold" / "inconclusive"
+    r = recovery(base, optimer, mixture)                # share of the mixture's gain that merging recovers
+
+Resampling is hierarchical and paired: each bootstrap draw picks seeds with replacement, then documents with
+replacement, and uses the *same* picks for every method compared, so what differs between methods is the
+method, not the sample. With one seed only the documents are resampled (the interval then says nothing about
+seed-to-seed variation; :attr:`Interval.seeds` records how many there were). A criterion holds only when the
+whole interval is on its side of the threshold, does not hold when the whole interval is on the other side,
+and is inconclusive otherwise: a point estimate never decides a finding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Array = np.ndarray
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap interval (``level``, e.g. 0.95) from ``seeds`` seeds."""
+
+    mean: float
+    low: float
+    high: float
+    level: float = 0.95
+    seeds: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+    def to_json(self) -> dict[str, float]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "level": self.level, "seeds": self.seeds}
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A pre-stated test of a finding: the statistic must lie ``"below"`` or ``"above"`` ``threshold``."""
+
+    claim: str
+    side: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.side not in ("below", "above"):
+            raise ValueError(f"side must be 'below' or 'above', got {self.side!r}")
+
+    def verdict(self, interval: Interval) -> str:
+        """``holds`` when the whole interval is on the claimed side, ``does not hold`` when the whole interval is
+        on the other side (or on the threshold), else ``inconclusive``."""
+        if any(math.isnan(x) for x in (interval.low, interval.high)):
+            return INCONCLUSIVE
+        if self.side == "below":
+            return HOLDS if interval.high < self.threshold else FAILS if interval.low >= self.threshold else \
+                INCONCLUSIVE
+        return HOLDS if interval.low > self.threshold else FAILS if interval.high <= self.threshold else INCONCLUSIVE
+
+    def describe(self) -> str:
+        return f"{self.claim}: the {round(100 * 0.95)}% interval lies {self.side} {self.threshold:g}"
+
+
+def _as_2d(x: Sequence[float] | Sequence[Sequence[float]] | Array) -> Array:
+    a = np.asarray(x, dtype=float)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"expected per-document values shaped [seeds, documents], got shape {a.shape}")
+    return a
+
+
+def bootstrap(stat: Callable[..., float], *samples: Array | Sequence, n_boot: int = 2000, level: float = 0.95,
+              seed: int = 0) -> Interval:
+    """Percentile interval of ``stat(*means)``, where each mean is a method's mean over the resampled
+    seeds x documents; every sample must have the same shape (paired: same seeds, same documents)."""
+    arrays = [_as_2d(s) for s in samples]
+    shape = arrays[0].shape
+    if any(a.shape != shape for a in arrays):
+        raise ValueError(f"paired samples need one shape, got {[a.shape for a in arrays]}")
+    seeds, docs = shape
+    rng = np.random.default_rng(seed)
+    point = stat(*(a.mean() for a in arrays))
+    draws = np.empty(n_boot)
+    for b in range(n_boot):
+        rows = rng.integers(0, seeds, seeds) if seeds > 1 else np.zeros(1, dtype=int)
+        cols = rng.integers(0, docs, docs)
+        draws[b] = stat(*(a[np.ix_(rows, cols)].mean() for a in arrays))
+    finite = draws[np.isfinite(draws)]
+    if finite.size < 0.9 * n_boot:  # e.g. a ratio whose denominator crosses zero: no honest interval
+        return Interval(float(point), math.nan, math.nan, level, seeds)
+    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(point), float(lo), float(hi), level, seeds)
+
+
+def mean_interval(values: Array | Sequence, **kw: float) -> Interval:
+    """The mean of one method's per-document values, with its interval."""
+    return bootstrap(lambda m: m, values, **kw)
+
+
+def paired_difference(a: Array | Sequence, b: Array | Sequence, **kw: float) -> Interval:
+    """``mean(a) - mean(b)`` with a paired interval (for losses: negative means ``a`` is better)."""
+    return bootstrap(lambda x, y: x - y, a, b, **kw)
+
+
+def recovery(base: Array | Sequence, merged: Array | Sequence, mixture: Array | Sequence,
+             **kw: float) -> tuple[Interval, Interval]:
+    """``R = (base - merged) / (base - mixture)``, the share of the mixture's gain merging recovers, and the
+    mixture's own gain ``base - mixture``; R is meaningful only when that gain's interval excludes 0."""
+    gain = paired_difference(base, mixture, **kw)
+    ratio = bootstrap(lambda b, m, x: (b - m) / (b - x) if b != x else math.nan, base, merged, mixture, **kw)
+    return ratio, gain

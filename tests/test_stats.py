@@ -1,0 +1,80 @@
+"""Bootstrap intervals and verdicts (optimer_lib.experiments.stats): numbers checked against direct computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from optimer_lib.experiments.stats import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    Criterion,
+    Interval,
+    bootstrap,
+    mean_interval,
+    paired_difference,
+    recovery,
+)
+
+
+def test_interval_of_a_mean_matches_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 1.0, size=(1, 400))
+    iv = mean_interval(x, n_boot=4000)
+    se = x.std(ddof=1) / math.sqrt(x.size)
+    assert iv.mean == pytest.approx(x.mean())
+    assert iv.low == pytest.approx(x.mean() - 1.96 * se, abs=0.25 * se)
+    assert iv.high == pytest.approx(x.mean() + 1.96 * se, abs=0.25 * se)
+
+
+def test_pairing_removes_shared_document_noise():
+    """Two methods that differ by a constant 0.01 on very noisy documents: paired, the interval is tight."""
+    rng = np.random.default_rng(2)
+    docs = rng.normal(4.0, 2.0, size=(3, 200))
+    a, b = docs - 0.01, docs
+    d = paired_difference(a, b)
+    assert d.mean == pytest.approx(-0.01) and d.high < 0 and d.high - d.low < 1e-9
+    unpaired = mean_interval(a).high - mean_interval(a).low
+    assert unpaired > 0.1  # each mean alone is uncertain; the difference is not
+
+
+def test_seeds_are_resampled_too():
+    """Seeds that disagree widen the interval even when documents agree perfectly within a seed."""
+    per_seed = np.array([[0.0] * 50, [1.0] * 50, [2.0] * 50])
+    iv = mean_interval(per_seed)
+    assert iv.seeds == 3 and iv.low < 0.5 and iv.high > 1.5
+    one = mean_interval(per_seed[:1])
+    assert one.seeds == 1 and one.low == one.high == 0.0
+
+
+def test_verdicts_need_the_whole_interval():
+    below = Criterion("OptiMer beats the mixture", "below", 0.0)
+    assert below.verdict(Interval(-0.2, -0.3, -0.1)) == HOLDS
+    assert below.verdict(Interval(0.2, 0.1, 0.3)) == FAILS
+    assert below.verdict(Interval(-0.05, -0.1, 0.02)) == INCONCLUSIVE  # point says yes, interval does not
+    assert below.verdict(Interval(math.nan, math.nan, math.nan)) == INCONCLUSIVE
+    above = Criterion("t tracks the fraction", "above", 0.9)
+    assert above.verdict(Interval(0.95, 0.91, 0.99)) == HOLDS and above.verdict(Interval(0.5, 0.4, 0.9)) == FAILS
+    with pytest.raises(ValueError):
+        Criterion("x", "sideways", 0.0)
+
+
+def test_recovery_share_and_its_gain():
+    docs = np.linspace(3.0, 5.0, 100)[None, :].repeat(2, axis=0)
+    base, mixture = docs, docs - 0.4
+    merged = docs - 0.1  # recovers a quarter of the mixture's gain
+    r, gain = recovery(base, merged, mixture)
+    assert r.mean == pytest.approx(0.25) and r.low == pytest.approx(0.25) and r.high == pytest.approx(0.25)
+    assert gain.mean == pytest.approx(0.4) and gain.low > 0
+    flat_r, flat_gain = recovery(base, merged, base)  # no mixture gain: R has no honest interval
+    assert math.isnan(flat_r.low) and flat_gain.high == 0.0
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="one shape"):
+        bootstrap(lambda a, b: a - b, np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="seeds, documents"):
+        mean_interval(np.zeros((2, 0)))
