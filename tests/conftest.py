@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny random models of several architectures, built on the fly (no downloads)."""
+"""Shared fixtures: tiny random models of several architectures, built on the fly (no downloads),
+and ``optimer``, the command run in this process. Plain helpers are in ``helpers.py``; the strict-skip
+policy of CI (``OPTIMER_STRICT_SKIPS=1``) is the plugin ``skip_policy.py``.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 ARCHS = ("llama", "gpt2", "llama_untied")
+pytest_plugins = ("pytester", "skip_policy")
 
 
 def make_tokenizer():
@@ -92,3 +98,40 @@ def tiny_pool(tmp_path: Path, tiny_tokenizer):
         return base_dir, tuned
 
     return build
+
+
+@dataclass
+class CliResult:
+    """What one ``optimer`` command did: exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def optimer(capsys, monkeypatch):
+    """``optimer(*args, ok=True)``: run ``optimer ARGS`` in this process (``optimer_lib.cli.main``), no cold start.
+
+    Returns a :class:`CliResult`; ``ok=True`` asserts exit 0, ``ok=False`` a non-zero exit, ``ok=None``
+    nothing. A usage error from argparse (``SystemExit``) counts as its exit status, as in a real process.
+    A few tests still start real processes (``sys.executable -m optimer_lib.cli``) to cover the entry point.
+    """
+    from optimer_lib.cli import main
+
+    monkeypatch.delenv("OPTIMER_DEBUG", raising=False)
+
+    def run(*args: object, ok: bool | None = True) -> CliResult:
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.stdout.flush()
+        out = capsys.readouterr()
+        res = CliResult(rc, out.out, out.err)
+        if ok is not None:
+            assert (rc == 0) == ok, f"optimer {' '.join(map(str, args))} exited {rc}: {res.stderr[-3000:]}"
+        return res
+
+    return run

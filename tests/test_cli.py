@@ -1,4 +1,9 @@
-"""The ``optimer`` command, run as a user would (subprocess), on tiny random models."""
+"""The ``optimer`` command on tiny random models: in this process (``optimer`` fixture), plus real processes.
+
+Most commands run through ``optimer_lib.cli.main`` (a cold start costs ~3 s of imports each); the last
+tests start the command as a user does (``python -m optimer_lib.cli``) to cover the entry point and its
+exit status.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from helpers import card_weights, vector_info_tables
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 OPTIMER = [sys.executable, "-m", "optimer_lib.cli"]
 
 
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+def run_process(*args: object) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTIMER_DEBUG": ""}
-    r = subprocess.run([*OPTIMER, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-    if ok:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return subprocess.run([*OPTIMER, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture
@@ -29,31 +35,53 @@ def corpus(tmp_path: Path) -> Path:
     return p
 
 
-def test_train_extract_info_merge_search(tmp_path, tiny_pool, corpus):
+def norm(a: Path) -> float:
+    """L2 norm of a vector file over all its tensors, in float64."""
+    return float(torch.cat([t.double().flatten() for t in load_file(a).values()]).norm())
+
+
+def cosine(a: Path, b: Path) -> float:
+    """Cosine of two vector files over all their tensors, computed here in float64 (not by the library)."""
+    ta, tb = load_file(a), load_file(b)
+    assert sorted(ta) == sorted(tb)
+    x = torch.cat([ta[k].double().flatten() for k in sorted(ta)])
+    y = torch.cat([tb[k].double().flatten() for k in sorted(ta)])
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+def test_train_extract_info_merge_search(tmp_path, tiny_pool, corpus, optimer):
     base, (t0, t1) = tiny_pool("llama", 2)
     out = tmp_path / "cpt"
-    r = run("train", "--base", base, "--data", corpus, "--out", out, "--tokens", 4 * 4 * 16, "--batch-size", 4,
-            "--seq-len", 16, "--lr", "0.01", "--device", "cpu")
+    r = optimer("train", "--base", base, "--data", corpus, "--out", out, "--tokens", 4 * 4 * 16, "--batch-size", 4,
+                "--seq-len", 16, "--lr", "0.01", "--device", "cpu")
     assert "saved" in r.stdout and (out / "model.safetensors").exists()
     v0, v1 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    run("vector", "extract", "--base", base, "--tuned", out, "--out", v0, "--name", "notes")
-    run("vector", "extract", "--base", base, "--tuned", t1, "--out", v1, "--name", "other")
-    info = run("vector", "info", v0, v1).stdout
-    assert "notes" in info and "other" in info and "1.000" in info
+    optimer("vector", "extract", "--base", base, "--tuned", out, "--out", v0, "--name", "notes")
+    optimer("vector", "extract", "--base", base, "--tuned", t1, "--out", v1, "--name", "other")
+    norms, table = vector_info_tables(optimer("vector", "info", v0, v1).stdout)
+    expected = cosine(v0, v1)
+    assert abs(expected) < 0.9  # a CPT on one corpus and a random perturbation: far from parallel
+    assert table["notes"] == pytest.approx([1.0, expected], abs=1e-4)
+    assert table["other"] == pytest.approx([expected, 1.0], abs=1e-4)
+    assert norms["notes"] == pytest.approx(norm(v0), abs=1e-4) and norms["other"] == pytest.approx(norm(v1), abs=1e-4)
 
     merged = tmp_path / "merged"
-    run("merge", "--base", base, "--vector", f"{v0}=0.5", "--vector", f"{v1}=0.25", "--out", merged)
+    optimer("merge", "--base", base, "--vector", f"{v0}=0.5", "--vector", f"{v1}=0.25", "--out", merged)
     recipe = yaml.safe_load((merged / "mergekit.yaml").read_text())
     assert recipe["merge_method"] == "task_arithmetic"
     assert sorted(m["parameters"]["weight"] for m in recipe["models"]) == [0.25, 0.5]
-    assert "0.5" in (merged / "README.md").read_text()
-    r = run("merge", "--base", base, "--vector", f"{v0}=0.5", "--out", merged, ok=False)
+    assert card_weights((merged / "README.md").read_text()) == {"notes": 0.5, "other": 0.25}
+    got = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    theta, tau0, tau1 = AutoModelForCausalLM.from_pretrained(base).state_dict(), load_file(v0), load_file(v1)
+    for key, value in tau0.items():
+        torch.testing.assert_close(got[key], theta[key] + 0.5 * value + 0.25 * tau1[key])
+    r = optimer("merge", "--base", base, "--vector", f"{v0}=0.5", "--out", merged, ok=False)
     assert r.returncode == 2 and "--force" in r.stderr
 
     wd = tmp_path / "search"
-    r = run("search", "--base", base, "--vector", v0, "--vector", v1, "--eval", f"notes={corpus}",
-            "--objective", "loss:notes", "--trials", 4, "--search-limit", 5, "--rescore-limit", 10, "--top-k", 2,
-            "--workdir", wd, "--sampler", "random")
+    r = optimer("search", "--base", base, "--vector", v0, "--vector", v1, "--eval", f"notes={corpus}",
+                "--objective", "loss:notes", "--trials", 4, "--search-limit", 5, "--rescore-limit", 10, "--top-k", 2,
+                "--workdir", wd, "--sampler", "random")
     best = json.loads((wd / "best.json").read_text())
     assert set(best["weights"]) == {"notes", "other"}
     assert json.loads(r.stdout)["objective"] == pytest.approx(best["objective"])
@@ -70,14 +98,30 @@ def test_train_extract_info_merge_search(tmp_path, tiny_pool, corpus):
       "--objective", "loss:notes", "--sampler", "anneal"], "tpe"),
     (["vector", "info", "{corpus}"], "corrupt"),
 ])
-def test_user_mistakes_give_one_line_errors(tmp_path, tiny_pool, corpus, args, message):
+def test_user_mistakes_give_one_line_errors(tmp_path, tiny_pool, corpus, args, message, optimer):
     from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, (t0,) = tiny_pool("llama", 1)
     save_vector(extract_vector(base, t0, name="v"), tmp_path / "v.safetensors")
     fmt = {"base": base, "tmp": tmp_path, "corpus": corpus}
-    r = run(*[a.format(**fmt) for a in args], ok=False)
+    r = optimer(*[a.format(**fmt) for a in args], ok=False)
     assert r.returncode == 2, r.stderr
     _, sep, said = r.stderr.partition("error: ")
     assert sep and "Traceback" not in r.stderr, r.stderr
     assert message in said, r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()  # nothing written
+
+
+def test_the_command_as_a_process(tmp_path, tiny_pool, corpus):
+    """The real entry point: output on stdout and exit 0; a mistake is one line on stderr and exit 2."""
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+
+    base, (t0, t1) = tiny_pool("llama", 2)
+    v0 = save_vector(extract_vector(base, t0, name="v0"), tmp_path / "v0.safetensors")
+    v1 = save_vector(extract_vector(base, t1, name="v1"), tmp_path / "v1.safetensors")
+    r = run_process("vector", "info", v0, v1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert vector_info_tables(r.stdout)[1]["v0"] == pytest.approx([1.0, cosine(v0, v1)], abs=1e-4)
+    r = run_process("vector", "info", corpus)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr

@@ -121,11 +121,28 @@ def test_exact_match_with_scripted_generation(tiny_tokenizer):
     assert exact_match(model, tiny_tokenizer, pairs, limit=2) == pytest.approx(1 / 2)
 
 
-def test_exact_match_real_model_runs(tiny_tokenizer):
-    model = make_model("llama")
-    acc = exact_match(model, tiny_tokenizer, [("12 + 35 =", "47"), ("a longer prompt 1 + 1 =", "2")],
-                      max_new_tokens=3)
-    assert 0.0 <= acc <= 1.0
+def _greedy_alone(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """What ``model`` generates for ``prompt`` on its own: one row, no padding, no batching."""
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_exact_match_real_model_agrees_with_unbatched_generation(tiny_tokenizer, arch):
+    """Batched, left-padded generation on a real model must read the same continuation as each prompt alone."""
+    model = make_model(arch)
+    prompts = ["12 + 35 =", "a longer prompt with more words 1 + 1 =", "def f(x):"]
+    alone = [_greedy_alone(model, tiny_tokenizer, p, 4) for p in prompts]
+    assert all(a.split() for a in alone), alone  # each gold below is a non-empty answer
+    gold = [a.split()[0] for a in alone]
+    right = list(zip(prompts, gold, strict=True))
+    assert exact_match(model, tiny_tokenizer, right, max_new_tokens=4, batch_size=3) == 1.0
+    # one wrong gold among three: exactly 2/3, whatever the batch layout
+    wrong = [*right[:2], (prompts[2], gold[2] + "zz")]
+    assert exact_match(model, tiny_tokenizer, wrong, max_new_tokens=4, batch_size=3) == pytest.approx(2 / 3)
+    assert exact_match(model, tiny_tokenizer, wrong, max_new_tokens=4, batch_size=2) == pytest.approx(2 / 3)
 
 
 def test_suite_names_select_and_validation():

@@ -49,7 +49,7 @@ def _only_config_errors(fn, *args, **kw):
 @given(TEXT)
 def test_parse_vector_spec_never_crashes(spec):
     out = _only_config_errors(parse_vector_spec, spec)
-    if out is not None:
+    if out is not None:  # vacuity: ok (a refusal is a valid outcome: _only_config_errors asserted its message)
         path, weight = out
         assert path and path == path.strip() and (weight is None or math.isfinite(weight))
 
@@ -87,7 +87,7 @@ def test_parse_objective_never_crashes(spec):
     assume(not head.isidentifier() or head in ("loss", "ppl", "acc") or head.startswith("zz"))
     assume(not any(c in spec for c in "/\\") and ".py" not in spec)
     out = _only_config_errors(parse_objective, spec, AVAILABLE, qa_names=QA)
-    if out is not None:
+    if out is not None:  # vacuity: ok (a refusal is a valid outcome: _only_config_errors asserted its message)
         assert out.terms and all(k.split(":")[0] in ("loss", "ppl", "acc") for k in out.terms)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model, perturbed
+from helpers import vector_info_tables
 from safetensors.torch import save_file
 
 from optimer_lib.checkpoints.models import load_model
@@ -173,7 +174,9 @@ def test_cosine_orthogonal_and_zero():
     assert abs(float(cos[0, 1])) < 1e-12
     assert torch.equal(cos[2], torch.zeros(3, dtype=torch.float64))
     info = format_info([a, b])
-    assert "pairwise cosine" in info and "3.0000" in info and "2.2361" in info
+    norms, cosines = vector_info_tables(info)
+    assert norms == {"a": pytest.approx(5 ** 0.5, abs=1e-4), "b": pytest.approx(3.0, abs=1e-4)}
+    assert cosines == {"a": [1.0, 0.0], "b": [0.0, 1.0]}
 
 
 def test_tokens_trained_read_from_training_json(tiny_pool):

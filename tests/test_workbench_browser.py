@@ -1,26 +1,24 @@
 """The workbench in a real browser: Playwright drives Debian's chromium against the app on a tiny pool.
 
-Needs /usr/bin/chromium (``.ci/run`` installs it with apt); a downloaded browser is never used.
+Needs Debian's chromium (``helpers.chromium_path``; ``.ci/run`` installs it with apt); a downloaded browser
+is never used.
 Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+import yaml
+from helpers import CHROMIUM_MISSING, chromium_path, free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-# CI sets OPTIMER_REQUIRE_BROWSER=1: there a missing browser is a failure, never a silent skip.
-if not CHROMIUM.exists() and os.environ.get("OPTIMER_REQUIRE_BROWSER"):
-    raise RuntimeError("Debian chromium (/usr/bin/chromium) is required: apt-get install chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium (/usr/bin/chromium) is not "
-                                "installed: apt-get install chromium (the tests never download a browser)")
+CHROMIUM = chromium_path()  # the one definition, shared with .ci/run (python3 tests/helpers.py chromium)
+# Without chromium these tests skip; under OPTIMER_STRICT_SKIPS=1 (CI) that skip is an error (skip_policy.py).
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=CHROMIUM_MISSING)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -164,7 +162,13 @@ def test_export_and_load_back(page, server):
 
     root = server[1]
     page.get_by_role("tab", name="Tune").click()
-    alpha = float(page.locator("#alpha-0 input[type=number]").input_value())
+    alphas = [0.3, 0.6]  # ja, math: set here, so the test does not depend on the ones before it
+    for i, value in enumerate(alphas):
+        before = wait_for(lambda: current_bars(page), what="the Tune chart")
+        box = page.locator(f"#alpha-{i} input[type=number]")
+        box.fill(str(value))
+        box.press("Tab")  # release: re-merged and scored
+        wait_for(lambda before=before: (b := current_bars(page)) and b != before, what=f"alpha-{i} to apply")
     page.get_by_role("tab", name="Export").click()
     name_box = page.locator("#export-name textarea")
     name_box.fill("browser-merge")
@@ -180,10 +184,15 @@ def test_export_and_load_back(page, server):
     assert out.parent == root / "exports", out
     merged = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(root / "base")
-    ja = load_vector(root / "vectors" / "ja.safetensors")
-    name = "model.embed_tokens.weight"
-    torch.testing.assert_close(merged.state_dict()[name], base.state_dict()[name] + alpha * ja.tensors[name])
-    assert "mergekit" in (out / "mergekit.yaml").read_text() or (out / "mergekit.yaml").is_file()
+    ja, math = (load_vector(root / "vectors" / f"{n}.safetensors") for n in ("ja", "math"))
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"):
+        torch.testing.assert_close(merged.state_dict()[name], base.state_dict()[name] + alphas[0] * ja.tensors[name]
+                                   + alphas[1] * math.tensors[name])
+    # the recipe states the same merge: the Tune tab's weights on each vector's CPT checkpoint
+    recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert recipe["merge_method"] == "task_arithmetic" and Path(recipe["base_model"]) == root / "base"
+    got = [(m["model"], m["parameters"]["weight"]) for m in recipe["models"][:2]]
+    assert got == [("cpt/ja", pytest.approx(alphas[0])), ("cpt/math", pytest.approx(alphas[1]))], got
 
 
 def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):

@@ -4,6 +4,8 @@ capped prompts and replies, sessions that never see each other's merge, and no r
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 import threading
 import time
@@ -51,15 +53,46 @@ def served(tmp_path, monkeypatch):
         d.close()
 
 
+def listening_addresses(port: int) -> list[str]:
+    """The local addresses of the TCP sockets listening on ``port`` (Linux: /proc/net/tcp and tcp6)."""
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            next(f)  # header
+            for line in f:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hex_port = local.partition(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                # the kernel prints each 32-bit word in host (little-endian) byte order
+                raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, width, 8))
+                found.append(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def _is_loopback(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
 def test_launch_listens_on_loopback_only_and_opens_no_share_link(served):
     demo, url = served()
     assert demo.server_name == "127.0.0.1" and not demo.share and demo.share_url is None
     assert httpx.get(url + "/config").status_code == 200
+    port = int(url.rsplit(":", 1)[1])
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("reading listening sockets needs Linux's /proc/net/tcp")
+    listeners = listening_addresses(port)
+    assert listeners and all(_is_loopback(a) for a in listeners), f"port {port} listens on {listeners}"
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("::")  # the all-interfaces binds are caught
     ip = _outward_ip()
-    if ip:  # the same port on the machine's network address is closed
+    if ip is not None:  # vacuity: ok (an extra end-to-end probe; the listener check above holds on every machine)
         with socket.socket() as s, pytest.raises(OSError):
             s.settimeout(2)
-            s.connect((ip, int(url.rsplit(":", 1)[1])))
+            s.connect((ip, port))
 
 
 def test_auth_guards_pages_and_api(served):
