@@ -35,6 +35,18 @@ def corpus(tmp_path: Path) -> Path:
     return p
 
 
+def both(base: Path, a: Path, b: Path, out: Path) -> Path:
+    """A checkpoint changed by both ``a``'s and ``b``'s change from ``base``: its vector has a cosine with
+    ``b``'s that is neither 0 nor 1, so a wrong cosine table cannot match it by chance."""
+    model = AutoModelForCausalLM.from_pretrained(a)
+    theta, other = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (base, b))
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            value.add_(other[key] - theta[key])
+    model.save_pretrained(out)
+    return out
+
+
 def norm(a: Path) -> float:
     """L2 norm of a vector file over all its tensors, in float64."""
     return float(torch.cat([t.double().flatten() for t in load_file(a).values()]).norm())
@@ -57,10 +69,11 @@ def test_train_extract_info_merge_search(tmp_path, tiny_pool, corpus, optimer):
     assert "saved" in r.stdout and (out / "model.safetensors").exists()
     v0, v1 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     optimer("vector", "extract", "--base", base, "--tuned", out, "--out", v0, "--name", "notes")
-    optimer("vector", "extract", "--base", base, "--tuned", t1, "--out", v1, "--name", "other")
+    optimer("vector", "extract", "--base", base, "--tuned", both(base, t1, out, tmp_path / "other"), "--out", v1,
+            "--name", "other")
     norms, table = vector_info_tables(optimer("vector", "info", v0, v1).stdout)
     expected = cosine(v0, v1)
-    assert abs(expected) < 0.9  # a CPT on one corpus and a random perturbation: far from parallel
+    assert 0.1 < expected < 0.95, expected  # a value a wrong table (identity, all ones) cannot print
     assert table["notes"] == pytest.approx([1.0, expected], abs=1e-4)
     assert table["other"] == pytest.approx([expected, 1.0], abs=1e-4)
     assert norms["notes"] == pytest.approx(norm(v0), abs=1e-4) and norms["other"] == pytest.approx(norm(v1), abs=1e-4)
@@ -118,10 +131,12 @@ def test_the_command_as_a_process(tmp_path, tiny_pool, corpus):
 
     base, (t0, t1) = tiny_pool("llama", 2)
     v0 = save_vector(extract_vector(base, t0, name="v0"), tmp_path / "v0.safetensors")
-    v1 = save_vector(extract_vector(base, t1, name="v1"), tmp_path / "v1.safetensors")
+    v1 = save_vector(extract_vector(base, both(base, t0, t1, tmp_path / "both"), name="v1"),
+                     tmp_path / "v1.safetensors")
     r = run_process("vector", "info", v0, v1)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert vector_info_tables(r.stdout)[1]["v0"] == pytest.approx([1.0, cosine(v0, v1)], abs=1e-4)
+    expected = cosine(v0, v1)
+    assert 0.1 < expected < 0.95 and vector_info_tables(r.stdout)[1]["v0"] == pytest.approx([1.0, expected], abs=1e-4)
     r = run_process("vector", "info", corpus)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
