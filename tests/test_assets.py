@@ -61,6 +61,7 @@ def test_splits_are_disjoint_and_sized():
         assert sum(map(len, splits["train"])) >= 1_000_000
 
 
+@pytest.mark.slow  # ~30 s of real CPT per distribution on 2 cores: make test-slow (CI runs it)
 @pytest.mark.parametrize("name", ["ja", "zh", "math", "code"])
 def test_short_cpt_clearly_improves_the_base(name, tmp_path):
     """The base knows a little of each distribution; a short CPT run must clearly beat it on dev."""
