@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -175,7 +172,7 @@ def test_real_tiny_model_rerank_matches_fresh_evaluation(tmp_path, tiny_tokenize
     assert ranked.best_value == pytest.approx((fresh["loss:code"] - fresh["acc:math"]) / 2)
 
 
-def test_cli_rerank_and_warm_start(tmp_path, tiny_pool):
+def test_cli_rerank_and_warm_start(tmp_path, tiny_pool, optimer):
     from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, tuned = tiny_pool("llama", 2)
@@ -188,13 +185,7 @@ def test_cli_rerank_and_warm_start(tmp_path, tiny_pool):
     common = ["search", "--base", str(base), *vecs, "--eval", f"notes={tmp_path / 'notes.txt'}",
               f"other={tmp_path / 'other.txt'}", "--search-limit", "3", "--top-k", "0", "--workdir", str(wd),
               "--sampler", "random"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTIMER_DEBUG": ""}
-
-    def cli(*args, ok=True):
-        r = subprocess.run([sys.executable, "-m", "optimer_lib.cli", *args], capture_output=True, text=True,
-                           env=env, timeout=300)
-        assert (r.returncode == 0) == ok, r.stderr[-3000:]
-        return r
+    cli = optimer
 
     cli(*common, "--objective", "loss:notes", "--trials", "4")
     r = cli("rerank", "--workdir", str(wd), "--objective", "loss:other")
