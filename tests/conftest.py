@@ -19,6 +19,15 @@ torch.set_num_threads(1)
 
 ARCHS = ("llama", "gpt2", "llama_untied")
 pytest_plugins = ("pytester", "skip_policy")
+# pytest-timeout: the default per-test limit is pyproject's `timeout`; a slow test without its own
+# @pytest.mark.timeout gets this (real CPT, notebooks, the wheel install, PostgreSQL workers on a busy machine).
+SLOW_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def make_tokenizer():

@@ -87,3 +87,40 @@ def test_chromium_has_one_definition(monkeypatch, tmp_path):
     assert chromium_path() is None
     r = subprocess.run([sys.executable, str(helpers), "chromium"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "apt-get install chromium" in r.stderr
+
+
+def test_timeouts(pytester, request):
+    """pytest-timeout is active with the project's limit; slow tests get conftest's longer one."""
+    from conftest import SLOW_TIMEOUT_S
+
+    assert request.config.getini("timeout") == "300" and "-rfEs" in request.config.getini("addopts")
+    assert request.node.get_closest_marker("timeout") is None  # a default test: the ini limit
+    project_conftest = Path(__file__).with_name("conftest.py")
+    pytester.makeconftest(f"""
+import importlib.util
+import sys
+spec = importlib.util.spec_from_file_location("project_conftest", {str(project_conftest)!r})
+project = sys.modules["project_conftest"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(project)
+pytest_collection_modifyitems = project.pytest_collection_modifyitems
+""")
+    pytester.makeini("[pytest]\nmarkers = slow\ntimeout = 1\n")
+    pytester.makepyfile(test_t=f"""
+import time
+import pytest
+
+@pytest.mark.slow
+def test_slow_gets_the_long_limit(request):
+    assert request.node.get_closest_marker("timeout").args == ({SLOW_TIMEOUT_S},)
+
+@pytest.mark.slow
+@pytest.mark.timeout(7)
+def test_own_limit_kept(request):
+    assert request.node.get_closest_marker("timeout").args == (7,)
+
+def test_hangs():
+    time.sleep(30)
+""")
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rfE", timeout=300)
+    res.assert_outcomes(passed=2, failed=1)
+    assert "Timeout" in res.stdout.str() and "test_hangs" in res.stdout.str()
