@@ -25,28 +25,24 @@ def _reason(longrepr: object) -> str:
     return str(longrepr)
 
 
-def _refused(reason: str) -> str:
-    return (f"skipped under {STRICT_SKIPS_ENV}=1, where only skips for missing hardware are allowed: {reason}\n"
-            f"Install what it names (make test installs every dependency), or run without {STRICT_SKIPS_ENV}.")
+def _enforce(rep: pytest.TestReport | pytest.CollectReport) -> None:
+    """In strict mode, turn a skip whose reason is not allowed into a failure that says why."""
+    if rep.skipped and not hasattr(rep, "wasxfail") and strict_skips():
+        reason = _reason(rep.longrepr)
+        if not skip_allowed(reason):
+            rep.outcome = "failed"
+            rep.longrepr = (f"skipped under {STRICT_SKIPS_ENV}=1, where only skips for missing hardware are "
+                            f"allowed: {reason}\nInstall what it names (make test installs every dependency), "
+                            f"or run without {STRICT_SKIPS_ENV}.")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Generator[None, None, None]:
     outcome = yield
-    rep = outcome.get_result()
-    if rep.skipped and not hasattr(rep, "wasxfail") and strict_skips():
-        reason = _reason(rep.longrepr)
-        if not skip_allowed(reason):
-            rep.outcome = "failed"
-            rep.longrepr = _refused(reason)
+    _enforce(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, None, None]:
     outcome = yield
-    rep = outcome.get_result()
-    if rep.skipped and strict_skips():
-        reason = _reason(rep.longrepr)
-        if not skip_allowed(reason):
-            rep.outcome = "failed"
-            rep.longrepr = _refused(reason)
+    _enforce(outcome.get_result())
