@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU check of the OptiMer pipeline in bf16 (issue 8): CPT a few steps, streaming extract, resident merge
-# throughput against the HBM bandwidth of a plain tensor copy, streaming merge export, a 3-trial search.
+# throughput against the HBM bandwidth of a plain tensor copy, streaming merge export, a 3-trial search;
+# then tests/test_gpu.py (issue 18): merges, dev losses and a seeded search on the GPU against the CPU.
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU; <= 10 min on one H200
 #   GPU_CHECK_TINY=1 bash bench/gpu_check.sh   # dry run on CPU with a tiny model (checks the script only)
 #
-# Needs a Python with torch (CUDA build), transformers, safetensors, optuna and this package importable:
+# Needs a Python with torch (CUDA build), transformers, safetensors, optuna, pytest and this package importable:
 # $PYTHON, else .venv/bin/python, else python3. Works offline. Writes gpu_check.json and gpu_check.log to
 # $OUT (the device runner's output folder) or /tmp/optimer-gpu-check, and its checkpoints under $WORK
 # (default /tmp/optimer-gpu-check/work, removed at the end unless KEEP=1).
@@ -145,6 +146,15 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 m = AutoModelForCausalLM.from_pretrained(work / "merged", dtype="auto")
 res["merged_loads_dtype"] = str(next(m.parameters()).dtype)
+# 7. CPU-vs-GPU parity tests: on a GPU every cpu-vs-cuda case must run (a skip there is a failure).
+r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "tests/test_gpu.py"],
+                   capture_output=True, text=True)
+print(r.stdout[-6000:], r.stderr[-2000:], flush=True)
+summary = (r.stdout.strip().splitlines() or [""])[-1]
+res["test_gpu"] = summary
+if r.returncode or (not tiny and "skipped" in summary):
+    (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
+    sys.exit(f"tests/test_gpu.py failed on {dev} (exit {r.returncode}): {summary}")
 (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
 print(json.dumps(res, indent=2))
 EOF
