@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hello! What can you do?", "Write a short poem about the sea.", "What is 12 + 35?",
@@ -49,12 +50,6 @@ class Stats:
     replies_chars: int = 0
     empty_replies: int = 0  # a tiny model may sample end-of-text first: an empty reply, not a failure
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _has_pool(wd: Path) -> bool:
@@ -209,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         url = args.url.rstrip("/") + "/"
     else:
         workdir = ensure_pool(args.workdir)
-        port = _free_port()
+        port = free_port()
         t0 = time.perf_counter()
         server = start_server(workdir, port, args.threads)
         url = f"http://127.0.0.1:{port}/"

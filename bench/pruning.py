@@ -24,16 +24,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
 import torch
+from _common import quantiles, quick_pool, within
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampler_efficiency import _quantiles, quick_pool  # noqa: E402  (the same pool and table helpers)
+from optimer_lib.experiments.costs import CostEntry, cost_to_reach, quality_curve
 
 Run = list[list]  # per trial: [cumulative docs, completed value or None, state, cumulative seconds]
 
@@ -42,19 +41,26 @@ class _Spent(Exception):
     """Raised by the budget callback to end a run (the study object is kept by the callback)."""
 
 
+def curve(run: Run) -> list[tuple[float, float]]:
+    """``[(cumulative documents, best completed value so far)]`` at each completed trial of ``run``
+    (``costs.quality_curve``: a pruned trial's documents count towards the next point)."""
+    entries, spent = [], 0
+    for docs, value, _, _ in run:
+        entries.append(CostEntry("run", tokens_evaluated=int(docs) - spent, objective=value))
+        spent = int(docs)
+    return quality_curve(entries, "tokens_evaluated")
+
+
 def best_at(run: Run, cost: float) -> float:
     """Best completed value among the trials finished within ``cost`` documents (inf if none)."""
-    vals = [v for c, v, _, _ in run if c <= cost and v is not None]
-    return min(vals, default=float("inf"))
+    return min((best for spent, best in curve(run) if spent <= cost), default=float("inf"))
 
 
 def cost_to(run: Run, target: float, tol: float, budget: float) -> float | None:
     """Cumulative documents when a completed value first comes within ``tol`` (relative) of ``target``
-    (None if not within ``budget``)."""
-    for c, v, _, _ in run:
-        if c <= budget and v is not None and v <= target + tol * abs(target):
-            return c
-    return None
+    (``costs.cost_to_reach``; None if not within ``budget``)."""
+    reached = cost_to_reach(curve(run), within(target, tol), tol=0.0)
+    return reached if reached is not None and reached <= budget else None
 
 
 def _run(a: argparse.Namespace) -> tuple[dict[str, list[Run]], int]:
@@ -130,7 +136,7 @@ def _table(runs: dict[str, list[Run]], full: int, budget: float, tols: list[floa
             # runs that never got there count as "more than the budget" for the median
             med = statistics.median([h / full if h is not None else budget / full + 1 for h in hits])
             shown = f"{med:.1f}" if med <= budget / full else f"> {budget / full:g}"
-            cells.append(f"{shown} ({_quantiles([round(g, 1) for g in got])}) [{len(got)}/{len(rs)}]")
+            cells.append(f"{shown} ({quantiles([round(g, 1) for g in got])}) [{len(got)}/{len(rs)}]")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

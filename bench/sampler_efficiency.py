@@ -12,8 +12,8 @@ minus math accuracy) on the first ``--limit`` documents of every dev set, no re-
 ``run_search`` as ``optimer search`` runs it, one in-memory study per (sampler, seed).
 
 The target is the best value seen in *any* run of this benchmark (all samplers and seeds), and each
-run's count is the first trial whose best-so-far is within 1% of it (a run that never gets there is
-censored at ``--trials`` and counted separately). Evaluations are deterministic functions of α, so
+run's count is the first trial whose best-so-far is within 1% of it (``analysis.trials_to_reach``; a run that
+never gets there is censored at ``--trials`` and counted separately). Evaluations are deterministic functions of α, so
 repeated α (grid points recur across seeds) are scored once and reused; trial counts are unaffected.
 
 ``grad`` (TPE warm-started with projected-gradient iterates, ``optimer_lib.search.gradient``) spends G gradient
@@ -38,29 +38,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
+from _common import quantiles, quick_pool, within
 
-
-def trials_to_target(values: list[float], target: float, tol: float) -> int | None:
-    """1-based index of the first trial whose best-so-far is within ``tol`` (relative) of ``target``."""
-    best = float("inf")
-    for i, v in enumerate(values, 1):
-        best = min(best, v)
-        if best <= target + tol * abs(target):
-            return i
-    return None
-
-
-def _quantiles(xs: list[int]) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]}"
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return f"{q[0]:g}–{q[2]:g}"
+from optimer_lib.experiments.analysis import trials_to_reach
 
 
 def _gradient_cost(pool, dev, objective, limit: int, repeats: int) -> dict[str, float]:
@@ -86,22 +69,6 @@ def _gradient_cost(pool, dev, objective, limit: int, repeats: int) -> dict[str, 
             times[key].append(time.perf_counter() - t)
     out = {k: statistics.median(v) for k, v in times.items()}
     return {**out, "ratio": out["gradient_s"] / out["forward_s"], "ratio_to_trial": out["gradient_s"] / out["trial_s"]}
-
-
-def quick_pool(pool_dir: Path, threads: int | None) -> tuple[Any, Any, Any]:
-    """(pool, dev suite, ``balanced`` objective) on the quick demo pool under ``pool_dir`` (built on first use)."""
-    if threads:
-        torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from optimer_lib.data import assets_dir, load_eval_suite
-    from optimer_lib.demo import DemoConfig, build_pool
-    from optimer_lib.merging.pool import open_pool
-    from optimer_lib.scoring.objectives import parse_objective
-
-    paths, _ = build_pool(DemoConfig.quick(pool_dir))
-    pool = open_pool(assets_dir() / "base", paths)
-    dev = load_eval_suite(None, "dev")
-    return pool, dev, parse_objective("balanced", list(dev.texts), qa_names=list(dev.qa))
 
 
 def _run(a: argparse.Namespace) -> tuple[dict[str, list[list[float]]], dict[str, list[int]], dict[str, float]]:
@@ -236,7 +203,7 @@ def main() -> None:
               f"runs that got there | median best after {a.trials} trials |")
         print("|---|---|---|---|---|---|---|")
         for sampler, rs in runs.items():
-            hits = [trials_to_target(v, target, tol) for v in rs]
+            hits = [trials_to_reach(v, within(target, tol)) for v in rs]
             got = sorted(h for h in hits if h is not None)
             # censored runs count as "more than the budget" for the median
             med_all = statistics.median([h if h is not None else a.trials + 1 for h in hits])
@@ -244,7 +211,7 @@ def main() -> None:
             extra = [g * ratio for g in grad_evals.get(sampler, [0] * len(rs))]
             equiv = statistics.median([(math.inf if h is None else h) + e for h, e in zip(hits, extra, strict=True)])
             med_eq = f"{equiv:.1f}" if math.isfinite(equiv) else f"> {a.trials + statistics.median(extra):.1f}"
-            print(f"| {sampler} | {med} | {_quantiles(got)} | {f'{got[0]}–{got[-1]}' if got else '–'} | {med_eq} | "
+            print(f"| {sampler} | {med} | {quantiles(got)} | {f'{got[0]}–{got[-1]}' if got else '–'} | {med_eq} | "
                   f"{len(got)}/{len(rs)} | {statistics.median(min(v) for v in rs):.4f} |")
     if a.out and not a.from_json:
         a.out.parent.mkdir(parents=True, exist_ok=True)

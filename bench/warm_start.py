@@ -30,6 +30,7 @@ import torch
 
 from optimer_lib.data import assets_dir, load_eval_suite
 from optimer_lib.demo import DemoConfig, build_pool
+from optimer_lib.experiments.analysis import trials_to_reach
 from optimer_lib.merging.pool import open_pool
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search.study import SearchConfig, run_search
@@ -45,11 +46,9 @@ def trace(values: list[float], start: float = float("inf")) -> list[float]:
     return out
 
 
-def evals_to(tr: list[float], start: float, threshold: float) -> int | None:
-    """New evaluations until best-so-far <= threshold (0 if the seeds already are; None if never)."""
-    if start <= threshold:
-        return 0
-    return next((i + 1 for i, v in enumerate(tr) if v <= threshold), None)
+def evals_to(values: list[float], start: float, threshold: float) -> int | None:
+    """New evaluations until the best so far is <= threshold (0 if the seeds' ``start`` already is; None if never)."""
+    return 0 if start <= threshold else trials_to_reach(values, threshold)
 
 
 def new_values(study: optuna.Study) -> list[float]:
@@ -110,15 +109,16 @@ def main() -> None:
             source = f"warm-{j}"
             seeded = [t.value for t in warm.trials if "seeded_from" in t.user_attrs]
             seed_best = min(seeded)
-            cold_tr, warm_tr = trace(new_values(cold)), trace(new_values(warm), seed_best)
+            cold_new, warm_new = new_values(cold), new_values(warm)
+            cold_tr, warm_tr = trace(cold_new), trace(warm_new, seed_best)
             best_known = min(cold_tr[-1], warm_tr[-1])
             threshold = best_known + 0.01 * abs(best_known)
             q = max(1, n // 4)
             row = {"seed": seed, "objective": specs[j], "seeded": len(seeded), "best_known": best_known,
-                   "cold_to_1pct": evals_to(cold_tr, float("inf"), threshold),
-                   "warm_to_1pct": evals_to(warm_tr, seed_best, threshold),
-                   "cold_to_cold_best": evals_to(cold_tr, float("inf"), cold_tr[-1]),
-                   "warm_to_cold_best": evals_to(warm_tr, seed_best, cold_tr[-1]),
+                   "cold_to_1pct": evals_to(cold_new, float("inf"), threshold),
+                   "warm_to_1pct": evals_to(warm_new, seed_best, threshold),
+                   "cold_to_cold_best": evals_to(cold_new, float("inf"), cold_tr[-1]),
+                   "warm_to_cold_best": evals_to(warm_new, seed_best, cold_tr[-1]),
                    "warm_after_0": seed_best, f"cold_after_{q}": cold_tr[q - 1], f"warm_after_{q}": warm_tr[q - 1],
                    f"cold_after_{n}": cold_tr[-1], f"warm_after_{n}": warm_tr[-1],
                    "seconds_cold": round(t_cold, 1), "seconds_warm": round(t_warm, 1)}
