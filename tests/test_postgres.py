@@ -192,12 +192,6 @@ def test_killed_worker_loses_no_finished_trial_and_a_rerun_completes(server_url,
     assert sum(w == f"{host}:{rerun.pid}" for _, _, w in after.values()) == 1  # the re-run added exactly one
 
 
-SEED_COLLISION = pytest.mark.xfail(strict=True, reason=(
-    "a resumed sampler is seeded seed + len(study.trials) (optimer_lib/search/study.py, pareto.py), so a worker "
-    "with --seed 0 joining a study of one trial gets seed 1 and replays the proposals of the worker with --seed 1"))
-
-
-@SEED_COLLISION
 @pytest.mark.parametrize("mode", MODES)
 def test_a_late_worker_with_the_next_seed_draws_new_weights(server_url, pool, tmp_path, request, optimer, mode):
     """README: ``--seed $RANK`` per worker. Worker 1 runs first; worker 0 joins the study later (in this process)."""

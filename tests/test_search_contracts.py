@@ -179,3 +179,16 @@ def test_the_scorer_is_what_searches_store(tmp_path, monkeypatch):
         assert list(t.values) == many.score(t.params, 7)[0]
     needed = TrialScorer(merger, None, METRIC_SUITE, objs[:1], record_metrics="needed")
     assert list(needed.scored_suite().texts) == ["en"] and not needed.scored_suite().qa
+
+
+def test_a_late_worker_with_another_seed_draws_new_weights(tmp_path):
+    """Worker --seed 1 runs one trial, worker --seed 0 joins: it must not replay worker 1's proposal."""
+    from test_search import quadratic
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    for seed, total in ((1, 1), (0, 2)):
+        res = run_search(FakeMerger(), None, SUITE, Objective(fn=quadratic),
+                         config(tmp_path / f"w{seed}", trials=total, seed=seed, sampler="random", storage=storage),
+                         progress=False)
+    first, second = res.study.trials
+    assert first.params != second.params

@@ -40,7 +40,7 @@ from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
 from optimer_lib.scoring.scorer import TrialScorer, eval_tokens
 from optimer_lib.search import record
-from optimer_lib.search.samplers import make_sampler
+from optimer_lib.search.samplers import make_sampler, resume_seed
 from optimer_lib.search.storage import open_storage, workdir_storage
 from optimer_lib.search.study import SearchConfig, run_search
 from optimer_lib.search.trials import run_trials
@@ -160,7 +160,7 @@ def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: Eva
                                 sampler=sampler)
     record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec}, what="workdir")
     if study.trials:
-        study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials), bounds, cfg.max_trials)
+        study.sampler = make_sampler(cfg.sampler, resume_seed(cfg.seed, len(study.trials)), bounds, cfg.max_trials)
     elif cfg.enqueue_uniform:
         study.enqueue_trial(dict.fromkeys(names, 1.0))
     record.write_study_attrs(study, {record.NAMES: names, record.OBJECTIVE: objective.spec,

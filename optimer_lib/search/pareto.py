@@ -39,7 +39,7 @@ from optimer_lib.scoring.objectives import Objective
 from optimer_lib.scoring.scorer import TrialScorer
 from optimer_lib.search import record
 from optimer_lib.search.rerank import resolve_objective, score_stored
-from optimer_lib.search.samplers import startup_trials
+from optimer_lib.search.samplers import resume_seed, startup_trials
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import SearchConfig, no_trial_completed
 from optimer_lib.search.trials import counted, run_trials
@@ -149,7 +149,7 @@ def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
     study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
                                 load_if_exists=True, directions=directions)
     record.check_study(study, {record.NAMES: names, record.OBJECTIVES: specs})
-    study.sampler = PARETO_SAMPLERS[config.sampler](config.seed + len(study.trials), config.trials)
+    study.sampler = PARETO_SAMPLERS[config.sampler](resume_seed(config.seed, len(study.trials)), config.trials)
     record.write_study_attrs(study, {
         record.NAMES: names, record.OBJECTIVES: specs, record.SAMPLER: config.sampler, record.SEED: config.seed,
         record.LIMITS: [config.search_limit], record.RECORD_METRICS: config.record_metrics,

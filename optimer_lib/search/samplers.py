@@ -22,6 +22,18 @@ Bounds = dict[str, tuple[float, float]]
 SamplerFactory = Callable[[int, Bounds, int], optuna.samplers.BaseSampler]
 
 
+def resume_seed(seed: int, trials_so_far: int) -> int:
+    """The sampler seed of a worker joining (or resuming) a study that already holds ``trials_so_far`` trials.
+
+    A seeded sampler started afresh would replay its first draws; ``seed + trials_so_far`` avoided that for one
+    worker but collided across workers (``--seed 0`` after 1 trial = ``--seed 1`` after 0). Hashing the pair
+    keeps resumes deterministic and gives every (seed, trial count) its own stream.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(trials_so_far)]).generate_state(1)[0])
+
+
 def startup_trials(n_trials: int) -> int:
     """Random start-up of ~n/5 (at most 10, the paper-scale default) before a model-based sampler kicks in."""
     return max(2, min(10, n_trials // 5))

@@ -44,7 +44,7 @@ from optimer_lib.scoring.scorer import RECORD_MODES, TrialScorer
 from optimer_lib.search import record
 from optimer_lib.search.defaults import BATCH
 from optimer_lib.search.pruning import fidelity_problems, make_pruner, score_rungs
-from optimer_lib.search.samplers import SAMPLERS, grid_exhausted, make_sampler
+from optimer_lib.search.samplers import SAMPLERS, grid_exhausted, make_sampler, resume_seed
 from optimer_lib.search.storage import open_storage, workdir_storage
 from optimer_lib.search.trials import counted, run_trials
 
@@ -195,8 +195,9 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec})
     if study.trials:
         # A resumed seeded sampler would replay its first draws (random start-up points included);
-        # offsetting the seed by the trial count keeps resumes deterministic yet fresh.
-        study.sampler = make_sampler(config.sampler, config.seed + len(study.trials), bounds, config.trials)
+        # a seed derived from (seed, trial count) keeps resumes deterministic yet fresh (samplers.resume_seed).
+        study.sampler = make_sampler(config.sampler, resume_seed(config.seed, len(study.trials)), bounds,
+                                     config.trials)
     if hasattr(study.sampler, "warm_start"):  # "grad": checks the objective, enqueues gradient points
         study.sampler.warm_start(study, merger, tokenizer, suite, objective, config, bounds)
     record.write_study_attrs(study, {
