@@ -109,6 +109,21 @@ def tiny_pool(tmp_path: Path, tiny_tokenizer):
     return build
 
 
+@pytest.fixture
+def tiny_vectors(tmp_path: Path, tiny_pool):
+    """Factory: ``tiny_vectors(names=("v0", "v1"), arch="llama")`` saves one vector file per name, each from
+    a perturbed ``tiny_pool`` model, as ``tmp_path/NAME.safetensors``. Returns ``(base_dir, [vector file, ...])``.
+    """
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+
+    def build(names=("v0", "v1"), arch: str = "llama") -> tuple[Path, list[Path]]:
+        base, tuned = tiny_pool(arch, len(names))
+        return base, [save_vector(extract_vector(base, t, name=n), tmp_path / f"{n}.safetensors")
+                      for n, t in zip(names, tuned, strict=True)]
+
+    return build
+
+
 @dataclass
 class CliResult:
     """What one ``optimer`` command did: exit status and what it printed."""

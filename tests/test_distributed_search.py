@@ -19,7 +19,6 @@ from helpers import FakeMerger
 from optuna.trial import TrialState
 from test_search import SUITE, config, quadratic
 
-from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 from optimer_lib.scoring.objectives import Objective
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import run_search
@@ -41,11 +40,9 @@ def slow(model, tokenizer):
 
 
 @pytest.mark.parametrize("pareto", [False, True], ids=["single", "pareto"])
-def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_pool, pareto):
+def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_vectors, pareto):
     """Both the single-objective and the Pareto search claim slots through the one trial loop."""
-    base, tuned = tiny_pool("llama", 2)
-    vecs = [save_vector(extract_vector(base, t, name=f"v{i}"), tmp_path / f"v{i}.safetensors")
-            for i, t in enumerate(tuned)]
+    base, vecs = tiny_vectors()
     (tmp_path / "obj.py").write_text(OBJECTIVE)
     (tmp_path / "workers").mkdir()
     corpus = tmp_path / "notes.txt"

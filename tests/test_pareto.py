@@ -117,15 +117,12 @@ def test_warm_started_pareto_study(tmp_path, fake_eval):
     check_front(res.front, pareto_mod.all_points(res.study))
 
 
-def test_real_tiny_model_pick_and_export(tmp_path, tiny_pool, tiny_tokenizer):
+def test_real_tiny_model_pick_and_export(tmp_path, tiny_vectors, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
     from optimer_lib.merging.pool import open_pool
 
-    base, tuned = tiny_pool("llama", 2)
-    paths = [save_vector(extract_vector(base, t, name=f"v{i}"), tmp_path / f"v{i}.safetensors")
-             for i, t in enumerate(tuned)]
+    base, paths = tiny_vectors()
     pool = open_pool(base, paths)
     suite = EvalSuite(texts={"en": ["the quick brown fox", "the lazy dog"], "code": ["def f(x):\n    return x"]})
     objs = [parse_objective(s, ["en", "code"]) for s in ("loss:en", "loss:code")]
@@ -139,12 +136,8 @@ def test_real_tiny_model_pick_and_export(tmp_path, tiny_pool, tiny_tokenizer):
     assert card_weights((out / "README.md").read_text()) == pytest.approx(point.weights, rel=1e-5)
 
 
-def test_cli_objectives(tmp_path, tiny_pool, optimer):
-    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
-
-    base, (t0, t1) = tiny_pool("llama", 2)
-    v0 = save_vector(extract_vector(base, t0, name="a"), tmp_path / "a.safetensors")
-    v1 = save_vector(extract_vector(base, t1, name="b"), tmp_path / "b.safetensors")
+def test_cli_objectives(tmp_path, tiny_vectors, optimer):
+    base, (v0, v1) = tiny_vectors(("a", "b"))
     corpus = tmp_path / "notes.txt"
     corpus.write_text("\n\n".join(f"the quick brown fox {i}" for i in range(8)))
     wd = tmp_path / "wd"

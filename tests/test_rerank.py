@@ -172,13 +172,9 @@ def test_real_tiny_model_rerank_matches_fresh_evaluation(tmp_path, tiny_tokenize
     assert ranked.best_value == pytest.approx((fresh["loss:code"] - fresh["acc:math"]) / 2)
 
 
-def test_cli_rerank_and_warm_start(tmp_path, tiny_pool, optimer):
-    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
-
-    base, tuned = tiny_pool("llama", 2)
-    vecs = []
-    for i, t in enumerate(tuned):
-        vecs += ["--vector", str(save_vector(extract_vector(base, t, name=f"v{i}"), tmp_path / f"v{i}.safetensors"))]
+def test_cli_rerank_and_warm_start(tmp_path, tiny_vectors, optimer):
+    base, files = tiny_vectors()
+    vecs = [arg for f in files for arg in ("--vector", str(f))]
     for name in ("notes", "other"):
         (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{name} the quick brown fox {i}" for i in range(8)))
     wd = tmp_path / "wd"
