@@ -199,7 +199,10 @@ def test_workspace_paths_and_adding_vectors(tmp_path: Path):
     perturbed(base, 0.05, seed=99).save_pretrained(wd / "cpt" / "code")
     shared = ws.add_vector("cpt/code")
     assert shared.names == ["ja", "math", "code"] and (wd / "vectors" / "code.safetensors").is_file()
-    assert json.loads((wd / "workbench.json").read_text())["vectors"][-1] == "vectors/code.safetensors"
+    manifest = json.loads((wd / "workbench.json").read_text())  # entries stay relative to the workdir, not the cwd
+    assert manifest["vectors"] == ["vectors/ja.safetensors", "vectors/math.safetensors", "vectors/code.safetensors"]
+    assert manifest["base"] == "base" and manifest["instruction"] == "vectors/instruct.safetensors"
+    assert Workspace(wd, suite=SUITE).pool().names == ["ja", "math", "code"]  # a restart opens the same pool
     assert ws.pool() is shared
     s = Session(ws)
     assert s.names == ["ja", "math", "code"]

@@ -186,9 +186,16 @@ class Workspace:
 
     def write_manifest(self, base: str | os.PathLike, vectors: Sequence[str | os.PathLike],
                        instruction: str | os.PathLike | None, eval_names: Sequence[str] | None = None) -> Path:
-        """Write workbench.json (paths inside the workdir are stored relative to it)."""
-        data = {"base": _rel(Path(base), self.workdir), "vectors": [_rel(Path(v), self.workdir) for v in vectors],
-                "instruction": _rel(Path(instruction), self.workdir) if instruction else None,
+        """Write workbench.json (paths inside the workdir are stored relative to it).
+
+        A relative path is read as relative to the workdir, as :meth:`pool` reads the manifest (never to the
+        process's current directory): re-saving a manifest's own entries keeps them.
+        """
+        def rel(p: str | os.PathLike) -> str:
+            return _rel(self._abs(str(p)), self.workdir)
+
+        data = {"base": rel(base), "vectors": [rel(v) for v in vectors],
+                "instruction": rel(instruction) if instruction else None,
                 "eval": list(eval_names) if eval_names else None}
         path = self.workdir / MANIFEST
         tmp = path.with_name(path.name + ".tmp")
