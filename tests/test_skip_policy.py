@@ -124,3 +124,13 @@ def test_hangs():
     res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rfE", timeout=300)
     res.assert_outcomes(passed=2, failed=1)
     assert "Timeout" in res.stdout.str() and "test_hangs" in res.stdout.str()
+
+
+def test_require_imports_or_skips_saying_how_to_install():
+    import json
+
+    from helpers import require
+
+    assert require("json") is json
+    with pytest.raises(pytest.skip.Exception, match=r"surely_not_installed_module is not installed .*pip install"):
+        require("surely_not_installed_module")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import make_model
+from helpers import require
 
 from optimer_lib import data
 from optimer_lib.errors import ConfigError, DataError, OptimerError
@@ -126,7 +127,7 @@ def test_pack_tokens_joins_with_eos(tiny_tokenizer):
 
 
 def test_accelerate_single_process_matches_plain_training(tmp_path, tiny_tokenizer):
-    pytest.importorskip("accelerate")
+    require("accelerate")
     blocks = _blocks(tiny_tokenizer)
     plain, accel = make_model("llama"), make_model("llama")
     train_model(plain, tiny_tokenizer, blocks, {"a": 1.0}, tmp_path / "p", _cfg(), progress=False)
