@@ -62,4 +62,4 @@ workbench: $(STAMP)
 
 assets: $(STAMP)
 	$(PY) -m pip install -q -e ".[assets]"
-	$(PY) -m optimer_lib.assets build
+	$(PY) -m optimer_lib.assets build --out assets

@@ -34,6 +34,8 @@ def build(workdir: Path) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from optimer_lib.data import assets_dir
+
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=11,
                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
@@ -50,7 +52,7 @@ def build(workdir: Path) -> int:
         model.save_pretrained(workdir / f"tuned{i}", max_shard_size=SHARD)
     del model
     for f in ("tokenizer.json", "tokenizer_config.json"):  # the in-memory merge exports a tokenizer too
-        shutil.copy(Path(__file__).resolve().parents[1] / "assets" / "base" / f, workdir / "base" / f)
+        shutil.copy(assets_dir() / "base" / f, workdir / "base" / f)
     return sum(f.stat().st_size for f in (workdir / "base").glob("*.safetensors"))
 
 

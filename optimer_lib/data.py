@@ -1,4 +1,4 @@
-"""Corpora: the embedded tiny world in ``assets/corpora`` or the user's own text/jsonl files.
+"""Corpora: the embedded tiny world (package data, see :func:`assets_dir`) or the user's own text/jsonl files.
 
     from optimer_lib.data import load_corpus, load_eval_suite, pack_tokens
     docs = load_corpus("ja", "train")                  # embedded corpus by name
@@ -6,7 +6,7 @@
     suite = load_eval_suite(["ja", "math"], "dev")     # texts for perplexity, math Q/A pairs
     blocks = pack_tokens(docs, tokenizer, seq_len=128) # LongTensor [n_blocks, seq_len]
 
-Embedded corpora are ``assets/corpora/<name>/<split>.jsonl.xz`` with splits ``base`` (base
+Embedded corpora are ``<assets_dir()>/corpora/<name>/<split>.jsonl.xz`` with splits ``base`` (base
 pretraining share), ``train`` (CPT), ``dev`` (search) and ``test`` (final numbers), disjoint.
 User files: ``.txt`` (documents separated by blank lines), ``.jsonl``/``.jsonl.xz``/``.jsonl.gz``
 (a ``text`` field per line). A user path is used whole for every split.
@@ -30,13 +30,24 @@ QA_TASKS = ("math",)  # embedded corpora whose documents are "Question: ...\nAns
 
 
 def assets_dir() -> Path:
-    """``$OPTIMER_ASSETS`` if set, else the ``assets/`` folder of this repository."""
+    """The embedded world: ``$OPTIMER_ASSETS`` if set, else the installed package data (``optimer_assets``).
+
+    Never a path relative to this source file: a wheel has no checkout around it.
+    """
     env = os.environ.get("OPTIMER_ASSETS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets"
+    if env:
+        return Path(env)
+    try:
+        import optimer_assets
+    except ImportError as exc:
+        raise DataError("the embedded world (package optimer_assets) is not installed: install the project "
+                        "(`pip install .`, or `pip install -e .` in a checkout), or set OPTIMER_ASSETS to a folder "
+                        "built by `python -m optimer_lib.assets build --out DIR`") from exc
+    return optimer_assets.path()
 
 
 def embedded_corpora() -> list[str]:
-    """Names of the corpora shipped in ``assets/corpora``."""
+    """Names of the corpora shipped in the embedded world (``<assets_dir()>/corpora``)."""
     root = assets_dir() / "corpora"
     return sorted(p.name for p in root.iterdir() if (p / "dev.jsonl.xz").exists()) if root.is_dir() else []
 
@@ -84,7 +95,8 @@ def load_corpus(name_or_path: str | os.PathLike, split: str = "train", *, limit:
     else:
         path = Path(s)
         if not path.is_file():
-            hint = f"embedded corpora: {', '.join(embedded) or 'none built (run python -m optimer_lib.assets build)'}"
+            hint = (f"embedded corpora: {', '.join(embedded)}" if embedded else "no embedded corpora: build them "
+                    "with python -m optimer_lib.assets build --out DIR and set OPTIMER_ASSETS=DIR")
             raise DataError(f"unknown corpus {s!r}: not an embedded corpus and no such file ({hint})")
         if ".jsonl" in path.name:
             docs = read_jsonl(path)

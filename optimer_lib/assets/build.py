@@ -1,8 +1,11 @@
-"""Rebuild everything in ``assets/``: corpora, tokenizer, base model, instruction-tuned model.
+"""Rebuild the embedded world: corpora, tokenizer, base model, instruction-tuned model.
 
-    python -m optimer_lib.assets build            # full rebuild (~25 min on 2 CPU cores)
-    python -m optimer_lib.assets build --quick    # tiny sizes, for testing the builder itself
-    python -m optimer_lib.assets readme           # re-measure and rewrite assets/README.md
+    python -m optimer_lib.assets build --out assets                # full rebuild (~25 min on 2 CPU cores)
+    python -m optimer_lib.assets build --out /tmp/world --quick    # tiny sizes, for testing the builder itself
+    python -m optimer_lib.assets readme --out assets               # re-measure and rewrite assets/README.md
+
+``--out assets`` (what ``make assets`` passes) is the checkout's folder that ships as the ``optimer_assets``
+package; any other folder is used through ``OPTIMER_ASSETS=DIR``.
 
 Deterministic (fixed seeds). Everything is built in ``<out>.build-tmp/`` and moved into place
 only when complete, so an interrupted build never leaves half-written assets.

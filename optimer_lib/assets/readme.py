@@ -1,6 +1,6 @@
-"""Write ``assets/README.md`` from ``build_info.json`` plus measurements of the built models.
+"""Write ``<out>/README.md`` from ``build_info.json`` plus measurements of the built models.
 
-    python -m optimer_lib.assets readme
+    python -m optimer_lib.assets readme --out assets
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch
 
 _INTRO = """# Embedded tiny world
 
-Everything here is built by `python -m optimer_lib.assets build` (see `optimer_lib/assets/`) from
-offline sources, deterministically (fixed seeds), and is what the demo, the tests and the
-workbench use by default. Rebuild with `make assets`; `python -m optimer_lib.assets readme`
-rewrites this page. Set `OPTIMER_ASSETS=/other/dir` to use another tree of the same layout.
+Everything here is built by `python -m optimer_lib.assets build --out assets` (see `optimer_lib/assets/`)
+from offline sources, deterministically (fixed seeds), and is what the demo, the tests and the
+workbench use by default. It ships as package data: the wheel installs this folder as the package
+`optimer_assets` (`optimer_assets.path()`). Rebuild with `make assets`;
+`python -m optimer_lib.assets readme --out assets` rewrites this page. Set `OPTIMER_ASSETS=/other/dir`
+to use another tree of the same layout.
 
 - `corpora/<name>/{base,train,dev,test}.jsonl.xz` — one `{"text": ...}` per line; disjoint
   splits: `base` was used to pretrain the base model, `train` is for CPT, `dev` for search,
@@ -59,7 +61,7 @@ def write_readme(out: Path) -> Path:
             for s in c["sources"]:
                 src_rows.append(f"| {name} | {s['name']} ({s['kind']}) | {s['version']} | {s['licence']} "
                                 f"| {s['note']} |")
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     b, i = info["base"], info["instruct"]
     text = "\n".join([
         _INTRO,
