@@ -291,6 +291,18 @@ def cmd_experiments(a: argparse.Namespace) -> None:
     print(f"wrote {cfg.workdir / 'report.html'} and FINDINGS.md ({len(summary['figures'])} figures)")
 
 
+def cmd_real_cell(a: argparse.Namespace) -> None:
+    from optimer_lib.experiments.real_cell import config_from_args, run_real_cell
+
+    cfg = config_from_args(workdir=a.workdir, base=a.base, corpora=a.corpora, tokens_per_run=a.tokens_per_run,
+                           seeds=a.seeds, trials=a.trials, dev_docs=a.dev_docs, test_docs=a.test_docs,
+                           rescore_docs=a.rescore_docs, top_k=a.top_k, seq_len=a.seq_len, batch_size=a.batch_size,
+                           lr=a.lr, device=a.device, dtype=a.dtype, results=a.results)
+    run_real_cell(cfg, summary_only=a.summary_only)
+    copied = f" (copied to {cfg.results})" if cfg.results else ""
+    print(f"wrote {cfg.workdir / 'summary.json'} and summary.md{copied}")
+
+
 def cmd_import_gguf(a: argparse.Namespace) -> None:
     from optimer_lib.checkpoints.gguf_import import import_gguf
 
@@ -455,6 +467,30 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
                    "the variable keeps the password out of the process list)")
     w.set_defaults(fn=cmd_workbench)
+
+    rc = sub.add_parser("real-cell", help="OptiMer vs data mixture at equal tokens on a real pretrained base "
+                        "(SmolLM2-135M by default; cached stages, several seeds)")
+    rc.add_argument("--workdir", type=Path, default=Path("runs/smollm2"), help="stages, checkpoints, vectors, studies "
+                    "and the summary go here (re-running resumes)")
+    rc.add_argument("--base", type=Path, help="base checkpoint (default: import SmolLM2-135M into WORKDIR/base)")
+    rc.add_argument("--corpora", help="comma list of embedded corpora or NAME=DIR (train/dev/test files); "
+                    "default ja,code")
+    rc.add_argument("--tokens-per-run", type=int, help="CPT tokens per corpus (the mixture gets K times this; "
+                    "default 4096)")
+    rc.add_argument("--seeds", help="comma list of seeds (CPT, mixture and search seed), default 0,1")
+    rc.add_argument("--trials", type=int, help="TPE trials per seed (default 20)")
+    rc.add_argument("--dev-docs", type=int, help="dev documents per corpus scored by each trial (default 3)")
+    rc.add_argument("--test-docs", type=int, help="test documents per corpus for the final scores (default 16)")
+    rc.add_argument("--rescore-docs", type=int, help="re-score the --top-k trials on this many dev documents")
+    rc.add_argument("--top-k", type=int, help="trials re-scored at --rescore-docs (default 0: none)")
+    rc.add_argument("--seq-len", type=int, help="tokens per training sequence and per scored document (default 128)")
+    rc.add_argument("--batch-size", type=int, help="training sequences per step (default 4)")
+    rc.add_argument("--lr", type=float, help="CPT learning rate (default 1e-4)")
+    rc.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    rc.add_argument("--dtype", help="dtype of the merged/scored models: float32 (default), bfloat16")
+    rc.add_argument("--results", type=Path, help="also copy config, stage JSONs and summary here")
+    rc.add_argument("--summary-only", action="store_true", help="only re-render summary.json/.md from WORKDIR")
+    rc.set_defaults(fn=cmd_real_cell)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file (llama.cpp) into a Hugging Face checkpoint folder")
     g.add_argument("file", help="the .gguf file, or pkg:NAME for the one inside an installed package "
