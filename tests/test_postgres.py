@@ -7,9 +7,8 @@ every test gets its own database. Three worker processes run the real command wi
 on the workbench's tiny pool, for a single objective and for a Pareto search (``--objectives``):
 - together they end with exactly ``--trials`` counted trials: consecutive trial numbers, no two trials with the
   same weights, every worker contributed, nothing left running (seeds 0, 1000, 2000: see the next point);
-- a worker that joins late with the next seed (the README's ``--seed $RANK``) must not replay another worker's
-  proposals: today a resumed sampler is seeded ``seed + len(trials)``, so worker 0 joining a study of one trial
-  draws worker 1's points (an expected failure until the search layer derives resume seeds without collisions);
+- a worker that joins late with the next seed (the docs' ``--seed $RANK``) does not replay another worker's
+  proposals (a resumed sampler once used ``seed + len(trials)``: worker 0 joining a one-trial study drew worker 1's);
 - a worker killed with SIGKILL while it holds a running trial loses none of its finished trials, and re-running
   the command completes the study to the total (the dead worker's trial is failed as interrupted);
 - the workbench's Search tab, given the ``postgresql://`` URL, lists and plots that study and sends its best
@@ -136,9 +135,9 @@ def check_study(study: optuna.Study, total: int, workers: set[str]) -> list[optu
 MODES = ["search", "pareto"]
 
 
-# Worker seeds far apart: ``seed + len(trials)`` of a joining worker cannot reach another worker's seed (that
-# collision is test_a_late_worker_with_the_next_seed_draws_new_weights); so equal weights can only mean a trial
-# slot that two workers claimed and scored.
+# Worker seeds far apart, so that no sampler seeding can make two workers propose the same point (joining with
+# the next seed is test_a_late_worker_with_the_next_seed_draws_new_weights): equal weights here can only mean a
+# trial slot that two workers claimed and scored.
 SEEDS = (0, 1000, 2000)
 
 
