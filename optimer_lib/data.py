@@ -18,12 +18,14 @@ import gzip
 import json
 import lzma
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from optimer_lib.errors import DataError
+from optimer_lib.errors import ConfigError, DataError
 
 SPLITS = ("base", "train", "dev", "test")
 QA_TASKS = ("math",)  # embedded corpora whose documents are "Question: ...\nAnswer: N"
@@ -108,10 +110,45 @@ def load_corpus(name_or_path: str | os.PathLike, split: str = "train", *, limit:
     return docs[:limit] if limit else docs
 
 
+_FORBIDDEN = re.compile(r"[:,=\s]")
+
+
+@dataclass
+class EvalSuite:
+    """Named dev sets: ``texts`` (name -> documents, scored by loss) and ``qa`` (name -> (prompt, gold)).
+
+    Names become metric names (``loss:<name>``, ``ppl:<name>``, ``acc:<name>``), so they may not
+    contain ``:``, ``,``, ``=`` or whitespace. A name may appear in both (e.g. math text and math QA).
+    """
+
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    qa: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [n for n in (*self.texts, *self.qa) if not n or _FORBIDDEN.search(n)]
+        if bad:
+            raise ConfigError(f"dev-set names {bad} are not usable as metric names: drop ':', ',', '=' "
+                              "and spaces (e.g. 'ja', 'code_py')")
+
+    def names(self) -> list[str]:
+        """All names, text distributions first, each once."""
+        return list(dict.fromkeys([*self.texts, *self.qa]))
+
+    def select(self, texts: Collection[str] | None = None, qa: Collection[str] | None = None) -> EvalSuite:
+        """A suite with only the given text and QA names (``None`` keeps all of that kind)."""
+        return EvalSuite(
+            texts={k: v for k, v in self.texts.items() if texts is None or k in texts},
+            qa={k: v for k, v in self.qa.items() if qa is None or k in qa})
+
+
+def split_problem(doc: str) -> tuple[str, str]:
+    """A ``Question: ...\nAnswer: X`` document as (prompt ending in ``Answer:``, gold answer)."""
+    head, _, answer = doc.rpartition("\nAnswer:")
+    return f"{head}\nAnswer:", answer.strip()
+
+
 def qa_pairs(docs: Sequence[str]) -> list[tuple[str, str]]:
     """(prompt ending in ``Answer:``, gold) pairs from ``Question: ...\\nAnswer: N`` documents."""
-    from optimer_lib.assets.mathgen import split_problem
-
     return [split_problem(d) for d in docs if "\nAnswer:" in d]
 
 
@@ -122,8 +159,6 @@ def load_eval_suite(names: Sequence[str] | None = None, split: str = "dev"):
     gives texts for perplexity; question/answer corpora (math, or any file whose documents all
     read ``Question: ...\nAnswer: X``) also give exact-match pairs.
     """
-    from optimer_lib.scoring.evaluate import EvalSuite
-
     texts: dict[str, list[str]] = {}
     for item in list(names) if names else embedded_corpora():
         name, sep, path = str(item).partition("=")

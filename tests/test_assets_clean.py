@@ -6,7 +6,8 @@ import pytest
 
 from optimer_lib.assets import clean
 from optimer_lib.assets.build import BuildConfig, split_corpus
-from optimer_lib.assets.mathgen import format_problem, generate_problems, split_problem
+from optimer_lib.assets.mathgen import format_problem, generate_problems
+from optimer_lib.data import split_problem
 from optimer_lib.errors import MissingDependencyError
 
 

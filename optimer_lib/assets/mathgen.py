@@ -56,7 +56,3 @@ def format_problem(question: str, answer: str) -> str:
     return f"Question: {question}\nAnswer: {answer}"
 
 
-def split_problem(doc: str) -> tuple[str, str]:
-    """Inverse of :func:`format_problem`: (prompt ending in ``Answer:``, gold answer)."""
-    head, _, answer = doc.rpartition("\nAnswer:")
-    return f"{head}\nAnswer:", answer.strip()

@@ -6,6 +6,7 @@
     metrics = evaluate_suite(model, tokenizer, suite, limit=100)
     # {"loss:en": 3.1, "ppl:en": 22.2, "loss:ja": ..., "ppl:ja": ..., "acc:math": 0.4}
 
+``EvalSuite`` (named dev sets) lives in :mod:`optimer_lib.data` and is re-exported here.
 ``limit`` takes the *first* N items of every set, so two calls with limits 100 and 300 form the
 paper's two-fidelity protocol (search on 100, re-score the top candidates on 300). The model is
 used as is (no ``.eval()``/device moves); inputs follow the model's device.
@@ -17,44 +18,14 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from optimer_lib.errors import ConfigError, DataError
-
-_FORBIDDEN = re.compile(r"[:,=\s]")
-
-
-@dataclass
-class EvalSuite:
-    """Named dev sets: ``texts`` (name -> documents, scored by loss) and ``qa`` (name -> (prompt, gold)).
-
-    Names become metric names (``loss:<name>``, ``ppl:<name>``, ``acc:<name>``), so they may not
-    contain ``:``, ``,``, ``=`` or whitespace. A name may appear in both (e.g. math text and math QA).
-    """
-
-    texts: dict[str, list[str]] = field(default_factory=dict)
-    qa: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        bad = [n for n in (*self.texts, *self.qa) if not n or _FORBIDDEN.search(n)]
-        if bad:
-            raise ConfigError(f"dev-set names {bad} are not usable as metric names: drop ':', ',', '=' "
-                              "and spaces (e.g. 'ja', 'code_py')")
-
-    def names(self) -> list[str]:
-        """All names, text distributions first, each once."""
-        return list(dict.fromkeys([*self.texts, *self.qa]))
-
-    def select(self, texts: Collection[str] | None = None, qa: Collection[str] | None = None) -> EvalSuite:
-        """A suite with only the given text and QA names (``None`` keeps all of that kind)."""
-        return EvalSuite(
-            texts={k: v for k, v in self.texts.items() if texts is None or k in texts},
-            qa={k: v for k, v in self.qa.items() if qa is None or k in qa})
+from optimer_lib.data import EvalSuite
+from optimer_lib.errors import DataError
 
 
 def model_device(model: Any) -> torch.device:
