@@ -177,8 +177,7 @@ def run_mixture_search(base: str | os.PathLike, names: Sequence[str], suite: Eva
         return raw
 
     def score(trial: optuna.Trial, raw: dict[str, float]) -> tuple[float, dict[str, float]]:
-        ratios = normalised_ratios(raw)
-        ratios = {n: r for n, r in ratios.items() if r > 0}
+        ratios = trial.user_attrs[record.RATIOS]  # normalised once, by suggest
         model = load_model(base, dtype="float32", device="cpu")
         train_model(model, tokenizer, {n: blocks[n] for n in ratios}, ratios, workdir / f"cand-{trial.number:03d}",
                     tcfg, meta={"base": str(base), "data": ratios, "trial": trial.number}, progress=progress)

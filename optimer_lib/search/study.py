@@ -27,7 +27,6 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +224,7 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     ranked = sorted(complete, key=lambda t: sign * t.value)
     rescore = not outcome.interrupted and config.top_k > 0 and config.rescore_limit != config.search_limit
     if rescore:
-        best, best_value, best_metrics = _rescore(study, ranked[:config.top_k], partial(scorer.score), config, sign)
+        best, best_value, best_metrics = _rescore(study, ranked[:config.top_k], scorer.score, config, sign)
     else:
         best = ranked[0]
         best_value = float(best.value)
