@@ -152,3 +152,94 @@ def test_suite_names_select_and_validation():
     assert list(sub.texts) == ["en"] and sub.qa == {}
     with pytest.raises(ConfigError, match="metric names"):
         EvalSuite(texts={"loss:en": ["a"]})
+
+
+# -- per-item scores and streaming (issue 15) ----------------------------------------------------------------
+
+# Golds chosen from what make_model("llama") generates alone (4 new tokens): items 0 and 3 right, 1 and 2 wrong.
+QA_PINNED = [("12 + 35 =", "="), ("a longer prompt with more words 1 + 1 =", "47"), ("def f(x):", "nope"),
+             ("the quick", "ickickickick")]
+
+
+def _pinned_suite() -> EvalSuite:
+    return EvalSuite(texts={"en": DOCS, "code": [*DOCS[::-1], "x = 1", "", "y"]}, qa={"math": QA_PINNED})
+
+
+# evaluate_suite before per-item scoring existed (commit e07e288): the refactor must not move these.
+PINNED = [(dict(seq_len=12, batch_size=2), {"loss:en": 5.77135537800036, "loss:code": 5.769452095031738,
+                                            "acc:math": 0.5}),
+          (dict(seq_len=12, batch_size=16), {"loss:en": 5.77135547838713, "loss:code": 5.769452117210211,
+                                             "acc:math": 0.5}),
+          (dict(limit=3, batch_size=2), {"loss:en": 5.7585624872252, "loss:code": 5.7735323472456495,
+                                         "acc:math": 1 / 3})]
+
+
+@pytest.mark.parametrize("kw, want", PINNED)
+def test_evaluate_suite_numbers_unchanged_by_per_item_refactor(tiny_tokenizer, kw, want):
+    model = make_model("llama")
+    got = evaluate_suite(model, tiny_tokenizer, _pinned_suite(), max_new_tokens=4, **kw)
+    assert sorted(got) == sorted([*want, "ppl:en", "ppl:code"])
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert got["ppl:en"] == pytest.approx(math.exp(got["loss:en"]))
+
+
+def test_per_item_scores_in_dev_set_order_and_aggregate(tiny_tokenizer):
+    from optimer_lib.scoring.evaluate import score_suite
+
+    model = make_model("llama")
+    scores = score_suite(model, tiny_tokenizer, _pinned_suite(), seq_len=12, batch_size=2, max_new_tokens=4)
+    assert list(scores) == ["loss:en", "loss:code", "acc:math"]
+    code = scores["loss:code"]
+    assert code.index == (0, 1, 2, 3, 4, 5, 7)  # the empty document (bos only) is not scored
+    # each document alone, unpadded: its mean NLL is its item score, its predictions its count
+    docs = _pinned_suite().texts["code"]
+    for i, item, count in zip(code.index, code.items, code.count, strict=True):
+        assert item == pytest.approx(reference_loss(model, tiny_tokenizer, [docs[i]], 12), abs=1e-5)
+        ids = tiny_tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+        assert count == min(len(ids) + 1, 12) - 1
+    assert code.value == pytest.approx(sum(code.total) / sum(code.count))
+    assert scores["acc:math"].items == [1.0, 0.0, 0.0, 1.0]
+    assert scores["acc:math"].metrics() == {"acc:math": 0.5}
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model, counting forward calls and raising a flag after ``stop_after`` of them."""
+
+    def __init__(self, inner, stop_after: int):
+        super().__init__()
+        self.inner, self.calls, self.stop_after = inner, 0, stop_after
+        self.config = inner.config
+
+    def forward(self, **kw):
+        self.calls += 1
+        return self.inner(**kw)
+
+    @property
+    def stop(self) -> bool:
+        return self.calls >= self.stop_after
+
+
+def test_stream_suite_yields_each_set_and_cancels_within_one_batch(tiny_tokenizer):
+    from optimer_lib.scoring.evaluate import stream_suite
+
+    suite = EvalSuite(texts={"a": DOCS, "b": DOCS, "c": DOCS})
+    model = CountingModel(make_model("llama"), stop_after=10**9)
+    seen = [(name, sorted(m), s.key) for name, m, s in stream_suite(model, tiny_tokenizer, suite, batch_size=2)]
+    assert seen == [(n, [f"loss:{n}", f"ppl:{n}"], f"loss:{n}") for n in "abc"]
+    assert model.calls == 9  # 5 documents in batches of 2: 3 forwards per set
+    # a newer request arrives after the 4th forward (the first batch of set b): nothing more runs, b is not yielded
+    model = CountingModel(make_model("llama"), stop_after=4)
+    names = [r.name for r in stream_suite(model, tiny_tokenizer, suite, batch_size=2, should_stop=lambda: model.stop)]
+    assert names == ["a"] and model.calls == 4
+    # stopped before anything: nothing runs at all
+    model = CountingModel(make_model("llama"), stop_after=0)
+    assert list(stream_suite(model, tiny_tokenizer, suite, should_stop=lambda: True)) == [] and model.calls == 0
+
+
+def test_stream_suite_qa_limit_separate_from_limit(tiny_tokenizer):
+    from optimer_lib.scoring.evaluate import score_suite
+
+    model = make_model("llama")
+    scores = score_suite(model, tiny_tokenizer, _pinned_suite(), limit=2, qa_limit=4, max_new_tokens=4)
+    assert len(scores["loss:en"].index) == 2 and scores["acc:math"].items == [1.0, 0.0, 0.0, 1.0]
