@@ -11,6 +11,11 @@
                    [--pruner none|median|asha|hyperband] [--fidelities 10,30,100]
     optimer rerank --workdir DIR [--storage URL] [--study NAME] --objective SPEC
     optimer import-gguf FILE.gguf|pkg:NAME OUT [--dtype float32] [--force]
+    optimer plan --base DIR --vector FILE ... [--device cpu|cuda|cuda:N|auto] [--dtype D] [--slots N] [--json]
+    optimer plan --sizes                     (135M-27B on a 24 GiB CPU and an 80 GiB GPU)
+
+Every command that loads a model takes ``--device cpu|cuda|cuda:N|auto`` and ``--dtype float32|bfloat16|float16``,
+checked before anything loads.
 
 User mistakes print ``error: <what to do>`` and exit with status 2; ``OPTIMER_DEBUG=1`` also
 prints the traceback.
@@ -24,7 +29,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from optimer_lib.cli_search import cmd_rerank, cmd_search
+from optimer_lib.cli_search import add_compute_args, cmd_plan, cmd_rerank, cmd_search, cmd_workbench, compute_args
 from optimer_lib.errors import ConfigError, OptimerError
 from optimer_lib.search.defaults import BATCH
 
@@ -69,6 +74,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> None:
     from optimer_lib.training.train import TrainConfig, check_out_dir, train_cpt
 
+    compute_args(a)  # a bad --device fails before anything loads
     cfg = TrainConfig(tokens=a.tokens, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, schedule=a.schedule,
                       seed=a.seed, device=a.device, trajectory=a.trajectory)
     data = _ratio_spec(a.data)
@@ -89,6 +95,7 @@ def _streams(a: argparse.Namespace, dirs: list[str], vectors: tuple[str, ...] = 
 def cmd_vector_extract(a: argparse.Namespace) -> None:
     from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
+    compute_args(a, keep=True)
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} exists: use --force to overwrite it")
     if _streams(a, [a.base, a.tuned]):
@@ -124,6 +131,7 @@ def cmd_merge(a: argparse.Namespace) -> None:
     from optimer_lib.merging.pool import open_pool
     from optimer_lib.search.specs import parse_vector_spec
 
+    compute_args(a, keep=True)
     specs = [parse_vector_spec(s) for s in a.vector]
     missing = [f for f, w in specs if w is None and a.method not in ("average",)]
     if missing:
@@ -193,6 +201,7 @@ def cmd_experiments(a: argparse.Namespace) -> None:
 def cmd_real_cell(a: argparse.Namespace) -> None:
     from optimer_lib.experiments.real_cell import config_from_args, run_real_cell
 
+    compute_args(a, keep=True)
     cfg = config_from_args(workdir=a.workdir, base=a.base, corpora=a.corpora, tokens_per_run=a.tokens_per_run,
                            seeds=a.seeds, trials=a.trials, dev_docs=a.dev_docs, test_docs=a.test_docs,
                            rescore_docs=a.rescore_docs, top_k=a.top_k, seq_len=a.seq_len, batch_size=a.batch_size,
@@ -210,26 +219,12 @@ def cmd_import_gguf(a: argparse.Namespace) -> None:
           f"{res.dtype}, {res.seconds:.0f} s): use it as --base")
 
 
-def cmd_workbench(a: argparse.Namespace) -> None:
-    from workbench.app import launch, parse_auth  # gradio is an optional dependency: import it only here
-
-    auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
-    extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
-    if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
-        print(f"warning: listening on {a.host} without --auth: anyone who reaches this port can use the workbench "
-              "and its files", file=sys.stderr, flush=True)
-    print(f"OptiMer workbench on http://{a.host}:{a.port} (workdir {a.workdir}"
-          + (", login required" if auth_spec else "") + "); Ctrl-C stops it", flush=True)
-    launch(a.workdir, host=a.host, port=a.port, share=a.share, device=a.device, threads=a.threads, **extra)
-
-
 def _add_streaming_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="read and write tensor by tensor, shard by shard (default: on when a checkpoint has "
                         "several shards or a vector is a folder)")
-    p.add_argument("--device", default=None, help="where to compute: cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--dtype", default=None, help="output dtype: float32, bfloat16, float16 (default: keep the "
-                   "checkpoint's; the in-memory merge loads float32)")
+    add_compute_args(p, device=None, dtype_help="output dtype: float32, bfloat16, float16 (default: keep the "
+                      "checkpoint's; the in-memory merge loads float32)")
     p.add_argument("--shard-size", default="2GB", help="largest output file when streaming (e.g. 500MB, 2GB)")
 
 
@@ -260,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     t.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="learning-rate schedule")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation order and batches")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_compute_args(t, device="auto", dtype=False)  # training picks its own precision (fp32, bf16 autocast)
     t.add_argument("--trajectory", type=int, default=0, help="save N checkpoints along the run")
     t.add_argument("--split", default="train", help="split of an embedded corpus (default train)")
     t.add_argument("--force", action="store_true", help="train again into an --out holding a finished run")
@@ -330,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warm-start-from", metavar="STUDY", help="seed a new --study with the trials of STUDY "
                    "(same storage), values recomputed for this objective; seeds count toward --trials")
     s.add_argument("--force", action="store_true", help="replace a best.json of another study in --workdir")
+    s.add_argument("--time-budget", metavar="DURATION", help="stop after the trial running when this much time has "
+                   "passed (90s, 30m, 2h, 1h30m; a number is seconds); no re-scoring then; re-run to continue")
+    s.add_argument("--estimate-only", action="store_true", help="print the estimated time per trial and for the "
+                   "whole search, then exit (the estimate is always printed before a search starts)")
+    add_compute_args(s)
     _add_trust_arg(s)
     s.set_defaults(fn=cmd_search)
 
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port to listen on")
     w.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    w.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_compute_args(w)
     w.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPUs with <= 4 cores)")
     w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
                    "the variable keeps the password out of the process list)")
@@ -385,8 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--seq-len", type=int, help="tokens per training sequence and per scored document (default 128)")
     rc.add_argument("--batch-size", type=int, help="training sequences per step (default 4)")
     rc.add_argument("--lr", type=float, help="CPT learning rate (default 1e-4)")
-    rc.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    rc.add_argument("--dtype", help="dtype of the merged/scored models: float32 (default), bfloat16")
+    add_compute_args(rc, device=None, dtype_help="dtype of the merged/scored models: float32 (default), bfloat16")
     rc.add_argument("--results", type=Path, help="also copy config, stage JSONs and summary here")
     rc.add_argument("--summary-only", action="store_true", help="only re-render summary.json/.md from WORKDIR")
     rc.set_defaults(fn=cmd_real_cell)
@@ -399,6 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "bfloat16, float16")
     g.add_argument("--force", action="store_true", help="replace an existing OUT")
     g.set_defaults(fn=cmd_import_gguf)
+
+    pl = sub.add_parser("plan", help="what a pool needs on a device: base, slots, vectors resident or streamed, "
+                        "re-merge time per changed vector")
+    pl.add_argument("--base", help="base checkpoint directory (safetensors; only headers are read)")
+    pl.add_argument("--vector", action="append", metavar="FILE", help="a vector file or folder; repeat for each")
+    pl.add_argument("--instruction", metavar="FILE", help="instruction vector")
+    pl.add_argument("--slots", type=int, help="merged models kept in memory (default 1 on CUDA, 2 on CPU)")
+    pl.add_argument("--bandwidth", type=float, metavar="GB/S", help="memory bandwidth to assume instead of "
+                    "measuring it (about 0.2 s)")
+    pl.add_argument("--sizes", action="store_true", help="instead: the table for 135M, 1.7B, 7B and 27B models on a "
+                    "24 GiB CPU and an 80 GiB GPU (assumed bandwidths; docs/performance.md)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    add_compute_args(pl, device="auto")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

@@ -1,7 +1,10 @@
-"""The search commands of the ``optimer`` CLI: ``optimer search`` (scalar, Pareto, warm-started) and ``optimer rerank``.
+"""The search and planning commands of the ``optimer`` CLI: ``search`` (scalar, Pareto, warm-started), ``rerank``,
+``plan``, ``workbench`` (which refuses a pool that cannot fit), and the ``--device``/``--dtype`` flags and check
+every command that loads a model shares.
 
     optimer search --base assets/base --vector vectors/ja.safetensors --vector vectors/math.safetensors --trials 100
     optimer rerank --workdir runs/search --objective 'loss:ja=1,acc:math=2'
+    optimer plan --base assets/base --vector vectors/ja.safetensors --device cpu --dtype bfloat16
 
 The parser lives in :mod:`optimer_lib.cli` (``build_parser``); these are the functions it dispatches to, split off so
 that neither file grows past a readable size. Heavy imports stay inside the functions (the CLI starts fast).
@@ -16,6 +19,87 @@ import sys
 from pathlib import Path
 
 from optimer_lib.errors import ConfigError, OptimerError
+
+KEEP = (None, "auto", "keep")  # --dtype of merge/extract: keep the checkpoint's dtype
+
+
+def add_compute_args(p: argparse.ArgumentParser, *, device: str | None = "cpu", dtype_help: str | None = None,
+                      dtype: bool = True) -> None:
+    """``--device`` and ``--dtype``, the same flags wherever a model is loaded (checked by ``compute_args``)."""
+    p.add_argument("--device", default=device, help=f"where models are loaded and computed: cpu, cuda, cuda:N or auto "
+                   f"(CUDA when present; default {device or 'cpu'})")
+    if dtype:
+        p.add_argument("--dtype", default=None, help=dtype_help or "float32, bfloat16 or float16 (default auto: "
+                       "bfloat16 on CUDA, float32 on CPU)")
+
+
+def cmd_workbench(a: argparse.Namespace) -> None:
+    from workbench.app import launch, parse_auth  # gradio is an optional dependency: import it only here
+
+    device, dtype = compute_args(a)
+    check_workbench_pool(a.workdir, device, dtype)  # refuse a pool that cannot fit before any model loads
+    auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
+    extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
+        print(f"warning: listening on {a.host} without --auth: anyone who reaches this port can use the workbench "
+              "and its files", file=sys.stderr, flush=True)
+    print(f"OptiMer workbench on http://{a.host}:{a.port} (workdir {a.workdir}"
+          + (", login required" if auth_spec else "") + "); Ctrl-C stops it", flush=True)
+    if dtype != "float32":  # build_app's default; passed only when it differs
+        extra["dtype"] = dtype
+    launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)
+
+
+def compute_args(a: argparse.Namespace, *, keep: bool = False) -> tuple[str, str | None]:
+    """``(device, dtype name)`` from ``--device``/``--dtype``, checked before any model loads (one-line errors for an
+    unknown name or an absent CUDA device). ``dtype`` None/"auto" is bfloat16 on CUDA, float32 on CPU; with
+    ``keep`` (merge, vector extract) it stays None: the checkpoint's own dtype."""
+    from optimer_lib.engine.plan import DTYPE_NAMES, resolve_compute
+
+    dtype = getattr(a, "dtype", None)
+    dev, dt = resolve_compute(getattr(a, "device", None) or "cpu", None if dtype in KEEP else dtype)
+    return str(dev), (None if keep and dtype in KEEP else DTYPE_NAMES[dt])
+
+
+def cmd_plan(a: argparse.Namespace) -> None:
+    """``optimer plan``: what the pool needs on this device (or ``--sizes``: the hypothetical-model table)."""
+    from optimer_lib.engine.plan import GB, hypothetical_plans, markdown_table, plan_pool
+    from optimer_lib.search.specs import parse_vector_spec
+
+    bandwidth = None if a.bandwidth is None else a.bandwidth * GB
+    if a.bandwidth is not None and not a.bandwidth > 0:
+        raise ConfigError(f"--bandwidth must be a positive number of GB/s, got {a.bandwidth}")
+    if a.sizes:
+        plans = hypothetical_plans(slots=a.slots)
+        print(json.dumps([p.to_dict() for p in plans], indent=2) if a.json else markdown_table(plans))
+        return
+    if not a.base:
+        raise ConfigError("optimer plan needs --base DIR (and each --vector FILE), or --sizes for the table of "
+                          "hypothetical models")
+    device, dtype = compute_args(a)
+    inst = parse_vector_spec(a.instruction)[0] if a.instruction else None
+    plan = plan_pool(a.base, [parse_vector_spec(v)[0] for v in a.vector or []], instruction=inst, device=device,
+                     dtype=dtype, slots=a.slots, bandwidth=bandwidth)
+    print(json.dumps(plan.to_dict(), indent=2) if a.json else plan.table())
+
+
+def check_workbench_pool(workdir: Path, device: str, dtype: str) -> None:
+    """Refuse (PlanError, one line) a workbench whose pool cannot fit base + one slot on ``device``; no pool yet: ok."""
+    from optimer_lib.engine.plan import plan_pool
+    from workbench.workspace import Workspace
+
+    ws = Workspace(workdir, device=device, dtype=dtype)
+    m = ws.manifest()
+    if not m or not m.get("base") or not m.get("vectors"):
+        return  # the Pool tab builds or chooses one; the engine checks again when it opens it
+
+    def full(p: str) -> Path:
+        return Path(p) if Path(p).is_absolute() else ws.workdir / p
+
+    plan = plan_pool(full(m["base"]), [full(v) for v in m["vectors"]],
+                     instruction=full(m["instruction"]) if m.get("instruction") else None, device=device,
+                     dtype=dtype, slots=1, seconds=0.05)
+    plan.check()
 
 
 def cmd_search(a: argparse.Namespace) -> None:
@@ -38,20 +122,44 @@ def cmd_search(a: argparse.Namespace) -> None:
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
                        rescore_limit=a.rescore_limit, top_k=a.top_k, pruner=a.pruner,
-                       fidelities=fidelities)
+                       fidelities=fidelities, time_budget=a.time_budget)
+    budget = cfg.budget_seconds()  # a malformed --time-budget fails here, before any model loads
+    if budget is not None and a.objectives:
+        raise ConfigError("--time-budget works with one --objective, not a Pareto search (--objectives): stop it "
+                          "with Ctrl-C (finished trials are kept) or lower --trials")
+    device, dtype = compute_args(a)
     inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
-    _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
-                     archive=bool(a.warm_start_from))
-    pool = open_pool(a.base, files, instruction=inst, allow_fingerprint_mismatch=a.allow_base_mismatch,
-                     trust_remote_code=a.trust_remote_code)
+    if not a.estimate_only:
+        _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
+                         archive=bool(a.warm_start_from))
+    pool = open_pool(a.base, files, instruction=inst, device=device, dtype=dtype,
+                     allow_fingerprint_mismatch=a.allow_base_mismatch, trust_remote_code=a.trust_remote_code)
     if inst:
         pool.merger.instruction_weight = 1.0 if inst_w is None else inst_w
+    if not (a.objectives or a.warm_start_from):
+        cfg.check(pool.names)  # every settings problem (bound names included) before any trial
+    _print_estimate(pool, suite, objectives, cfg, budget)
+    if a.estimate_only:
+        return None
     if a.objectives or a.warm_start_from:  # these validate their own settings (Pareto samplers differ)
         return _search_on_demand(a, pool, suite, objectives, cfg)
-    cfg.check(pool.names)  # every settings problem (bound names included) before any trial
     res = run_search(pool.merger, pool.tokenizer, suite, objective, cfg)
-    print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path)},
-                     indent=2))
+    if res.stopped:
+        done = res.study.user_attrs["stopped"]["trials"]
+        print(f"stopped for the time budget after {res.new_trials} new trial(s) ({done} of {cfg.trials} in the "
+              "study; no re-scoring): re-run the same command to continue", file=sys.stderr)
+    print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path),
+                      **({"stopped": res.stopped} if res.stopped else {})}, indent=2))
+
+
+def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None) -> None:
+    """The estimated time per trial and for the whole search, on stderr (stdout stays the JSON result)."""
+    from optimer_lib.search.cost import estimate_search_cost
+
+    cost = estimate_search_cost(pool.merger, pool.tokenizer, suite, objectives, cfg)
+    print(f"{cost.summary(budget)} (measured in {cost.calibration_seconds:.1f} s on "
+          f"{next(pool.model.parameters()).device}; a resumed study runs only its missing trials)",
+          file=sys.stderr, flush=True)
 
 
 def _check_best_json(workdir: Path, study: str, storage: str, force: bool, *, archive: bool = False) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,13 @@ from optimer_lib.search.defaults import BATCH
 from optimer_lib.search.pruning import fidelity_problems, make_pruner, score_rungs
 from optimer_lib.search.samplers import SAMPLERS, grid_exhausted, make_sampler, resume_seed
 from optimer_lib.search.storage import open_storage, workdir_storage
-from optimer_lib.search.trials import counted, run_trials
+from optimer_lib.search.trials import Deadline, counted, run_trials
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
+# Study attr: why the last run_search with a time budget stopped ({"reason": "time_budget" | "completed", ...}).
+# It belongs with the other keys in record.py (owned elsewhere): move it there as record.STOPPED.
+STOPPED = "stopped"
 
 
 @dataclass
@@ -64,6 +68,9 @@ class SearchConfig:
     hyperband...) scores each trial at increasing ``fidelities`` (documents per dev set, ending at
     ``search_limit``; default about 1/9, 1/3, all of it) and may stop it after any rung but the last.
     ``direction=None`` takes the objective's own (``Objective.direction``; minimise unless it says otherwise).
+    ``time_budget`` (seconds, or a duration such as ``"30m"``/``"2h"``; None = none) stops the search after the trial
+    running when it is spent (at least one trial runs); the top-k re-scoring is then skipped, best.json and the
+    study attr ``stopped`` say why, and re-running the command continues the study.
     """
 
     trials: int = BATCH.trials
@@ -82,6 +89,13 @@ class SearchConfig:
     record_metrics: str = BATCH.record_metrics
     pruner: str = BATCH.pruner
     fidelities: tuple[int | None, ...] | None = None
+    time_budget: float | str | None = None
+
+    def budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds (ConfigError for a malformed one)."""
+        from optimer_lib.search.cost import parse_duration
+
+        return None if self.time_budget is None else parse_duration(self.time_budget)
 
     def storage_url(self) -> str | None:
         return workdir_storage(self.workdir, self.storage)
@@ -118,6 +132,10 @@ class SearchConfig:
             problems.append(f"unknown sampler {self.sampler!r}; choose one of {', '.join(samplers)}")
         if self.record_metrics not in RECORD_MODES:
             problems.append(f"record_metrics must be 'all' or 'needed', got {self.record_metrics!r}")
+        try:
+            self.budget_seconds()
+        except ConfigError as exc:
+            problems.append(f"time_budget: {exc}")
         return problems + fidelity_problems(self.pruner, self.fidelities, self.search_limit)
 
     def resolved_bounds(self, names: list[str]) -> dict[str, tuple[float, float]]:
@@ -160,6 +178,7 @@ class SearchResult:
     value_search: float = math.nan
     new_trials: int = 0
     interrupted: bool = False
+    stopped: str | None = None   # "time_budget" when the budget ended the search before config.trials
 
 
 def no_trial_completed(study: optuna.Study) -> OptimerError:
@@ -172,15 +191,18 @@ def no_trial_completed(study: optuna.Study) -> OptimerError:
 
 def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective, config: SearchConfig, *,
                callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
-               progress: bool = True) -> SearchResult:
+               progress: bool = True, clock: Callable[[], float] = time.monotonic) -> SearchResult:
     """Run (or resume) the study to ``config.trials`` trials, re-score the top-k, write best.json.
 
     Non-OptiMer exceptions inside a trial mark it FAILED (message in its ``error`` user attr) and
     the search goes on; OptimerError stops it; Ctrl-C stops it keeping every finished trial (the
-    result then has ``interrupted=True`` and no re-scoring is done).
+    result then has ``interrupted=True`` and no re-scoring is done). ``config.time_budget`` counts from this
+    call (on ``clock``) and stops it after the trial running when spent (``stopped="time_budget"``, no re-scoring).
     """
     names = list(merger.names)
     bounds = config.check(names)
+    budget = config.budget_seconds()
+    deadline = Deadline(budget, clock) if budget is not None else None
     config = dataclasses.replace(config, direction=config.resolved_direction(objective))
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +236,14 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     outcome = run_trials(study, total=config.trials, suggest=lambda t: {n: t.suggest_float(n, *b) for n, b in
                                                                           bounds.items()},
                          score=score, metrics_key=record.metrics_key(config.search_limit), callbacks=callbacks,
-                         progress=progress, should_stop=grid_exhausted)
+                         progress=progress, should_stop=grid_exhausted if deadline is None else
+                         lambda s: grid_exhausted(s) or deadline(s))
+    stopped = "time_budget" if deadline is not None and deadline.spent else None
+    if deadline is not None or STOPPED in study.user_attrs:  # a stale "time_budget" must not outlive a finished run
+        study.set_user_attr(STOPPED, {"reason": stopped or ("interrupted" if outcome.interrupted else "completed"),
+                                      "budget_s": budget, "elapsed_s": round(deadline.elapsed, 3) if deadline else
+                                      None, "new_trials": outcome.done, "trials": counted(study),
+                                      "of": config.trials})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         if outcome.interrupted:
@@ -222,7 +251,8 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
         raise no_trial_completed(study)
     sign = 1.0 if config.direction == "minimize" else -1.0
     ranked = sorted(complete, key=lambda t: sign * t.value)
-    rescore = not outcome.interrupted and config.top_k > 0 and config.rescore_limit != config.search_limit
+    rescore = (not outcome.interrupted and not stopped and config.top_k > 0
+               and config.rescore_limit != config.search_limit)
     if rescore:
         best, best_value, best_metrics = _rescore(study, ranked[:config.top_k], scorer.score, config, sign)
     else:
@@ -235,11 +265,12 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
                "metrics": best_metrics, "trial": best.number, "study": config.study_name,
                "storage": config.storage_url() or ":memory:", "sampler": config.sampler, "seed": config.seed,
                "limits": [config.search_limit, config.rescore_limit], "rescored": rescore,
-               "objective_spec": objective.spec, "direction": config.direction, "trials": counted(study)}
+               "objective_spec": objective.spec, "direction": config.direction, "trials": counted(study),
+               **({"stopped": stopped} if stopped else {})}
     path = atomic_write_json(workdir / "best.json", payload)
     return SearchResult(study=study, best_weights=best_weights, best_value=best_value, best_metrics=best_metrics,
                         path=path, best_trial=best.number, value_search=float(best.value), new_trials=outcome.done,
-                        interrupted=outcome.interrupted)
+                        interrupted=outcome.interrupted, stopped=stopped)
 
 
 Scorer = Callable[[dict[str, float], "int | None"], tuple[float, dict[str, float]]]

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,31 @@ class LoopOutcome:
 
     done: int
     interrupted: bool
+
+
+class Deadline:
+    """A ``should_stop`` for :func:`run_trials`: true once ``seconds`` have passed since it was made.
+
+        deadline = Deadline(30 * 60)                    # a 30-minute budget, starting now
+        run_trials(study, ..., should_stop=deadline)    # the trial running when it expires finishes
+        deadline.spent, deadline.elapsed
+
+    Never true when asked the first time, so a search always finishes one trial, however small the budget.
+    ``clock`` (seconds, monotonic) is injectable for tests.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock = float(seconds), clock
+        self.start, self.asked, self.spent = clock(), 0, False
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def __call__(self, study: optuna.Study | None = None) -> bool:
+        self.asked += 1
+        self.spent = self.spent or (self.asked > 1 and self.elapsed >= self.seconds)
+        return self.spent
 
 
 def counted(study: optuna.Study) -> int:

@@ -1,0 +1,386 @@
+"""Capacity planning: what a pool needs on a device, what fits, and what a re-merge costs, before loading anything.
+
+    optimer plan --base runs/smollm2/base --vector vectors/ja.safetensors --vector vectors/code.safetensors
+    optimer plan --sizes                         # 135M-27B on a 24 GiB CPU and an 80 GiB GPU (docs table)
+
+    from optimer_lib.engine.plan import plan_pool, hypothetical_plans, markdown_table
+    plan = plan_pool("assets/base", ["runs/demo/vectors/ja.safetensors"], device="cpu", dtype="float32")
+    plan.fits, plan.slots_fit, plan.seconds_per_change      # True, 900, 0.002
+    plan.check()                                            # PlanError with what to do when it does not fit
+    print(markdown_table(hypothetical_plans()))
+
+Sizes come from safetensors headers only (no tensor is read). The model the numbers describe is the merge
+engine's: the base once on the compute device in the chosen dtype, ``slots`` materialised merged models beside it
+(default 1 on a GPU, 2 on a CPU), vectors memory-mapped from their files (page cache, not anonymous memory) and
+moved to the device tensor by tensor. Peak memory on the compute device ≈ base + slots × model + working memory
+(runtime plus the scorer's logits). On a GPU whose memory cannot hold base + slots, the base stays memory-mapped
+on the host and is streamed in for each full re-merge; vectors are kept on the device only when they fit beside
+everything else. A linear re-merge of one changed vector in an fp32 slot reads the vector once and reads and
+writes the slot once; bf16/fp16 slots (and non-linear methods) are re-merged fully from the base, which reads
+the base and every vector and writes the slot. Times divide those bytes by a measured bandwidth (an ``add_`` over
+tensors larger than any cache, about 0.2 s) or a given one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from optimer_lib.checkpoints.models import resolve_device, resolve_dtype
+from optimer_lib.checkpoints.streaming import TensorReader, checkpoint_files
+from optimer_lib.checkpoints.vectors import vector_files
+from optimer_lib.errors import ConfigError
+
+GB, GiB = 1e9, 2**30
+RUNTIME_BYTES = GiB // 2   # Python, torch, tokenizer, dev suite (host) or the CUDA context (device)
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class PlanError(ConfigError):
+    """The pool cannot fit this machine; the message says by how much and what to change."""
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as disk and model sizes are quoted: ``538 MB``, ``54.0 GB``."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """What the planner needs to know of a pool: parameter count, stored bytes, vector bytes (stored dtype)."""
+
+    parameters: int                  # floating-point elements of the base (tied tensors once)
+    base_stored_bytes: int
+    vector_bytes: tuple[int, ...]    # one entry per vector file (instruction included), in its stored dtype
+    vocab_size: int | None = None
+    name: str = ""
+
+
+def pool_size(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = (),
+              instruction: str | os.PathLike | None = None) -> PoolSize:
+    """Read sizes from the safetensors headers of ``base`` and each vector (no tensor data is read)."""
+    import json
+
+    reader = TensorReader(checkpoint_files(base))
+    floats = [k for k in reader.info if reader.is_float(k)]
+    params = sum(math.prod(reader.info[k][0]) for k in floats)
+    stored = sum(reader.nbytes(k) for k in reader.info)
+    vec_bytes = []
+    for v in [*vectors, *([instruction] if instruction else [])]:
+        vr = TensorReader(vector_files(v)[1])
+        vec_bytes.append(sum(vr.nbytes(k) for k in vr.info))
+    try:
+        vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        vocab = None
+    return PoolSize(params, stored, tuple(vec_bytes), vocab if isinstance(vocab, int) else None, str(base))
+
+
+def hypothetical_pool(parameters: float, *, vectors: int = 2, itemsize: int = 2, vocab_size: int | None = None,
+                      name: str = "") -> PoolSize:
+    """A pool of a model with ``parameters`` parameters whose base and ``vectors`` vectors are stored at ``itemsize``
+    bytes per parameter."""
+    n = int(parameters)
+    return PoolSize(n, itemsize * n, (n * itemsize,) * vectors, vocab_size, name)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Memory available (bytes) and bandwidths (bytes/s) of one compute device and its host."""
+
+    name: str
+    device: str                         # "cpu" or "cuda:N"
+    host_bytes: int                     # host memory available (MemAvailable), page cache counted as free
+    device_bytes: int | None = None     # free memory of the CUDA device (None on a CPU)
+    bandwidth: float = 10 * GB          # read+write bandwidth of an in-place add on the compute device
+    host_to_device: float | None = None  # host -> device copy bandwidth (CUDA only)
+    disk: float = 2 * GB                 # reads of files the page cache cannot hold (assumed: an NVMe SSD)
+
+
+def available_host_memory() -> int:
+    """Host memory available to a new process: psutil when installed, else MemAvailable of /proc/meminfo."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ConfigError("cannot read the available memory (no psutil, no /proc/meminfo): pip install psutil")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: str | torch.device = "cpu", *, seconds: float = 0.2, mib: int = 64) -> float:
+    """Bytes/s of ``a.add_(b, alpha=...)`` on ``device`` over two ``mib``-MiB fp32 tensors (3 × size moved per add).
+
+    Tensors larger than the caches, as a re-merge's; repeated for about ``seconds``.
+    """
+    dev = torch.device(device)
+    n = mib * 2**20 // 4
+    a, b = torch.zeros(n, device=dev), torch.ones(n, device=dev)
+    a.add_(b, alpha=0.5)  # first touch: page faults / lazy allocation are not bandwidth
+    _sync(dev)
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or reps < 2:
+        a.add_(b, alpha=0.5)
+        reps += 1
+        if dev.type == "cuda" and reps % 8:
+            continue
+        _sync(dev)
+    _sync(dev)
+    return 3 * a.nbytes * reps / (time.perf_counter() - start)
+
+
+def measure_host_to_device(device: str | torch.device, *, seconds: float = 0.2, mib: int = 64) -> float:
+    """Bytes/s of copying pageable host memory (as a memory-mapped vector is) to the CUDA ``device``."""
+    dev = torch.device(device)
+    src = torch.ones(mib * 2**20 // 4)
+    dst = src.to(dev)
+    _sync(dev)
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or reps < 2:
+        dst.copy_(src)
+        _sync(dev)
+        reps += 1
+    return src.nbytes * reps / (time.perf_counter() - start)
+
+
+def resolve_compute(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``--device``/``--dtype`` checked: the names (one line each) and that a CUDA device is there."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} but no CUDA device is visible: use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device} is not supported: use cpu, cuda, cuda:N or auto")
+    dt = resolve_dtype(dtype, dev)
+    if dt not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    return dev, dt
+
+
+def this_machine(device: str | None = "auto", *, bandwidth: float | None = None, host_bytes: int | None = None,
+                 device_bytes: int | None = None, host_to_device: float | None = None,
+                 seconds: float = 0.2) -> Machine:
+    """The machine this process runs on: available memory now and (unless given) measured bandwidths."""
+    dev, _ = resolve_compute(device, None)
+    host = available_host_memory() if host_bytes is None else int(host_bytes)
+    free, h2d = None, None
+    if dev.type == "cuda":
+        free = int(torch.cuda.mem_get_info(dev)[0]) if device_bytes is None else int(device_bytes)
+        h2d = measure_host_to_device(dev, seconds=seconds) if host_to_device is None else float(host_to_device)
+    bw = measure_bandwidth(dev, seconds=seconds) if bandwidth is None else float(bandwidth)
+    return Machine("this machine", str(dev), host, free, bw, h2d)
+
+
+@dataclass
+class CapacityPlan:
+    """What fits where; every size in bytes, every time in seconds (see the module docstring)."""
+
+    pool: str
+    machine: str
+    device: str
+    dtype: str
+    parameters: int
+    base_bytes: int                  # the base in ``dtype``
+    slot_bytes: int                  # one merged model in ``dtype``
+    vector_bytes: int                # every vector, stored dtype
+    vectors: int
+    work_bytes: int                  # runtime + the scorer's logits
+    slots: int                       # requested
+    slots_fit: int                   # most slots that fit (0: not even one)
+    available_bytes: int             # compute-device memory available (host RAM on a CPU)
+    host_bytes: int
+    base_on_host: bool               # the base stays memory-mapped on the host (GPU too small for base + slots)
+    vectors_resident: bool           # vectors fit on the device (GPU) or in the page cache (CPU)
+    bandwidth: float
+    host_to_device: float | None
+    seconds_per_vector: float        # incremental linear re-merge of one changed vector (fp32 slots)
+    seconds_full_merge: float        # re-materialise a slot from the base and every vector
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def need_bytes(self) -> int:
+        """Memory the compute device must hold: base (unless it stays on the host) + slots + working memory."""
+        return (0 if self.base_on_host else self.base_bytes) + self.slots * self.slot_bytes + self.work_bytes
+
+    @property
+    def seconds_per_change(self) -> float:
+        """What one changed vector costs in this dtype: incremental in fp32, a full re-merge otherwise."""
+        return self.seconds_per_vector if self.dtype == "float32" else self.seconds_full_merge
+
+    def check(self) -> CapacityPlan:
+        """Raise :class:`PlanError` (one line: sizes, what to change) unless the pool fits; returns self."""
+        if self.problems:
+            raise PlanError(self.problems[0])
+        return self
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "fits": self.fits, "need_bytes": self.need_bytes,
+                "seconds_per_change": self.seconds_per_change}
+
+    def table(self) -> str:
+        """The plan as a human-readable block (``optimer plan``)."""
+        where = "host (memory-mapped), streamed to the device per full re-merge" if self.base_on_host else self.device
+        vec_where = ("resident on the device" if self.device != "cpu" else "in the page cache") if \
+            self.vectors_resident else ("streamed from host memory" if self.device != "cpu" else
+                                        "streamed from disk (they do not fit the page cache)")
+        h2d = f", host->device {self.host_to_device / GB:.1f} GB/s" if self.host_to_device else ""
+        rows = [("pool", f"{self.pool}: {self.parameters / 1e6:,.1f}M parameters, {self.vectors} vector(s)"),
+                ("device", f"{self.device} ({self.machine}), {self.dtype}"),
+                ("available", f"{fmt_bytes(self.available_bytes)} on the device" +
+                 (f", {fmt_bytes(self.host_bytes)} host memory" if self.device != "cpu" else "")),
+                ("base", f"{fmt_bytes(self.base_bytes)} on {where}"),
+                ("slots", f"{self.slots} × {fmt_bytes(self.slot_bytes)} (at most {self.slots_fit} fit)"),
+                ("working memory", fmt_bytes(self.work_bytes)),
+                ("vectors", f"{fmt_bytes(self.vector_bytes)} stored, {vec_where}"),
+                ("peak", f"{fmt_bytes(self.need_bytes)} of {fmt_bytes(self.available_bytes)}"),
+                ("bandwidth", f"{self.bandwidth / GB:.1f} GB/s{h2d}"),
+                ("re-merge", f"{self.seconds_per_vector:.3g} s per changed vector (fp32, incremental); "
+                             f"{self.seconds_full_merge:.3g} s full; this dtype: {self.seconds_per_change:.3g} s"),
+                ("verdict", "fits" if self.fits else f"does not fit: {self.problems[0]}")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def work_bytes(vocab_size: int | None, *, batch_size: int = 16, seq_len: int = 128) -> int:
+    """Runtime plus the scorer's fp32 logits and their log-softmax (batch × seq × vocab × 4 bytes, twice)."""
+    return RUNTIME_BYTES + 2 * batch_size * seq_len * (vocab_size or 32_000) * 4
+
+
+def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | None = None, slots: int | None = None,
+              batch_size: int = 16, seq_len: int = 128) -> CapacityPlan:
+    """The plan for ``size`` on ``machine`` (``dtype``: None/"auto" = bf16 on CUDA, fp32 on CPU; ``slots``: None =
+    1 on CUDA, 2 on CPU)."""
+    dev = torch.device(machine.device)
+    dt = resolve_dtype(dtype, dev)
+    gpu = dev.type == "cuda"
+    slots = (1 if gpu else 2) if slots is None else int(slots)
+    if slots < 1:
+        raise ConfigError(f"--slots must be at least 1, got {slots}")
+    model = size.parameters * dt.itemsize
+    vec_total = sum(size.vector_bytes)
+    work = work_bytes(size.vocab_size, batch_size=batch_size, seq_len=seq_len)
+    avail = machine.device_bytes if gpu and machine.device_bytes is not None else machine.host_bytes
+    base_on_host = gpu and model * (1 + slots) + work > avail
+    resident_base = 0 if base_on_host else model
+    slots_fit = max(0, (avail - resident_base - work) // model) if model else 0
+    left = avail - resident_base - slots * model - work
+    resident = vec_total <= left  # on the device (GPU); in what anonymous memory leaves to the page cache (CPU)
+    if gpu:  # what is not on the device comes from the host's page cache if it holds it, else from disk
+        cached = vec_total + (size.base_stored_bytes if base_on_host else 0) <= machine.host_bytes - RUNTIME_BYTES
+        host_bw = min(machine.host_to_device or machine.bandwidth, machine.bandwidth if cached else machine.disk)
+        vec_bw = machine.bandwidth if resident else host_bw
+        base_bw = host_bw if base_on_host else machine.bandwidth
+    else:
+        vec_bw, base_bw = (machine.bandwidth if resident else machine.disk), machine.bandwidth
+    per_vector = max(size.vector_bytes, default=0) / vec_bw + 2 * model / machine.bandwidth
+    base_read = size.base_stored_bytes if base_on_host else model  # a host-mapped base moves in its stored dtype
+    full = base_read / base_bw + vec_total / vec_bw + model / machine.bandwidth
+    plan = CapacityPlan(size.name, machine.name, str(dev), DTYPE_NAMES.get(dt, str(dt)), size.parameters, model,
+                        model, vec_total, len(size.vector_bytes), work, slots, int(slots_fit), int(avail),
+                        machine.host_bytes, base_on_host, resident, machine.bandwidth, machine.host_to_device,
+                        per_vector, full)
+    if left < 0:
+        plan.problems.append(_refusal(plan))
+    return plan
+
+
+def _refusal(plan: CapacityPlan) -> str:
+    """One line: what is needed, what there is, what to change."""
+    what = "" if plan.base_on_host else f"the base ({fmt_bytes(plan.base_bytes)}) plus "
+    where = "this GPU has" if plan.device != "cpu" else "this machine has"
+    fixes = []
+    if plan.dtype == "float32":
+        fixes.append("--dtype bfloat16")
+    if plan.slots > 1:
+        fixes.append(f"--slots {max(1, plan.slots_fit)}")
+    fixes.append("a larger machine" if plan.device == "cpu" else "--device cpu or a GPU with more memory")
+    return (f"{what}{plan.slots} slot{'s' if plan.slots > 1 else ''} ({fmt_bytes(plan.slots * plan.slot_bytes)}) "
+            f"and {fmt_bytes(plan.work_bytes)} of working memory need {fmt_bytes(plan.need_bytes)} but {where} "
+            f"{fmt_bytes(plan.available_bytes)} free: use {', '.join(fixes[:-1]) + ', or ' if fixes[:-1] else ''}"
+            f"{fixes[-1]}")
+
+
+def plan_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = (), *,
+              instruction: str | os.PathLike | None = None, device: str | None = "auto", dtype: str | None = None,
+              slots: int | None = None, bandwidth: float | None = None, host_bytes: int | None = None,
+              device_bytes: int | None = None, host_to_device: float | None = None,
+              seconds: float = 0.2) -> CapacityPlan:
+    """:func:`make_plan` for a pool on disk and this machine (``host_bytes``/``device_bytes``/``bandwidth`` override
+    what is read or measured: tests, what-ifs)."""
+    dev, dt = resolve_compute(device, dtype)
+    size = pool_size(base, vectors, instruction)
+    machine = this_machine(str(dev), bandwidth=bandwidth, host_bytes=host_bytes, device_bytes=device_bytes,
+                           host_to_device=host_to_device, seconds=seconds)
+    return make_plan(size, machine, dtype=dt, slots=slots)
+
+
+# ---- hypothetical models and machines (docs/performance.md, BENCHMARKS.md: ``optimer plan --sizes``) ---------
+HYPOTHETICAL_MODELS = (("135M", 135e6, 49_152), ("1.7B", 1.7e9, 49_152), ("7B", 7e9, 32_000),
+                       ("27B", 27e9, 262_144))  # SmolLM2-135M/-1.7B, Llama-2/Mistral-7B, Gemma-3-27B vocabularies
+CPU_BANDWIDTH = 20 * GB    # add_ bandwidth measured on this project's 2-core machine: 18-21 GB/s
+GPU_BANDWIDTH = 1500 * GB  # an 80 GB A100/H100-class GPU: 2.0-3.35 TB/s nominal, ~75% reached by add_
+PCIE_BANDWIDTH = 12 * GB   # pageable host -> device copies over PCIe 4.0 x16
+HYPOTHETICAL_MACHINES = (
+    Machine("24 GiB CPU", "cpu", 24 * GiB, None, CPU_BANDWIDTH),
+    Machine("80 GiB GPU", "cuda", 192 * GiB, 80 * GiB, GPU_BANDWIDTH, PCIE_BANDWIDTH),
+)
+
+
+def hypothetical_plans(models: Sequence[tuple[str, float, int]] = HYPOTHETICAL_MODELS,
+                       machines: Sequence[Machine] = HYPOTHETICAL_MACHINES,
+                       dtypes: Sequence[str] = ("float32", "bfloat16"), *, vectors: int = 2,
+                       slots: int | None = None) -> list[CapacityPlan]:
+    """One plan per (model, machine, dtype): base and ``vectors`` vectors stored in that dtype, default slots."""
+    out = []
+    for name, params, vocab in models:
+        for machine in machines:
+            for dtype in dtypes:
+                itemsize = resolve_dtype(dtype, torch.device("cpu")).itemsize
+                size = hypothetical_pool(params, vectors=vectors, itemsize=itemsize, vocab_size=vocab, name=name)
+                out.append(make_plan(size, machine, dtype=dtype, slots=slots))
+    return out
+
+
+def _secs(s: float) -> str:
+    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.1f} s" if s < 100 else f"{s / 60:.0f} min"
+
+
+def markdown_table(plans: Sequence[CapacityPlan]) -> str:
+    """A Markdown table of plans (one row each): sizes, what fits where, re-merge time per changed vector."""
+    head = ("| model | machine | dtype | base | slot | slots (fit) | base on | vectors | peak / available "
+            "| per changed vector | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for p in plans:
+        vec_where = ("device" if p.device != "cpu" else "page cache") if p.vectors_resident else \
+            ("streamed from host" if p.device != "cpu" else "streamed from disk")
+        rows.append(f"| {p.pool} | {p.machine} | {p.dtype} | {fmt_bytes(p.base_bytes)} | {fmt_bytes(p.slot_bytes)} "
+                    f"| {p.slots} ({p.slots_fit}) | {'host (mmap)' if p.base_on_host else 'device'} "
+                    f"| {p.vectors} × {fmt_bytes(p.vector_bytes / max(1, p.vectors))}, {vec_where} "
+                    f"| {fmt_bytes(p.need_bytes)} / {fmt_bytes(p.available_bytes)} "
+                    f"| {_secs(p.seconds_per_change) if p.fits else '—'} "
+                    f"| {'fits' if p.fits else 'does not fit'} |")
+    return "\n".join([head, *rows])
