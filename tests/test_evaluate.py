@@ -243,3 +243,55 @@ def test_stream_suite_qa_limit_separate_from_limit(tiny_tokenizer):
     model = make_model("llama")
     scores = score_suite(model, tiny_tokenizer, _pinned_suite(), limit=2, qa_limit=4, max_new_tokens=4)
     assert len(scores["loss:en"].index) == 2 and scores["acc:math"].items == [1.0, 0.0, 0.0, 1.0]
+
+
+# -- the Tune scoring set (issue 15) ----------------------------------------------------------------------------
+
+def test_tune_scoring_cost_counts_what_stream_scores(tiny_tokenizer):
+    from optimer_lib.scoring.tune_config import TuneScoring
+
+    model = make_model("llama")  # 64 positions: caps seq_len 128
+    long_doc = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)  # far over 64 tokens
+    suite = EvalSuite(texts={n: [long_doc] * 10 + DOCS for n in ("en", "ja", "zh", "math", "code")},
+                      qa={"math": QA_PINNED * 3, "arc": QA_PINNED})
+    cfg = TuneScoring(sets=("en", "ja", "zh", "math", "code"), docs=8, qa_items=6, seq_len=128, batch_size=4,
+                      max_new_tokens=4).check(suite)
+    prompts = sum(len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p, _ in (QA_PINNED * 2)[:6])
+    want = 5 * 8 * 64 + prompts + 6 * 4  # 5 sets × 8 docs × 64 tokens, 6 math prompts (+bos) + 4 new tokens each
+    assert cfg.tokens(tiny_tokenizer, suite, model) == want
+    cost = cfg.cost(tiny_tokenizer, suite, n_params=135e6, model=model)
+    assert cost.tokens == want and cost.flops == pytest.approx(2 * 135e6 * want)
+    assert str(cost) == f"reads {want:,} tokens, ≈ {2 * 135e6 * want / 1e12:.2g} TFLOP"
+    assert cost.seconds(1e11) == pytest.approx(cost.flops / 1e11)
+    # the tokens counted are the tokens scored: Σ(predicted + bos) over what stream() read, plus the QA part
+    results = list(cfg.stream(model, tiny_tokenizer, suite))
+    assert [r.scores.key for r in results] == [*(f"loss:{n}" for n in ("en", "ja", "zh", "math", "code")),
+                                               "acc:math"]  # arc is not in sets
+    assert [len(r.scores.index) for r in results] == [8] * 5 + [6]
+    assert sum(sum(r.scores.count) + len(r.scores.index) for r in results if r.scores.kind == "loss") == 5 * 8 * 64
+    full = cfg.full()
+    assert (full.docs, full.qa_items, full.sets) == (None, None, cfg.sets)
+    assert full.tokens(tiny_tokenizer, suite, model) > want
+    # None: every set of the suite, arc included
+    assert TuneScoring(docs=1, qa_items=1).tokens(tiny_tokenizer, suite) > TuneScoring(
+        sets=("en",), docs=1, qa_items=1).tokens(tiny_tokenizer, suite)
+
+
+def test_tune_scoring_check_lists_every_problem():
+    from optimer_lib.scoring.tune_config import TuneScoring
+
+    suite = EvalSuite(texts={"en": ["a b"], "ja": []}, qa={"math": [("1+1=", "2")]})
+    with pytest.raises(ConfigError) as err:
+        TuneScoring(sets=("en", "xx"), docs=0, seq_len=1, batch_size=True).check(suite)
+    msg = str(err.value)
+    for part in ("docs must be an integer ≥ 1 or None (all), got 0", "seq_len must be an integer ≥ 2, got 1",
+                 "batch_size must be an integer ≥ 1, got True", "unknown dev sets ['xx']; the suite has: en, ja, math"):
+        assert part in msg, part
+    with pytest.raises(ConfigError, match="nothing to score: text ja"):
+        TuneScoring().check(suite)
+    with pytest.raises(ConfigError, match="sets is empty"):
+        TuneScoring(sets=()).check()
+    assert TuneScoring(sets=["en", "math"]).check(suite).sets == ("en", "math")
+    assert TuneScoring(sets="en").sets == ("en",)
+    with pytest.raises(ConfigError, match="n_params"):
+        TuneScoring().cost(None, suite, n_params=0)
