@@ -254,16 +254,34 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
 
 
 class _Target:
-    """One parameter the merger rewrites: the live tensor, its base copy and each vector's delta."""
+    """One parameter the merger rewrites: the live tensor, the base tensor and each vector's delta.
+
+    ``base`` is a tensor shared with whoever owns the base (a merge engine keeps one base for all its
+    slots); without it the parameter's current value is copied. With ``stream`` the deltas stay where
+    they are (e.g. memory-mapped on the host, in the vector's dtype) and are moved per use; otherwise
+    they are cast once to the parameter's device and dtype.
+    """
 
     __slots__ = ("name", "param", "base", "deltas", "instr")
 
-    def __init__(self, name: str, param: Tensor, deltas: list[Tensor | None], instr: Tensor | None):
+    def __init__(self, name: str, param: Tensor, deltas: list[Tensor | None], instr: Tensor | None,
+                 base: Tensor | None = None, stream: bool = False):
         self.name, self.param = name, param
-        self.base = param.detach().clone()
+        if base is not None and tuple(base.shape) != tuple(param.shape):
+            raise ConfigError(f"shared base tensor {name} has shape {tuple(base.shape)}, the model "
+                              f"{tuple(param.shape)}: pass the base of this model")
+        self.base = param.detach().clone() if base is None else base.detach()
         cast = {"device": param.device, "dtype": param.dtype}
-        self.deltas = [None if d is None else d.to(**cast) for d in deltas]
-        self.instr = None if instr is None else instr.to(**cast)
+        if stream:
+            self.deltas, self.instr = list(deltas), instr
+        else:
+            self.deltas = [None if d is None else d.to(**cast) for d in deltas]
+            self.instr = None if instr is None else instr.to(**cast)
+
+
+def _on(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` on ``like``'s device (a no-op when it is there already); dtypes are left to the arithmetic."""
+    return t if t.device == like.device else t.to(like.device, non_blocking=True)
 
 
 class ResidentMerger:
@@ -290,7 +308,15 @@ class ResidentMerger:
       would add, only ``Δα_i · τ_i`` of the changed ones is added in place; every ``rebuild_every``
       incremental updates (and after a non-linear method or ``reset``) a fresh merge bounds the
       rounding drift. ``0`` turns it off. It assumes nothing but the merger writes the parameters;
-      call :meth:`rebuild` after changing them elsewhere.
+      call :meth:`rebuild` after changing them elsewhere. Low-precision (bf16/fp16) parameters are always
+      merged fresh: an in-place bf16 update rounds to the *intermediate* value's precision, and where
+      base + Σ α τ nearly cancels no rebuild interval bounds the error in ulps of the result.
+
+    Shared memory (what :class:`optimer_lib.engine.MergeEngine` uses so memory does not grow with users):
+    ``base`` (name -> tensor, e.g. another model's ``state_dict()``) is read instead of copying the model's
+    own weights, so the merger adds nothing beyond the model; ``stream_deltas=True`` keeps the vectors'
+    tensors where they are (memory-mapped on the host, in their own dtype) and moves each to the device
+    when a merge reads it, instead of holding a converted copy per merger.
     """
 
     chunk_elems: int | None = None
@@ -298,7 +324,8 @@ class ResidentMerger:
 
     def __init__(self, model: torch.nn.Module, vectors: Sequence[DistributionVector], *,
                  method: str = "optimer", instruction: DistributionVector | None = None,
-                 instruction_weight: float = 1.0, **params: object) -> None:
+                 instruction_weight: float = 1.0, base: Mapping[str, Tensor] | None = None,
+                 stream_deltas: bool = False, **params: object) -> None:
         check_method_params(method, params)
         ordered_weights([v.name for v in vectors], {v.name: 0.0 for v in vectors})  # unique names
         self._model, self._vectors, self.method, self.params = model, list(vectors), method, dict(params)
@@ -315,7 +342,8 @@ class ResidentMerger:
             deltas = [_delta(v, name, aliases_of) for v in vectors]
             instr = _delta(instruction, name, aliases_of) if instruction is not None else None
             if p.is_floating_point() and (instr is not None or any(d is not None for d in deltas)):
-                self._targets.append(_Target(name, p, deltas, instr))
+                shared = None if base is None else base[name]
+                self._targets.append(_Target(name, p, deltas, instr, shared, stream_deltas))
         # One fp32 accumulator per device, reused by every low-precision parameter on it (a chunk's
         # worth when chunking; resized in _write_linear if chunk_elems is changed later).
         self._scratch: dict[torch.device, Tensor] = {}
@@ -381,10 +409,10 @@ class ResidentMerger:
     def _add_linear(self, t: _Target, diff: Sequence[tuple[int, float]]) -> None:
         """Incremental update of an fp32 parameter: param += sum of Δw_i · d_i over changed terms."""
         srcs = [*t.deltas, t.instr]
-        terms = [(srcs[i], dw) for i, dw in diff if srcs[i] is not None]
+        p = t.param.detach()
+        terms = [(_on(srcs[i], p), dw) for i, dw in diff if srcs[i] is not None]
         if not terms:
             return
-        p = t.param.detach()
         if not p.is_contiguous():
             for d, w in terms:
                 p.add_(d, alpha=w)
@@ -397,19 +425,19 @@ class ResidentMerger:
                 chunk.add_(d[sl], alpha=w)
 
     def _write_linear(self, t: _Target, ws: Sequence[float], iw: float) -> None:
-        terms = [(d, w) for d, w in zip(t.deltas, ws, strict=True) if d is not None and w]
-        if t.instr is not None and iw:
-            terms.append((t.instr, iw))
         p = t.param.detach()
+        terms = [(_on(d, p), w) for d, w in zip(t.deltas, ws, strict=True) if d is not None and w]
+        if t.instr is not None and iw:
+            terms.append((_on(t.instr, p), iw))
         if not terms:
             p.copy_(t.base)
             return
         n = p.numel()
         if p.is_contiguous():
-            p, base, terms = p.view(-1), t.base.reshape(-1), [(d.reshape(-1), w) for d, w in terms]
+            p, base, terms = p.view(-1), _on(t.base, p).reshape(-1), [(d.reshape(-1), w) for d, w in terms]
             chunks = self._chunks(n)
         else:
-            base, chunks = t.base, [slice(None)]
+            base, chunks = _on(t.base, p), [slice(None)]
         if p.dtype == torch.float32:
             # Per chunk: param = base + w0 d0, then += w_i d_i while the chunk is still in cache.
             for sl in chunks:

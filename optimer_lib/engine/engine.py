@@ -1,0 +1,294 @@
+"""The merge engine: every model of a workspace in one place, lent out by priority.
+
+    from optimer_lib.engine import MergeEngine, INTERACTIVE, SEARCH
+    engine = MergeEngine(base_model, tokenizer, vectors, instruction=it)   # or MergeEngine.open(dirs...)
+    with engine.lease({"ja": 0.3, "code": 0.1}, instruction_weight=1.0) as lease:
+        lease.model(...)                        # merged; lease.merge_s says what the re-merge cost
+    metrics = engine.run(weights, lambda model: score(model), key=("dev", 8))   # cached by (state, key)
+    engine.stats()                              # slots, merges, cache hits, bytes held
+
+Memory. The engine holds the base model once (never merged into: it is the exact reference every slot is
+re-materialised from), the vectors as given (``load_vector`` tensors are memory-mapped from their safetensors
+files, so they are page cache, not process memory) and at most ``max_slots`` merged models. A slot's merger
+reads the engine's base tensors instead of keeping its own copy, and with ``stream_deltas`` reads the vectors
+where they lie, moving each tensor to the device when a merge needs it. So memory is base + slots x model,
+the same for 1 or 100 callers.
+
+Scheduling. One lease is active at a time (a CPU has no spare cores for two forward passes; on a GPU two
+jobs would contend for the same memory bandwidth). Waiting requests are served lowest ``priority`` first,
+then in arrival order: interactive requests (``INTERACTIVE``: a slider move, a chat reply) overtake search
+trials (``SEARCH``), and a search takes one lease per trial, so a slider move waits at most one trial.
+
+Slots. A request is served by the slot needing the fewest vectors re-read: the one already holding the state,
+else a new slot while fewer than ``max_slots`` exist, else the slot with the fewest changed α (least recently
+used on ties). Linear merges re-merge incrementally (fp32; see :class:`ResidentMerger`), other methods re-merge
+every tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from optimer_lib.checkpoints.vectors import DistributionVector
+from optimer_lib.engine.state import MergeState
+from optimer_lib.errors import ConfigError
+from optimer_lib.merging.methods import ResidentMerger
+
+INTERACTIVE = 0  # a slider move, a chat message, a "confirm" score
+SEARCH = 10  # a search trial: waits behind every interactive request
+T = TypeVar("T")
+
+
+@dataclass
+class Slot:
+    """One materialised merged model and the state it holds."""
+
+    index: int
+    model: torch.nn.Module
+    merger: ResidentMerger
+    state: MergeState
+    last_used: float = 0.0
+    merges: int = 0
+
+
+@dataclass
+class Lease:
+    """A slot lent to one request: ``model`` holds ``state`` until the lease ends."""
+
+    model: torch.nn.Module
+    state: MergeState
+    slot: int
+    changed: int  # vectors the re-merge had to read (0: the slot already held the state)
+    merge_s: float
+    waited_s: float
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started; ``bytes_*`` are tensor bytes the engine holds."""
+
+    slots: int
+    max_slots: int
+    merges: int
+    reused: int
+    cache_hits: int
+    cache_size: int
+    waiting: int
+    bytes_base: int
+    bytes_per_slot: int
+    merges_by_slot: list[int] = field(default_factory=list)
+
+
+def default_slots(device: torch.device) -> int:
+    """2 on CPU (two chat panes or two sessions alternate without re-merging), 1 on an accelerator."""
+    return 2 if device.type == "cpu" else 1
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's distinct parameter and buffer storages (tied tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+class MergeEngine:
+    """Owns the base, the vectors and the merged slots of one pool; see the module docstring.
+
+    ``model`` must hold the base weights and is never modified (keep no other reference that writes to it).
+    ``max_slots`` defaults to :func:`default_slots` for the model's device; ``stream_deltas`` (default: True
+    unless the model is on an accelerator and the vectors fit there, see ``resident_deltas``) keeps the
+    vectors on the host and moves them tensor by tensor. ``cache_size`` results are kept by :meth:`run`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Sequence[DistributionVector], *,
+                 instruction: DistributionVector | None = None, max_slots: int | None = None,
+                 stream_deltas: bool | None = None, cache_size: int = 512) -> None:
+        if not vectors:
+            raise ConfigError("an engine needs at least one distribution vector")
+        self.base = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.vectors = list(vectors)
+        self.instruction = instruction
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_slots = default_slots(self.device) if max_slots is None else int(max_slots)
+        if self.max_slots < 1:
+            raise ConfigError(f"max_slots must be at least 1, got {max_slots}")
+        self.stream_deltas = self.device.type == "cpu" if stream_deltas is None else bool(stream_deltas)
+        self._base_state = dict(model.state_dict())
+        self._slots: list[Slot] = []
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []
+        self._tickets = itertools.count()
+        self._active = False
+        self._owner: int | None = None  # thread holding the lease (a re-entrant lease from it is refused)
+        self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
+        self._cache_size = int(cache_size)
+        self._merges = self._reused = self._hits = 0
+
+    @classmethod
+    def open(cls, base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
+             instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
+             allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False,
+             **kwargs: Any) -> MergeEngine:
+        """Load the base and check every vector against it (all problems at once), then build the engine."""
+        from optimer_lib.merging.pool import load_checked
+
+        model, tok, vecs, inst = load_checked(base, vectors, instruction=instruction, device=device, dtype=dtype,
+                                              allow_fingerprint_mismatch=allow_fingerprint_mismatch,
+                                              trust_remote_code=trust_remote_code)
+        return cls(model, tok, vecs, instruction=inst, **kwargs)
+
+    # -- what callers read ---------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [v.name for v in self.vectors]
+
+    def state(self, weights: Mapping[str, float], instruction_weight: float = 0.0, *, method: str = "optimer",
+              params: Mapping[str, object] | None = None) -> MergeState:
+        """A checked :class:`MergeState` over this pool (missing names get 0)."""
+        if instruction_weight and self.instruction is None:
+            raise ConfigError("this pool has no instruction vector: set the instruction weight to 0, or open the "
+                              "pool with an instruction vector (optimer vector extract --base BASE --tuned IT)")
+        return MergeState.of(self.names, weights, instruction_weight, method, params)
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            per_slot = module_bytes(self._slots[0].model) if self._slots else module_bytes(self.base)
+            return EngineStats(len(self._slots), self.max_slots, self._merges, self._reused, self._hits,
+                               len(self._cache), len(self._waiting), module_bytes(self.base), per_slot,
+                               [s.merges for s in self._slots])
+
+    # -- leases --------------------------------------------------------------------------------
+    @contextmanager
+    def lease(self, weights: Mapping[str, float] | MergeState, instruction_weight: float = 0.0, *,
+              method: str = "optimer", params: Mapping[str, object] | None = None,
+              priority: int = INTERACTIVE) -> Iterator[Lease]:
+        """A slot merged to ``weights`` (or a :class:`MergeState`), held until the block ends.
+
+        Do not keep ``lease.model`` after the block: the engine re-merges it for the next request.
+        """
+        state = weights if isinstance(weights, MergeState) else self.state(
+            weights, instruction_weight, method=method, params=params)
+        waited = self._acquire(priority)
+        try:
+            slot, changed, merge_s = self._materialise(state)
+            yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
+        finally:
+            self._release()
+
+    def run(self, weights: Mapping[str, float] | MergeState, job: Callable[[torch.nn.Module], T], *,
+            key: Hashable | None = None, instruction_weight: float = 0.0, method: str = "optimer",
+            params: Mapping[str, object] | None = None, priority: int = INTERACTIVE) -> T:
+        """``job(model)`` on a slot merged to ``weights``; with ``key``, the result is cached by (state, key)."""
+        state = weights if isinstance(weights, MergeState) else self.state(
+            weights, instruction_weight, method=method, params=params)
+        if key is not None and (hit := self.cached(state, key)) is not None:
+            return hit
+        with self.lease(state, priority=priority) as lease:
+            out = job(lease.model)
+        if key is not None:
+            self.remember(state, key, out)
+        return out
+
+    def cached(self, state: MergeState, key: Hashable) -> Any | None:
+        """A result stored by :meth:`run` (or :meth:`remember`) for ``(state, key)``, or None."""
+        with self._cond:
+            hit = self._cache.get((state, key))
+            if hit is not None:
+                self._cache.move_to_end((state, key))
+                self._hits += 1
+            return hit
+
+    def remember(self, state: MergeState, key: Hashable, result: Any) -> None:
+        with self._cond:
+            self._cache[(state, key)] = result
+            self._cache.move_to_end((state, key))
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def merger(self, priority: int = SEARCH, **state_kw: Any):  # -> EngineMerger (import cycle-free below)
+        """A :class:`~optimer_lib.merging.merger.Merger` for searches: each ``set_weights`` is a new lease."""
+        from optimer_lib.engine.merger import EngineMerger
+
+        return EngineMerger(self, priority=priority, **state_kw)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _acquire(self, priority: int) -> float:
+        me = threading.get_ident()
+        with self._cond:
+            if self._active and self._owner == me:
+                raise RuntimeError("this thread already holds an engine lease: end it before asking for another "
+                                   "(nested leases would deadlock)")
+            ticket = (int(priority), next(self._tickets))
+            heapq.heappush(self._waiting, ticket)
+            t0 = time.perf_counter()
+            while self._active or self._waiting[0] != ticket:
+                self._cond.wait()
+            heapq.heappop(self._waiting)
+            self._active, self._owner = True, me
+            return time.perf_counter() - t0
+
+    def _release(self) -> None:
+        with self._cond:
+            self._active, self._owner = False, None
+            self._cond.notify_all()
+
+    def _new_slot(self, state: MergeState) -> Slot:
+        with torch.no_grad():
+            model = copy.deepcopy(self.base)
+        merger = ResidentMerger(model, self.vectors, instruction=self.instruction, instruction_weight=0.0,
+                                method=state.method, base=self._base_state, stream_deltas=self.stream_deltas,
+                                **state.param_map)
+        zero = MergeState.of(self.names, {}, 0.0, state.method, state.param_map)
+        slot = Slot(len(self._slots), model, merger, zero)
+        self._slots.append(slot)
+        return slot
+
+    def _pick(self, state: MergeState) -> tuple[Slot, int]:
+        """The slot to serve ``state`` and the vectors its re-merge reads (see the module docstring)."""
+        for s in self._slots:
+            if s.state == state:
+                return s, 0
+        if len(self._slots) < self.max_slots:
+            slot = self._new_slot(state)
+            return slot, slot.state.changes_to(state)
+        slot = min(self._slots, key=lambda s: (s.state.changes_to(state), s.last_used))
+        return slot, slot.state.changes_to(state)
+
+    def _materialise(self, state: MergeState) -> tuple[Slot, int, float]:
+        slot, changed = self._pick(state)
+        t0 = time.perf_counter()
+        if changed:
+            m = slot.merger
+            m.method, m.params = state.method, state.param_map
+            m.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
+            slot.state = state
+            slot.merges += 1
+            self._merges += 1
+        else:
+            self._reused += 1
+        slot.last_used = time.monotonic()
+        return slot, changed, time.perf_counter() - t0
+
+    def exact(self, state: MergeState) -> dict[str, torch.Tensor]:
+        """A fresh merge of ``state`` from the base, tensor by tensor (the reference drift tests compare with)."""
+        from optimer_lib.merging.methods import merge_state_dict
+
+        return merge_state_dict(self._base_state, self.vectors, state.weight_map, method=state.method,
+                                instruction=self.instruction, instruction_weight=state.instruction_weight,
+                                **state.param_map)

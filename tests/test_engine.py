@@ -1,0 +1,251 @@
+"""The merge engine: exact slots after many changes, shared memory, slot reuse, priorities, searches."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from optimer_lib.checkpoints.models import load_model
+from optimer_lib.checkpoints.vectors import load_vector
+from optimer_lib.engine import INTERACTIVE, SEARCH, MergeEngine, MergeState
+from optimer_lib.errors import ConfigError
+
+
+def _engine(tiny_vectors, names=("v0", "v1", "v2"), dtype="float32", **kw) -> MergeEngine:
+    base_dir, files = tiny_vectors(names=names)
+    inst = files[-1]
+    vecs = [load_vector(f) for f in files[:-1]]
+    from transformers import AutoTokenizer
+
+    model = load_model(base_dir, dtype=dtype)
+    return MergeEngine(model, AutoTokenizer.from_pretrained(base_dir), vecs, instruction=load_vector(inst), **kw)
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _rel_err(model: torch.nn.Module, exact: dict[str, torch.Tensor]) -> float:
+    """Largest per-tensor max |slot - fresh| / max |fresh|."""
+    worst = 0.0
+    for k, v in _params(model).items():
+        ref = exact[k].float()
+        worst = max(worst, float((v.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def _ulps(model: torch.nn.Module, exact: dict[str, torch.Tensor]) -> float:
+    """Largest |slot - fresh| in units of the fresh value's bf16 spacing (ulp)."""
+    worst = 0.0
+    for k, v in _params(model).items():
+        ref = exact[k].float()
+        exp = torch.floor(torch.log2(ref.abs().clamp_min(2.0 ** -126)))
+        ulp = torch.pow(2.0, exp - 7)  # bf16 keeps 7 explicit mantissa bits
+        worst = max(worst, float(((v.float() - ref).abs() / ulp).max()))
+    return worst
+
+
+def _random_changes(engine: MergeEngine, n: int, seed: int = 0):
+    """``n`` states, each moving one or two α (or the instruction weight) like slider drags."""
+    rng = random.Random(seed)
+    ws, iw = dict.fromkeys(engine.names, 0.0), 0.0
+    for _ in range(n):
+        for name in rng.sample(engine.names, rng.choice((1, 2))):
+            ws[name] = rng.uniform(-1.0, 2.0)
+        if rng.random() < 0.2:
+            iw = rng.choice((0.0, 1.0, rng.uniform(0, 1.5)))
+        yield engine.state(ws, iw)
+
+
+def test_a_slot_equals_a_fresh_merge_after_1000_changes_fp32(tiny_vectors):
+    engine = _engine(tiny_vectors, max_slots=1)
+    worst = 0.0
+    for i, state in enumerate(_random_changes(engine, 1000)):
+        with engine.lease(state) as lease:
+            if i % 50 == 49 or i == 999:
+                worst = max(worst, _rel_err(lease.model, engine.exact(state)))
+    assert engine.stats().merges == 1000
+    assert worst <= 1e-6, worst
+
+
+def test_a_slot_equals_a_fresh_merge_after_1000_changes_bf16(tiny_vectors):
+    engine = _engine(tiny_vectors, dtype="bfloat16", max_slots=1)
+    assert engine.dtype == torch.bfloat16
+    worst = 0.0
+    for i, state in enumerate(_random_changes(engine, 1000, seed=1)):
+        with engine.lease(state) as lease:
+            if i % 50 == 49 or i == 999:
+                worst = max(worst, _ulps(lease.model, engine.exact(state)))
+    assert worst <= 2.0, worst
+
+
+def test_slots_share_the_base_and_the_vectors_instead_of_copying_them(tiny_vectors):
+    engine = _engine(tiny_vectors, max_slots=2)
+    base_ptrs = {t.untyped_storage().data_ptr() for t in engine.base.state_dict().values()}
+    vec_ptrs = {t.untyped_storage().data_ptr() for v in engine.vectors for t in v.tensors.values()}
+    for w in ({"v0": 0.5}, {"v1": 0.5}, {"v0": 0.1, "v1": 0.2}, {"v0": 1.0}):
+        with engine.lease(w):
+            pass
+    stats = engine.stats()
+    assert stats.slots == 2  # four different states, never more than max_slots models
+    for slot in engine._slots:
+        for t in slot.merger._targets:
+            assert t.base.untyped_storage().data_ptr() in base_ptrs
+            assert all(d is None or d.untyped_storage().data_ptr() in vec_ptrs for d in t.deltas)
+    assert stats.bytes_per_slot == stats.bytes_base
+
+
+def test_memory_is_flat_in_the_number_of_callers(tiny_vectors):
+    """Ten 'sessions' with their own weights, interleaved: still max_slots models, and each answer right."""
+    engine = _engine(tiny_vectors, max_slots=2)
+    rng = random.Random(3)
+    sessions = [{n: rng.uniform(0, 1) for n in engine.names} for _ in range(10)]
+    for _ in range(3):
+        for w in sessions:
+            state = engine.state(w)
+            with engine.lease(state) as lease:
+                assert _rel_err(lease.model, engine.exact(state)) <= 1e-6
+    assert engine.stats().slots == 2
+    assert len({id(s.model) for s in engine._slots}) == 2
+
+
+def test_a_state_already_in_a_slot_is_not_merged_again(tiny_vectors):
+    engine = _engine(tiny_vectors, max_slots=2)
+    a, b = engine.state({"v0": 0.3}), engine.state({"v1": 0.7})
+    for _ in range(5):  # two chat panes with different weights alternate without re-merging
+        for s in (a, b):
+            with engine.lease(s) as lease:
+                assert lease.state == s
+    st = engine.stats()
+    assert (st.merges, st.reused) == (2, 8)
+    # a third state goes to the slot with the fewest changed weights: {v0: 0.3, v1: 0.1} is one move from a
+    c = engine.state({"v0": 0.3, "v1": 0.1})
+    with engine.lease(c) as lease:
+        assert lease.changed == 1
+        assert lease.slot == 0
+
+
+def test_non_linear_methods_are_served_and_exact(tiny_vectors):
+    engine = _engine(tiny_vectors, max_slots=1)
+    for method, params in (("ties", {"density": 0.5}), ("dare", {"density": 0.5, "seed": 3}),
+                           ("task_arithmetic", {"lam": 0.7}), ("average", {}), ("optimer", {})):
+        state = engine.state({"v0": 0.4, "v1": 0.9}, 1.0, method=method, params=params)
+        with engine.lease(state) as lease:
+            assert lease.changed == len(engine.names) + 1  # a method switch re-merges every vector
+            assert _rel_err(lease.model, engine.exact(state)) == 0.0, method
+
+
+def test_run_caches_results_by_state_and_key(tiny_vectors):
+    engine = _engine(tiny_vectors)
+    calls = []
+
+    def job(model):
+        calls.append(1)
+        return float(next(model.parameters()).sum())
+
+    a = engine.run({"v0": 0.5}, job, key="sum")
+    b = engine.run({"v0": 0.5}, job, key="sum")
+    c = engine.run({"v0": 0.6}, job, key="sum")
+    assert a == b != c
+    assert len(calls) == 2 and engine.stats().cache_hits == 1
+
+
+def test_bad_requests_are_config_errors(tiny_vectors):
+    engine = _engine(tiny_vectors)
+    with pytest.raises(ConfigError, match="unknown vector"):
+        engine.state({"nope": 1.0})
+    with pytest.raises(ConfigError, match="no option"):
+        engine.state({"v0": 1.0}, method="ties", params={"densty": 0.2})
+    with pytest.raises(ConfigError, match="at least 1"):
+        MergeEngine(engine.base, engine.tokenizer, engine.vectors, max_slots=0)
+    with engine.lease({"v0": 0.1}), pytest.raises(RuntimeError, match="already holds"):
+        with engine.lease({"v0": 0.2}):
+            pass
+
+
+def test_interactive_requests_overtake_waiting_search_trials(tiny_vectors):
+    engine = _engine(tiny_vectors, max_slots=1)
+    order: list[str] = []
+    held = threading.Event()
+    go = threading.Event()
+
+    def holder():
+        with engine.lease({"v0": 0.1}, priority=SEARCH):
+            held.set()
+            go.wait(5)
+
+    def ask(tag: str, prio: int, w: float):
+        with engine.lease({"v0": w}, priority=prio):
+            order.append(tag)
+
+    t0 = threading.Thread(target=holder)
+    t0.start()
+    held.wait(5)
+    threads = [threading.Thread(target=ask, args=("trial", SEARCH, 0.2))]
+    threads[0].start()
+    while engine.stats().waiting < 1:
+        time.sleep(0.001)
+    threads.append(threading.Thread(target=ask, args=("slider", INTERACTIVE, 0.3)))
+    threads[1].start()
+    while engine.stats().waiting < 2:
+        time.sleep(0.001)
+    go.set()
+    for t in (t0, *threads):
+        t.join(5)
+    assert order == ["slider", "trial"]  # arrived second, served first
+
+
+def test_a_slider_move_during_a_search_finishes_before_the_next_trial(tiny_vectors, tmp_path):
+    """A real run_search on an EngineMerger: the slider's lease is granted between two trials."""
+    from optimer_lib.data import EvalSuite
+    from optimer_lib.scoring.objectives import parse_objective
+    from optimer_lib.search.study import SearchConfig, run_search
+
+    engine = _engine(tiny_vectors, max_slots=1)
+    suite = EvalSuite(texts={"a": ["the quick brown fox"] * 3, "b": ["12 + 35 = 47"] * 3})
+    events: list[tuple[str, float]] = []
+    trial_started = threading.Event()
+
+    class Logged(type(engine.merger())):
+        def set_weights(self, weights, instruction_weight=None):
+            super().set_weights(weights, instruction_weight)
+            events.append(("trial", time.perf_counter()))
+            trial_started.set()
+            time.sleep(0.05)  # the trial is busy scoring while the slider arrives
+
+    merger = Logged(engine, priority=SEARCH)
+    cfg = SearchConfig(trials=4, search_limit=None, rescore_limit=None, top_k=0, seed=0, storage=":memory:",
+                       workdir=tmp_path)
+
+    def slider():
+        trial_started.wait(5)
+        with engine.lease({"v0": 0.9}, priority=INTERACTIVE):
+            events.append(("slider", time.perf_counter()))
+
+    t = threading.Thread(target=slider)
+    t.start()
+    try:
+        run_search(merger, engine.tokenizer, suite, parse_objective("balanced", ["a", "b"]), cfg, progress=False)
+    finally:
+        merger.close()
+    t.join(5)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "trial" and "slider" in kinds
+    assert kinds.index("slider") == 1, kinds  # right after the trial it interrupted, before the next one
+
+
+def test_a_state_counts_the_vectors_a_re_merge_reads():
+    a = MergeState.of(["ja", "code"], {"ja": 0.3})
+    assert a.weight_map == {"ja": 0.3, "code": 0.0}
+    assert a.changes_to(a.with_weights({"ja": 0.3, "code": 0.2})) == 1
+    assert a.changes_to(a.with_weights({"ja": 0.3}, instruction_weight=1.0)) == 1
+    assert a.changes_to(a.with_weights({"ja": 0.1, "code": 0.2}, instruction_weight=1.0)) == 3
+    ties = MergeState.of(["ja", "code"], {"ja": 0.3}, method="ties", params={"density": 0.2})
+    assert a.changes_to(ties) == 3 and ties.changes_to(ties.with_weights({"ja": 0.4})) == 3  # non-linear: all
+    assert hash(a) == hash(MergeState.of(["ja", "code"], {"ja": 0.3, "code": 0}))
+    with pytest.raises(ConfigError, match="finite"):
+        MergeState.of(["ja"], {"ja": float("nan")})
