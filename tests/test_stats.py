@@ -14,9 +14,12 @@ from optimer_lib.experiments.stats import (
     Criterion,
     Interval,
     bootstrap,
+    bootstrap_methods,
+    combine,
     mean_interval,
     paired_difference,
     recovery,
+    seed_range,
 )
 
 
@@ -78,3 +81,27 @@ def test_bad_shapes_are_refused():
         bootstrap(lambda a, b: a - b, np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="seeds, documents"):
         mean_interval(np.zeros((2, 0)))
+
+
+def test_methods_bootstrap_takes_ratios_of_means_and_pairs_every_method():
+    """A token-weighted loss is Σnll / Σtokens, not the mean of per-document losses; pairing cancels shared noise."""
+    rng = np.random.default_rng(3)
+    tok = rng.integers(1, 50, size=(2, 80)).astype(float)
+    nll_a = tok * rng.uniform(2.0, 4.0, size=(2, 80))
+    nll_b = nll_a + 0.1 * tok  # b's loss is exactly 0.1 higher on every token
+    samples = {"a": {"nll": nll_a, "tok": tok}, "b": {"nll": nll_b, "tok": tok}}
+    d = bootstrap_methods(lambda m: m["a"]["nll"] / m["a"]["tok"] - m["b"]["nll"] / m["b"]["tok"], samples)
+    assert d.mean == pytest.approx(-0.1) and d.low == pytest.approx(-0.1) and d.high == pytest.approx(-0.1)
+    one = bootstrap_methods(lambda m: m["a"]["nll"] / m["a"]["tok"], {"a": samples["a"]})
+    assert one.mean == pytest.approx(nll_a.sum() / tok.sum()) != pytest.approx((nll_a / tok).mean())
+    assert one.low < one.mean < one.high and one.seeds == 2
+
+
+def test_seed_range_and_combined_verdicts():
+    r = seed_range([0.2, 0.5, 0.35])
+    assert (r.mean, r.low, r.high, r.level, r.seeds) == (pytest.approx(0.35), 0.2, 0.5, 1.0, 3)
+    assert Criterion("cos", "above", 0.1).verdict(r) == HOLDS and Criterion("cos", "above", 0.3).verdict(r) == \
+        INCONCLUSIVE and Criterion("cos", "above", 0.6).verdict(r) == FAILS
+    assert math.isnan(seed_range([]).low) and math.isnan(seed_range([1.0, math.nan]).mean)
+    assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert combine([INCONCLUSIVE, FAILS, HOLDS]) == FAILS and combine([]) == INCONCLUSIVE

@@ -118,3 +118,39 @@ def recovery(base: Array | Sequence, merged: Array | Sequence, mixture: Array | 
     gain = paired_difference(base, mixture, **kw)
     ratio = bootstrap(lambda b, m, x: (b - m) / (b - x) if b != x else math.nan, base, merged, mixture, **kw)
     return ratio, gain
+
+
+def bootstrap_methods(stat: Callable[[dict[str, dict[str, float]]], float],
+                      samples: dict[str, dict[str, Array | Sequence]], **kw: float) -> Interval:
+    """:func:`bootstrap` over named per-document components of several methods, paired across all of them.
+
+    ``samples[method][component]`` is shaped [seeds, documents] (every one the same shape); ``stat`` receives
+    ``{method: {component: mean over the resampled seeds x documents}}``. E.g. a token-weighted loss is
+    ``means["nll:ja"] / means["tok:ja"]``, a ratio of means that a plain mean of per-document losses is not.
+    """
+    keys = [(m, c) for m, comps in samples.items() for c in comps]
+
+    def flat(*means: float) -> float:
+        out: dict[str, dict[str, float]] = {}
+        for (m, c), v in zip(keys, means, strict=True):
+            out.setdefault(m, {})[c] = float(v)
+        return stat(out)
+
+    return bootstrap(flat, *(samples[m][c] for m, c in keys), **kw)
+
+
+def seed_range(values: Sequence[float]) -> Interval:
+    """Mean and [min, max] over seeds (``level`` 1.0: the range, not a confidence interval) of a statistic with
+    no per-document resampling (a cosine, a trial count); a criterion on it holds only if every seed passes."""
+    vals = [float(v) for v in values]
+    if not vals or any(math.isnan(v) for v in vals):
+        return Interval(math.nan, math.nan, math.nan, 1.0, len(vals))
+    return Interval(sum(vals) / len(vals), min(vals), max(vals), 1.0, len(vals))
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """Verdict of a finding with several criteria: holds when all hold, does not hold when any fails, else
+    inconclusive (an empty list is inconclusive)."""
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return FAILS if FAILS in verdicts else INCONCLUSIVE
