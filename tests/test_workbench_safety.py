@@ -154,17 +154,17 @@ def pair(tmp_path) -> tuple[Session, Session]:
     return Session(ws, tune_limit=2, qa_limit=1), Session(ws, tune_limit=2, qa_limit=1)
 
 
-def test_prompt_and_reply_lengths_are_capped(pair):
+def test_prompt_and_reply_lengths_are_capped(pair, monkeypatch):
     s, _ = pair
     seen = []
-    model = s.scratch.model
-    real = model.generate
+    model = s.shared.model
+    real = type(model).generate
 
-    def spy(*a, **kw):
+    def spy(self, *a, **kw):
         seen.append((kw["input_ids"].shape[1], kw["max_new_tokens"]))
-        return real(*a, **kw)
+        return real(self, *a, **kw)
 
-    model.generate = spy
+    monkeypatch.setattr(type(model), "generate", spy)  # every engine slot is a copy of this class
     huge = "the quick brown fox " * 500_000  # 10 MB: trimmed before tokenising, then to the token cap
     history = [{"role": "user", "content": "x" * 1_000_000}, {"role": "assistant", "content": "y" * 1_000_000}]
     t0 = time.perf_counter()
@@ -231,36 +231,44 @@ def test_concurrent_sessions_never_see_each_others_merge(pair):
     assert len(a_chats) == len(a_weights)
 
 
-def test_a_remerge_waits_for_the_running_generation(pair):
-    s, other = pair
-    merger = s.scratch
-    emb = merger.model.get_input_embeddings().weight
+def test_a_remerge_waits_for_the_running_generation(tmp_path):
+    """One engine slot for everyone (the worst case): a re-merge asked mid-reply waits for the reply's end,
+    and the reply runs on the weights it started with."""
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE, slots=1)
+    s, other = Session(ws, tune_limit=2, qa_limit=1), Session(ws, tune_limit=2, qa_limit=1)
+    engine = s.shared.engine
+    state = engine.state({"ja": 1.0, "math": 0.0})
+    with engine.lease(state) as lease:
+        model = lease.model  # the only slot: every request below is served by this model
+    emb = model.get_input_embeddings().weight
     seen: list[float] = []
     steps: list[float] = []
     started = threading.Event()
 
     def slow_step(module, args):  # every decoding step records the weights it runs with
+        if threading.current_thread().name != "chat-generate":
+            return  # the other session's scoring runs on the same slot afterwards
         seen.append(float(emb.detach().double().sum()))
         started.set()
         time.sleep(0.1)
         steps.append(time.perf_counter())
 
-    hook = merger.model.register_forward_pre_hook(slow_step)
+    hook = model.register_forward_pre_hook(slow_step)
     times: dict[str, float] = {}
 
     def generate() -> None:
-        for _ in stream_reply(merger, s.shared.tokenizer, {"ja": 1.0, "math": 0.0}, 0.0, [], "the quick",
-                              GenSettings(max_new_tokens=10, greedy=True)):
+        for _ in stream_reply(engine, state, [], "the quick", GenSettings(max_new_tokens=10, greedy=True)):
             pass
         times["generation done"] = time.perf_counter()
 
     def remerge() -> None:
         times["remerge asked"] = time.perf_counter()
-        merger.set_weights({"ja": 0.0, "math": 1.0})  # the same model: must wait for the lock
-        times["remerge done"] = time.perf_counter()
+        with engine.lease({"ja": 0.0, "math": 1.0}) as lease:  # the same slot: must wait for the reply
+            assert lease.model is model
+            times["remerge done"] = time.perf_counter()
 
     def other_session() -> None:
-        other.apply({"ja": 1.0, "math": 1.0})  # its own model: no reason to wait
+        other.apply({"ja": 1.0, "math": 1.0})
         times["other done"] = time.perf_counter()
 
     gen = threading.Thread(target=generate)
@@ -274,8 +282,8 @@ def test_a_remerge_waits_for_the_running_generation(pair):
     hook.remove()
     assert len(seen) >= 5 and len(set(seen)) == 1, "the weights changed during the generation"
     assert times["remerge asked"] < steps[-1] < times["remerge done"]  # asked mid-generation, done after it
-    assert times["other done"] < times["generation done"], "another session waited for this one's generation"
-    assert merger.weights == {"ja": 0.0, "math": 1.0}
+    assert times["other done"] > steps[-1]  # one engine, one job at a time: the other session queued
+    assert other.last is not None and other.last.weights == {"ja": 1.0, "math": 1.0}
     ja_only = float((s.shared.model.get_input_embeddings().weight.detach().double()
                      + s.shared.vectors[0].tensors["model.embed_tokens.weight"].double()).sum())
     assert seen[0] == pytest.approx(ja_only, rel=1e-6)

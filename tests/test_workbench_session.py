@@ -54,9 +54,9 @@ def test_pool_is_read_from_manifest_and_shared(session: Session):
     names, cos = sh.cosines()
     assert names == ["ja", "math"] and abs(cos[0][0] - 1) < 1e-6
     other = Session(session.workspace)
-    assert other.shared is sh                                   # one read-only pool per workspace
-    assert other.tune.model is not session.tune.model           # but private models per session
-    assert other.tune.model.model.embed_tokens.weight.data_ptr() != sh.model.model.embed_tokens.weight.data_ptr()
+    assert other.shared is sh and other.shared.engine is sh.engine  # one pool and one engine per workspace
+    with other.merged() as model:                                   # sessions hold weights; models are lent
+        assert model.model.embed_tokens.weight.data_ptr() != sh.model.model.embed_tokens.weight.data_ptr()
 
 
 def test_apply_merges_in_place_and_scores(session: Session):
@@ -69,7 +69,8 @@ def test_apply_merges_in_place_and_scores(session: Session):
     assert r1.merge_s >= 0 and r1.score_s > 0 and r1.objective is not None
     ja = session.shared.vectors[0].tensors["model.embed_tokens.weight"]
     inst = session.shared.instruction.tensors["model.embed_tokens.weight"]
-    torch.testing.assert_close(session.tune.model.model.embed_tokens.weight, base_emb + ja + 0.5 * inst)
+    with session.merged() as model:
+        torch.testing.assert_close(model.model.embed_tokens.weight, base_emb + ja + 0.5 * inst)
     torch.testing.assert_close(session.shared.model.model.embed_tokens.weight, base_emb)  # shared base untouched
     with pytest.raises(WorkbenchError, match="unknown vector"):
         session.apply({"xx": 1.0})
@@ -178,8 +179,9 @@ def test_export_writes_loadable_checkpoint_and_zip(session: Session):
     assert res.path == session.workspace.workdir / "exports" / "m1"
     assert "| ja |" in res.card and (res.path / "mergekit.yaml").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(res.path)
-    for (name, p), q in zip(session.tune.model.state_dict().items(), loaded.state_dict().values(), strict=True):
-        torch.testing.assert_close(p, q, msg=name)
+    exact = session.shared.engine.exact(session.state)  # a fresh merge of the Tune state, from the base
+    for name, q in loaded.state_dict().items():
+        torch.testing.assert_close(exact[name], q, msg=name)
     with zipfile.ZipFile(res.zip_path) as z:
         assert "m1/config.json" in z.namelist()
     with pytest.raises(Exception, match="already exists"):

@@ -1,10 +1,11 @@
-"""Streaming generation from a resident merger: prompt building, length caps, one worker per reply.
+"""Streaming generation from the merge engine: prompt building, length caps, one worker per reply.
 
     from workbench.chatting import GenSettings, stream_reply
-    for text_so_far in stream_reply(merger, tokenizer, weights, 1.0, history, "Hi!", GenSettings()):
+    state = engine.state({"ja": 0.3}, 1.0)
+    for text_so_far in stream_reply(engine, state, history, "Hi!", GenSettings()):
         print(text_so_far)
 
-The worker thread takes ``merger.lock`` for the whole generation, sets the pane's weights and calls
+The worker thread holds one engine lease (a slot merged to ``state``) for the whole generation and calls
 ``model.generate`` with a ``transformers.TextIteratorStreamer``; the caller only reads the stream, so
 it may be a generator resumed on different threads (as Gradio does). A model with a non-zero
 instruction weight and a tokenizer with a chat template gets the template (multi-turn); any other
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria
 
-from optimer_lib.merging.merger import Merger
+from optimer_lib.engine import INTERACTIVE, MergeEngine, MergeState
 from optimer_lib.scoring.evaluate import max_positions
 
 MAX_NEW_TOKENS = 256
@@ -109,16 +110,17 @@ class _StopOn(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_reply(merger: Merger, tokenizer: Any, weights: Mapping[str, float], instruction_weight: float,
-                 history: Sequence[Message], prompt: str, settings: GenSettings) -> Iterator[str]:
-    """Yield the reply generated so far, growing, for a model merged with ``weights``.
+def stream_reply(engine: MergeEngine, state: MergeState, history: Sequence[Message], prompt: str,
+                 settings: GenSettings) -> Iterator[str]:
+    """Yield the reply generated so far, growing, for the engine's model merged as ``state``.
 
     Raises the worker's exception (after the partial text) if generation fails.
     """
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    s = settings.capped(max_positions(merger.model))
-    chat = uses_chat_template(tokenizer, instruction_weight)
+    tokenizer = engine.tokenizer
+    s = settings.capped(max_positions(engine.base))
+    chat = uses_chat_template(tokenizer, state.instruction_weight)
     ids = prompt_ids(tokenizer, history, prompt, chat, s.max_prompt_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
     stop = threading.Event()
@@ -127,18 +129,17 @@ def stream_reply(merger: Merger, tokenizer: Any, weights: Mapping[str, float], i
 
     def work() -> None:
         try:
-            with merger.lock:
-                merger.set_weights(dict(weights), instruction_weight=instruction_weight)
-                device = next(merger.model.parameters()).device
+            with engine.lease(state, priority=INTERACTIVE) as lease:
+                model = lease.model
+                device = next(model.parameters()).device
                 input_ids = torch.tensor([ids], dtype=torch.long, device=device)
                 kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "pad_token_id": pad,
                                           "do_sample": not s.greedy and s.temperature > 0}
                 if kwargs["do_sample"]:
                     torch.manual_seed(s.seed)
                     kwargs.update(temperature=s.temperature, top_p=s.top_p)
-                merger.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
-                                      **kwargs)
+                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_StopOn(stop)]), **kwargs)
         except BaseException as exc:  # handed to the reader below
             failure.append(exc)
             streamer.end()

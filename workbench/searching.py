@@ -8,9 +8,10 @@
     study = load_study(storage_url, run.study_name)   # the same call watches a CLI search
     pareto = ParetoRun(shared_pool, SearchSpec(objectives=("loss:ja", "acc:math"), trials=20), storage_url, workdir)
 
-A search owns a private model copy (``SharedPool.new_merger``), so it never touches a session's Tune
-or Chat model; the Optuna study lives in the workbench storage, so ``optimer search --storage URL``
-runs can be watched, and resumed, from the browser.
+A search scores its trials on the pool's merge engine (``engine.merger(priority=SEARCH)``): one lease per
+trial, so Tune and Chat requests of every session go ahead of its next trial and no model is copied for
+it. The Optuna study lives in the workbench storage, so ``optimer search --storage URL`` runs can be
+watched, and resumed, from the browser.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from optimer_lib.engine import SEARCH
+from optimer_lib.errors import ConfigError
 from optimer_lib.merging.merger import Merger
+from optimer_lib.merging.methods import parse_method_params
 from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
 from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
@@ -50,6 +54,8 @@ class SearchSpec:
     ``module:function`` / ``file.py:function`` (files must lie in the workdir). ``top_k=0`` skips the
     second-fidelity re-scoring. ``instruction_weight`` is held fixed while α is searched.
     ``objectives`` (2 or 3 specs) is for :class:`ParetoRun` only, which ignores ``objective`` and ``top_k``.
+    ``method`` and ``method_params`` (e.g. ``"ties"``, ``"density=0.2"``) merge every trial with that registered
+    merge method instead of the linear OptiMer merge (non-linear methods re-merge every tensor per trial).
     """
 
     objective: str = "balanced"
@@ -63,6 +69,8 @@ class SearchSpec:
     seed: int = INTERACTIVE.seed
     instruction_weight: float = INTERACTIVE.instruction_weight
     objectives: tuple[str, ...] = ()
+    method: str = "optimer"
+    method_params: str = ""
 
 
 @dataclass
@@ -163,6 +171,11 @@ class SearchRun:
                                    search_limit=spec.search_limit, rescore_limit=spec.rescore_limit,
                                    top_k=int(spec.top_k), workdir=self.workdir)
         self.config.check(shared.names)  # every settings problem raises here, before the thread
+        try:
+            self.method_params = parse_method_params(spec.method_params, spec.method)
+            shared.engine.state({}, float(spec.instruction_weight), method=spec.method, params=self.method_params)
+        except ConfigError as exc:
+            raise WorkbenchError(f"bad merge method settings: {exc}") from exc
         self.workdir.mkdir(parents=True, exist_ok=True)
         storage_for(storage)  # create the tables now: a poller and the thread must not both initialise the DB
         self.events: list[TrialEvent] = []
@@ -200,12 +213,16 @@ class SearchRun:
         if self.on_event is not None:
             self.on_event(ev)
 
+    def _merger(self):
+        """The engine merger trials are scored with (one lease per trial, at search priority)."""
+        return self.shared.engine.merger(priority=SEARCH, instruction_weight=float(self.spec.instruction_weight),
+                                         method=self.spec.method, params=self.method_params)
+
     def _run(self) -> None:
         try:
-            merger = self.shared.new_merger()
-            merger.instruction_weight = float(self.spec.instruction_weight)
-            self.result = run_search(_Stoppable(merger, self._stop), self.shared.tokenizer, self.shared.suite,
-                                     self.objective, self.config, callbacks=[self._on_trial], progress=False)
+            with self._merger() as merger:
+                self.result = run_search(_Stoppable(merger, self._stop), self.shared.tokenizer, self.shared.suite,
+                                         self.objective, self.config, callbacks=[self._on_trial], progress=False)
             self.stopped = self.result.interrupted
         except KeyboardInterrupt:
             self.stopped = True
@@ -267,10 +284,10 @@ class ParetoRun(SearchRun):
 
     def _run(self) -> None:
         try:
-            merger = self.shared.new_merger()
-            merger.instruction_weight = float(self.spec.instruction_weight)
-            self.result = run_pareto_search(_Stoppable(merger, self._stop), self.shared.tokenizer, self.shared.suite,
-                                            self.objectives, self.config, callbacks=[self._on_trial], progress=False)
+            with self._merger() as merger:
+                self.result = run_pareto_search(_Stoppable(merger, self._stop), self.shared.tokenizer,
+                                                self.shared.suite, self.objectives, self.config,
+                                                callbacks=[self._on_trial], progress=False)
             self.stopped = self.result.interrupted
         except KeyboardInterrupt:
             self.stopped = True

@@ -3,8 +3,10 @@
     from workbench.workspace import Workspace
     from workbench.session import Session
     s = Session(Workspace("runs/demo"))
-    r = s.apply({"ja": 0.3, "zh": 0.1, "math": 0.2, "code": 0.1})   # re-merge in place + score
+    r = s.apply({"ja": 0.3, "zh": 0.1, "math": 0.2, "code": 0.1})   # merge (engine slot) + score
     r.metrics, r.merge_s, r.score_s                                    # {"loss:ja": ...}, seconds
+    s.apply(s.tune.weights, method="ties", params={"density": 0.2})    # any registered merge method
+    with s.merged() as model: ...                                      # the Tune merge, lent for the block
     run = s.start_search(SearchSpec(trials=20))                        # background thread
     for panes in s.chat("Hello", ["base", "Tune merge"]): ...          # streaming, pane by pane
     s.export("my-merge")                                               # HF dir + card + YAML, and a zip
@@ -14,9 +16,10 @@
     front = s.show_front(storage, study)                               # the Pareto front the UI shows
     s.apply(s.front_weights(front[0].number))                          # a picked front point into Tune
 
-A session owns its models (a Tune merger, a scratch merger for chat and reference scores, one per
-running search), all copies of the workspace's read-only base; the vectors are shared. So one
-session's sliders never change what another session chats with, and a search never blocks chat.
+A session holds weights and results, never a model: every merged model comes from the workspace pool's
+:class:`~optimer_lib.engine.MergeEngine`, lent for one job (a score, a chat reply, a search trial) at a
+time. So memory does not grow with sessions, one session's sliders never change what another chats with
+(a lease is exclusive), and a slider move waits at most one trial of a running search.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 
+from optimer_lib.engine import INTERACTIVE, MergeState
+from optimer_lib.errors import ConfigError
 from optimer_lib.merging.export import export_merged
-from optimer_lib.merging.methods import ResidentMerger
 from optimer_lib.scoring.evaluate import evaluate_suite
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search.pareto import ParetoPoint, pareto_front
@@ -49,7 +55,10 @@ BASE_IT = "base + instruction"
 
 @dataclass
 class TuneResult:
-    """Scores of one re-merge: metrics at ``limit`` documents per dev set and where the time went."""
+    """Scores of one merge: metrics at ``limit`` documents per dev set and where the time went.
+
+    ``cached`` results were computed earlier for the same merge (by any session) and cost nothing now.
+    """
 
     weights: dict[str, float]
     instruction_weight: float
@@ -58,6 +67,20 @@ class TuneResult:
     merge_s: float
     score_s: float
     limit: int
+    method: str = "optimer"
+    params: dict[str, object] = field(default_factory=dict)
+    cached: bool = False
+    waited_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TuneView:
+    """What the Tune tab currently merges (a read-only view of the session's state)."""
+
+    weights: dict[str, float]
+    instruction_weight: float
+    method: str
+    params: dict[str, object]
 
 
 @dataclass
@@ -69,7 +92,7 @@ class ExportResult:
 
 @dataclass
 class Session:
-    """Per-browser state over a :class:`Workspace`; every model is created lazily on first use.
+    """Per-browser state over a :class:`Workspace`: weights, results and runs; models come from the engine.
 
     ``tune_limit`` documents (``qa_limit`` QA pairs) per dev set are scored on each Tune change.
     """
@@ -86,12 +109,11 @@ class Session:
     reranked: RerankResult | None = None
     ui: dict = field(default_factory=dict)  # free slot for a front end's per-session caches
     _shared: SharedPool | None = field(default=None, repr=False)
-    _tune: ResidentMerger | None = field(default=None, repr=False)
-    _scratch: ResidentMerger | None = field(default=None, repr=False)
+    _state: MergeState | None = field(default=None, repr=False)
     _pending: set = field(default_factory=set, repr=False)
 
     def __deepcopy__(self, memo: dict) -> Session:
-        return self  # a handle on live models: Gradio's State deep-copies initial values, never copy these
+        return self  # a handle on live runs: Gradio's State deep-copies initial values, never copy these
 
     # -- pool ----------------------------------------------------------------------------------
     @property
@@ -105,10 +127,10 @@ class Session:
         return self._shared is not None or self.workspace.has_pool()
 
     def use_pool(self, shared: SharedPool | None = None) -> SharedPool:
-        """Switch to ``shared`` (default: the workspace's current pool); drops this session's models."""
+        """Switch to ``shared`` (default: the workspace's current pool); resets the Tune weights."""
         shared = shared or self.workspace.pool()
         if shared is not self._shared:
-            self._shared, self._tune, self._scratch, self.last = shared, None, None, None
+            self._shared, self._state, self.last = shared, None, None
         return shared
 
     @property
@@ -116,28 +138,39 @@ class Session:
         return self.shared.names
 
     @property
-    def tune(self) -> ResidentMerger:
-        """The merger whose model holds the current Tune weights (exported by :meth:`export`)."""
-        if self._tune is None:
-            self._tune = self.shared.new_merger()
-        return self._tune
+    def state(self) -> MergeState:
+        """The Tune merge as a :class:`MergeState` (all zeros, no instruction, linear until first applied)."""
+        if self._state is None:
+            self._state = self.shared.engine.state({})
+        return self._state
 
     @property
-    def scratch(self) -> ResidentMerger:
-        """A second private model: chat panes and reference scores set their own weights on it."""
-        if self._scratch is None:
-            self._scratch = self.shared.new_merger()
-        return self._scratch
+    def tune(self) -> TuneView:
+        """The weights, instruction weight and merge method the Tune tab holds (exported by :meth:`export`)."""
+        st = self.state
+        return TuneView(st.weight_map, st.instruction_weight, st.method, st.param_map)
+
+    @contextmanager
+    def merged(self, weights: Mapping[str, float] | None = None, instruction_weight: float | None = None, *,
+               exact: bool = False) -> Iterator[Any]:
+        """A model merged like Tune (or with ``weights``), lent by the engine for the block only."""
+        state = self.state if weights is None else self._state_for(weights, instruction_weight)
+        with self.shared.engine.lease(state, priority=INTERACTIVE, exact=exact) as lease:
+            yield lease.model
 
     # -- tune ----------------------------------------------------------------------------------
-    def _score(self, merger: ResidentMerger) -> dict[str, float]:
+    def _score(self, model: Any) -> dict[str, float]:
         sh = self.shared
-        metrics = evaluate_suite(merger.model, sh.tokenizer, sh.suite.select(qa=()), limit=self.tune_limit,
+        metrics = evaluate_suite(model, sh.tokenizer, sh.suite.select(qa=()), limit=self.tune_limit,
                                  seq_len=self.seq_len)
         if sh.suite.qa:
-            metrics.update(evaluate_suite(merger.model, sh.tokenizer, sh.suite.select(texts=()),
+            metrics.update(evaluate_suite(model, sh.tokenizer, sh.suite.select(texts=()),
                                           limit=self.qa_limit, seq_len=self.seq_len))
         return {k: v for k, v in metrics.items() if not k.startswith("ppl:")}
+
+    def _score_key(self) -> tuple:
+        """What a cached score depends on besides the merge: the scoring set."""
+        return ("tune", self.tune_limit, self.qa_limit, self.seq_len, id(self.shared.suite))
 
     def _objective(self, metrics: Mapping[str, float]) -> float | None:
         sh = self.shared
@@ -152,18 +185,38 @@ class Session:
             raise WorkbenchError(f"unknown vector(s) {unknown}: the pool has {self.names}")
         return {n: float(weights.get(n, 0.0)) for n in self.names}
 
-    def apply(self, weights: Mapping[str, float], instruction_weight: float | None = None) -> TuneResult:
-        """Re-merge the Tune model in place (missing names get 0) and score small dev subsets."""
-        ws = self._full(weights)
-        m = self.tune
-        iw = m.instruction_weight if instruction_weight is None else float(instruction_weight)
-        with m.lock:
-            t0 = time.perf_counter()
-            m.set_weights(ws, instruction_weight=iw)
-            t1 = time.perf_counter()
-            metrics = self._score(m)
-            t2 = time.perf_counter()
-        self.last = TuneResult(ws, iw, metrics, self._objective(metrics), t1 - t0, t2 - t1, self.tune_limit)
+    def _state_for(self, weights: Mapping[str, float], instruction_weight: float | None = None,
+                   method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:
+        cur = self.state
+        iw = cur.instruction_weight if instruction_weight is None else float(instruction_weight)
+        try:
+            return self.shared.engine.state(self._full(weights), iw, method=method or cur.method,
+                                            params=cur.param_map if params is None else params)
+        except ConfigError as exc:
+            raise WorkbenchError(str(exc)) from exc
+
+    def apply(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
+              method: str | None = None, params: Mapping[str, object] | None = None) -> TuneResult:
+        """Make ``weights`` (missing names get 0) the Tune merge and score small dev subsets.
+
+        ``method``/``params`` switch the merge method (any of ``optimer_lib.merging.methods.MERGE_METHODS``);
+        omitted, the current ones stay. A merge scored before (by any session) is answered from the cache.
+        """
+        state = self._state_for(weights, instruction_weight, method, params)
+        self._state = state
+        engine, key = self.shared.engine, self._score_key()
+        hit = engine.cached(state, key)
+        if hit is not None:
+            metrics, merge_s, score_s, waited, cached = hit, 0.0, 0.0, 0.0, True
+        else:
+            with engine.lease(state, priority=INTERACTIVE) as lease:
+                t0 = time.perf_counter()
+                metrics = self._score(lease.model)
+                score_s = time.perf_counter() - t0
+            engine.remember(state, key, metrics)
+            merge_s, waited, cached = lease.merge_s, lease.waited_s, False
+        self.last = TuneResult(state.weight_map, state.instruction_weight, dict(metrics), self._objective(metrics),
+                               merge_s, score_s, self.tune_limit, state.method, state.param_map, cached, waited)
         return self.last
 
     def preset(self, name: str) -> dict[str, float]:
@@ -197,35 +250,32 @@ class Session:
         return best_params(load_study(*self.watched), self.names)
 
     def reference(self, kind: str, instruction_weight: float = 0.0, wait: bool = True) -> dict[str, float] | None:
-        """Metrics of ``base`` / ``average`` / ``best`` at the Tune limit (cached in the shared pool).
+        """Metrics of ``base`` / ``average`` / ``best`` at the Tune limit (cached by the pool's engine).
 
-        ``wait=False`` never scores in the caller's thread: it returns the cached metrics, or None after
-        starting their computation in the background (a UI shows them on its next refresh).
+        References use the linear merge whatever the Tune method. ``wait=False`` never scores in the caller's
+        thread: it returns the cached metrics, or None after starting their computation in the background (a UI
+        shows them on its next refresh).
         """
         try:
             ws = self.preset({"base": "zeros"}.get(kind, kind))
         except WorkbenchError:
             return None
-        key = (tuple(sorted(ws.items())), float(instruction_weight), self.tune_limit, self.qa_limit)
-        hit = self.shared.cached_metrics(key)
+        engine, key = self.shared.engine, self._score_key()
+        state = engine.state(ws, float(instruction_weight))
+        hit = engine.cached(state, key)
         if hit is not None or not wait:
-            if hit is None and key not in self._pending:
-                self._pending.add(key)
-                threading.Thread(target=self._compute_reference, args=(key, ws, instruction_weight),
-                                 daemon=True, name="reference").start()
+            if hit is None and (state, key) not in self._pending:
+                self._pending.add((state, key))
+                threading.Thread(target=self._compute_reference, args=(state, key), daemon=True,
+                                 name="reference").start()
             return hit
-        return self._compute_reference(key, ws, instruction_weight)
+        return self._compute_reference(state, key)
 
-    def _compute_reference(self, key: tuple, ws: dict[str, float], iw: float) -> dict[str, float]:
-        m = self.scratch
+    def _compute_reference(self, state: MergeState, key: tuple) -> dict[str, float]:
         try:
-            with m.lock:
-                m.set_weights(ws, instruction_weight=iw)
-                metrics = self._score(m)
-            self.shared.store_metrics(key, metrics)
-            return metrics
+            return self.shared.engine.run(state, self._score, key=key, priority=INTERACTIVE)
         finally:
-            self._pending.discard(key)
+            self._pending.discard((state, key))
 
     # -- search --------------------------------------------------------------------------------
     def start_search(self, spec: SearchSpec) -> SearchRun:
@@ -327,25 +377,33 @@ class Session:
             out.append(BASE_IT)
         return [*out, *(f"CPT {n}" for n in self.names), TUNE, BEST]
 
-    def pane_weights(self, choice: str) -> tuple[dict[str, float], float]:
-        """``(weights, instruction weight)`` of a pane; Tune/best merges use Tune's instruction weight."""
+    def pane_state(self, choice: str) -> MergeState:
+        """The merge a chat pane shows; Tune/best use Tune's instruction weight, Tune also its method."""
         zeros = dict.fromkeys(self.names, 0.0)
-        tune_iw = self.tune.instruction_weight if self._tune is not None else 0.0
+        engine, tune = self.shared.engine, self.state
         if choice == BASE:
-            return zeros, 0.0
+            return engine.state(zeros)
         if choice == BASE_IT:
-            return zeros, 1.0
+            return engine.state(zeros, 1.0)
         if choice.startswith("CPT ") and choice[4:] in self.names:
-            return {**zeros, choice[4:]: 1.0}, 0.0
+            return engine.state({**zeros, choice[4:]: 1.0})
         if choice == TUNE:
-            return (self.tune.weights, tune_iw)
+            return tune
         if choice == BEST:
-            return self.preset("best"), tune_iw
+            return engine.state(self.preset("best"), tune.instruction_weight)
         raise WorkbenchError(f"unknown chat model {choice!r}: choose one of {self.pane_choices()}")
+
+    def pane_weights(self, choice: str) -> tuple[dict[str, float], float]:
+        """``(weights, instruction weight)`` of a pane."""
+        st = self.pane_state(choice)
+        return st.weight_map, st.instruction_weight
 
     def chat(self, prompt: str, choices: Sequence[str], histories: Sequence[list[Message]] | None = None,
              settings: GenSettings | None = None) -> Iterator[list[list[Message]]]:
-        """Send ``prompt`` to every pane in turn; yields all panes' histories as replies stream in."""
+        """Send ``prompt`` to every pane in turn; yields all panes' histories as replies stream in.
+
+        Each pane's whole reply is generated on one engine lease (never a re-merge per token).
+        """
         settings = settings or GenSettings()
         hist = [list(h) for h in (histories or [[] for _ in choices])]
         prompt = prompt.strip()
@@ -357,9 +415,8 @@ class Session:
         yield hist
         for i, choice in enumerate(choices):
             try:
-                weights, iw = self.pane_weights(choice)
-                for text in stream_reply(self.scratch, self.shared.tokenizer, weights, iw, hist[i][:-2], prompt,
-                                         settings):
+                state = self.pane_state(choice)
+                for text in stream_reply(self.shared.engine, state, hist[i][:-2], prompt, settings):
                     hist[i][-1] = {"role": "assistant", "content": text}
                     yield hist
             except Exception as exc:  # one failing pane must not hide the others
@@ -372,21 +429,21 @@ class Session:
         name = name.strip()
         if not name or "/" in name or "\\" in name or name.startswith("."):
             raise WorkbenchError(f"bad export name {name!r}: use a plain folder name such as my-merge")
-        sh, m = self.shared, self.tune
+        sh, st = self.shared, self.state
         out = self.workspace.exports_dir / name
         scores = {f"dev {k} (first {self.tune_limit})": v for k, v in (self.last.metrics if self.last else {}).items()}
-        with m.lock:
-            m.rebuild()  # exact base + Σ α τ: drop the rounding drift of incremental slider updates
-            path = export_merged(m.model, sh.tokenizer, out, base_path=str(sh.base_dir), vectors=sh.vectors,
-                                 weights=m.weights, instruction=sh.instruction,
-                                 instruction_weight=m.instruction_weight if sh.instruction else None,
-                                 scores=scores, overwrite=overwrite)
+        # exact: base + Σ α τ merged afresh, without the rounding drift of incremental slider updates
+        with self.merged(exact=True) as model:
+            path = export_merged(model, sh.tokenizer, out, base_path=str(sh.base_dir), vectors=sh.vectors,
+                                 weights=st.weight_map, instruction=sh.instruction,
+                                 instruction_weight=st.instruction_weight if sh.instruction else None,
+                                 scores=scores, overwrite=overwrite, method=st.method,
+                                 method_params=st.param_map)
         tmp = Path(tempfile.mkdtemp(prefix="optimer-export-"))
         zip_path = Path(shutil.make_archive(str(tmp / name), "zip", root_dir=path.parent, base_dir=path.name))
         return ExportResult(path, zip_path, (path / "README.md").read_text())
 
     def close(self) -> None:
-        """Stop this session's search and drop its models (Gradio calls this when the tab goes away)."""
+        """Stop this session's searches (Gradio calls this when the tab goes away); it holds no model."""
         self.stop_search()
         self.stop_pareto()
-        self._tune = self._scratch = None

@@ -36,8 +36,8 @@ from optimer_lib.checkpoints.vectors import (
     save_vector,
 )
 from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
+from optimer_lib.engine import MergeEngine
 from optimer_lib.errors import OptimerError, VectorError
-from optimer_lib.merging.methods import ResidentMerger
 from optimer_lib.merging.pool import load_checked
 from optimer_lib.scoring.evaluate import EvalSuite
 
@@ -50,7 +50,10 @@ class WorkbenchError(OptimerError):
 
 @dataclass
 class SharedPool:
-    """A read-only pool shared by every session: never merge into ``model``, copy it (:meth:`new_merger`)."""
+    """A read-only pool shared by every session; its :class:`MergeEngine` lends merged models to all of them.
+
+    ``model`` is the engine's base: never merge into it (ask ``engine.lease(weights)`` for a merged model).
+    """
 
     base_dir: Path
     model: torch.nn.Module
@@ -58,8 +61,8 @@ class SharedPool:
     vectors: list[DistributionVector]
     instruction: DistributionVector | None
     suite: EvalSuite
+    engine: MergeEngine
     version: int = 0
-    _cache: dict[tuple, dict[str, float]] = field(default_factory=dict, repr=False)
     _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -70,26 +73,6 @@ class SharedPool:
 
     def __deepcopy__(self, memo: dict) -> SharedPool:
         return self  # shared and read-only: copies would defeat the point
-
-    def new_merger(self) -> ResidentMerger:
-        """A private copy of the base model wrapped in a ResidentMerger (instruction weight 0).
-
-        Vectors are shared with the pool, not copied; the model copy and the merger's base copy of each
-        touched tensor are the session's own (about 2x the model's size).
-        """
-        import copy
-
-        with torch.no_grad():
-            model = copy.deepcopy(self.model)
-        return ResidentMerger(model, self.vectors, instruction=self.instruction, instruction_weight=0.0)
-
-    def cached_metrics(self, key: tuple) -> dict[str, float] | None:
-        with self.lock:
-            return self._cache.get(key)
-
-    def store_metrics(self, key: tuple, metrics: dict[str, float]) -> None:
-        with self.lock:
-            self._cache[key] = dict(metrics)
 
     def cosines(self) -> tuple[list[str], list[list[float]]]:
         """Names and pairwise cosine similarities of the distribution vectors (computed once)."""
@@ -124,14 +107,15 @@ class Workspace:
     """A workdir holding the pool description, vectors, search storage and exports.
 
     ``suite`` overrides the dev suite (tests pass a tiny one); otherwise the manifest's ``eval`` names
-    or every embedded corpus are loaded (``dev`` split). ``device``/``dtype`` apply to every model.
+    or every embedded corpus are loaded (``dev`` split). ``device``/``dtype`` apply to every model; ``slots`` is
+    the number of merged models the pool's engine may hold (default: 2 on CPU, 1 on an accelerator).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, suite: EvalSuite | None = None, device: str = "cpu",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", slots: int | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.slots = device, dtype, slots
         self._suite = suite
         self._pool: SharedPool | None = None
         self._version = 0
@@ -241,8 +225,9 @@ class Workspace:
         except VectorError as exc:
             raise WorkbenchError(str(exc)) from exc
         self._version += 1
+        engine = MergeEngine(model, tokenizer, vectors, instruction=instruction, max_slots=self.slots)
         return SharedPool(base_dir, model, tokenizer, vectors, instruction, self._suite_for(m.get("eval")),
-                          version=self._version)
+                          engine, version=self._version)
 
     def set_pool(self, base: str | os.PathLike, vectors: Sequence[str | os.PathLike],
                  instruction: str | os.PathLike | None) -> SharedPool:

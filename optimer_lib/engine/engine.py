@@ -177,16 +177,18 @@ class MergeEngine:
     @contextmanager
     def lease(self, weights: Mapping[str, float] | MergeState, instruction_weight: float = 0.0, *,
               method: str = "optimer", params: Mapping[str, object] | None = None,
-              priority: int = INTERACTIVE) -> Iterator[Lease]:
+              priority: int = INTERACTIVE, exact: bool = False) -> Iterator[Lease]:
         """A slot merged to ``weights`` (or a :class:`MergeState`), held until the block ends.
 
-        Do not keep ``lease.model`` after the block: the engine re-merges it for the next request.
+        ``exact=True`` re-merges the slot from the base even if it holds the state already (drops the rounding
+        drift of incremental updates; an export wants it). Do not keep ``lease.model`` after the block: the
+        engine re-merges it for the next request.
         """
         state = weights if isinstance(weights, MergeState) else self.state(
             weights, instruction_weight, method=method, params=params)
         waited = self._acquire(priority)
         try:
-            slot, changed, merge_s = self._materialise(state)
+            slot, changed, merge_s = self._materialise(state, exact)
             yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
         finally:
             self._release()
@@ -270,10 +272,18 @@ class MergeEngine:
         slot = min(self._slots, key=lambda s: (s.state.changes_to(state), s.last_used))
         return slot, slot.state.changes_to(state)
 
-    def _materialise(self, state: MergeState) -> tuple[Slot, int, float]:
+    def _materialise(self, state: MergeState, exact: bool = False) -> tuple[Slot, int, float]:
         slot, changed = self._pick(state)
         t0 = time.perf_counter()
-        if changed:
+        if exact:
+            slot.merger.method, slot.merger.params = state.method, state.param_map
+            slot.merger.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
+            slot.merger.rebuild()
+            changed = max(changed, 1)
+            slot.state = state
+            slot.merges += 1
+            self._merges += 1
+        elif changed:
             m = slot.merger
             m.method, m.params = state.method, state.param_map
             m.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
