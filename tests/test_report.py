@@ -134,9 +134,10 @@ def test_experiments_quick_smoke(tmp_path):
     if not (assets_dir() / "base" / "config.json").exists():
         pytest.skip("embedded assets are not built")
     assert main(["experiments", "--quick", "--workdir", str(tmp_path / "exp")]) == 0
-    html = (tmp_path / "exp" / "report.html").read_text()
+    html = (tmp_path / "exp" / "seed-0" / "report.html").read_text()
     assert html.count('class="plotly-graph-div"') >= 9
-    assert (tmp_path / "exp" / "stages" / "final.json").is_file() and (tmp_path / "exp" / "FINDINGS.md").is_file()
+    assert (tmp_path / "exp" / "seed-0" / "stages" / "final.json").is_file()
+    assert (tmp_path / "exp" / "FINDINGS.md").is_file()
 
 
 @pytest.mark.slow
@@ -154,7 +155,7 @@ def test_regime_map_tiny(tmp_path):
     cfg.regime_base_tokens, cfg.regime_cpt_tokens, cfg.regime_trials = 4096, 2048, 2
     cfg.search_limit = cfg.rescore_limit = cfg.final_limit = 5
     summary = run_experiments(cfg, regime_map=True)
-    cell = json.loads((tmp_path / "exp" / "stages" / "regime-xxs-en-only-lr0.001.json").read_text())
+    cell = json.loads((tmp_path / "exp" / "seed-0" / "stages" / "regime-xxs-en-only-lr0.001.json").read_text())
     assert set(cell["rows"]) == {"base", "uniform average", "OptiMer", "data mixture (equal total tokens)"}
     assert cell["gap"] == pytest.approx(cell["rows"]["OptiMer"]["test_objective"]
                                         - cell["rows"]["data mixture (equal total tokens)"]["test_objective"])
@@ -172,17 +173,21 @@ def test_experiments_tiny_main_set(tmp_path):
         pytest.skip("embedded assets are not built")
     cfg = ExperimentConfig.quick(tmp_path / "exp")
     cfg.corpora, cfg.eval_corpora, cfg.reopt_objectives = ("ja", "math"), ("en", "ja", "math"), ("ja",)
-    cfg.cpt_tokens, cfg.trials, cfg.baseline_trials, cfg.reopt_trials, cfg.grid_trials = 4096, 3, 2, 2, 4
+    cfg.cpt_tokens, cfg.trials, cfg.reopt_trials, cfg.grid_trials = 4096, 3, 2, 4
     cfg.landscape_points, cfg.mixture_candidates = 2, {"equal_total": 1, "per_run": 1}
     cfg.search_limit = cfg.rescore_limit = cfg.final_limit = 5
     summary = run_experiments(cfg)
-    stages = {p.stem for p in (tmp_path / "exp" / "stages").glob("*.json")}
-    assert {"pool", "optimer", "cosine", "linearity", "landscape", "grid", "ratios", "reopt", "final"} <= stages
+    seed = tmp_path / "exp" / "seed-0"
+    stages = {p.stem for p in (seed / "stages").glob("*.json")}
+    assert {"pool", "optimer", "cosine", "linearity", "landscape", "grid", "ratios", "reopt", "instruction",
+            "final"} <= stages
     assert set(summary["findings"]) == set(PAPER) and len(summary["figures"]) == 9
-    costs = json.loads((tmp_path / "exp" / "costs.json").read_text())
+    assert {"1", "1b", "2", "3", "4", "5", "6", "7", "it"} <= set(summary["findings_summary"]["findings"])
+    costs = json.loads((seed / "costs.json").read_text())
     assert {c["method"] for c in costs} >= {"pool", "optimer", "mixture-equal_total", "mixture-per_run", "ties"}
-    rows = json.loads((tmp_path / "exp" / "stages" / "final.json").read_text())["rows"]
-    assert {"OptiMer", "baseline: dare", "data mixture (per_run) best", "α-ratio mixture (normalised)"} <= set(rows)
+    rows = json.loads((seed / "stages" / "final.json").read_text())["rows"]
+    assert {"OptiMer", "baseline: dare", "data mixture (per_run) best", "α-ratio mixture (normalised)",
+            "OptiMer + τ_IT (α searched with it)"} <= set(rows)
     t0 = time.perf_counter()
     run_experiments(cfg)  # every stage cached: only the report is re-rendered
     assert time.perf_counter() - t0 < 30

@@ -1,18 +1,26 @@
 """The complete experiment set on the embedded world: OptiMer, every baseline, the analyses, a report.
 
-    optimer experiments [--workdir runs/experiments] [--quick]     # 59 min on 2 idle CPU cores (measured)
+    optimer experiments [--workdir runs/experiments] [--seeds 0,1,2] [--results results/experiments] [--quick]
     optimer experiments --regime-map                                # the regime map only (long, cached)
-    optimer report runs/experiments                                 # re-render report.html / report.md
+    optimer report runs/experiments/seed-0                          # re-render one seed's report.html / report.md
+    optimer findings --results results/experiments --out FINDINGS.md   # the findings across seeds
 
     from optimer_lib.experiments.run import ExperimentConfig, run_experiments
     run_experiments(ExperimentConfig.quick(Path("runs/exp-quick")))
 
-Every stage writes ``<workdir>/stages/<stage>.json`` and is skipped when that file exists, so an
+Each seed s (the CPT seed and every search's sampler seed) runs the whole set in ``<workdir>/seed-<s>/``.
+Every stage writes ``<workdir>/seed-<s>/stages/<stage>.json`` and is skipped when that file exists, so an
 interrupted run resumes (searches also resume inside their Optuna studies). Searches see dev splits
-only; the ``final`` stage alone scores test splits. The end writes ``costs.json``, ``summary.json``,
-``report.html``, ``report.md`` and ``FINDINGS.md`` in the workdir, and a copy of ``FINDINGS.md`` only where
-``findings=`` (``--findings``) says. The regime map (two model sizes x two base recipes x two CPT learning
-rates: new small bases are pretrained) lives in ``regime-*`` stages.
+only; the ``final`` stage alone scores test splits, keeping every test document's loss and every QA item's
+correctness (raw and through the chat template) for paired bootstraps. Every merge method (OptiMer, task
+arithmetic, TIES, DARE) is searched by the same code path (:func:`optimer_lib.search.study.run_search`) with
+the same sampler, seed and trial budget (``trials``); uniform averaging is one point. The ``instruction``
+stage searches α again with the instruction vector (instruct − base) merged at weight 1, the paper's recipe.
+Each seed's directory gets ``costs.json``, ``summary.json``, ``report.html``, ``report.md`` and a single-seed
+``FINDINGS.md``; the workdir gets ``FINDINGS.md`` across seeds (:mod:`optimer_lib.experiments.findings`),
+``results=`` (``--results``) receives a copy of the small JSONs, and ``findings=`` (``--findings``) a copy of
+FINDINGS.md. The regime map (two model sizes x two base recipes x two CPT learning rates: new small bases are
+pretrained) lives in ``regime-*`` stages of each seed.
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from typing import Any
 
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.data import assets_dir, load_eval_suite
+from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import analysis as an
 from optimer_lib.experiments import baselines as bl
+from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments.costs import CostEntry, ledger_from_study
 from optimer_lib.fileio import atomic_write_json
 from optimer_lib.scoring.evaluate import evaluate_suite
@@ -52,8 +62,7 @@ class ExperimentConfig:
     cpt_tokens: int = 400_000
     cpt_lr: float = 1e-3
     trajectory: int = 4           # checkpoints along the first corpus's CPT run (linearity)
-    trials: int = 100
-    baseline_trials: int = 30
+    trials: int = 100             # every searched merge method (OptiMer, its baselines, the instruction recipe)
     reopt_trials: int = 40
     grid_trials: int = 81         # grid sampler: 3 points per axis over 4 vectors
     landscape_points: int = 7
@@ -62,8 +71,11 @@ class ExperimentConfig:
     top_k: int = 3
     final_limit: int = 300
     mixture_candidates: dict[str, int] = field(default_factory=lambda: {"equal_total": 3, "per_run": 5})
-    within: float = 0.01          # "within 1% of the best" for grid vs guided search
-    seed: int = 0
+    within: float = 0.01          # per-seed report only; findings use 10% of OptiMer's gain over the base
+    instruction_weight: float = 1.0   # the instruction vector's weight in the paper's recipe (0: skip the stage)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    seed: int = 0                 # the seed being run (set per seed by run_experiments)
+    results: Path | None = None   # also copy config, stage JSONs and findings here (an explicit path)
     # regime map
     regime_sizes: dict[str, dict[str, int]] = field(default_factory=lambda: {
         "xs": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 176},
@@ -79,7 +91,7 @@ class ExperimentConfig:
 
     @classmethod
     def quick(cls, workdir: Path = Path("runs/experiments-quick")) -> ExperimentConfig:
-        return cls(workdir=workdir, cpt_tokens=32_768, trajectory=2, trials=12, baseline_trials=5, reopt_trials=5,
+        return cls(workdir=workdir, cpt_tokens=32_768, trajectory=2, trials=12, reopt_trials=5, seeds=(0,),
                    grid_trials=16, landscape_points=3, search_limit=20, rescore_limit=40, top_k=2, final_limit=40,
                    mixture_candidates={"equal_total": 2, "per_run": 3}, regime_base_tokens=32_768,
                    regime_cpt_tokens=8_192, regime_trials=4, quick_mode=True)
@@ -91,6 +103,11 @@ def _write_json(path: Path, payload: Any) -> None:
 
 def _values(study: Any) -> list[float | None]:
     return [t.value if t.state.name == "COMPLETE" else None for t in study.trials]
+
+
+def _budget(study: Any, cfg: SearchConfig) -> dict[str, Any]:
+    """What a search spent, for the report's fairness statement: trials run, budget, sampler, seed."""
+    return {"trials": len(study.trials), "trial_budget": cfg.trials, "sampler": cfg.sampler, "seed": cfg.seed}
 
 
 class Experiments:
@@ -163,18 +180,50 @@ class Experiments:
         costs = ledger_from_study(res.study, "optimer", tokens_evaluated=self.per_eval(cfg))
         costs.append(CostEntry("optimer", kind="rescore", seconds=time.perf_counter() - t0,
                                tokens_evaluated=c.top_k * self.per_eval(cfg, rescore=True)))
+        # The base (α = 0) at search fidelity: OptiMer's gain over it sets finding 4's tolerance.
+        scorer = TrialScorer(pool.merger, pool.tokenizer, self.dev, [self.objective], seq_len=cfg.seq_len)
+        base_value, _ = scorer.score(dict.fromkeys(pool.names, 0.0), cfg.search_limit)
+        pool.merger.set_weights(res.best_weights)
         return {"weights": res.best_weights, "objective": res.value_search, "objective_rescored": res.best_value,
-                "values": _values(res.study), "choice": {"method": "optimer", "weights": res.best_weights},
-                "costs": [asdict(e) for e in costs]}
+                "base_objective": base_value, "values": _values(res.study),
+                "choice": {"method": "optimer", "weights": res.best_weights},
+                **_budget(res.study, cfg), "costs": [asdict(e) for e in costs]}
 
     def baseline_stage(self, name: str) -> dict[str, Any]:
         from optimer_lib.experiments.costs import CostLedger
 
         ledger = CostLedger()
-        cfg = self.search_config("baselines", self.cfg.baseline_trials, workdir=self.wd / "search")
+        cfg = self.search_config("baselines", self.cfg.trials, workdir=self.wd / "search")  # OptiMer's budget
         out = bl.search_baseline(self.pool.merger, self.pool.tokenizer, self.dev, self.objective, name, cfg,
                                  ledger=ledger)
-        return {**out, "costs": ledger.to_json()}
+        searched = out["trials"] > 1 or bool(bl.BASELINES[name].get("search_params")) or \
+            bl.BASELINES[name]["weights"] in ("search", "shared")
+        return {**out, "sampler": cfg.sampler if searched else None, "seed": cfg.seed if searched else None,
+                "trial_budget": cfg.trials if searched else 1, "costs": ledger.to_json()}
+
+    @cached_property
+    def pool_it(self) -> Any:
+        """The pool with the instruction vector (instruct − base) at ``instruction_weight``: the paper's recipe."""
+        from optimer_lib.merging.pool import open_pool
+
+        path = self.wd / "vectors" / "instruct.safetensors"
+        if not path.exists():
+            src = assets_dir() / "instruct"
+            save_vector(extract_vector(self.base, src, name="instruct", source=str(src)), path, overwrite=True)
+        pool = open_pool(self.base, [self.wd / "vectors" / f"{n}.safetensors" for n in self.cfg.corpora],
+                         instruction=path)
+        pool.merger.instruction_weight = self.cfg.instruction_weight
+        return pool
+
+    def instruction_stage(self) -> dict[str, Any]:
+        """α searched with the instruction vector merged at a fixed weight (same sampler, seed, budget, objective)."""
+        c, pool = self.cfg, self.pool_it
+        cfg = self.search_config("optimer-it", c.trials)
+        res = run_search(pool.merger, pool.tokenizer, self.dev, self.objective, cfg, progress=False)
+        costs = ledger_from_study(res.study, "optimer-it", tokens_evaluated=self.per_eval(cfg))
+        return {"weights": res.best_weights, "instruction_weight": c.instruction_weight,
+                "objective": res.value_search, "objective_rescored": res.best_value, "values": _values(res.study),
+                **_budget(res.study, cfg), "costs": [asdict(e) for e in costs]}
 
     def mixture_stage(self, mode: str) -> dict[str, Any]:
         c = self.cfg
@@ -254,22 +303,37 @@ class Experiments:
         models.update({f"α-ratio mixture ({k})": v["dir"] for k, v in s["ratios"]["retrained"].items()
                        if "same_as" not in v})
         rows: dict[str, Any] = {}
+        tokens: dict[str, list[int]] = {}
 
-        def score(row: str, model: Any, extra: dict[str, Any]) -> None:
+        def score(row: str, model: Any, extra: dict[str, Any], chat: bool = False) -> None:
             r = dict(extra)
-            for split, suite in (("dev", self.dev), ("test", test)):
-                m = evaluate_suite(model, pool.tokenizer, suite, limit=c.final_limit)
-                r[split], r[f"{split}_objectives"] = m, {k: o(m) for k, o in objs.items()}
+            m = evaluate_suite(model, pool.tokenizer, self.dev, limit=c.final_limit)  # dev: what selection reads
+            r["dev"], r["dev_objectives"] = m, {k: o(m) for k, o in objs.items()}
+            docs = ds.score_documents(model, pool.tokenizer, test, limit=c.final_limit, chat_qa=chat)
+            tokens.update(docs.pop("tokens"))  # the same for every model: stored once
+            m = ds.metrics_of(docs, tokens)
+            r["test"], r["test_objectives"], r["test_docs"] = m, {k: o(m) for k, o in objs.items()}, docs
             rows[row] = r
 
+        chat_rows = {"base", "OptiMer"}
         for row, choice in merges.items():
             bl.apply_choice(pool.merger, {"method": "optimer", **choice})
-            score(row, pool.model, {"kind": "merge", "choice": choice})
+            score(row, pool.model, {"kind": "merge", "choice": choice}, chat=row in chat_rows)
         bl.apply_choice(pool.merger, {"method": "optimer", "weights": dict.fromkeys(names, 0.0)})
+        if "instruction" in s:  # the paper's recipe: + w_IT τ_IT, scored like the rest plus chat-template QA
+            it = self.pool_it
+            w_it = s["instruction"]["instruction_weight"]
+            for row, w in {"instruct (base + τ_IT)": dict.fromkeys(names, 0.0),
+                           "OptiMer α + τ_IT (α searched without it)": s["optimer"]["weights"],
+                           "OptiMer + τ_IT (α searched with it)": s["instruction"]["weights"]}.items():
+                it.merger.set_weights(w, instruction_weight=w_it)
+                score(row, it.model, {"kind": "merge", "choice": {"weights": w}, "instruction_weight": w_it},
+                      chat=True)
         for row, d in models.items():
             if Path(d).exists():
                 score(row, load_model(d), {"kind": "mixture", "dir": d})
-        return {"objective": c.objective, "limit": c.final_limit, "rows": rows}
+        return {"objective": c.objective, "terms": {k: o.terms for k, o in objs.items()}, "limit": c.final_limit,
+                "doc_tokens": tokens, "rows": rows}
 
     # -- driver ---------------------------------------------------------------------------------------------
     def run_main(self) -> dict[str, dict[str, Any]]:
@@ -286,6 +350,8 @@ class Experiments:
         s["grid"] = self.stage("grid", lambda: self.grid_stage(s["optimer"]))
         s["ratios"] = self.stage("ratios", lambda: self.ratio_stage(s["optimer"], s["pool"]))
         s["reopt"] = self.stage("reopt", self.reopt_stage)
+        if self.cfg.instruction_weight:
+            s["instruction"] = self.stage("instruction", self.instruction_stage)
         s["final"] = self.stage("final", lambda: self.final_stage(s))
         return s
 
@@ -362,19 +428,48 @@ def run_regime_map(exp: Experiments) -> None:
                 exp.stage(name, lambda s=size, r=recipe, x=lr: regime_setting(exp, s, r, x))
 
 
+def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The config of one seed: its own directory ``<workdir>/seed-<seed>``, CPT and sampler seed ``seed``."""
+    return replace(cfg, workdir=Path(cfg.workdir) / f"seed-{seed}", seed=seed, seeds=(seed,))
+
+
+def _config_json(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(cfg).items()}
+
+
 def run_experiments(cfg: ExperimentConfig, *, regime_map: bool = False,
                     findings: Path | None = None) -> dict[str, Any]:
-    """Run (or resume) the main set, or with ``regime_map`` the regime map; then write the report files."""
+    """Run (or resume) the main set, or with ``regime_map`` the regime map, for every seed; then write each
+    seed's report, the findings across seeds (``<workdir>/FINDINGS.md``) and, where asked, copies to
+    ``cfg.results`` (the small JSONs) and ``findings`` (FINDINGS.md). Returns the last seed's report summary
+    with ``findings_summary`` (across seeds) added."""
+    from optimer_lib.experiments.findings import copy_results
+    from optimer_lib.experiments.findings_report import write_findings
     from optimer_lib.experiments.report import write_all
 
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds {list(cfg.seeds)}: give at least one seed, none repeated (e.g. --seeds 0,1,2)")
     wd = Path(cfg.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    _write_json(wd / "config.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
+    old = json.loads((wd / "config.json").read_text()) if (wd / "config.json").is_file() else {}
+    seeds = list(dict.fromkeys([*old.get("seeds", []), *cfg.seeds]))  # seeds may grow across runs
+    _write_json(wd / "config.json", {**_config_json(cfg), "seeds": seeds})
     t0 = time.perf_counter()
-    exp = Experiments(cfg)
-    if regime_map:
-        run_regime_map(exp)
-    else:
-        exp.run_main()
+    summary: dict[str, Any] = {}
+    for seed in cfg.seeds:
+        scfg = seed_config(cfg, seed)
+        Path(scfg.workdir).mkdir(parents=True, exist_ok=True)
+        _write_json(Path(scfg.workdir) / "config.json", _config_json(scfg))
+        exp = Experiments(scfg)
+        if regime_map:
+            run_regime_map(exp)
+        else:
+            exp.run_main()
+        summary = write_all(scfg.workdir)
     print(f"[experiments] done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return write_all(wd, findings=findings)
+    if cfg.results is not None:
+        copy_results(wd, Path(cfg.results))
+    summary["findings_summary"] = write_findings(wd, wd / "FINDINGS.md",
+                                                 *([Path(findings)] if findings else []))
+    return summary

@@ -1,0 +1,413 @@
+"""FINDINGS.md from committed result JSONs: every finding across seeds, with intervals and pre-stated criteria.
+
+    optimer findings --results results/experiments --out FINDINGS.md     # renders; writes only to --out
+
+    from optimer_lib.experiments.findings import summarise_results
+    summary = summarise_results(Path("results/experiments"))   # reads config.json + seed-*/stages/*.json
+    # rendering: optimer_lib.experiments.findings_report.render_findings(summary)
+
+Input: a results directory as :func:`optimer_lib.experiments.run.run_experiments` writes it (``config.json`` and
+``seed-<s>/stages/*.json``; ``--results`` copies exactly these). Nothing is re-run and nothing is read from the
+checkout. Each criterion is stated before its number and can fail: a finding *holds* only when the whole 95%
+interval (paired bootstrap over test documents and seeds, :mod:`optimer_lib.experiments.stats`) or, for a
+statistic without documents (a cosine, a trial count, a cost ratio), every seed lies on the claimed side; it
+*does not hold* when the whole interval lies on the other side; otherwise it is *inconclusive*. Which rows are
+compared (the best mixture, the α-ratio conversion) is chosen per seed on the dev objective only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimer_lib.errors import ConfigError
+from optimer_lib.experiments import docscores as ds
+from optimer_lib.experiments import stats as st
+from optimer_lib.experiments.report import PAPER_COST_RATIO, cost_ratios, ledger_of, pick_on_dev
+
+COSINE_MAX, LINE_MIN_COS, LINE_T_TOL, GAIN_SHARE = 0.31, 0.9, 0.1, 0.1
+MERGE_BASELINES = {"task_arithmetic": "baseline: task_arithmetic", "ties": "baseline: ties", "dare": "baseline: dare"}
+IT_ROWS = ("base", "instruct (base + τ_IT)", "OptiMer", "OptiMer α + τ_IT (α searched without it)",
+           "OptiMer + τ_IT (α searched with it)")
+CRITERIA = {
+    "1": "OptiMer's test objective minus the dev-chosen best data mixture's, and minus uniform averaging's: each "
+         "95% interval lies below 0",
+    "1b": "OptiMer minus each other merge method (task arithmetic, TIES, DARE; the same sampler, seeds and trial "
+          "budget): each 95% interval lies below 0",
+    "2": f"the largest |pairwise cosine| of the distribution vectors is at most {COSINE_MAX} in every seed",
+    "3": f"at every intermediate checkpoint of the trajectory, cos(θ_k − θ_base, τ) >= {LINE_MIN_COS} and the "
+         f"fitted t is within ±{LINE_T_TOL} of the fraction of training, in every seed",
+    "4": f"with a tolerance of {GAIN_SHARE:.0%} of OptiMer's dev gain over the base, TPE comes within the tolerance "
+         "of the best value either search found in fewer trials than the grid, in every seed (a grid that never "
+         "gets there counts as one trial more than it ran)",
+    "5": "test objective of the mixture retrained with α as ratios (dev-chosen conversion) minus the uniform-ratio "
+         "mixture at the same total tokens: the 95% interval lies below 0",
+    "6": "for each objective, the pool's search for that objective beats the searches for the other objectives "
+         "on it (test): every paired 95% interval lies below 0",
+    "7": f"search cost (seconds) for the mixture search to reach its best dev objective over OptiMer's cost to "
+         f"reach the same value: at least {PAPER_COST_RATIO:g}x in every budget mode and seed (never reached: 0x)",
+    "it": "merging the instruction vector at weight 1 (the paper's recipe) raises chat-template QA accuracy: the "
+          "95% interval of (with − without) lies above 0",
+}
+
+
+# -- results directory ----------------------------------------------------------------------------------------
+def load_results(d: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """``(config, {seed: {stage: json}})`` of a results (or work) directory."""
+    d = Path(d)
+    if not (d / "config.json").is_file():
+        raise ConfigError(f"{d} has no config.json: point --results at a directory written by `optimer experiments`")
+    cfg = json.loads((d / "config.json").read_text())
+    per: dict[int, dict[str, Any]] = {}
+    for s in cfg.get("seeds", []):
+        folder = d / f"seed-{s}" / "stages"
+        if folder.is_dir():
+            per[int(s)] = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    return cfg, per
+
+
+def copy_results(wd: str | Path, dest: str | Path) -> None:
+    """Copy the small JSONs (config, every seed's config and stages) of a workdir to ``dest``."""
+    wd, dest = Path(wd), Path(dest)
+    if dest.resolve() == wd.resolve():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(wd / "config.json", dest / "config.json")
+    for seed_dir in sorted(wd.glob("seed-*")):
+        (dest / seed_dir.name / "stages").mkdir(parents=True, exist_ok=True)
+        if (seed_dir / "config.json").is_file():
+            shutil.copyfile(seed_dir / "config.json", dest / seed_dir.name / "config.json")
+        for f in sorted((seed_dir / "stages").glob("*.json")):
+            shutil.copyfile(f, dest / seed_dir.name / "stages" / f.name)
+
+
+# -- per-document samples -------------------------------------------------------------------------------------
+def _needed(terms: dict[str, float]) -> list[str]:
+    out = []
+    for k in terms:
+        kind, _, name = k.partition(":")
+        out += [f"nll:{name}", f"tok:{name}"] if kind in ("loss", "ppl") else [k if kind != "chat_acc" else
+                                                                                f"chat:{name}"]
+    return list(dict.fromkeys(out))
+
+
+class Samples:
+    """Per-document components of the final rows, stacked over seeds: ``[seeds, documents]`` arrays."""
+
+    def __init__(self, per_seed: dict[int, dict[str, Any]]) -> None:
+        self.seeds = sorted(s for s, stages in per_seed.items() if "final" in stages)
+        self.final = {s: per_seed[s]["final"] for s in self.seeds}
+        first = self.final[self.seeds[0]] if self.seeds else {}
+        self.objective = first.get("objective", "balanced")
+        self.terms: dict[str, dict[str, float]] = first.get("terms", {})
+
+    def has(self, row_of: Callable[[int], str | None]) -> bool:
+        return bool(self.seeds) and all((r := row_of(s)) is not None and r in self.final[s]["rows"]
+                                        and "test_docs" in self.final[s]["rows"][r] for s in self.seeds)
+
+    def stack(self, row_of: Callable[[int], str], comps: list[str]) -> dict[str, np.ndarray]:
+        rows = []
+        for s in self.seeds:
+            f = self.final[s]
+            c = ds.components(f["rows"][row_of(s)]["test_docs"], f["doc_tokens"])
+            rows.append([c[k] for k in comps])
+        arr = np.asarray(rows, dtype=float)  # [seeds, comps, docs]
+        return {k: arr[:, i, :] for i, k in enumerate(comps)}
+
+    def interval(self, stat: Callable[..., float], rows: dict[str, Callable[[int], str]],
+                 terms: dict[str, float]) -> st.Interval:
+        comps = _needed(terms)
+        return st.bootstrap_methods(stat, {k: self.stack(f, comps) for k, f in rows.items()})
+
+    def value(self, row_of: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
+        return self.interval(lambda m: ds.objective_of_means(terms, m["a"]), {"a": row_of}, terms)
+
+    def diff(self, a: Callable[[int], str], b: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
+        return self.interval(lambda m: ds.objective_of_means(terms, m["a"]) - ds.objective_of_means(terms, m["b"]),
+                             {"a": a, "b": b}, terms)
+
+
+def _fixed(row: str) -> Callable[[int], str]:
+    return lambda _s: row
+
+
+def _dev_pick(samples: Samples, prefix: str, suffix: str = "") -> Callable[[int], str | None]:
+    """Per seed, among rows named ``prefix...suffix``, the one with the lowest dev objective (never test)."""
+    def pick(s: int) -> str | None:
+        rows = samples.final[s]["rows"]
+        cands = [r for r in rows if r.startswith(prefix) and r.endswith(suffix)]
+        if not cands:
+            return None
+        return pick_on_dev(cands, {r: rows[r]["dev_objectives"][samples.objective] for r in cands})
+    return pick
+
+
+def fmt_interval(iv: st.Interval | None, nd: int = 4) -> str:
+    """``mean [low, high]`` with ``nd`` decimals (``n/a``; ``[no interval]`` when the bootstrap gave none)."""
+    if iv is None or math.isnan(iv.mean):
+        return "n/a"
+    if math.isnan(iv.low):
+        return f"{iv.mean:.{nd}f} [no interval]"
+    return f"{iv.mean:.{nd}f} [{iv.low:.{nd}f}, {iv.high:.{nd}f}]"
+
+
+_iv = fmt_interval
+
+
+def _rng(iv: st.Interval, nd: int = 3, unit: str = "") -> str:
+    return f"mean {iv.mean:.{nd}f}{unit}, range {iv.low:.{nd}f}{unit} to {iv.high:.{nd}f}{unit} over {iv.seeds} seed(s)"
+
+
+# -- findings -------------------------------------------------------------------------------------------------
+def _finding(verdicts: list[str], ours: str, **extra: Any) -> dict[str, Any]:
+    return {"verdict": st.combine(verdicts), "verdicts": verdicts, "ours": ours, **extra}
+
+
+def _f1(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
+    mix = _dev_pick(sm, "data mixture", "best")
+    if not (sm.has(_fixed("OptiMer")) and sm.has(_fixed("baseline: uniform")) and sm.has(mix)):
+        return None
+    opt, uni, base = _fixed("OptiMer"), _fixed("baseline: uniform"), _fixed("base")
+    d_mix, d_uni = sm.diff(opt, mix, terms), sm.diff(opt, uni, terms)
+    crit = st.Criterion("OptiMer − mixture", "below", 0.0), st.Criterion("OptiMer − uniform", "below", 0.0)
+    chosen = sorted({mix(s) for s in sm.seeds})
+    out = {"optimer": sm.value(opt, terms), "mixture": sm.value(mix, terms), "uniform": sm.value(uni, terms),
+           "optimer_minus_mixture": d_mix, "optimer_minus_uniform": d_uni, "mixture_rows": chosen}
+    text = (f"test objective: OptiMer {_iv(out['optimer'])}, best mixture {_iv(out['mixture'])} "
+            f"({', '.join(chosen)}, chosen on dev per seed), uniform average {_iv(out['uniform'])}; "
+            f"OptiMer − mixture {_iv(d_mix)}, OptiMer − uniform {_iv(d_uni)}")
+    if sm.has(base):
+        gain = sm.diff(base, mix, terms)
+        r = sm.interval(lambda m: _ratio(terms, m), {"b": base, "o": opt, "x": mix}, terms)
+        out.update(mixture_gain=gain, recovery=r)
+        text += (f"; the mixture's gain over the base {_iv(gain)}, gain recovery R = (base − OptiMer) / "
+                 f"(base − mixture) {_iv(r, 2)}" if gain.low > 0 else
+                 f"; the mixture's gain over the base {_iv(gain)} does not lie above 0, so R is not reported")
+    return _finding([crit[0].verdict(d_mix), crit[1].verdict(d_uni)], text, numbers=out)
+
+
+def _ratio(terms: dict[str, float], m: dict[str, dict[str, float]]) -> float:
+    b, o, x = (ds.objective_of_means(terms, m[k]) for k in ("b", "o", "x"))
+    return (b - o) / (b - x) if b != x else math.nan
+
+
+def _f1b(sm: Samples, terms: dict[str, float], per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    rows = {k: r for k, r in MERGE_BASELINES.items() if sm.has(_fixed(r))}
+    if not rows or not sm.has(_fixed("OptiMer")):
+        return None
+    diffs = {k: sm.diff(_fixed("OptiMer"), _fixed(r), terms) for k, r in rows.items()}
+    trials = budgets(per_seed)
+    text = "; ".join(f"OptiMer − {k} {_iv(d)} ({trials.get(k, '?')} trials)" for k, d in diffs.items())
+    return _finding([st.Criterion(k, "below", 0.0).verdict(d) for k, d in diffs.items()],
+                    text + f" (OptiMer: {trials.get('optimer', '?')} trials)", numbers=diffs)
+
+
+def budgets(per_seed: dict[int, dict[str, Any]]) -> dict[str, str]:
+    """Trials each merge method ran, per seed ("100" when every seed ran 100, else "98–100")."""
+    names = {"optimer": "optimer", "instruction": "instruction",
+             **{k: f"baseline-{k}" for k in ("uniform", *MERGE_BASELINES)}}
+    out = {}
+    for k, stage in names.items():
+        vals = [per_seed[s][stage].get("trials") for s in per_seed if stage in per_seed[s]]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out[k] = str(vals[0]) if min(vals) == max(vals) else f"{min(vals)}–{max(vals)}"
+    return out
+
+
+def _f2(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    cos = [per_seed[s]["cosine"]["off_diagonal"] for s in per_seed if per_seed[s].get("cosine", {}).get("off_diagonal")]
+    if not cos:
+        return None
+    worst = st.seed_range([max(abs(o["min"]), abs(o["max"])) for o in cos])
+    lo, hi = min(o["min"] for o in cos), max(o["max"] for o in cos)
+    return _finding([st.Criterion("largest |cosine|", "below", COSINE_MAX).verdict(_le(worst, COSINE_MAX))],
+                    f"pairwise cosine {lo:.3f} to {hi:.3f} across seeds; largest |cosine| per seed: {_rng(worst)}",
+                    numbers={"largest_abs": worst})
+
+
+def _le(iv: st.Interval, threshold: float) -> st.Interval:
+    """"At most ``threshold``" as a strict "below" criterion: a value equal to the threshold passes."""
+    nudge = 1e-12 * max(1.0, abs(threshold))
+    return st.Interval(iv.mean, iv.low - nudge, iv.high - nudge, iv.level, iv.seeds)
+
+
+def _f3(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    rows = {s: [r for r in per_seed[s]["linearity"]["rows"] if r.get("fraction", 1) < 1]
+            for s in per_seed if "linearity" in per_seed[s]}
+    rows = {s: r for s, r in rows.items() if r}
+    if not rows:
+        return None
+    cos = st.seed_range([min(r["cosine"] for r in rs) for rs in rows.values()])
+    dev = st.seed_range([max(abs(r["t"] - r["fraction"]) for r in rs) for rs in rows.values()])
+    fr = sorted({round(r["fraction"], 3) for rs in rows.values() for r in rs})
+    pts = "; ".join(f"at {f:.0%} of training: t " + ", ".join(f"{r['t']:.2f}" for rs in rows.values() for r in rs
+                                                                 if round(r["fraction"], 3) == f)
+                    + ", cos " + ", ".join(f"{r['cosine']:.3f}" for rs in rows.values() for r in rs
+                                           if round(r["fraction"], 3) == f) for f in fr)
+    text = f"{pts} (one value per seed); lowest cosine per seed: {_rng(cos)}; largest |t − fraction|: {_rng(dev, 2)}"
+    return _finding([st.Criterion("cosine", "above", LINE_MIN_COS).verdict(cos),
+                     st.Criterion("|t − fraction|", "below", LINE_T_TOL).verdict(_le(dev, LINE_T_TOL))], text,
+                    numbers={"min_cosine": cos, "max_t_deviation": dev})
+
+
+def _f4(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    from optimer_lib.experiments.analysis import trials_to_reach
+
+    margin, tols, shares = [], [], []
+    for stages in per_seed.values():
+        if not {"grid", "landscape", "optimer"} <= set(stages) or "base_objective" not in stages["optimer"]:
+            continue
+        tol = max(0.0, GAIN_SHARE * (stages["optimer"]["base_objective"] - stages["optimer"]["objective"]))
+        runs = stages["grid"]["values"]
+        best = min(v for vs in runs.values() for v in vs if v is not None and math.isfinite(v))
+        n = {k: trials_to_reach(vs, best + tol) or len(vs) + 1 for k, vs in runs.items()}
+        margin.append(n["grid"] - n["tpe"])
+        z = [v for row in stages["landscape"]["z"] for v in row]
+        shares.append(sum(v <= min(z) + tol for v in z) / len(z))
+        tols.append(tol)
+    if not margin:
+        return None
+    m = st.seed_range(margin)
+    text = (f"tolerance {_rng(st.seed_range(tols), 4)} (10% of OptiMer's dev gain over the base); trials grid − TPE "
+            f"to come within it: {_rng(m, 1)}; share of the 2-D slice within the tolerance of its best: "
+            f"{_rng(st.seed_range(shares), 2)}")
+    return _finding([st.Criterion("grid − TPE trials", "above", 0.0).verdict(m)], text, numbers={"margin": m})
+
+
+def _f5(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
+    alpha, uni = _dev_pick(sm, "α-ratio mixture"), _dev_pick(sm, "data mixture (equal_total) uniform")
+    if not (sm.has(alpha) and sm.has(uni)):
+        return None
+    d = sm.diff(alpha, uni, terms)
+    text = (f"test objective: retrained with α ratios {_iv(sm.value(alpha, terms))} vs uniform ratios "
+            f"{_iv(sm.value(uni, terms))} (same total tokens); difference {_iv(d)}")
+    return _finding([st.Criterion("α-ratio − uniform", "below", 0.0).verdict(d)], text, numbers={"difference": d})
+
+
+def _f6(sm: Samples) -> dict[str, Any] | None:
+    cands = {sm.objective: "OptiMer"}
+    if sm.seeds:
+        cands.update({r.removeprefix("OptiMer re-optimised for "): r for r in sm.final[sm.seeds[0]]["rows"]
+                      if r.startswith("OptiMer re-optimised for ")})
+    if len(cands) < 2 or not all(sm.has(_fixed(r)) and k in sm.terms for k, r in cands.items()):
+        return None
+    verdicts, parts, numbers = [], [], {}
+    for k, own in cands.items():
+        for other_k, other in cands.items():
+            if other_k == k:
+                continue
+            d = sm.diff(_fixed(own), _fixed(other), sm.terms[k])
+            numbers[f"{k}: {own} − {other}"] = d
+            verdicts.append(st.Criterion(k, "below", 0.0).verdict(d))
+            parts.append(f"on {k}: {k}-search − {other_k}-search {_iv(d)}")
+    return _finding(verdicts, "; ".join(parts), numbers=numbers)
+
+
+def _f7(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    ratios: dict[str, list[float]] = {}
+    for stages in per_seed.values():
+        if "optimer" not in stages:
+            continue
+        for mode, r in cost_ratios(stages, ledger_of(stages)).items():
+            ratios.setdefault(mode, []).append(r["seconds"]["ratio"] or 0.0)
+    if not ratios:
+        return None
+    ivs = {m: st.seed_range(v) for m, v in ratios.items()}
+    text = "; ".join(f"({m}) {_rng(iv, 1, 'x')}" + (" (OptiMer never reached the mixture's best in some seed: 0x)"
+                                                 if iv.low == 0 else "") for m, iv in ivs.items())
+    return _finding([st.Criterion(m, "above", PAPER_COST_RATIO).verdict(_ge(iv, PAPER_COST_RATIO))
+                     for m, iv in ivs.items()], text, numbers=ivs)
+
+
+def _ge(iv: st.Interval, threshold: float) -> st.Interval:
+    nudge = 1e-12 * max(1.0, abs(threshold))
+    return st.Interval(iv.mean, iv.low + nudge, iv.high + nudge, iv.level, iv.seeds)
+
+
+def _instruction(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
+    rows = [r for r in IT_ROWS if sm.has(_fixed(r))]
+    if "OptiMer + τ_IT (α searched with it)" not in rows or "OptiMer" not in rows:
+        return None
+    table, chat_q = {}, None
+    for r in rows:
+        f = sm.final[sm.seeds[0]]["rows"][r]["test_docs"]
+        qa = sorted(f.get("correct", {}))
+        chat_q = chat_q or sorted(f.get("chat_correct", {}))
+        chat = sorted(f.get("chat_correct", {}))
+        table[r] = {"objective": sm.value(_fixed(r), terms),
+                    **{f"acc:{q}": sm.value(_fixed(r), {f"acc:{q}": -1.0}) for q in qa},
+                    **{f"chat_acc:{q}": sm.value(_fixed(r), {f"chat_acc:{q}": -1.0}) for q in chat}}
+    with_it, without = _fixed("OptiMer + τ_IT (α searched with it)"), _fixed("OptiMer")
+    d_obj = sm.diff(with_it, without, terms)
+    verdicts, d_chat = [], {}
+    for q in chat_q or []:
+        d = sm.diff(without, with_it, {f"chat_acc:{q}": 1.0})  # accuracy(with) − accuracy(without)
+        d_chat[q] = d
+        verdicts.append(st.Criterion(f"chat accuracy {q}", "above", 0.0).verdict(d))
+    text = (f"test objective with − without {_iv(d_obj)}; "
+            + "; ".join(f"chat-template accuracy on {q} with − without {_iv(d, 3)}" for q, d in d_chat.items()))
+    return _finding(verdicts, text, numbers={"rows": table, "objective_difference": d_obj, "chat_difference": d_chat})
+
+
+# -- costs both ways ------------------------------------------------------------------------------------------
+def cost_accounting(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Forward-token equivalents (``3·trained + evaluated``), mean over seeds, per method: ``search`` (its own
+    trials and re-scoring), ``first_model`` (with the pool's CPT runs for merge methods: what the first model
+    costs from scratch) and ``further_objective`` (another objective on the same pool: merging searches again,
+    a mixture search trains again)."""
+    acc: dict[str, list[dict[str, float]]] = {}
+    for stages in per_seed.values():
+        led = ledger_of(stages)
+        pool = led.totals("pool")["compute"] if "pool" in led.methods() else 0.0
+        for m in led.methods():
+            if m == "pool":
+                continue
+            search = led.totals(m)["compute"]
+            merge = not m.startswith("mixture")
+            acc.setdefault(m, []).append({"search": search, "pool": pool if merge else 0.0,
+                                          "first_model": search + (pool if merge else 0.0),
+                                          "further_objective": search})
+    return {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in acc.items()}
+
+
+# -- summary and rendering ------------------------------------------------------------------------------------
+def summarise_results(d: str | Path) -> dict[str, Any]:
+    """Every finding's criterion, numbers and verdict from a results directory (JSON-able via :func:`to_json`)."""
+    cfg, per_seed = load_results(d)
+    sm = Samples(per_seed)
+    terms = sm.terms.get(sm.objective, {})
+    f: dict[str, Any] = {}
+    for key, fn in (("1", lambda: _f1(sm, terms)), ("1b", lambda: _f1b(sm, terms, per_seed)),
+                    ("2", lambda: _f2(per_seed)), ("3", lambda: _f3(per_seed)), ("4", lambda: _f4(per_seed)),
+                    ("5", lambda: _f5(sm, terms)), ("6", lambda: _f6(sm)), ("7", lambda: _f7(per_seed)),
+                    ("it", lambda: _instruction(sm, terms))):
+        if terms or key in ("2", "3", "4", "7"):
+            out = fn()
+            if out is not None:
+                f[key] = out
+    table = {}
+    if sm.seeds and terms:
+        for r in sm.final[sm.seeds[0]]["rows"]:
+            if sm.has(_fixed(r)):
+                table[r] = sm.value(_fixed(r), terms)
+    regime: dict[str, list[dict[str, Any]]] = {}
+    for stages in per_seed.values():
+        for k, v in stages.items():
+            if k.startswith("regime-"):
+                regime.setdefault(k.removeprefix("regime-"), []).append(v)
+    return {"config": cfg, "seeds": sm.seeds, "seeds_configured": cfg.get("seeds", []), "objective": sm.objective,
+            "findings": f, "test_table": table, "budgets": budgets(per_seed), "costs": cost_accounting(per_seed),
+            "regime": {k: {"size": v[0]["size"], "recipe": v[0]["recipe"], "lr": v[0]["lr"],
+                           "parameters": v[0]["parameters"], "gap": st.seed_range([x["gap"] for x in v])}
+                       for k, v in regime.items()},
+            "stage_minutes": {s: round(sum(v.get("stage_seconds") or 0 for v in stages.values()) / 60, 1)
+                              for s, stages in per_seed.items()}}
+
+

@@ -1,0 +1,121 @@
+"""FINDINGS.md from a results directory: the verdict table, each finding's criterion before its numbers, the CLI.
+
+    optimer findings --results results/experiments --out FINDINGS.md     # writes only --out
+
+    from optimer_lib.experiments.findings_report import write_findings
+    write_findings(Path("results/experiments"), Path("FINDINGS.md"))   # returns the summary as JSON
+
+The numbers and verdicts come from :func:`optimer_lib.experiments.findings.summarise_results`; this module only
+renders them, so the committed FINDINGS.md is a pure function of the committed JSONs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from optimer_lib.experiments import stats as st
+from optimer_lib.experiments.findings import CRITERIA, summarise_results
+from optimer_lib.experiments.findings import fmt_interval as _iv
+from optimer_lib.experiments.report import PAPER
+from optimer_lib.fileio import atomic_write_text
+
+CLAIMS = {"1": PAPER[1], "1b": "OptiMer beats every other merge method searched with the same budget",
+          **{str(i): PAPER[i] for i in range(2, 8)},
+          "it": "the instruction vector merged at weight 1 gives a chat model (the paper's recipe)"}
+
+
+def render_findings(summary: dict[str, Any], *, command: str | None = None) -> str:
+    """FINDINGS.md: protocol, a verdict table, then per finding its criterion (first), numbers and verdict."""
+    cfg = summary["config"]
+    seeds = summary["seeds"]
+    command = command or ("optimer experiments --workdir runs/experiments --seeds "
+                          + ",".join(map(str, summary["seeds_configured"])) + " --results results/experiments")
+    b = summary["budgets"]
+    lines = ["# Findings at our scale", "",
+             f"Measured by `{command}` on the embedded world; rendered from the committed JSONs by `optimer findings "
+             "--results results/experiments --out FINDINGS.md`. Dev splits for every search and every selection, "
+             f"test splits for the numbers (first {cfg.get('final_limit')} documents per distribution); objective "
+             f"`{summary['objective']}`, lower is better. Seeds: {', '.join(map(str, seeds)) or 'none'} (each seed "
+             "is the CPT seed and every search's sampler seed). Trials per merge method (TPE, one code path): "
+             + ", ".join(f"{k} {v}" for k, v in b.items() if k != "uniform")
+             + ("; uniform averaging is one point" if "uniform" in b else "")
+             + ". Intervals: 95%, paired bootstrap over test documents and seeds (2000 resamples); a verdict reads "
+             "the interval, never the point. Stage "
+             "time per seed: " + ", ".join(f"seed {s} {m} min" for s, m in summary["stage_minutes"].items()) + ".",
+             "", "| # | paper | criterion (stated before the number) | verdict |", "|---|---|---|---|"]
+    for k, claim in CLAIMS.items():
+        f = summary["findings"].get(k)
+        crit = CRITERIA[k].replace("|", "\\|")  # a literal | (as in |cosine|) would split the table cell
+        lines.append(f"| {k} | {claim} | {crit} | {f['verdict'] if f else 'not measured'} |")
+    lines.append("")
+    for k, claim in CLAIMS.items():
+        f = summary["findings"].get(k)
+        if f is None:
+            continue
+        lines += [f"## {k}. {claim}", "", f"- Criterion: {CRITERIA[k]}.", f"- Ours: {f['ours']}.",
+                  f"- Verdict: **{f['verdict']}**" + (f" (criteria: {', '.join(f['verdicts'])})"
+                                                       if len(f["verdicts"]) > 1 else "") + ".", ""]
+        if k == "it":
+            lines += _it_table(f["numbers"]["rows"])
+    if summary["test_table"]:
+        lines += ["## Test objective per method (mean [95% interval])", "", "| method | test objective |", "|---|---|",
+                  *(f"| {r} | {_iv(iv)} |" for r, iv in summary["test_table"].items()), ""]
+    if summary["costs"]:
+        lines += ["## Compute, both ways (forward-token equivalents, mean over seeds)", "",
+                  "Merge methods need the pool's CPT runs once; a data-mixture search trains for every objective.", "",
+                  "| method | search | first model (with the pool's CPT) | each further objective |",
+                  "|---|---|---|---|"]
+        order = sorted(summary["costs"], key=lambda m: (m != "optimer", m.startswith("mixture"), m))
+        lines += [f"| {m} | {summary['costs'][m]['search']:,.0f} | {summary['costs'][m]['first_model']:,.0f} | "
+                  f"{summary['costs'][m]['further_objective']:,.0f} |" for m in order]
+        lines.append("")
+    if summary["regime"]:
+        lines += ["## Regime map (OptiMer − data mixture, test objective; negative: OptiMer better)", "",
+                  "| size | params | base recipe | CPT lr | gap (mean, range over seeds) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['parameters']:,} | {r['recipe']} | {r['lr']:g} | {r['gap'].mean:+.4f} "
+                  f"({r['gap'].low:+.4f} to {r['gap'].high:+.4f}, {r['gap'].seeds} seed(s)) |"
+                  for r in summary["regime"].values()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _it_table(rows: dict[str, dict[str, st.Interval]]) -> list[str]:
+    cols = list(dict.fromkeys(c for r in rows.values() for c in r))
+    return ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+            *(f"| {r} | " + " | ".join(_iv(v.get(c), 3) if c != "objective" else _iv(v.get(c)) for c in cols) + " |"
+              for r, v in rows.items()), ""]
+
+
+def to_json(x: Any) -> Any:
+    """The summary as plain JSON (intervals as dicts)."""
+    if isinstance(x, st.Interval):
+        return x.to_json()
+    if isinstance(x, dict):
+        return {str(k): to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_json(v) for v in x]
+    return x
+
+
+def write_findings(results: str | Path, *outs: str | Path, command: str | None = None) -> dict[str, Any]:
+    """Render the findings of ``results`` and write them to each of ``outs`` (explicit paths only)."""
+    summary = summarise_results(results)
+    text = render_findings(summary, command=command)
+    for out in outs:
+        atomic_write_text(Path(out), text)
+    return to_json(summary)
+
+
+def add_findings_parser(sub: Any) -> None:
+    """``optimer findings --results DIR --out FILE`` on an argparse subparsers object."""
+    p = sub.add_parser("findings", help="render FINDINGS.md from a results directory of `optimer experiments`")
+    p.add_argument("--results", type=Path, required=True, help="directory with config.json and seed-*/stages/")
+    p.add_argument("--out", type=Path, required=True, help="file to write (e.g. FINDINGS.md); nothing else is written")
+    p.set_defaults(fn=cmd_findings)
+
+
+def cmd_findings(a: argparse.Namespace) -> None:
+    write_findings(a.results, a.out)
+    print(f"wrote {a.out} from {a.results}")

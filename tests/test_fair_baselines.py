@@ -1,0 +1,89 @@
+"""Fair comparisons in the experiment set: every merge method searched by one code path with OptiMer's sampler,
+seed and trial budget; uniform averaging one point; each method's trial count recorded."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from conftest import make_model, perturbed
+
+from optimer_lib.checkpoints.vectors import extract_vector
+from optimer_lib.experiments import baselines as bl
+from optimer_lib.experiments.run import ExperimentConfig, Experiments
+from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.scoring.evaluate import EvalSuite
+from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.search import record
+from optimer_lib.search.study import SearchConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+SUITE = EvalSuite(texts={"en": ["the quick brown fox jumps", "the lazy dog"], "code": ["def f(x):\n    return x"]})
+
+
+def test_no_separate_baseline_budget():
+    """The config has one trial budget for every searched merge method: there is nothing to set lower."""
+    names = {f.name for f in fields(ExperimentConfig)}
+    assert "baseline_trials" not in names and "trials" in names
+    assert ExperimentConfig().trials == 100 and ExperimentConfig.quick().trials == 12
+
+
+def _experiments(tmp_path, trials: int, seed: int) -> tuple[Experiments, list]:
+    cfg = ExperimentConfig(workdir=tmp_path, trials=trials, seed=seed)
+    exp = Experiments(cfg)
+    seen: list = []
+
+    def fake(merger, tok, suite, objective, name, config, *, ledger=None, **kw):
+        seen.append((name, config))
+        return {"choice": {"method": "x", "weights": {}}, "objective": 1.0, "metrics": {},
+                "trials": 1 if name == "uniform" else config.trials, "seconds": 0.0}
+
+    exp.__dict__.update(pool=SimpleNamespace(merger=None, tokenizer=None), dev=None, objective=None)
+    return exp, [fake, seen]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_baseline_stage_uses_optimers_budget_sampler_and_seed(tmp_path, monkeypatch, seed):
+    exp, (fake, seen) = _experiments(tmp_path, trials=37, seed=seed)
+    monkeypatch.setattr(bl, "search_baseline", fake)
+    out = {b: exp.baseline_stage(b) for b in ("uniform", "task_arithmetic", "ties", "dare")}
+    optimer_cfg = exp.search_config("optimer", exp.cfg.trials)
+    assert [n for n, _ in seen] == ["uniform", "task_arithmetic", "ties", "dare"]
+    for _name, config in seen:
+        assert (config.trials, config.sampler, config.seed) == (37, optimer_cfg.sampler, seed) == (37, "tpe", seed)
+        assert (config.search_limit, config.rescore_limit, config.top_k) == \
+            (optimer_cfg.search_limit, optimer_cfg.rescore_limit, optimer_cfg.top_k)
+    for b in ("task_arithmetic", "ties", "dare"):
+        assert out[b]["trials"] == out[b]["trial_budget"] == 37
+        assert out[b]["sampler"] == "tpe" and out[b]["seed"] == seed
+    assert out["uniform"]["trials"] == out["uniform"]["trial_budget"] == 1 and out["uniform"]["sampler"] is None
+
+
+@pytest.fixture
+def merger():
+    base = make_model("llama")
+    vecs = [extract_vector(base, perturbed(base, 0.05, seed=20 + i), name=n) for i, n in enumerate(["x", "y"])]
+    return ResidentMerger(base, vecs)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare"])
+def test_searched_baselines_run_the_one_trial_loop_with_tpe(name, merger, tiny_tokenizer, tmp_path, monkeypatch):
+    """A real search: the study is Optuna's, its sampler TPE with the given seed, and it ran exactly the budget."""
+    obj = parse_objective("balanced", list(SUITE.texts))
+    cfg = SearchConfig(trials=5, sampler="tpe", seed=3, storage=":memory:", workdir=tmp_path, top_k=0,
+                       search_limit=None)
+    captured = {}
+    real = bl.run_search
+
+    def spy(*a, **kw):
+        captured["result"] = real(*a, **kw)
+        return captured["result"]
+
+    monkeypatch.setattr(bl, "run_search", spy)
+    out = bl.search_baseline(merger, tiny_tokenizer, SUITE, obj, name, cfg)
+    study = captured["result"].study
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+    assert study.user_attrs[record.SAMPLER] == "tpe" and study.user_attrs[record.SEED] == 3
+    assert out["trials"] == len(study.trials) == 5
