@@ -161,19 +161,33 @@ def test_unknown_device_and_missing_cuda_are_one_line_errors():
             planmod.resolve_compute("cuda", None)
 
 
-def test_plan_command_as_a_process(tmp_path):
+def test_plan_command_as_a_process():
+    """The real entry point: the plan on stdout and exit 0; a bad flag is one line on stderr and exit 2."""
     r = run_process("plan", "--base", BASE, "--device", "cpu", "--bandwidth", "10", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert (got["parameters"], got["base_bytes"], got["slots"], got["fits"]) == (3_344_064, 13_376_256, 2, True)
-    assert got["bandwidth"] == 10 * GB
-    r = run_process("plan", "--sizes")
-    assert r.returncode == 0 and r.stdout.count("\n| ") == 16  # one row per (model, machine, dtype)
-    for bad, said in ((["--dtype", "int8"], "unknown dtype 'int8'"), (["--slots", "0"], "--slots must be at least 1"),
-                      (["--bandwidth", "-1"], "--bandwidth must be a positive")):
-        r = run_process("plan", "--base", BASE, "--device", "cpu", *bad)
-        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-        assert r.stderr.startswith("error: ") and said in r.stderr, r.stderr
+    assert got["bandwidth"] == 10 * GB and got["need_bytes"] == 3 * 13_376_256 + work(8192)
+    r = run_process("plan", "--base", BASE, "--dtype", "int8")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "unknown dtype 'int8'" in r.stderr and r.stdout == ""
+
+
+def test_plan_command_sizes_table_and_bad_flags(optimer):
+    r = optimer("plan", "--sizes")
+    assert r.stdout.count("\n| ") == 16  # one row per (model, machine, dtype)
+    assert "| 27B | 80 GiB GPU | bfloat16 | 54.0 GB | 54.0 GB | 1 (1) | host (mmap) |" in r.stdout
+    assert len(json.loads(optimer("plan", "--sizes", "--json").stdout)) == 16
+    table = optimer("plan", "--base", BASE, "--device", "cpu", "--bandwidth", "10", "--dtype", "bf16").stdout
+    assert "3.3M parameters" in table and "cpu (this machine), bfloat16" in table and "verdict         fits" in table
+    for bad, said in ((["--slots", "0"], "--slots must be at least 1"), (["--bandwidth", "-1"], "--bandwidth must"),
+                      (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--dtype", "x"], "CUDA"
+                       if not torch.cuda.is_available() else "unknown dtype")):
+        r = optimer("plan", "--base", BASE, "--device", "cpu", *bad, ok=False)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert said in r.stderr, r.stderr
+    r = optimer("plan", ok=False)
+    assert r.returncode == 2 and "--base DIR" in r.stderr
 
 
 def test_workbench_refuses_a_pool_that_cannot_fit(tmp_path, tiny_vectors, monkeypatch, capsys):

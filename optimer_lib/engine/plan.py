@@ -320,8 +320,13 @@ def _refusal(plan: CapacityPlan) -> str:
     fixes.append("a larger machine" if plan.device == "cpu" else "--device cpu or a GPU with more memory")
     return (f"{what}{plan.slots} slot{'s' if plan.slots > 1 else ''} ({fmt_bytes(plan.slots * plan.slot_bytes)}) "
             f"and {fmt_bytes(plan.work_bytes)} of working memory need {fmt_bytes(plan.need_bytes)} but {where} "
-            f"{fmt_bytes(plan.available_bytes)} free: use {', '.join(fixes[:-1]) + ', or ' if fixes[:-1] else ''}"
-            f"{fixes[-1]}")
+            f"{fmt_bytes(plan.available_bytes)} free: use {_either(fixes)}")
+
+
+def _either(items: Sequence[str]) -> str:
+    """``a``, ``a or b``, ``a, b, or c``."""
+    return items[0] if len(items) == 1 else f"{items[0]} or {items[1]}" if len(items) == 2 else \
+        ", ".join(items[:-1]) + f", or {items[-1]}"
 
 
 def plan_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = (), *,

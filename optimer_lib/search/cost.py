@@ -141,8 +141,8 @@ def estimate_search_cost(merger: Merger, tokenizer: Any, suite: EvalSuite, objec
 
     ``seconds_per_token``/``merge_seconds`` skip the matching measurement (given numbers, tests). The scoring is
     timed at ``calibration_limit`` documents per set, repeated until ``min_seconds`` have passed, the fastest kept
-    (the first call also pays for tokenising and warm-up). On return the merger holds ``weights`` (default: the
-    middle of the bounds), which the first trial replaces.
+    after a warm-up at one document per set; the merge is timed after a warm-up merge (first merges allocate). On
+    return the merger holds ``weights`` (default: the middle of the bounds), which the first trial replaces.
     """
     objs = [objectives] if isinstance(objectives, Objective) else list(objectives)
     search_limit = config.search_limit if config is not None else BATCH.search_limit
@@ -151,12 +151,19 @@ def estimate_search_cost(merger: Merger, tokenizer: Any, suite: EvalSuite, objec
                          batch_size=config.batch_size if config is not None else BATCH.batch_size,
                          record_metrics=config.record_metrics if config is not None else BATCH.record_metrics)
     started = time.perf_counter()
+    target = dict(weights) if weights is not None else _midpoint(merger.names, config)
     if merge_seconds is None:
+        # The first merge also allocates (a merger's base copies, scratch buffers): warm up, then time a second
+        # merge that changes every weight, as a trial does.
+        merger.set_weights({n: w / 2 for n, w in target.items()})
         t0 = time.perf_counter()
-        merger.set_weights(dict(weights) if weights is not None else _midpoint(merger.names, config))
+        merger.set_weights(target)
         merge_seconds = time.perf_counter() - t0
+    else:
+        merger.set_weights(target)
     if seconds_per_token is None:
         limit = calibration_limit if search_limit is None else min(calibration_limit, search_limit)
+        scorer.measure(1)  # warm-up (tokenising, first-call allocations) on one document per set
         tokens, best, t_start = max(1, scorer.eval_tokens(limit)), math.inf, time.perf_counter()
         while best == math.inf or time.perf_counter() - t_start < min_seconds:
             t0 = time.perf_counter()
