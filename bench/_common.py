@@ -56,3 +56,64 @@ def quick_pool(pool_dir: Path, threads: int | None) -> tuple[Any, Any, Any]:
     pool = open_pool(assets_dir() / "base", paths)
     dev = load_eval_suite(None, "dev")
     return pool, dev, parse_objective("balanced", list(dev.texts), qa_names=list(dev.qa))
+
+
+def proc_tree_memory(pid: int) -> dict[str, int]:
+    """``{"anon": bytes, "file": bytes, "procs": n}``: RssAnon and RssFile of ``pid`` and all its descendants.
+
+        proc_tree_memory(os.getpid())["anon"] / 2**30   # GiB of anonymous memory (Linux /proc only)
+
+    RssAnon leaves out memory-mapped file pages (vectors read in place), which RssFile counts. A process
+    that ends between listing and reading is skipped; {"anon": 0, "file": 0, "procs": 0} when ``pid`` is gone.
+    """
+    out = {"anon": 0, "file": 0, "procs": 0}
+    todo, seen = [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            for task in Path(f"/proc/{p}/task").iterdir():  # children are listed per thread
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        out["anon"] += int(fields.get("RssAnon", "0 kB").split()[0]) * 1024
+        out["file"] += int(fields.get("RssFile", "0 kB").split()[0]) * 1024
+        out["procs"] += 1
+    return out
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_size(model_dir: Path) -> tuple[int, int]:
+    """(parameters, bytes as stored) of every ``*.safetensors`` in ``model_dir``, read from the headers only.
+
+        params, stored = safetensors_size(Path("runs/smollm2/base"))   # (134515008, 538060032)
+
+    A tied lm_head stored once counts once, as the model holds it once.
+    """
+    import json
+    import struct
+
+    params = stored = 0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in t["shape"]:
+                count *= int(d)
+            params += count
+            stored += count * DTYPE_BYTES[t["dtype"]]
+    return params, stored

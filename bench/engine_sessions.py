@@ -1,0 +1,691 @@
+"""Workbench memory and latency with N real browser sessions (issue 15's "Must show" benchmark).
+
+    python bench/engine_sessions.py --sessions 1,2                    # embedded tiny pool (seconds to prepare)
+    python bench/engine_sessions.py --smollm2 --sessions 1,3,10 --out bench/results/engine_sessions.json
+    python bench/engine_sessions.py --smollm2 --sessions 3 --search   # also: slider latency while a search runs
+
+For each N in ``--sessions`` it starts ``optimer workbench`` on the workdir as a subprocess (headless, free
+port, its own process group), samples RssAnon/RssFile of the server and its children from /proc every
+``--sample-s`` in a background thread, and drives N browser tabs (Playwright + Debian chromium, one browser
+context each = one workbench session). Sessions run one after another (``--concurrent``: all at once) and
+stay open, so the memory after the last one is N sessions' worth. Each session:
+
+1. page load → Tune chart drawn ("page ready");
+2. drags one slider with the mouse and releases it → instant estimate (when the UI marks one, see
+   ``SELECTORS``), first partial result (the chart's "current" bars change), full result (the status line
+   says the scoring is done);
+3. sends one prompt to the Chat tab's two panes (its defaults: base (+ instruction) and the Tune merge) →
+   first token of each pane, end of both replies.
+
+``--search`` then starts a search in session 1 and moves a slider in another session while it runs. The
+server is restarted for every N and always killed at the end (Ctrl-C included).
+
+Pools: by default the embedded tiny pool: an existing demo workdir (runs/wb-demo, runs/quick, runs/demo),
+else ``runs/bench-engine-tiny``, made here in seconds from the embedded base with small random vectors (ja,
+code, instruct: memory and latency depend on the model's size, not on what the vectors learnt).
+``--smollm2`` writes ``runs/bench-engine/workbench.json`` over ``runs/smollm2/base`` and the ja and code
+vectors of ``runs/smollm2/seed-0`` (imported from GGUF and trained by ``optimer real-cell``).
+
+The memory bound printed is 1.25 × (base + slots × model), model = parameters × bytes of the workbench's
+dtype (read from the base's safetensors headers); it is the engine's target, not today's workbench's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import free_port, proc_tree_memory, safetensors_size
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+# What the script looks for in the page. Update here when the UI changes (ids are the components' elem_id).
+SELECTORS = {
+    "tune_tab": "Tune",                                  # tab label (role=tab)
+    "chat_tab": "Chat",
+    "search_tab": "Search",
+    "chart": "#tune-chart .js-plotly-plot",              # plotly div inside the gr.Plot
+    "current_trace": "current",                          # name of the trace with the session's own merge
+    "estimate_trace": r"estimate",                       # regex: a trace of the instant estimate, if drawn
+    "estimate": "#tune-estimate, .tune-estimate",        # or a visible element marking the estimate
+    "tune_status": "#tune-status",
+    "tune_done": r"release → chart",                     # regex: the status once the full result is shown
+    "tune_partial": r"scoring|partial|\d+\s*/\s*\d+ sets",  # regex: a status that says more is coming
+    # regex (multiline): Gradio's overlay on an output while its event runs ("queue: 1/1 | 0.0s", "processing |
+    # 0.4/1.2s", or a bare "6.2s" line just before them)
+    "busy": r"processing \||queue:|^\s*[\d.]+(/[\d.]+)?s\s*$",
+    "slider": "#alpha-{i} input[type=range]",
+    "chat_prompt": "#chat-prompt textarea",
+    "chat_send": "#chat-send",
+    "chat_pane": "#chat-{i} .bot",                       # the pane's bot messages (last = the reply)
+    "chat_status": "#chat-status",
+    "chat_busy": r"generating",                          # regex: the chat status while replies stream
+    "search_trials": "#search-trials input",
+    "search_start": "#search-start",
+    "search_stop": "#search-stop",
+    "search_status": "#search-status",
+    "search_running": r"running",
+    "search_ended": r"stopped|done|failed",
+}
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "Tell me about Tokyo."
+DEMO_WORKDIRS = ("runs/wb-demo", "runs/quick", "runs/demo")
+SMOLLM2 = {"base": "runs/smollm2/base", "vectors": ["runs/smollm2/seed-0/vectors/ja.safetensors",
+                                                    "runs/smollm2/seed-0/vectors/code.safetensors"]}
+
+
+class BenchError(RuntimeError):
+    """A step failed or timed out; the message says which session and what it waited for."""
+
+
+def secs(x: float | None, fmt: str = ".2f") -> str:
+    """``x`` seconds for a progress line (``–`` when not measured)."""
+    return "–" if x is None else f"{x:{fmt}} s"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- pools -------------------------------------------------------------------------------------------------
+def tiny_pool(workdir: Path | None) -> Path:
+    """A workdir with a pool on the embedded base: the one given or an existing demo one, else made here."""
+    def has_pool(wd: Path) -> bool:
+        return (wd / "workbench.json").is_file() or any((wd / "vectors").glob("*.safetensors"))
+
+    for cand in [workdir] if workdir else [ROOT / d for d in DEMO_WORKDIRS] + [ROOT / "runs/bench-engine-tiny"]:
+        if has_pool(cand):
+            return cand
+    wd = workdir or ROOT / "runs/bench-engine-tiny"
+    log(f"making a tiny pool in {wd}: embedded base + random vectors ja, code, instruct")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+    from optimer_lib.data import assets_dir
+
+    base_dir = assets_dir() / "base"
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    files = []
+    for i, name in enumerate(("ja", "code", "instruct")):
+        g = torch.Generator().manual_seed(100 + i)
+        tuned = {k: v + 0.01 * v.float().std() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                 for k, v in base.state_dict().items()}
+        vec = extract_vector(base, tuned, name=name, source=f"random/{name}", tokens_trained=1000)
+        files.append(save_vector(vec, wd / "vectors" / f"{name}.safetensors", overwrite=True))
+    write_manifest(wd, base_dir, files[:2], files[2])
+    return wd
+
+
+def write_manifest(wd: Path, base: Path, vectors: list[Path], instruction: Path | None) -> None:
+    """workbench.json as ``workbench.workspace.Workspace.write_manifest`` writes it (absolute paths here)."""
+    data = {"base": str(Path(base).resolve()), "vectors": [str(Path(v).resolve()) for v in vectors],
+            "instruction": str(Path(instruction).resolve()) if instruction else None, "eval": None}
+    wd.mkdir(parents=True, exist_ok=True)
+    path = wd / "workbench.json"
+    if not path.is_file() or json.loads(path.read_text()) != data:
+        path.write_text(json.dumps(data, indent=2))
+
+
+def smollm2_pool(workdir: Path | None) -> Path:
+    wd = workdir or ROOT / "runs/bench-engine"
+    paths = [ROOT / SMOLLM2["base"], *(ROOT / v for v in SMOLLM2["vectors"])]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise BenchError(f"the SmolLM2 pool is incomplete (missing {', '.join(missing)}): run `optimer real-cell` "
+                         "first, or give another pool with --workdir")
+    write_manifest(wd, paths[0], paths[1:], None)
+    return wd
+
+
+def pool_base(wd: Path) -> Path:
+    m = json.loads((wd / "workbench.json").read_text()) if (wd / "workbench.json").is_file() else {}
+    if m.get("base"):
+        b = Path(m["base"])
+        return b if b.is_absolute() else wd / b
+    from optimer_lib.data import assets_dir  # a demo layout: the embedded base
+
+    return assets_dir() / "base"
+
+
+# -- the server and its memory ---------------------------------------------------------------------------
+class Server:
+    """``optimer workbench`` in its own process group; :meth:`stop` kills the group (idempotent)."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        cmd = [sys.executable, "-m", "optimer_lib.cli", "workbench", "--workdir", str(workdir),
+               "--port", str(self.port)]
+        for flag in ("threads", "device", "dtype"):
+            if getattr(args, flag):
+                cmd += [f"--{flag}", str(getattr(args, flag))]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        env.pop("OPTIMER_AUTH", None)
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.log_path = log_path
+
+    def wait_up(self, timeout: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text()[-2000:]
+                raise BenchError(f"the workbench exited ({self.proc.returncode}) before answering:\n{tail}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return time.monotonic() - t0
+            except OSError:
+                time.sleep(0.5)
+        raise BenchError(f"the workbench did not answer on {self.url} within {timeout:.0f} s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if not self.log.closed:
+            self.log.close()
+
+
+class MemSampler(threading.Thread):
+    """Samples the server's process tree; ``mark(label)`` records the current figures under a label."""
+
+    def __init__(self, pid: int, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic s, anon bytes, file bytes)
+        self.marks: dict[str, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def sample(self) -> tuple[float, int, int]:
+        m = proc_tree_memory(self.pid)
+        s = (time.monotonic(), m["anon"], m["file"])
+        with self._lock:
+            self.samples.append(s)
+        return s
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def mark(self, label: str) -> dict[str, float]:
+        _, anon, file = self.sample()
+        self.marks[label] = {"anon_gb": round(anon / GB, 3), "file_gb": round(file / GB, 3)}
+        return self.marks[label]
+
+    def peak(self, since: float = 0.0, until: float = float("inf")) -> dict[str, float]:
+        with self._lock:
+            xs = [s for s in self.samples if since <= s[0] <= until]
+        return {"anon_gb": round(max((s[1] for s in xs), default=0) / GB, 3),
+                "file_gb": round(max((s[2] for s in xs), default=0) / GB, 3)}
+
+
+# -- one browser session ------------------------------------------------------------------------------------
+@dataclass
+class SessionResult:
+    index: int
+    page_ready_s: float | None = None
+    slider_value: float | None = None
+    estimate_s: float | None = None     # None: the UI drew no estimate marked as such
+    partial_s: float | None = None
+    full_s: float | None = None
+    chat_first_token_s: list[float | None] = field(default_factory=list)  # per pane; None: empty reply
+    chat_done_s: float | None = None
+    chat_reply_chars: list[int] = field(default_factory=list)
+
+
+BARS_JS = """([sel, trace]) => {
+    const el = document.querySelector(sel);
+    if (!el || !el.data) return null;
+    const ys = el.data.filter(d => (d.name || '') === trace).flatMap(d => Array.from(d.y || []));
+    return ys.length ? JSON.stringify(ys) : null;
+}"""
+ESTIMATE_JS = """([sel, traceRe, elSel]) => {
+    const el = document.querySelector(sel), re = new RegExp(traceRe, 'i');
+    if (el && el.data && el.data.some(d => re.test(d.name || ''))) return true;
+    return Array.from(document.querySelectorAll(elSel)).some(e => e.offsetParent !== null && e.innerText.trim());
+}"""
+
+
+class Driver:
+    """Runs the steps of one session on one page, with timeouts that name what was awaited."""
+
+    def __init__(self, page: Any, idx: int, tag: str, timeout_s: float) -> None:
+        self.page, self.idx, self.tag, self.timeout_s = page, idx, tag, timeout_s
+
+    async def until(self, js: str, arg: Any, what: str, timeout_s: float | None = None) -> Any:
+        from playwright.async_api import TimeoutError as PwTimeout
+
+        t = timeout_s or self.timeout_s
+        try:
+            handle = await self.page.wait_for_function(js, arg=arg, polling=50, timeout=t * 1000)
+            return await handle.json_value()
+        except PwTimeout:
+            raise BenchError(f"{self.tag} session {self.idx}: timed out after {t:.0f} s waiting for {what}") from None
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Turn a browser error inside the block into a one-line BenchError naming the session and the step."""
+        from playwright.async_api import Error as PwError
+
+        try:
+            yield
+        except PwError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BenchError(f"{self.tag} session {self.idx}: {what}: {first}") from None
+
+    async def bars(self) -> str | None:
+        return await self.page.evaluate(BARS_JS, [SELECTORS["chart"], SELECTORS["current_trace"]])
+
+    async def open(self, url: str, r: SessionResult) -> None:
+        t0 = time.perf_counter()
+        await self.page.goto(url, timeout=self.timeout_s * 1000)
+        await self.page.get_by_role("tab", name=SELECTORS["tune_tab"]).click(timeout=self.timeout_s * 1000)
+        await self.until(BARS_JS, [SELECTORS["chart"], SELECTORS["current_trace"]], "the first Tune chart")
+        r.page_ready_s = time.perf_counter() - t0
+
+    async def move_slider(self, r: SessionResult, i: int = 0, frac: float | None = None) -> None:
+        """Drag slider ``i`` to ``frac`` of its width with the mouse and release; time what the chart shows."""
+        page = self.page
+        slider = page.locator(SELECTORS["slider"].format(i=i))
+        before_value = float(await slider.input_value())
+        before_bars = await self.bars()
+        status_sel = SELECTORS["tune_status"]
+        await self.until("([s, busy]) => { const e = document.querySelector(s);"
+                         " return e && !new RegExp(busy, 'm').test(e.innerText); }",
+                         [status_sel, SELECTORS["busy"]], "the Tune tab to be idle")
+        before_status = await page.locator(status_sel).inner_text()
+        box = await slider.bounding_box()
+        if box is None:
+            raise BenchError(f"{self.tag} session {self.idx}: slider {i} is not visible")
+        frac = frac if frac is not None else 0.2 + 0.1 * (self.idx % 5)
+        y = box["y"] + box["height"] / 2
+        lo, hi = float(await slider.get_attribute("min") or 0), float(await slider.get_attribute("max") or 1)
+        x0 = box["x"] + box["width"] * (before_value - lo) / (hi - lo)
+        await page.mouse.move(x0, y)
+        await page.mouse.down()
+        await page.mouse.move(box["x"] + box["width"] * frac, y, steps=5)
+        t0 = time.perf_counter()
+        await page.mouse.up()  # release: the workbench re-merges and scores
+        r.slider_value = float(await slider.input_value())
+        if r.slider_value == before_value:
+            raise BenchError(f"{self.tag} session {self.idx}: the drag did not move slider {i} ({before_value})")
+
+        async def timed(js: str, arg: Any, what: str) -> float:
+            await self.until(js, arg, what)
+            return time.perf_counter() - t0
+
+        estimate = asyncio.create_task(timed(ESTIMATE_JS, [SELECTORS["chart"], SELECTORS["estimate_trace"],
+                                                           SELECTORS["estimate"]], "an estimate"))
+        partial = asyncio.create_task(timed(
+            "([b, s, t]) => { const el = document.querySelector(s); if (!el || !el.data) return false;"
+            " const ys = el.data.filter(d => (d.name || '') === t).flatMap(d => Array.from(d.y || []));"
+            " return ys.length > 0 && JSON.stringify(ys) !== b; }",
+            [before_bars, SELECTORS["chart"], SELECTORS["current_trace"]], "the chart to change"))
+        full = asyncio.create_task(timed(
+            "([before, sel, done, part, busy]) => { const e = document.querySelector(sel); if (!e) return false;"
+            " const s = e.innerText; return s !== before && new RegExp(done).test(s)"
+            " && !new RegExp(part, 'i').test(s) && !new RegExp(busy, 'm').test(s); }",
+            [before_status, status_sel, SELECTORS["tune_done"], SELECTORS["tune_partial"], SELECTORS["busy"]],
+            "the full result"))
+        try:
+            r.full_s = await full
+            try:  # drawn with or before the full result; plotly may draw it a moment after the status
+                r.partial_s = await asyncio.wait_for(asyncio.shield(partial), timeout=10)
+            except asyncio.TimeoutError:
+                log(f"{self.tag} session {self.idx}: the chart's bars did not change within 10 s of the full result")
+        finally:
+            for task in (estimate, partial):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(estimate, partial, return_exceptions=True)
+        r.estimate_s = estimate.result() if estimate.done() and not estimate.cancelled() \
+            and estimate.exception() is None else None
+
+    async def chat(self, r: SessionResult, panes: int = 2) -> None:
+        page = self.page
+        await page.get_by_role("tab", name=SELECTORS["chat_tab"]).click()
+        await page.evaluate("""([sel, busy]) => {  // note every streamed status: a short reply may be missed by polling
+            window.__busySeen = false;
+            const el = document.querySelector(sel), re = new RegExp(busy, 'm');
+            new MutationObserver(() => { if (re.test(el.innerText)) window.__busySeen = true; })
+                .observe(el, {subtree: true, childList: true, characterData: true});
+        }""", [SELECTORS["chat_status"], SELECTORS["chat_busy"]])
+        before = [await page.locator(SELECTORS["chat_pane"].format(i=i)).count() for i in range(panes)]
+        await page.locator(SELECTORS["chat_prompt"]).fill(PROMPT)
+        t0 = time.perf_counter()
+        await page.locator(SELECTORS["chat_send"]).click()
+
+        async def first_token(i: int) -> float:
+            await self.until("([sel, n]) => { const b = document.querySelectorAll(sel);"
+                             " return b.length > n && b[b.length - 1].innerText.trim().length > 0; }",
+                             [SELECTORS["chat_pane"].format(i=i), before[i]], f"the first token of pane {i + 1}")
+            return time.perf_counter() - t0
+
+        tasks = [asyncio.create_task(first_token(i)) for i in range(panes)]
+        try:
+            await self.until("([sel, gen, busy]) => { const s = document.querySelector(sel).innerText; return"
+                             " window.__busySeen && !new RegExp(gen).test(s) && !new RegExp(busy, 'm').test(s); }",
+                             [SELECTORS["chat_status"], SELECTORS["chat_busy"], SELECTORS["busy"]],
+                             "the end of the replies")
+            r.chat_done_s = time.perf_counter() - t0
+            await asyncio.sleep(0.2)  # the last streamed update lands with the status
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        r.chat_first_token_s = [t.result() if not t.cancelled() and t.exception() is None else None for t in tasks]
+        texts = [await page.locator(SELECTORS["chat_pane"].format(i=i)).last.inner_text()
+                 if await page.locator(SELECTORS["chat_pane"].format(i=i)).count() > before[i] else ""
+                 for i in range(panes)]
+        r.chat_reply_chars = [len(t.strip()) for t in texts]
+        await page.get_by_role("tab", name=SELECTORS["tune_tab"]).click()
+
+
+async def one_session(browser: Any, url: str, idx: int, tag: str,
+                      args: argparse.Namespace) -> tuple[Any, SessionResult]:
+    ctx = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(args.timeout * 1000)
+    page = await ctx.new_page()
+    d, r = Driver(page, idx, tag, args.timeout), SessionResult(idx)
+    with d.step("opening the page"):
+        await d.open(url, r)
+    log(f"{tag} session {idx}: page ready {r.page_ready_s:.1f} s")
+    with d.step("moving a slider"):
+        await d.move_slider(r)
+    est = secs(r.estimate_s) if r.estimate_s is not None else "none shown"
+    log(f"{tag} session {idx}: slider → {r.slider_value:g}: estimate {est}, partial {secs(r.partial_s)}, "
+        f"full {secs(r.full_s)}")
+    if not args.no_chat:
+        with d.step("chatting"):
+            await d.chat(r)
+        ttft = ", ".join("empty" if t is None else secs(t) for t in r.chat_first_token_s)
+        log(f"{tag} session {idx}: chat first token {ttft}; both replies done {secs(r.chat_done_s, '.1f')} "
+            f"({r.chat_reply_chars} chars)")
+    return page, r
+
+
+async def search_phase(browser: Any, url: str, pages: list[Any], tag: str, args: argparse.Namespace) -> dict:
+    """Start a search in the first session, move a slider in another one (opened here if N = 1) meanwhile."""
+    searcher = Driver(pages[0], 0, tag, args.timeout)
+    other_page = pages[1] if len(pages) > 1 else None
+    if other_page is None:
+        other_page, _ = await one_session(browser, url, len(pages), tag + " search", args)
+    mover = Driver(other_page, 1 if len(pages) > 1 else len(pages), tag + " search", args.timeout)
+    p = searcher.page
+    with searcher.step("starting a search"):
+        await p.get_by_role("tab", name=SELECTORS["search_tab"]).click()
+        await p.locator(SELECTORS["search_trials"]).fill(str(args.search_trials))
+        await p.locator(SELECTORS["search_trials"]).press("Tab")
+        await p.locator(SELECTORS["search_start"]).click()
+    status = SELECTORS["search_status"]
+    await searcher.until("([s, re]) => { const e = document.querySelector(s);"
+                         " return e && new RegExp(re).test(e.innerText); }",
+                         [status, SELECTORS["search_running"]], "the search to run")
+    log(f"{tag} search running ({args.search_trials} trials); moving a slider in session {mover.idx}")
+    await asyncio.sleep(args.search_warmup)
+    moves = []
+    for k in range(args.search_moves):
+        r = SessionResult(mover.idx)
+        with mover.step("moving a slider during the search"):
+            await mover.move_slider(r, frac=0.15 + 0.2 * k)
+        moves.append(r)
+        log(f"{tag} during search: slider partial {secs(r.partial_s)}, full {secs(r.full_s)}")
+    with searcher.step("stopping the search"):
+        still = await p.locator(status).inner_text()
+        await p.locator(SELECTORS["search_stop"]).click()
+    await searcher.until("([s, re]) => { const e = document.querySelector(s);"
+                         " return e && new RegExp(re).test(e.innerText); }",
+                         [status, SELECTORS["search_ended"]], "the search to stop")
+    return {"trials": args.search_trials, "extra_session": len(pages) == 1, "status_during": still.strip(),
+            "status_after": (await p.locator(status).inner_text()).strip(),
+            "slider_partial_s": [m.partial_s and round(m.partial_s, 3) for m in moves],
+            "slider_full_s": [m.full_s and round(m.full_s, 3) for m in moves],
+            "slider_full_p50_s": p50([m.full_s for m in moves])}
+
+
+# -- one N ----------------------------------------------------------------------------------------------------
+def rounded(v: Any) -> Any:
+    """Floats (also inside lists) to milliseconds, for the JSON."""
+    if isinstance(v, list):
+        return [rounded(x) for x in v]
+    return round(v, 3) if isinstance(v, float) else v
+
+
+def p50(xs: list[float | None]) -> float | None:
+    v = [x for x in xs if x is not None]
+    return round(statistics.median(v), 3) if v else None
+
+
+def run_n(n: int, workdir: Path, args: argparse.Namespace, chromium: Path) -> dict[str, Any]:
+    tag = f"[N={n}]"
+    log_path = workdir / f"bench-engine-server-{n}.log"
+    server = Server(workdir, args, log_path)
+    sampler: MemSampler | None = None
+    out: dict[str, Any] = {"sessions": n, "server_log": str(log_path)}
+    try:
+        up = server.wait_up(args.start_timeout)
+        log(f"{tag} workbench up on {server.url} in {up:.1f} s (pid {server.proc.pid}, log {log_path})")
+        sampler = MemSampler(server.proc.pid, args.sample_s)
+        sampler.start()
+        time.sleep(1.0)
+        idle = sampler.mark("idle")
+        log(f"{tag} idle: RssAnon {idle['anon_gb']:.2f} GB, RssFile {idle['file_gb']:.2f} GB")
+        out["server_up_s"] = round(up, 1)
+        asyncio.run(drive(n, server.url, args, chromium, sampler, out, tag))
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        server.stop()
+    return out
+
+
+async def drive(n: int, url: str, args: argparse.Namespace, chromium: Path, sampler: MemSampler,
+                out: dict[str, Any], tag: str) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(chromium), headless=True, args=BROWSER_ARGS)
+        try:
+            t_start = time.monotonic()
+            results: list[SessionResult] = []
+            pages: list[Any] = []
+            after: list[float] = []
+            if args.concurrent:
+                done = await asyncio.gather(*(one_session(browser, url, i, tag, args) for i in range(n)))
+                pages, results = [p for p, _ in done], [r for _, r in done]
+            else:
+                for i in range(n):
+                    page, r = await one_session(browser, url, i, tag, args)
+                    pages.append(page)
+                    results.append(r)
+                    m = sampler.mark(f"after session {i}")
+                    after.append(m["anon_gb"])
+                    log(f"{tag} after session {i}: RssAnon {m['anon_gb']:.2f} GB, RssFile {m['file_gb']:.2f} GB")
+            await asyncio.sleep(args.settle_s)
+            final = sampler.mark("final")
+            peak = sampler.peak(since=t_start)
+            idle = sampler.marks["idle"]["anon_gb"]
+            out.update({
+                "idle_anon_gb": idle, "idle_file_gb": sampler.marks["idle"]["file_gb"],
+                "peak_anon_gb": peak["anon_gb"], "peak_file_gb": peak["file_gb"],
+                "final_anon_gb": final["anon_gb"], "final_file_gb": final["file_gb"],
+                "anon_after_each_session_gb": after,
+                "anon_growth_per_session_gb": round((final["anon_gb"] - idle) / n, 3),
+                "page_ready_p50_s": p50([r.page_ready_s for r in results]),
+                "page_ready_max_s": round(max(r.page_ready_s for r in results), 3),
+                "slider_estimate_p50_s": p50([r.estimate_s for r in results]),
+                "slider_partial_p50_s": p50([r.partial_s for r in results]),
+                "slider_full_p50_s": p50([r.full_s for r in results]),
+                "chat_ttft_p50_s": p50([r.chat_first_token_s[0] if r.chat_first_token_s else None for r in results]),
+                "chat_ttft_pane2_p50_s": p50([r.chat_first_token_s[1] if len(r.chat_first_token_s) > 1 else None
+                                              for r in results]),
+                "chat_done_p50_s": p50([r.chat_done_s for r in results]),
+                "per_session": [{k: rounded(v) for k, v in asdict(r).items()} for r in results],
+            })
+            log(f"{tag} {n} sessions open: RssAnon final {final['anon_gb']:.2f} GB, peak {peak['anon_gb']:.2f} GB "
+                f"(idle {idle:.2f}); RssFile peak {peak['file_gb']:.2f} GB")
+            if args.search:
+                t_search = time.monotonic()
+                out["search"] = await search_phase(browser, url, pages, tag, args)
+                out["search"]["peak_anon_gb"] = sampler.peak(since=t_search)["anon_gb"]
+        finally:
+            await browser.close()
+
+
+# -- main ---------------------------------------------------------------------------------------------------
+def table(runs: list[dict], bound_gb: float) -> str:
+    def f(x: Any, fmt: str = ".2f") -> str:
+        return "–" if x is None else format(x, fmt)
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "no"
+
+    cols = ["sessions", "RssAnon idle / peak / final (GB)", "growth per session (GB)",
+            "within bound: peak / peak − idle", "page ready p50 / max (s)",
+            "slider → estimate / partial / full p50 (s)", "chat first token p50 (s)", "chat done p50 (s)",
+            "slider full p50 during a search (s)"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+    rows = [f"| {r['sessions']} | {f(r.get('idle_anon_gb'))} / {f(r.get('peak_anon_gb'))} / "
+            f"{f(r.get('final_anon_gb'))} | {f(r.get('anon_growth_per_session_gb'), '.3f')} | "
+            f"{yes(r['peak_anon_gb'] <= bound_gb)} / {yes(r['peak_anon_gb'] - r['idle_anon_gb'] <= bound_gb)} | "
+            f"{f(r.get('page_ready_p50_s'), '.1f')} / "
+            f"{f(r.get('page_ready_max_s'), '.1f')} | {f(r.get('slider_estimate_p50_s'))} / "
+            f"{f(r.get('slider_partial_p50_s'))} / {f(r.get('slider_full_p50_s'))} | {f(r.get('chat_ttft_p50_s'))} | "
+            f"{f(r.get('chat_done_p50_s'), '.1f')} | {f((r.get('search') or {}).get('slider_full_p50_s'))} |"
+            for r in runs if "peak_anon_gb" in r]
+    return "\n".join([head, *rows])
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", default="1,3,10", help="comma-separated N: one run (fresh server) per N")
+    p.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M pool under runs/smollm2 (default: tiny)")
+    p.add_argument("--workdir", type=Path, help="the workbench workdir (default: see above)")
+    p.add_argument("--concurrent", action="store_true", help="run the N sessions at once, not one after another")
+    p.add_argument("--no-chat", action="store_true", help="skip the chat step")
+    p.add_argument("--search", action="store_true", help="also: slider latency in one session while another searches")
+    p.add_argument("--search-trials", type=int, default=50, help="trials of that search (it is stopped anyway)")
+    p.add_argument("--search-moves", type=int, default=2, help="slider moves timed while the search runs")
+    p.add_argument("--search-warmup", type=float, default=2.0, help="seconds between search start and the moves")
+    p.add_argument("--slots", type=int, default=2, help="merged models the engine may hold (for the bound)")
+    p.add_argument("--threads", type=int, help="--threads of the workbench (default: its own choice)")
+    p.add_argument("--device", help="--device of the workbench (default: its own, cpu)")
+    p.add_argument("--dtype", help="--dtype of the workbench (default: its own, float32 on CPU)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds any one step may take")
+    p.add_argument("--start-timeout", type=float, default=300, help="seconds the server may take to answer")
+    p.add_argument("--sample-s", type=float, default=0.2, help="memory sampling period")
+    p.add_argument("--settle-s", type=float, default=2.0, help="wait before the final memory figure")
+    p.add_argument("--out", type=Path, help="write the figures here as JSON")
+    a = p.parse_args(argv)
+    try:
+        a.n_list = [int(x) for x in a.sessions.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--sessions wants comma-separated integers, got {a.sessions!r}")
+    if not a.n_list or min(a.n_list) < 1:
+        p.error("--sessions wants integers >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import CHROMIUM_MISSING, chromium_path  # Debian's chromium, as the browser tests use
+
+    chromium = chromium_path()
+    if chromium is None:
+        print(CHROMIUM_MISSING, file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):  # raise at once, also inside asyncio.run (whose own Ctrl-C
+        signal.signal(sig, _interrupt)            # handler only cancels a task that may be blocked in the browser)
+    t_all = time.perf_counter()
+    result: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "command": "python bench/engine_sessions.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip(),
+        "selectors": SELECTORS, "runs": []}
+    rc = 0
+    try:
+        workdir = (smollm2_pool(args.workdir) if args.smollm2 else tiny_pool(args.workdir)).resolve()
+        base = pool_base(workdir)
+        params, stored = safetensors_size(base)
+        dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(args.dtype or "float32", 4)
+        model_bytes = params * dtype_bytes
+        bound_gb = 1.25 * (1 + args.slots) * model_bytes / GB
+        result.update({"workdir": str(workdir), "base": str(base), "parameters": params, "stored_bytes": stored,
+                       "dtype_bytes": dtype_bytes, "model_bytes": model_bytes, "slots": args.slots,
+                       "bound_gb": round(bound_gb, 3)})
+        log(f"pool {workdir}: base {base} ({params / 1e6:.1f}M parameters, model {model_bytes / GB:.3f} GB at "
+            f"{dtype_bytes} bytes); bound 1.25 × (1 + {args.slots}) × model = {bound_gb:.2f} GB")
+        for n in args.n_list:
+            t0 = time.perf_counter()
+            run: dict[str, Any] = {"sessions": n}
+            result["runs"].append(run)
+            try:
+                run.update(run_n(n, workdir, args, chromium))
+            except BenchError as exc:
+                run["error"] = str(exc)
+                log(f"[N={n}] FAILED: {exc}")
+                rc = 1
+            run["wall_s"] = round(time.perf_counter() - t0, 1)
+    except KeyboardInterrupt:
+        log("interrupted: the server was stopped; figures so far follow")
+        rc = 130
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        rc = 1
+    result["wall_s"] = round(time.perf_counter() - t_all, 1)
+    if "bound_gb" in result:
+        print("\n" + table(result["runs"], result["bound_gb"]))
+        print(f"\nmodel {result['parameters']:,} parameters × {result['dtype_bytes']} bytes = "
+              f"{result['model_bytes'] / GB:.3f} GB; bound 1.25 × (base + {args.slots} slots) = "
+              f"{result['bound_gb']:.2f} GB")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        log(f"wrote {args.out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
