@@ -41,16 +41,19 @@ def empty(note: str, title: str = "") -> go.Figure:
 
 
 def tune_chart(current: Mapping[str, float] | None, references: Mapping[str, Mapping[str, float] | None],
-               title: str = "dev metrics (first documents of each set)") -> go.Figure:
+               title: str = "dev metrics (first documents of each set)", *,
+               intervals: Mapping[str, tuple[float, float]] | None = None, estimate: bool = False) -> go.Figure:
     """Grouped bars per distribution for each reference (base, average, best) and the current merge.
 
     Losses (left) are drawn as the difference to ``base`` when it is given (below zero = better than
     the base; hover shows the absolute loss), accuracies (right) as they are. The current merge's
-    trace is named ``current``.
+    trace is named ``current``; ``intervals`` (metric -> (low, high), e.g. 95% bootstrap) draw error bars
+    on it, and ``estimate=True`` draws it hatched and names it ``≈ estimate`` (no forward pass behind it).
     """
     series = {k: v for k, v in references.items() if v}
+    current_label = "≈ estimate" if estimate else "current"
     if current:
-        series["current"] = current
+        series[current_label] = current
     if not series:
         return empty("move a slider to score a merge", title)
     keys = list(dict.fromkeys(k for m in series.values() for k in m))
@@ -63,16 +66,25 @@ def tune_chart(current: Mapping[str, float] | None, references: Mapping[str, Map
     fig = make_subplots(rows=1, cols=cols, column_widths=[0.75, 0.25] if accs else None,
                         subplot_titles=[loss_title, *(["accuracy"] if accs else [])])
     for label, metrics in series.items():
-        color = COLORS.get(label, "#e78ac3")
+        color = COLORS.get(label, COLORS["current"] if label == current_label else "#e78ac3")
         for col, group in ((1, losses), (2, accs)):
             if not group or col > cols or (col == 1 and delta and label == "base"):
                 continue
             absolute = [metrics.get(k) for k in group]
             shown = [None if v is None else v - base[k] for v, k in zip(absolute, group, strict=True)] \
                 if col == 1 and delta else absolute
+            extra: dict = {}
+            if label == current_label and intervals:
+                lo = [None if v is None or k not in intervals else v - intervals[k][0]
+                      for v, k in zip(absolute, group, strict=True)]
+                hi = [None if v is None or k not in intervals else intervals[k][1] - v
+                      for v, k in zip(absolute, group, strict=True)]
+                extra["error_y"] = {"type": "data", "array": hi, "arrayminus": lo, "visible": True}
+            if label == current_label and estimate:
+                extra["marker_pattern_shape"] = "/"
             fig.add_trace(go.Bar(name=label, x=[k.split(":", 1)[1] for k in group], y=shown, customdata=absolute,
                                  marker_color=color, legendgroup=label, showlegend=col == 1 or label == "base",
-                                 hovertemplate="%{x}: %{customdata:.4f}<extra>" + label + "</extra>"),
+                                 hovertemplate="%{x}: %{customdata:.4f}<extra>" + label + "</extra>", **extra),
                           row=1, col=col)
     fig.update_layout(barmode="group")
     if delta:

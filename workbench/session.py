@@ -27,7 +27,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,12 +38,13 @@ import optuna
 from optimer_lib.engine import INTERACTIVE, MergeState
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.export import export_merged
-from optimer_lib.scoring.evaluate import evaluate_suite
-from optimer_lib.scoring.objectives import parse_objective
+from optimer_lib.scoring.tune_config import TuneScoring
+from optimer_lib.scoring.uncertainty import Interval
 from optimer_lib.search.pareto import ParetoPoint, pareto_front
 from optimer_lib.search.rerank import RerankResult, rerank, resolve_objective
 from workbench.chatting import GenSettings, Message, stream_reply
 from workbench.searching import ParetoRun, SearchRun, SearchSpec, best_params, checked_spec, load_study
+from workbench.tuning import TuneUpdate, last_update, score_stream, tuning_key
 from workbench.workspace import SharedPool, WorkbenchError, Workspace
 
 TUNE = "Tune merge"
@@ -57,7 +57,8 @@ BASE_IT = "base + instruction"
 class TuneResult:
     """Scores of one merge: metrics at ``limit`` documents per dev set and where the time went.
 
-    ``cached`` results were computed earlier for the same merge (by any session) and cost nothing now.
+    ``cached`` results were computed earlier for the same merge (by any session) and cost nothing now;
+    ``intervals`` are 95% bootstrap intervals over the scored documents (``"objective"`` included).
     """
 
     weights: dict[str, float]
@@ -71,6 +72,13 @@ class TuneResult:
     params: dict[str, object] = field(default_factory=dict)
     cached: bool = False
     waited_s: float = 0.0
+    intervals: dict[str, Interval] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, u: TuneUpdate, limit: int | None) -> TuneResult:
+        st = u.state
+        return cls(st.weight_map, st.instruction_weight, dict(u.metrics), u.objective, u.merge_s, u.score_s,
+                   limit, st.method, st.param_map, u.cached, u.waited_s, dict(u.intervals))
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,8 @@ class ExportResult:
 class Session:
     """Per-browser state over a :class:`Workspace`: weights, results and runs; models come from the engine.
 
-    ``tune_limit`` documents (``qa_limit`` QA pairs) per dev set are scored on each Tune change.
+    ``tune_limit`` documents (``qa_limit`` QA pairs) per dev set are scored on each Tune change, unless
+    :meth:`set_scoring` chose another scoring set (which sets, documents, sequence length, batch size).
     """
 
     workspace: Workspace
@@ -111,6 +120,8 @@ class Session:
     _shared: SharedPool | None = field(default=None, repr=False)
     _state: MergeState | None = field(default=None, repr=False)
     _pending: set = field(default_factory=set, repr=False)
+    _scoring: TuneScoring | None = field(default=None, repr=False)
+    _moves: int = field(default=0, repr=False)  # bumped by every Tune move: an older scoring stops
 
     def __deepcopy__(self, memo: dict) -> Session:
         return self  # a handle on live runs: Gradio's State deep-copies initial values, never copy these
@@ -159,25 +170,29 @@ class Session:
             yield lease.model
 
     # -- tune ----------------------------------------------------------------------------------
-    def _score(self, model: Any) -> dict[str, float]:
-        sh = self.shared
-        metrics = evaluate_suite(model, sh.tokenizer, sh.suite.select(qa=()), limit=self.tune_limit,
-                                 seq_len=self.seq_len)
-        if sh.suite.qa:
-            metrics.update(evaluate_suite(model, sh.tokenizer, sh.suite.select(texts=()),
-                                          limit=self.qa_limit, seq_len=self.seq_len))
-        return {k: v for k, v in metrics.items() if not k.startswith("ppl:")}
+    @property
+    def scoring(self) -> TuneScoring:
+        """What a Tune move scores (default: ``tune_limit`` documents, ``qa_limit`` QA items of every dev set)."""
+        if self._scoring is not None:
+            return self._scoring
+        return TuneScoring(docs=self.tune_limit, qa_items=self.qa_limit, seq_len=self.seq_len)
 
-    def _score_key(self) -> tuple:
-        """What a cached score depends on besides the merge: the scoring set."""
-        return ("tune", self.tune_limit, self.qa_limit, self.seq_len, id(self.shared.suite))
-
-    def _objective(self, metrics: Mapping[str, float]) -> float | None:
-        sh = self.shared
+    def set_scoring(self, sets: Sequence[str] | None = None, docs: int | None = 8, qa_items: int | None = 8,
+                    seq_len: int = 128, batch_size: int = 16) -> TuneScoring:
+        """Choose the Tune scoring set (checked against the pool's dev suite); returns it."""
         try:
-            return parse_objective("balanced", list(sh.suite.texts), qa_names=list(sh.suite.qa))(metrics)
-        except Exception:
-            return None
+            sc = TuneScoring(tuple(sets) if sets else None, docs, qa_items, seq_len, batch_size)
+            sc.check(self.shared.suite)
+        except ConfigError as exc:
+            raise WorkbenchError(str(exc)) from exc
+        self._scoring = sc
+        return sc
+
+    def scoring_cost(self, scoring: TuneScoring | None = None) -> str:
+        """One line: tokens and forward FLOPs of one scoring (``scoring`` or the Tune one) on this pool."""
+        sh = self.shared
+        n = sum(p.numel() for p in sh.model.parameters())
+        return str((scoring or self.scoring).cost(sh.tokenizer, sh.suite, n, model=sh.model))
 
     def _full(self, weights: Mapping[str, float]) -> dict[str, float]:
         unknown = sorted(set(weights) - set(self.names))
@@ -189,35 +204,66 @@ class Session:
                    method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:
         cur = self.state
         iw = cur.instruction_weight if instruction_weight is None else float(instruction_weight)
+        method = method or cur.method
+        if params is None:  # a new method starts from its own defaults; the same method keeps its options
+            params = cur.param_map if method == cur.method else {}
         try:
-            return self.shared.engine.state(self._full(weights), iw, method=method or cur.method,
-                                            params=cur.param_map if params is None else params)
+            return self.shared.engine.state(self._full(weights), iw, method=method, params=params)
         except ConfigError as exc:
             raise WorkbenchError(str(exc)) from exc
 
-    def apply(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
-              method: str | None = None, params: Mapping[str, object] | None = None) -> TuneResult:
-        """Make ``weights`` (missing names get 0) the Tune merge and score small dev subsets.
+    def score_stream(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
+                     method: str | None = None, params: Mapping[str, object] | None = None,
+                     confirm: bool = False) -> Iterator[TuneUpdate]:
+        """Make ``weights`` the Tune merge; yield its estimate, partial and final scores (:mod:`workbench.tuning`).
 
-        ``method``/``params`` switch the merge method (any of ``optimer_lib.merging.methods.MERGE_METHODS``);
-        omitted, the current ones stay. A merge scored before (by any session) is answered from the cache.
+        A newer move (of this session) cancels this one's scoring between batches. ``confirm`` scores every
+        document of the chosen dev sets instead of the Tune subset.
         """
         state = self._state_for(weights, instruction_weight, method, params)
         self._state = state
-        engine, key = self.shared.engine, self._score_key()
-        hit = engine.cached(state, key)
-        if hit is not None:
-            metrics, merge_s, score_s, waited, cached = hit, 0.0, 0.0, 0.0, True
-        else:
-            with engine.lease(state, priority=INTERACTIVE) as lease:
-                t0 = time.perf_counter()
-                metrics = self._score(lease.model)
-                score_s = time.perf_counter() - t0
-            engine.remember(state, key, metrics)
-            merge_s, waited, cached = lease.merge_s, lease.waited_s, False
-        self.last = TuneResult(state.weight_map, state.instruction_weight, dict(metrics), self._objective(metrics),
-                               merge_s, score_s, self.tune_limit, state.method, state.param_map, cached, waited)
+        self._moves += 1  # now, not at the first next(): the move counts from the moment it is asked
+        move = self._moves
+        scoring = self.scoring.full() if confirm else self.scoring
+        return self._streamed(score_stream(self.shared, state, scoring, should_stop=lambda: self._moves != move),
+                              scoring)
+
+    def _streamed(self, updates: Iterator[TuneUpdate], scoring: TuneScoring) -> Iterator[TuneUpdate]:
+        for update in updates:
+            if update.phase == "final":
+                self.last = TuneResult.of(update, scoring.docs)
+            yield update
+
+    def apply(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
+              method: str | None = None, params: Mapping[str, object] | None = None,
+              confirm: bool = False) -> TuneResult:
+        """Make ``weights`` (missing names get 0) the Tune merge and score it (the last of :meth:`score_stream`).
+
+        ``method``/``params`` switch the merge method (any of ``optimer_lib.merging.methods.MERGE_METHODS``);
+        omitted, the current ones stay. A merge scored before (by any session) is answered from the cache.
+        Raises WorkbenchError if a newer move of this session cancelled it.
+        """
+        last = last_update(self.score_stream(weights, instruction_weight, method=method, params=params,
+                                             confirm=confirm))
+        if last is None or last.phase != "final":
+            raise WorkbenchError("this Tune move was overtaken by a newer one before its score was complete")
         return self.last
+
+    def cached_result(self) -> TuneResult | None:
+        """The Tune merge's score if any session computed it already (costs nothing), else None."""
+        hit = self.shared.engine.cached(self.state, tuning_key(self.shared, self.scoring))
+        if hit is None:
+            return None
+        last = last_update(score_stream(self.shared, self.state, self.scoring))  # served from the cache
+        return TuneResult.of(last, self.scoring.docs) if last is not None else None
+
+    def prefetch(self) -> None:
+        """Score the Tune merge in the background (at interactive priority), so the next look is instant."""
+        state, scoring = self.state, self.scoring
+        if (state, scoring) in self._pending:
+            return
+        self._pending.add((state, scoring))
+        threading.Thread(target=self._compute_reference, args=(state, scoring), daemon=True, name="prefetch").start()
 
     def preset(self, name: str) -> dict[str, float]:
         """Weights of a preset: ``zeros``, ``average`` (1/K each) or ``best`` (of the last search)."""
@@ -250,7 +296,7 @@ class Session:
         return best_params(load_study(*self.watched), self.names)
 
     def reference(self, kind: str, instruction_weight: float = 0.0, wait: bool = True) -> dict[str, float] | None:
-        """Metrics of ``base`` / ``average`` / ``best`` at the Tune limit (cached by the pool's engine).
+        """Metrics of ``base`` / ``average`` / ``best`` on the Tune scoring set (cached by the pool's engine).
 
         References use the linear merge whatever the Tune method. ``wait=False`` never scores in the caller's
         thread: it returns the cached metrics, or None after starting their computation in the background (a UI
@@ -260,22 +306,25 @@ class Session:
             ws = self.preset({"base": "zeros"}.get(kind, kind))
         except WorkbenchError:
             return None
-        engine, key = self.shared.engine, self._score_key()
-        state = engine.state(ws, float(instruction_weight))
-        hit = engine.cached(state, key)
-        if hit is not None or not wait:
-            if hit is None and (state, key) not in self._pending:
-                self._pending.add((state, key))
-                threading.Thread(target=self._compute_reference, args=(state, key), daemon=True,
+        state = self.shared.engine.state(ws, float(instruction_weight))
+        scoring = self.scoring
+        hit = self.shared.engine.cached(state, tuning_key(self.shared, scoring))
+        if hit is not None:
+            return dict(hit[0])
+        if not wait:
+            if (state, scoring) not in self._pending:
+                self._pending.add((state, scoring))
+                threading.Thread(target=self._compute_reference, args=(state, scoring), daemon=True,
                                  name="reference").start()
-            return hit
-        return self._compute_reference(state, key)
+            return None
+        return self._compute_reference(state, scoring)
 
-    def _compute_reference(self, state: MergeState, key: tuple) -> dict[str, float]:
+    def _compute_reference(self, state: MergeState, scoring: TuneScoring) -> dict[str, float] | None:
         try:
-            return self.shared.engine.run(state, self._score, key=key, priority=INTERACTIVE)
+            last = last_update(score_stream(self.shared, state, scoring))
+            return dict(last.metrics) if last is not None and last.phase == "final" else None
         finally:
-            self._pending.discard((state, key))
+            self._pending.discard((state, scoring))
 
     # -- search --------------------------------------------------------------------------------
     def start_search(self, spec: SearchSpec) -> SearchRun:

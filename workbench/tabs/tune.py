@@ -1,7 +1,9 @@
-"""Tune tab: one slider per vector (+ instruction); on release the session's model is re-merged in place
-and scored on small dev subsets, and the chart compares it with base, uniform average and best found.
+"""Tune tab: one slider per vector (+ instruction), a merge method, and the scoring set.
 
-Latency (release -> chart) is printed under the chart: merge, score and chart times in milliseconds.
+On release the chart first shows an instant estimate (hatched, "≈": a quadratic in α fitted to the merges
+scored so far), then each dev set as the engine scores it, then the full score with 95% bootstrap error bars
+over the scored documents; a newer release cancels the older scoring. "Confirm" scores every document of the
+chosen dev sets. The status line says what each step cost (release → estimate / first set / full score).
 """
 
 from __future__ import annotations
@@ -11,11 +13,22 @@ from typing import Any
 
 import gradio as gr
 
+from optimer_lib.merging.methods import MERGE_METHODS, parse_method_params
 from workbench.figures import empty, tune_chart
 from workbench.session import Session, TuneResult
 from workbench.tabs import Ctx, error_md
+from workbench.tuning import TuneUpdate
 
 SLIDER_MAX = 1.5
+METHODS = sorted(m for m in MERGE_METHODS if m != "linear")
+
+
+def _fmt_interval(u: TuneUpdate) -> str:
+    ci = u.objective_interval
+    if u.objective is None:
+        return ""
+    band = f" (95% [{ci.low:.4f}, {ci.high:.4f}] over the scored documents)" if ci is not None else ""
+    return f" · objective (balanced) **{u.objective:.4f}**{band}"
 
 
 class TuneTab:
@@ -36,36 +49,96 @@ class TuneTab:
                     self.zeros = gr.Button("zeros", size="sm", elem_id="preset-zeros")
                     self.average = gr.Button("average", size="sm", elem_id="preset-average")
                     self.best = gr.Button("best of last search", size="sm", elem_id="preset-best")
+                with gr.Row():
+                    self.method = gr.Dropdown(METHODS, value="optimer", label="merge method", elem_id="tune-method",
+                                              scale=1)
+                    self.params = gr.Textbox(label="method parameters", placeholder="e.g. density=0.2, lam=1",
+                                             elem_id="tune-params", scale=1)
+                with gr.Accordion("scoring set", open=False):
+                    self.sets = gr.CheckboxGroup([], label="dev sets (none ticked: all)", elem_id="tune-sets")
+                    with gr.Row():
+                        self.docs = gr.Number(8, label="documents per set", precision=0, minimum=1,
+                                              elem_id="tune-docs")
+                        self.seq_len = gr.Number(128, label="tokens per document", precision=0, minimum=2,
+                                                 elem_id="tune-seq-len")
+                        self.batch = gr.Number(16, label="batch size", precision=0, minimum=1, elem_id="tune-batch")
+                    self.apply_scoring = gr.Button("use this scoring set", size="sm", elem_id="tune-scoring-apply")
+                    self.cost = gr.Markdown(elem_id="tune-cost")
+                self.confirm = gr.Button("confirm: score every dev document", size="sm", elem_id="tune-confirm")
             with gr.Column(scale=3):
                 self.chart = gr.Plot(label="per-distribution metrics", elem_id="tune-chart")
                 self.status = gr.Markdown(elem_id="tune-status")
-        self.outputs: list[Any] = [*self.sliders, self.instruction, self.chart, self.status]
+        # Page load never scores (see refresh); this shows the background score once it is in, then stops.
+        self.poll = gr.Timer(1.0, active=True)
+        self.poll.tick(self.on_poll, [ctx.state], [self.chart, self.status, self.poll], show_progress="hidden",
+                       concurrency_limit=None)
+        self.outputs: list[Any] = [*self.sliders, self.instruction, self.sets, self.cost, self.chart, self.status]
         inputs = [ctx.state, *self.sliders, self.instruction]
         for s in [*self.sliders, self.instruction]:
             s.release(self.on_release, inputs, [self.chart, self.status], show_progress="hidden",
                       trigger_mode="always_last", concurrency_limit=None)
+        self.method.change(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
+                           [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
+        self.params.submit(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
+                           [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
+        self.confirm.click(self.on_confirm, [ctx.state], [self.chart, self.status], show_progress="hidden",
+                           concurrency_limit=None)
+        self.apply_scoring.click(self.on_scoring, [ctx.state, self.sets, self.docs, self.seq_len, self.batch],
+                                 [self.cost, self.chart, self.status], show_progress="hidden", concurrency_limit=None)
         for button, name in ((self.zeros, "zeros"), (self.average, "average"), (self.best, "best")):
             button.click(self._preset_fn(name), [ctx.state, self.instruction], self.outputs,
                          show_progress="hidden", concurrency_limit=None)
 
     # -- rendering -----------------------------------------------------------------------------
-    def render(self, session: Session, r: TuneResult, t0: float, wait_best: bool = False) -> tuple[Any, str]:
-        """Chart + status line for a Tune result (references are cached in the shared pool).
+    def render(self, session: Session, r: TuneResult | TuneUpdate, t0: float, wait_best: bool = False,
+               times: dict[str, float] | None = None) -> tuple[Any, str]:
+        """Chart + status line for a Tune update or result (references are cached by the pool's engine).
 
         A new best of a running search is scored in the background unless ``wait_best``, so a slider
         release never pays for it; the bars appear on the next update.
         """
-        iw = r.instruction_weight
-        refs = {"base": session.reference("base", iw), "average": session.reference("average", iw),
+        u = r if isinstance(r, TuneUpdate) else None
+        session.ui["tune_shown"] = True
+        iw = u.state.instruction_weight if u else r.instruction_weight
+        refs = {"base": session.reference("base", iw, wait=False), "average": session.reference("average", iw,
+                                                                                                  wait=False),
                 "best": session.reference("best", iw, wait=wait_best)}
-        fig = tune_chart(r.metrics, refs, title=f"dev metrics, first {r.limit} documents per set"
-                         + (f" (instruction weight {iw:g} in every bar)" if iw else ""))
+        intervals = {k: (v.low, v.high) for k, v in (u.intervals if u else r.intervals).items()}
+        sc = session.scoring
+        what = f"first {sc.docs} documents per set" if sc.docs else "every document"
+        fig = tune_chart(r.metrics, refs, title=f"dev metrics, {what}"
+                         + (f" (instruction weight {iw:g} in every bar)" if iw else ""),
+                         intervals=intervals, estimate=bool(u and u.phase == "estimate"))
         total = time.perf_counter() - t0
-        obj = f" · objective (balanced) **{r.objective:.4f}**" if r.objective is not None else ""
-        status = (f"release → chart **{total * 1000:.0f} ms** (merge {r.merge_s * 1000:.0f} ms, "
-                  f"score {r.score_s * 1000:.0f} ms){obj}")
-        print(f"[workbench] tune: {status.replace('**', '')}", flush=True)
+        times = times if times is not None else {}
+        if u is None or u.phase == "final":
+            times.setdefault("full", total)
+        steps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
+        if u is not None and u.phase == "estimate":
+            status = (f"≈ **estimate** ({u.estimate.kind} fit to {u.estimate.n_points} scored merges; no forward "
+                      f"pass) · scoring {u.sets_total} dev sets…")
+        elif u is not None and u.phase == "partial":
+            status = f"scored **{len(u.sets_done)} of {u.sets_total}** dev sets · release → {steps}"
+        else:
+            cached = " (cached: scored before)" if (u.cached if u else r.cached) else ""
+            merge_s, score_s = (u.merge_s, u.score_s) if u else (r.merge_s, r.score_s)
+            status = (f"release → chart **{total * 1000:.0f} ms**{cached} ({steps}; merge {merge_s * 1000:.0f} ms, "
+                      f"score {score_s * 1000:.0f} ms)")
+            status += _fmt_interval(u) if u else (f" · objective (balanced) **{r.objective:.4f}**"
+                                                  if r.objective is not None else "")
+            print(f"[workbench] tune: {status.replace('**', '')}", flush=True)
         return fig, status
+
+    def stream(self, session: Session, updates, t0: float):
+        """Render each update of a Tune move as it comes (a cancelled move leaves the chart to the newer one)."""
+        times: dict[str, float] = {}
+        for u in updates:
+            if u.phase == "cancelled":
+                return
+            key = {"estimate": "estimate", "partial": "first set"}.get(u.phase)
+            if key:
+                times.setdefault(key, time.perf_counter() - t0)
+            yield self.render(session, u, t0, times=times)
 
     def show(self, session: Session, weights: dict[str, float], iw: float) -> list[Any]:
         """Apply ``weights`` and return updates for every output (sliders get the values)."""
@@ -75,17 +148,62 @@ class TuneTab:
         names = session.names
         slider_updates = [gr.update(value=r.weights[names[i]]) if i < len(names) else gr.update()
                           for i in range(self.ctx.max_vectors)]
-        return [*slider_updates, gr.update(value=r.instruction_weight), fig, status]
+        return [*slider_updates, gr.update(value=r.instruction_weight), gr.update(), gr.update(), fig, status]
 
     # -- events --------------------------------------------------------------------------------
-    def on_release(self, session: Session, *values: float) -> tuple[Any, str]:
+    def on_release(self, session: Session, *values: float):
         t0 = time.perf_counter()
         try:
             names = session.names
-            r = session.apply(dict(zip(names, values[:len(names)], strict=True)), float(values[-1]))
-            return self.render(session, r, t0)
+            weights = dict(zip(names, values[:len(names)], strict=True))
+            yield from self.stream(session, session.score_stream(weights, float(values[-1])), t0)
         except Exception as exc:
-            return gr.update(), error_md(exc)
+            yield gr.update(), error_md(exc)
+
+    def on_method(self, session: Session, method: str, params: str, *values: float):
+        t0 = time.perf_counter()
+        try:
+            names = session.names
+            weights = dict(zip(names, values[:len(names)], strict=True))
+            p = parse_method_params(params, method)
+            yield from self.stream(session, session.score_stream(weights, float(values[-1]), method=method,
+                                                                 params=p), t0)
+        except Exception as exc:
+            yield gr.update(), error_md(exc)
+
+    def on_confirm(self, session: Session):
+        t0 = time.perf_counter()
+        try:
+            tune = session.tune
+            yield from self.stream(session, session.score_stream(tune.weights, tune.instruction_weight,
+                                                                 confirm=True), t0)
+        except Exception as exc:
+            yield gr.update(), error_md(exc)
+
+    def on_poll(self, session: Session):
+        """Until a chart is shown: draw the Tune merge's score as soon as the background scoring cached it."""
+        try:
+            if session.ui.get("tune_shown") or not session.has_pool:
+                return gr.update(), gr.update(), gr.Timer(active=not session.ui.get("tune_shown"))
+            r = session.cached_result()
+            if r is None:
+                return gr.update(), gr.update(), gr.Timer(active=True)
+            session.ui["tune_shown"] = True
+            return *self.render(session, r, time.perf_counter()), gr.Timer(active=False)
+        except Exception as exc:
+            return gr.update(), error_md(exc), gr.Timer(active=False)
+
+    def on_scoring(self, session: Session, sets: list[str], docs: float, seq_len: float, batch: float):
+        try:
+            sc = session.set_scoring(sets or None, int(docs), int(docs), int(seq_len), int(batch))
+            cost = f"one Tune score {session.scoring_cost(sc)}"
+        except Exception as exc:
+            yield error_md(exc), gr.update(), gr.update()
+            return
+        t0 = time.perf_counter()
+        tune = session.tune
+        for fig, status in self.stream(session, session.score_stream(tune.weights, tune.instruction_weight), t0):
+            yield cost, fig, status
 
     def _preset_fn(self, name: str):
         def fn(session: Session, iw: float) -> list[Any]:
@@ -98,10 +216,14 @@ class TuneTab:
         return fn
 
     def refresh(self, session: Session) -> list[Any]:
-        """Slider count/labels for the session's pool, then the chart of its current weights."""
-        hidden = [gr.update(visible=False) for _ in self.outputs[:-2]]
+        """Slider count/labels for the session's pool, and the chart of its current weights if already scored.
+
+        Never scores in the page-load path (a first page must come up in seconds on a real model): an unscored
+        merge is scored in the background and shown on the next move.
+        """
+        hidden = [gr.update(visible=False) for _ in self.outputs[:-4]]
         if not session.has_pool:
-            return [*hidden, empty("no pool yet: build the demo pool on the Pool tab"), ""]
+            return [*hidden, gr.update(), gr.update(), empty("no pool yet: build the demo pool on the Pool tab"), ""]
         try:
             names = session.names
             if len(names) > self.ctx.max_vectors:
@@ -110,13 +232,21 @@ class TuneTab:
             current = session.tune.weights
             iw = session.tune.instruction_weight
             t0 = time.perf_counter()
-            r = session.apply(current, iw)
-            fig, status = self.render(session, r, t0)
+            r = session.cached_result()
+            if r is not None:
+                fig, status = self.render(session, r, t0)
+            else:
+                session.ui["tune_shown"] = False
+                session.prefetch()
+                fig = empty("scoring the current weights in the background: move a slider or press confirm")
+                status = f"one Tune score {session.scoring_cost()}"
+            sets = gr.update(choices=session.shared.suite.names(), value=list(session.scoring.sets or []))
+            cost = f"one Tune score {session.scoring_cost()}"
         except Exception as exc:
-            return [*hidden, empty("the pool could not be opened"), error_md(exc)]
+            return [*hidden, gr.update(), gr.update(), empty("the pool could not be opened"), error_md(exc)]
         sliders = [gr.update(visible=True, label=f"α {names[i]}", value=current[names[i]]) if i < len(names)
                    else gr.update(visible=False) for i in range(self.ctx.max_vectors)]
         inst = session.shared.instruction
         inst_update = gr.update(visible=inst is not None, value=iw,
                                 label=f"instruction weight ({inst.name})" if inst else "instruction weight")
-        return [*sliders, inst_update, fig, status]
+        return [*sliders, inst_update, sets, cost, fig, status]

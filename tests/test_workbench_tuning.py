@@ -1,0 +1,96 @@
+"""A Tune move as it streams: estimate, partial and final scores with intervals, cache, cancellation, scoring set."""
+
+from __future__ import annotations
+
+import pytest
+from test_workbench_session import tiny_workdir
+
+from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
+from workbench.session import Session
+from workbench.tuning import tracker_summary
+from workbench.workspace import WorkbenchError, Workspace
+
+# varied documents, so bootstrap intervals have width
+SUITE = EvalSuite(texts={"en": ["the quick brown fox jumps", "over the lazy dog", "a fox and a dog",
+                                "quick quick brown", "the lazy fox sleeps", "dog days of summer"],
+                         "ja": ["日本語のテキスト", "テキスト 日本語 の", "日本の語", "語のテキスト テキスト"]},
+                  qa={"math": [("Question: What is 12 + 35?\nAnswer:", "47"),
+                               ("Question: What is 1 + 1?\nAnswer:", "2")]})
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    return Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)
+
+
+def test_a_move_streams_partial_then_final_scores_with_intervals(ws):
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    ups = list(s.score_stream({"ja": 0.5}))
+    assert [u.phase for u in ups] == ["partial", "partial", "final"]  # no estimate before any merge is scored
+    assert [u.sets_done for u in ups] == [["en"], ["en", "ja"], ["en", "ja", "math"]]
+    final = ups[-1]
+    with s.merged() as model:  # the exact numbers of the merged model, scored the old way
+        ref = evaluate_suite(model, ws.pool().tokenizer, SUITE, limit=4, seq_len=128)
+    assert final.metrics["loss:en"] == pytest.approx(ref["loss:en"], rel=1e-6)
+    assert final.metrics["acc:math"] == ref["acc:math"]
+    for key in ("loss:en", "loss:ja", "objective"):
+        ci = final.intervals[key]
+        assert ci.low < ci.high and ci.contains(final.objective if key == "objective" else final.metrics[key])
+    assert "objective" not in ups[0].intervals and "loss:en" in ups[0].intervals  # partial: per set only
+    assert s.last.weights == {"ja": 0.5, "math": 0.0} and s.last.intervals == final.intervals
+
+
+def test_an_estimate_comes_first_once_merges_were_scored_and_is_tracked(ws):
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    for a in (0.0, 0.5, 1.0):  # one coordinate explored: enough for a fit along it
+        s.apply({"ja": a})
+    ups = list(s.score_stream({"ja": 0.75}))
+    assert ups[0].phase == "estimate" and ups[0].estimate.available
+    assert ups[0].objective is not None and "loss:en" in ups[0].metrics and not ups[0].intervals
+    summary = tracker_summary(ws.pool())
+    assert summary and summary[0]["checked"] >= 1  # the shown estimate was checked against the exact interval
+
+
+def test_a_merge_scored_by_one_session_is_instant_for_another(ws):
+    a, b = Session(ws, tune_limit=4, qa_limit=2), Session(ws, tune_limit=4, qa_limit=2)
+    first = a.apply({"ja": 0.3, "math": 0.2})
+    again = list(b.score_stream({"ja": 0.3, "math": 0.2}))
+    assert [u.phase for u in again] == ["final"] and again[0].cached
+    assert again[0].metrics == first.metrics
+    assert b.cached_result().metrics == first.metrics
+
+
+def test_a_newer_move_cancels_the_older_scoring(ws):
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    old = s.score_stream({"ja": 0.2})
+    assert next(old).phase == "partial"  # holding the engine mid-scoring
+    newer = s.score_stream({"ja": 0.9})  # the user moved again: asked now, scored once the old one lets go
+    assert next(old).phase == "cancelled"  # the old one stops at its next check and hands the slot back
+    assert [u.phase for u in newer][-1] == "final"
+    assert s.last.weights["ja"] == 0.9
+    assert ws.pool().engine.cached(ws.pool().engine.state({"ja": 0.2}), ("tune", s.scoring, id(SUITE))) is None
+
+
+def test_the_scoring_set_is_configurable_and_says_its_cost(ws):
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    sc = s.set_scoring(["en"], docs=2, qa_items=1, seq_len=32, batch_size=2)
+    r = s.apply({"ja": 0.4})
+    assert set(r.metrics) == {"loss:en"} and r.limit == 2
+    cost = s.scoring_cost()
+    assert "tokens" in cost and "TFLOP" in cost
+    tokens = int(cost.split("reads ")[1].split(" tokens")[0].replace(",", ""))
+    assert tokens == sc.tokens(ws.pool().tokenizer, SUITE)
+    full = s.apply({"ja": 0.4}, confirm=True)  # every document of the chosen set
+    assert full.limit is None and full.metrics["loss:en"] != r.metrics["loss:en"]
+    with pytest.raises(WorkbenchError, match="unknown dev sets"):
+        s.set_scoring(["nope"])
+
+
+def test_method_and_params_follow_the_session(ws):
+    s = Session(ws, tune_limit=2, qa_limit=1)
+    r = s.apply({"ja": 0.5, "math": 0.5}, method="ties", params={"density": 0.5})
+    assert (r.method, r.params) == ("ties", {"density": 0.5})
+    assert s.apply({"ja": 0.6}).method == "ties"  # kept for the next move
+    assert s.apply({"ja": 0.6}, method="optimer").params == {}  # a new method starts from its defaults
+    with pytest.raises(WorkbenchError, match="no option"):
+        s.apply({"ja": 0.6}, method="dare", params={"densty": 0.5})

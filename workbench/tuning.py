@@ -1,0 +1,169 @@
+"""What a Tune move shows, as it comes: an instant estimate, each dev set as it is scored, then the whole score.
+
+    from workbench.tuning import score_stream
+    for update in score_stream(shared, state, scoring, should_stop=lambda: newer_move_arrived):
+        update.phase            # "estimate" (≈, no forward pass), "partial" (sets done so far), "final"
+        update.metrics          # {"loss:ja": ..., "acc:math": ...}
+        update.intervals        # 95% bootstrap intervals over the scored documents (partial/final)
+
+Exact scoring is compute-bound (≈ 2 × parameters × tokens scored), so a Tune move first draws an estimate
+fitted to the merges scored so far (a quadratic in α, :mod:`optimer_lib.scoring.estimate`), then replaces it
+set by set. Every exact score carries its uncertainty (bootstrap over the scored documents): a difference
+inside it is noise. Scores are cached by the pool's engine under (merge, scoring set), so any session moving
+to a merge scored before gets it at once; the estimators (one per scoring set and merge method) are shared by
+the sessions of a pool too, and track how often their estimate fell inside the exact interval.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from optimer_lib.engine import INTERACTIVE, MergeState
+from optimer_lib.scoring.estimate import Estimate, ScoreEstimator
+from optimer_lib.scoring.evaluate import SetScores
+from optimer_lib.scoring.objectives import Objective, parse_objective
+from optimer_lib.scoring.tune_config import TuneScoring
+from optimer_lib.scoring.uncertainty import Interval, bootstrap
+
+if TYPE_CHECKING:
+    from workbench.workspace import SharedPool
+
+INSTRUCTION = "instruction"  # the estimator's coordinate for the instruction weight
+PHASES = ("estimate", "partial", "final", "cancelled")
+
+
+@dataclass
+class TuneUpdate:
+    """One step of a Tune move (see the module docstring); ``sets_done`` of ``sets_total`` are exact."""
+
+    phase: str
+    state: MergeState
+    metrics: dict[str, float]
+    intervals: dict[str, Interval]
+    objective: float | None
+    sets_done: list[str]
+    sets_total: int
+    estimate: Estimate | None = None
+    merge_s: float = 0.0
+    score_s: float = 0.0
+    waited_s: float = 0.0
+    cached: bool = False
+
+    @property
+    def objective_interval(self) -> Interval | None:
+        return self.intervals.get("objective")
+
+
+def estimator(shared: SharedPool, scoring: TuneScoring, state: MergeState) -> ScoreEstimator:
+    """The pool's shared estimator for merges like ``state`` (same method and params) scored with ``scoring``."""
+    key = (scoring, state.method, state.params)
+    with shared.lock:
+        if key not in shared.estimators:
+            names = [*shared.names, *([INSTRUCTION] if shared.instruction is not None else [])]
+            shared.estimators[key] = ScoreEstimator(names, objective=objective_for(shared, scoring))
+        return shared.estimators[key]
+
+
+def coordinates(state: MergeState) -> dict[str, float]:
+    return {**state.weight_map, INSTRUCTION: state.instruction_weight}
+
+
+def objective_for(shared: SharedPool, scoring: TuneScoring) -> Objective | None:
+    """The balanced objective over the dev sets ``scoring`` reads (None if it cannot be formed)."""
+    sub = scoring.select(shared.suite)
+    try:
+        return parse_objective("balanced", list(sub.texts), qa_names=list(sub.qa))
+    except Exception:
+        return None
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.startswith("ppl:")}
+
+
+def _objective(objective: Objective | None, metrics: dict[str, float]) -> float | None:
+    try:
+        return None if objective is None else float(objective(metrics))
+    except Exception:
+        return None  # some set the objective reads is not scored yet
+
+
+def _intervals(scores: dict[str, SetScores], objective: Objective | None, complete: bool) -> dict[str, Interval]:
+    out = bootstrap(scores, objective if complete and objective is not None else None)
+    return {k: v for k, v in out.items() if not k.startswith("ppl:")}
+
+
+def tuning_key(shared: SharedPool, scoring: TuneScoring) -> tuple:
+    """The engine cache key of a Tune score: the scoring set (with the suite it reads)."""
+    return ("tune", scoring, id(shared.suite))
+
+
+def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[TuneUpdate]:
+    """Estimate, then partial and final exact scores of ``state`` (see the module docstring).
+
+    ``should_stop()`` is asked between batches: once true the scoring ends with a "cancelled" update (nothing
+    cached, the engine's slot handed back at once) so a newer move can take the model.
+    """
+    stop = should_stop or (lambda: False)
+    engine, key = shared.engine, tuning_key(shared, scoring)
+    objective = objective_for(shared, scoring)
+    est = estimator(shared, scoring, state)
+    names = scoring.select(shared.suite).names()
+    hit = engine.cached(state, key)
+    if hit is not None:
+        metrics, scores = hit
+        yield TuneUpdate("final", state, dict(metrics), _intervals(scores, objective, True),
+                         _objective(objective, metrics), list(names), len(names), cached=True)
+        return
+    guess = est.predict(coordinates(state))
+    if guess.available:
+        values = dict(guess.values)
+        obj = values.pop("objective", None)
+        yield TuneUpdate("estimate", state, _shown(values), {}, obj, [], len(names), estimate=guess)
+    metrics: dict[str, float] = {}
+    scores: dict[str, SetScores] = {}
+    done: list[str] = []
+    with engine.lease(state, priority=INTERACTIVE) as lease:
+        t0 = time.perf_counter()
+        for name, set_metrics, set_scores in scoring.stream(lease.model, shared.tokenizer, shared.suite,
+                                                            should_stop=stop):
+            metrics.update(set_metrics)
+            scores[set_scores.key] = set_scores
+            done.append(name)
+            complete = len(done) == len(names)
+            if complete or stop():
+                break
+            yield TuneUpdate("partial", state, _shown(metrics), _intervals(scores, objective, False), None, list(done),
+                             len(names), estimate=guess if guess.available else None, merge_s=lease.merge_s,
+                             score_s=time.perf_counter() - t0, waited_s=lease.waited_s)
+        score_s = time.perf_counter() - t0
+    if len(done) < len(names):
+        yield TuneUpdate("cancelled", state, _shown(metrics), {}, None, done, len(names), merge_s=lease.merge_s,
+                         score_s=score_s, waited_s=lease.waited_s)
+        return
+    shown = _shown(metrics)
+    intervals = _intervals(scores, objective, True)
+    engine.remember(state, key, (shown, scores))
+    est.add(coordinates(state), shown, intervals=intervals, shown=guess if guess.available else None)
+    yield TuneUpdate("final", state, shown, intervals, _objective(objective, shown), done, len(names),
+                     estimate=guess if guess.available else None, merge_s=lease.merge_s, score_s=score_s,
+                     waited_s=lease.waited_s)
+
+
+def last_update(updates: Iterator[TuneUpdate]) -> TuneUpdate | None:
+    """The last update of a stream (consumed whole), or None if it yielded nothing."""
+    last = None
+    for last in updates:  # noqa: B007 - only the last one is wanted
+        pass
+    return last
+
+
+def tracker_summary(shared: SharedPool) -> list[dict[str, Any]]:
+    """Per estimator: how often its estimate fell inside the exact interval (for the UI and benchmarks)."""
+    with shared.lock:
+        return [{"method": k[1], "docs": k[0].docs, "checked": e.tracker.total, "inside": e.tracker.hits,
+                 "rate": e.tracker.rate, "summary": e.tracker.summary()} for k, e in shared.estimators.items()]
