@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from optimer_lib.scoring.evaluate import EvalSuite, answers_match, encode_text, model_device, pad_token_id
@@ -109,10 +110,11 @@ def components(docs: Mapping[str, Any], tokens: Mapping[str, Sequence[int]] | No
 def metric_of_means(metric: str, means: Mapping[str, float]) -> float:
     """One metric (``loss:c``, ``ppl:c``, ``acc:q``, ``chat_acc:q``) from component means."""
     kind, _, name = metric.partition(":")
-    if kind in ("loss", "ppl"):
-        loss = means[f"nll:{name}"] / means[f"tok:{name}"] if means[f"tok:{name}"] > 0 else math.nan
-        return loss if kind == "loss" else math.exp(min(loss, 700.0))
-    return float(means[f"chat:{name}" if kind == "chat_acc" else f"{kind}:{name}"])
+    if kind in ("loss", "ppl"):  # plain numpy arithmetic: works on arrays of bootstrap draws too
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loss = np.divide(means[f"nll:{name}"], means[f"tok:{name}"])  # 0 tokens: nan
+        return loss if kind == "loss" else np.exp(np.minimum(loss, 700.0))
+    return means[f"chat:{name}" if kind == "chat_acc" else f"{kind}:{name}"]
 
 
 def objective_of_means(terms: Mapping[str, float], means: Mapping[str, float]) -> float:
@@ -129,8 +131,8 @@ def metrics_of(docs: Mapping[str, Any], tokens: Mapping[str, Sequence[int]] | No
     means = {k: sum(v) / len(v) if v else math.nan for k, v in comp.items()}
     out: dict[str, float] = {}
     for c in docs["nll"]:
-        out[f"loss:{c}"] = metric_of_means(f"loss:{c}", means)
-        out[f"ppl:{c}"] = metric_of_means(f"ppl:{c}", means)
+        out[f"loss:{c}"] = float(metric_of_means(f"loss:{c}", means))
+        out[f"ppl:{c}"] = float(metric_of_means(f"ppl:{c}", means))
     out.update({f"acc:{q}": means[f"acc:{q}"] for q in docs.get("correct", {})})
     out.update({f"chat_acc:{q}": means[f"chat:{q}"] for q in docs.get("chat_correct", {})})
     return out

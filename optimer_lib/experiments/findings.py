@@ -194,7 +194,7 @@ def _f1(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
 
 def _ratio(terms: dict[str, float], m: dict[str, dict[str, float]]) -> float:
     b, o, x = (ds.objective_of_means(terms, m[k]) for k in ("b", "o", "x"))
-    return (b - o) / (b - x) if b != x else math.nan
+    return np.divide(b - o, b - x)  # b == x: inf or nan, dropped by the bootstrap as non-finite
 
 
 def _f1b(sm: Samples, terms: dict[str, float], per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:

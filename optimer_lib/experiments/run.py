@@ -472,4 +472,5 @@ def run_experiments(cfg: ExperimentConfig, *, regime_map: bool = False,
         copy_results(wd, Path(cfg.results))
     summary["findings_summary"] = write_findings(wd, wd / "FINDINGS.md",
                                                  *([Path(findings)] if findings else []))
+    _write_json(wd / "findings.json", summary["findings_summary"])  # every interval, verdict and cost, as JSON
     return summary

@@ -89,16 +89,34 @@ def bootstrap(stat: Callable[..., float], *samples: Array | Sequence, n_boot: in
     seeds, docs = shape
     rng = np.random.default_rng(seed)
     point = stat(*(a.mean() for a in arrays))
-    draws = np.empty(n_boot)
-    for b in range(n_boot):
-        rows = rng.integers(0, seeds, seeds) if seeds > 1 else np.zeros(1, dtype=int)
-        cols = rng.integers(0, docs, docs)
-        draws[b] = stat(*(a[np.ix_(rows, cols)].mean() for a in arrays))
+    # Every draw's picks at once (the same seed gives the same picks whatever the number of arrays).
+    rows = rng.integers(0, seeds, (n_boot, seeds)) if seeds > 1 else np.zeros((n_boot, 1), dtype=int)
+    cols = rng.integers(0, docs, (n_boot, docs))
+    means = np.empty((len(arrays), n_boot))
+    block = max(1, 2_000_000 // max(1, seeds * docs))  # resampled means in blocks (bounded memory), vectorised
+    for i, a in enumerate(arrays):
+        for start in range(0, n_boot, block):
+            r, c = rows[start:start + block], cols[start:start + block]
+            means[i, start:start + block] = a[r[:, :, None], c[:, None, :]].mean(axis=(1, 2))
+    draws = _apply(stat, means)
     finite = draws[np.isfinite(draws)]
     if finite.size < 0.9 * n_boot:  # e.g. a ratio whose denominator crosses zero: no honest interval
         return Interval(float(point), math.nan, math.nan, level, seeds)
     lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
     return Interval(float(point), float(lo), float(hi), level, seeds)
+
+
+def _apply(stat: Callable[..., float], means: Array) -> Array:
+    """``stat`` on every draw: once on whole arrays of resampled means when it is plain arithmetic (fast), else
+    once per draw (a stat with an ``if`` on its values cannot take arrays)."""
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.asarray(stat(*means), dtype=float)
+        if out.shape == (means.shape[1],):
+            return out
+    except (TypeError, ValueError):
+        pass
+    return np.array([stat(*means[:, b]) for b in range(means.shape[1])], dtype=float)
 
 
 def mean_interval(values: Array | Sequence, **kw: float) -> Interval:
