@@ -7,23 +7,31 @@
 
 The app is thin: every action is a :class:`workbench.session.Session` call. Each browser tab gets its
 own Session (a ``gr.State``), so sliders, chats and searches of one tab never change another's models;
-the base weights and vectors are loaded once per workdir and shared read-only. It listens on 127.0.0.1
+the base weights and vectors are loaded once per workdir and shared read-only. What a browser tab holds survives a
+page reload: the Tune merge (weights, instruction weight, method), the chat panes and the watched study are
+kept in the browser's localStorage (``gr.BrowserState``, encrypted with a secret kept in the workdir) and
+put back into the new Session before the tabs are drawn; a snapshot that no longer fits the pool is
+ignored with a note. It listens on 127.0.0.1
 unless ``host`` says otherwise, never opens a share link unless ``share=True``, and asks for a login when
 ``auth`` is given (``optimer workbench --auth user:password`` or ``OPTIMER_AUTH=user:password``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from optimer_lib.errors import ConfigError
 from optimer_lib.scoring.evaluate import EvalSuite
+from workbench.searching import load_study
 from workbench.session import Session
 from workbench.tabs import Ctx
-from workbench.tabs.chat import ChatTab
+from workbench.tabs.chat import ChatTab, restore_chat
 from workbench.tabs.export import ExportTab
 from workbench.tabs.pool import PoolTab, SetupPanel
 from workbench.tabs.search import SearchTab
@@ -41,6 +49,98 @@ def _close(session: Any) -> None:
         session.close()
 
 
+# -- state that survives a page reload -----------------------------------------------------------------
+SNAPSHOT_VERSION = 1
+SECRET_FILE = ".workbench-browser-secret"
+
+
+def browser_secret(workdir: Path) -> str:
+    """The key the browser's saved state is encrypted with: one per workdir, so it outlives a server restart."""
+    path = workdir / SECRET_FILE
+    try:
+        return path.read_text().strip() or _new_secret(path)
+    except FileNotFoundError:
+        return _new_secret(path)
+
+
+def _new_secret(path: Path) -> str:
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # readable by the server's user only
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
+
+
+def tune_snapshot(session: Session) -> dict[str, Any] | None:
+    """What a browser keeps of the Tune tab (JSON-able), None without a pool."""
+    if not session.has_pool:
+        return None
+    t = session.tune
+    return {"v": SNAPSHOT_VERSION, "names": list(session.names), "weights": dict(t.weights),
+            "instruction_weight": t.instruction_weight, "method": t.method, "params": dict(t.params)}
+
+
+def set_tune(session: Session, weights: dict[str, float], iw: float, method: str, params: dict[str, Any]) -> None:
+    """Make this the session's Tune merge without scoring it (a page load must not wait for a score)."""
+    setter = getattr(session, "set_tune", None)
+    if setter is not None:
+        setter(weights, iw, method=method, params=params)
+    else:  # Session has no public "set without scoring" yet; _state_for validates exactly like apply
+        session._state = session._state_for(weights, iw, method, params)
+
+
+def restore_tune(session: Session, saved: Any) -> str:
+    """Put a :func:`tune_snapshot` back into ``session``; a note ("" if restored) when it does not fit the pool."""
+    if not saved:
+        return ""
+    if not isinstance(saved, dict) or saved.get("v") != SNAPSHOT_VERSION:
+        return "saved Tune weights are from another version of the workbench: not restored"
+    names = list(session.names)
+    if saved.get("names") != names:
+        return (f"saved Tune weights are for vectors {saved.get('names')} but this pool has {names}: "
+                "not restored")
+    try:
+        weights = {n: float(saved["weights"][n]) for n in names}
+        iw = float(saved.get("instruction_weight") or 0.0)
+        if iw and session.shared.instruction is None:
+            iw = 0.0  # the pool lost its instruction vector: keep the rest
+        set_tune(session, weights, iw, str(saved.get("method") or "optimer"), dict(saved.get("params") or {}))
+    except Exception as exc:
+        return f"saved Tune weights could not be restored ({exc})"
+    return ""
+
+
+def restore_watched(session: Session, saved: Any) -> str:
+    """Watch the saved ``{"storage", "study"}`` again if the study is still there; else a note."""
+    if not saved:
+        return ""
+    if not isinstance(saved, dict) or not isinstance(saved.get("storage"), str) \
+            or not isinstance(saved.get("study"), str):
+        return "the saved watched study is malformed: not restored"
+    storage, study = saved["storage"], saved["study"]
+    try:
+        found = load_study(storage, study)
+    except Exception as exc:
+        return f"the watched study {study!r} could not be opened ({exc}): not restored"
+    if found is None:
+        return f"the watched study {study!r} is no longer in {storage}: not restored"
+    session.watched = (storage, study)
+    return ""
+
+
+def restore(session: Session, tune: Any, chat: Any, study: Any) -> str:
+    """Restore a reloaded page's Tune merge, chat panes and watched study; the notes as Markdown."""
+    if not (tune or chat or study) or not session.has_pool:
+        return ""
+    notes = []
+    for fn, saved in ((restore_tune, tune), (restore_chat, chat), (restore_watched, study)):
+        try:
+            notes.append(fn(session, saved))
+        except Exception as exc:  # stale state must never stop the page from loading
+            notes.append(f"saved state ignored ({type(exc).__name__}: {exc})")
+    return "\n".join(f"*{n}*" for n in notes if n)
+
+
 def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | None = None, device: str = "cpu",
               dtype: str = "float32", tune_limit: int = 8, qa_limit: int = 8, max_vectors: int = 8,
               poll_s: float = 2.0) -> gr.Blocks:
@@ -51,10 +151,15 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
     refresh period.
     """
     ws = Workspace(workdir, suite=suite, device=device, dtype=dtype)
+    key = "optimer-wb-" + hashlib.sha1(str(ws.workdir).encode()).hexdigest()[:10]  # one per workdir
+    secret = browser_secret(ws.workdir)
     with gr.Blocks(title="OptiMer Workbench", analytics_enabled=False) as demo:
         state = gr.State(lambda: Session(ws, tune_limit=tune_limit, qa_limit=qa_limit), delete_callback=_close)
+        saved_tune, saved_chat, saved_study = (gr.BrowserState(None, storage_key=f"{key}-{part}", secret=secret)
+                                               for part in ("tune", "chat", "study"))
         ctx = Ctx(workspace=ws, state=state, max_vectors=max_vectors, poll_s=poll_s)
         gr.Markdown(HEADER)
+        restored = gr.Markdown(elem_id="restore-status")
         setup = SetupPanel(ctx)
         with gr.Tabs():
             with gr.Tab("Pool", id="pool"):
@@ -74,7 +179,15 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             """Every pool-dependent component, for this session's pool (page load, pool changes)."""
             return [u for p in parts for u in p.refresh(session)]
 
-        demo.load(refresh_all, state, outputs, concurrency_limit=None)
+        # restore what this browser saved before the tabs draw, so they show it; then keep saving it
+        demo.load(restore, [state, saved_tune, saved_chat, saved_study], restored, concurrency_limit=None).then(
+            refresh_all, state, outputs, concurrency_limit=None)
+        tune.chart.change(lambda s: tune_snapshot(s) or gr.skip(), state, saved_tune, show_progress="hidden",
+                          concurrency_limit=None)
+        search.study.change(lambda url, name: {"storage": url, "study": name} if name else None,
+                            [search.storage, search.study], saved_study, show_progress="hidden",
+                            concurrency_limit=None)
+        chat.persist(saved_chat)
         setup.button.click(setup.on_build, [state, setup.quick], setup.status, concurrency_limit=1).then(
             refresh_all, state, outputs)
         pool.add.click(pool.on_add, [state, pool.path, pool.name], pool.status).then(refresh_all, state, outputs)

@@ -1,10 +1,14 @@
 """Chat tab: 2-4 panes side by side (base, a single CPT model, the Tune merge, the best merge...), one
 prompt sent to all, replies streamed pane by pane; instruction models get the chat template.
+
+The panes (how many, which model each, their histories) survive a page reload: :meth:`ChatTab.persist`
+writes :func:`chat_snapshot` to a ``gr.BrowserState`` after every send, clear or model change, and
+:func:`restore_chat` checks a saved snapshot against the pool before the next :meth:`ChatTab.refresh` shows it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gradio as gr
@@ -14,12 +18,65 @@ from workbench.session import BASE, BASE_IT, BEST, TUNE, Session
 from workbench.tabs import Ctx
 
 PANES = 4
+SNAPSHOT_VERSION = 1
+RESTORE_KEY = "chat_restore"  # Session.ui slot: a checked snapshot waiting for the next refresh
 
 
 def default_choices(choices: list[str]) -> list[str]:
     """Pane defaults: base (with instruction if there is one), Tune merge, best merge, first CPT model."""
     first_cpt = next((c for c in choices if c.startswith("CPT ")), choices[0])
     return [BASE_IT if BASE_IT in choices else BASE, TUNE, BEST, first_cpt]
+
+
+def _text(content: Any) -> str:
+    """A message's text: Gradio 6 hands chat content back as a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(c) for c in content)
+    return ""
+
+
+def clean_history(history: Any) -> list[dict[str, str]]:
+    """``history`` as plain ``{"role": "user"|"assistant", "content": str}`` messages (anything else dropped)."""
+    out = []
+    for m in history if isinstance(history, (list, tuple)) else []:
+        if isinstance(m, dict) and m.get("role") in ("user", "assistant"):
+            out.append({"role": str(m["role"]), "content": _text(m.get("content"))})
+    return out
+
+
+def chat_snapshot(n: Any, choices: Sequence[Any], histories: Sequence[Any]) -> dict[str, Any]:
+    """What a browser keeps of the Chat tab: pane count, each pane's model and its history (JSON-able)."""
+    return {"v": SNAPSHOT_VERSION, "n": int(n or 2), "choices": [c if isinstance(c, str) else None for c in choices],
+            "histories": [clean_history(h) for h in histories]}
+
+
+def restore_chat(session: Session, saved: Any) -> str:
+    """Check a :func:`chat_snapshot` against the session's pool and queue it for the next refresh.
+
+    Returns a note for the page ("" when all was restored): a pane whose model the pool no longer offers
+    starts empty with the default model; a malformed or foreign snapshot is ignored.
+    """
+    if not saved:
+        return ""
+    if not isinstance(saved, dict) or saved.get("v") != SNAPSHOT_VERSION:
+        return "saved chat panes are from another version of the workbench: not restored"
+    choices_now = session.pane_choices()
+    n = saved.get("n")
+    n = n if isinstance(n, int) and 2 <= n <= PANES else 2
+    choices = list(saved.get("choices") or [])[:PANES]
+    histories = list(saved.get("histories") or [])[:PANES]
+    choices += [None] * (PANES - len(choices))
+    histories += [[]] * (PANES - len(histories))
+    defaults = default_choices(choices_now)
+    dropped = [c for c in choices if c and c not in choices_now]
+    panes = [(c, clean_history(h)) if c in choices_now else (defaults[i], [])
+             for i, (c, h) in enumerate(zip(choices, histories, strict=True))]
+    session.ui[RESTORE_KEY] = {"n": n, "choices": [c for c, _ in panes], "histories": [h for _, h in panes]}
+    return (f"chat pane model(s) {dropped} are not in this pool: those panes start afresh" if dropped else "")
 
 
 class ChatTab:
@@ -51,18 +108,26 @@ class ChatTab:
                 self.greedy = gr.Checkbox(False, label="greedy")
                 self.seed = gr.Number(0, precision=0, label="seed")
         self.status = gr.Markdown(elem_id="chat-status")
-        self.outputs: list[Any] = list(self.models)
+        self.outputs: list[Any] = [self.n, *self.models, *self.bots]
 
-        self.n.change(lambda n: [gr.update(visible=i < int(n)) for i in range(PANES)], self.n, self.columns,
-                      show_progress="hidden")
+        self.changed = [self.n.change(lambda n: [gr.update(visible=i < int(n)) for i in range(PANES)], self.n,
+                                      self.columns, show_progress="hidden")]
         inputs = [ctx.state, self.prompt, self.n, self.max_new, self.max_prompt, self.temperature, self.top_p,
                   self.greedy, self.seed, *self.models, *self.bots]
         for trigger in (self.send.click, self.prompt.submit):
-            trigger(self.on_send, inputs, [*self.bots, self.prompt, self.status], concurrency_limit=None,
-                    show_progress="minimal")
-        self.clear.click(lambda: [[] for _ in range(PANES)], None, self.bots, show_progress="hidden")
-        for model, bot in zip(self.models, self.bots, strict=True):
-            model.input(lambda: [], None, bot, show_progress="hidden")  # another model: a fresh conversation
+            self.changed.append(trigger(self.on_send, inputs, [*self.bots, self.prompt, self.status],
+                                        concurrency_limit=None, show_progress="minimal"))
+        self.changed.append(self.clear.click(lambda: [[] for _ in range(PANES)], None, self.bots,
+                                             show_progress="hidden"))
+        for model, bot in zip(self.models, self.bots, strict=True):  # another model: a fresh conversation
+            self.changed.append(model.input(lambda: [], None, bot, show_progress="hidden"))
+
+    def persist(self, store: Any) -> None:
+        """After every event that changes the panes (send, clear, model, pane count), save them to ``store``."""
+        for dep in self.changed:
+            dep.then(lambda n, *rest: chat_snapshot(n, rest[:PANES], rest[PANES:]), [self.n, *self.models,
+                                                                                      *self.bots],
+                     store, show_progress="hidden", concurrency_limit=None)
 
     def on_send(self, session: Session, prompt: str, n: int, max_new: float, max_prompt: float,
                 temperature: float, top_p: float, greedy: bool, seed: float, *rest: Any) -> Iterator[list[Any]]:
@@ -81,10 +146,16 @@ class ChatTab:
         yield [*(gr.skip() for _ in range(PANES)), "", ""]
 
     def refresh(self, session: Session) -> list[Any]:
+        """Model choices of the pool; panes restored by :func:`restore_chat` get their models and histories."""
+        keep = [gr.skip() for _ in self.bots]
         if not session.has_pool:
-            return [gr.update(choices=[], value=None) for _ in self.models]
+            return [gr.skip(), *(gr.update(choices=[], value=None) for _ in self.models), *keep]
         try:
             choices = session.pane_choices()
         except Exception:
-            return [gr.update(choices=[], value=None) for _ in self.models]
-        return [gr.update(choices=choices, value=v) for v in default_choices(choices)]
+            return [gr.skip(), *(gr.update(choices=[], value=None) for _ in self.models), *keep]
+        saved = session.ui.pop(RESTORE_KEY, None)
+        if saved is None:
+            return [gr.skip(), *(gr.update(choices=choices, value=v) for v in default_choices(choices)), *keep]
+        return [gr.update(value=saved["n"]), *(gr.update(choices=choices, value=v) for v in saved["choices"]),
+                *(gr.update(value=h) for h in saved["histories"])]

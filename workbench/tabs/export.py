@@ -1,5 +1,7 @@
 """Export tab: the session's current Tune merge as an HF checkpoint (+ model card + mergekit YAML) under
-``<workdir>/exports/<name>``, offered as a zip download.
+``<workdir>/exports/<name>``, offered as a zip download; and the way back: a saved recipe (a search's
+best.json, an export's mergekit.yaml or folder; a path inside the workdir or an uploaded file) loaded into Tune
+with :func:`optimer_lib.merging.recipes.load_recipe`.
 """
 
 from __future__ import annotations
@@ -9,8 +11,21 @@ from typing import Any
 
 import gradio as gr
 
+from optimer_lib.merging.recipes import Recipe, check_recipe, load_recipe
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
+
+
+def read_recipe(session: Session, path: str | None, upload: str | None) -> Recipe:
+    """The recipe at ``upload`` (a file the browser sent) or ``path`` (inside the workdir), checked against the pool.
+
+    The pool's vectors name a mergekit YAML's checkpoints; ConfigError/DataError/WorkbenchError say what is wrong.
+    """
+    where = upload if upload else session.workspace.resolve(path or "")
+    sh = session.shared
+    recipe = load_recipe(where, vectors=sh.vectors, instruction=sh.instruction)
+    check_recipe(recipe, sh.names, has_instruction=sh.instruction is not None)
+    return recipe
 
 
 class ExportTab:
@@ -28,9 +43,42 @@ class ExportTab:
         self.zip = gr.File(label="download (zip)", elem_id="export-zip", interactive=False)
         with gr.Accordion("model card", open=False):
             self.card = gr.Markdown(elem_id="export-card")
+        gr.Markdown("**Load a recipe into Tune**: a search's `best.json`, an export's `mergekit.yaml`, or an "
+                    "exported folder (path relative to the workdir, e.g. `exports/merge-1`), or upload a file.")
+        with gr.Row():
+            self.recipe_path = gr.Textbox(label="recipe path (inside the workdir)", elem_id="recipe-path", scale=3,
+                                          placeholder="exports/merge-1   or   searches/wb-.../best.json")
+            self.recipe_file = gr.File(label="or upload best.json / mergekit.yaml", file_types=[".json", ".yaml",
+                                                                                               ".yml"],
+                                       type="filepath", elem_id="recipe-file", scale=2)
+            self.recipe_button = gr.Button("Load recipe into Tune", elem_id="recipe-load", scale=1)
+        self.recipe_status = gr.Markdown(elem_id="recipe-status")
         self.outputs: list[Any] = []
         self.button.click(self.on_export, [ctx.state, self.name, self.overwrite],
                           [self.status, self.zip, self.card], concurrency_limit=None)
+        tune = ctx.tune
+        # the Tune tab's method controls (when it has them) follow the recipe, like its sliders
+        self._method = [c for c in (getattr(tune, "method", None), getattr(tune, "params", None)) if c is not None]
+        self.recipe_button.click(self.on_recipe, [ctx.state, self.recipe_path, self.recipe_file, tune.instruction],
+                                 [*tune.outputs, *self._method, self.recipe_status], show_progress="hidden",
+                                 concurrency_limit=None)
+
+    def on_recipe(self, session: Session, path: str, upload: str | None, iw: float) -> list[Any]:
+        """Apply a recipe's weights, instruction weight and method, then show them on the Tune tab."""
+        tune = self.ctx.tune
+        try:
+            r = read_recipe(session, path, upload)
+            iw = float(iw or 0.0) if r.instruction_weight is None else r.instruction_weight
+            session.apply(r.weights, iw, method=r.method, params=r.params)
+            shown = tune.show(session, r.weights, iw)
+        except Exception as exc:
+            return [*(gr.update() for _ in tune.outputs), *(gr.update() for _ in self._method), error_md(exc)]
+        opts = ", ".join(f"{k}={v}" for k, v in r.params.items())
+        method = [gr.update(value=r.method), gr.update(value=opts)][:len(self._method)]
+        kept = " (instruction weight: the slider's, the recipe has none)" if r.instruction_weight is None else ""
+        notes = "".join(f" · {html.escape(n)}" for n in r.notes)
+        return [*shown, *method, f"loaded {html.escape(r.source)} into Tune: {html.escape(r.describe())}"
+                f"{kept}{notes}"]
 
     def on_export(self, session: Session, name: str, overwrite: bool) -> tuple[str, Any, str]:
         try:

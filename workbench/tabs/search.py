@@ -70,7 +70,7 @@ class SearchTab:
         self.objectives = ObjectivesPanel(ctx, self)
         self.timer = gr.Timer(ctx.poll_s)
         self.live = [self.status, self.history, self.alphas, self.importance, self.landscape, self.table]
-        self.outputs: list[Any] = [self.preset, self.study, *self.objectives.outputs]
+        self.outputs: list[Any] = [self.preset, self.storage, self.study, *self.objectives.outputs]
 
         self.kind.change(lambda k: (gr.update(visible=k == "preset"), gr.update(visible=k != "preset")),
                          self.kind, [self.preset, self.spec], show_progress="hidden")
@@ -150,14 +150,17 @@ class SearchTab:
         """Objective presets of the pool's dev suite and the studies in the workbench storage."""
         panel = self.objectives.refresh(session)
         if not session.has_pool:
-            return [gr.update(), gr.update(), *panel]
+            return [gr.update(), gr.update(), gr.update(), *panel]
+        # the watched study (restored after a page reload, say) may live in another storage than the workbench's
+        storage = session.watched[0] if session.watched else self.ctx.workspace.storage_url
         try:
             suite = session.shared.suite
             choices = list(presets(list(suite.texts), list(suite.qa)))
-            names = study_names(self.ctx.workspace.storage_url)
+            names = study_names(storage)
         except Exception:
-            return [gr.update(), gr.update(), *panel]
+            return [gr.update(), gr.update(), gr.update(), *panel]
         watched = session.watched[1] if session.watched else None
         return [gr.update(choices=choices, value="balanced" if "balanced" in choices else choices[0]),
+                gr.update(value=storage),
                 gr.update(choices=names, value=watched if watched in names else (names[0] if names else None)),
                 *panel]
