@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from optimer_lib.experiments.cli_args import add_findings_parser
 from optimer_lib.experiments.findings import CRITERIA, summarise_results
-from optimer_lib.experiments.findings_report import add_findings_parser, render_findings, write_findings
+from optimer_lib.experiments.findings_report import render_findings, write_findings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "experiments-tiny"
@@ -158,3 +159,22 @@ def test_write_findings_returns_json(tmp_path):
     json.dumps(summary)  # intervals became plain dicts
     assert summary["findings"]["1"]["numbers"]["optimer_minus_mixture"]["seeds"] == 2
     assert out.read_text().startswith("# Findings at our scale")
+
+
+def test_experiments_seed_and_results_flags(tmp_path):
+    from optimer_lib.errors import ConfigError
+    from optimer_lib.experiments.cli_args import add_experiments_args, apply_experiments_args, parse_seeds
+    from optimer_lib.experiments.run import ExperimentConfig, seed_config
+
+    parser = argparse.ArgumentParser()
+    add_experiments_args(parser)
+    cfg = apply_experiments_args(ExperimentConfig(workdir=tmp_path), parser.parse_args(
+        ["--seeds", "3,1", "--results", str(tmp_path / "res")]))
+    assert cfg.seeds == (3, 1) and cfg.results == tmp_path / "res"
+    assert apply_experiments_args(ExperimentConfig(), parser.parse_args([])).seeds == (0, 1, 2)
+    assert ExperimentConfig.quick().seeds == (0,)
+    one = seed_config(cfg, 3)
+    assert (one.workdir, one.seed, one.seeds) == (tmp_path / "seed-3", 3, (3,))
+    for bad in ("0,0", "a,b", ""):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)

@@ -1,6 +1,6 @@
 """FINDINGS.md from a results directory: the verdict table, each finding's criterion before its numbers, the CLI.
 
-    optimer findings --results results/experiments --out FINDINGS.md     # writes only --out
+    optimer findings --results results/experiments --out FINDINGS.md     # writes only --out (cli_args.py)
 
     from optimer_lib.experiments.findings_report import write_findings
     write_findings(Path("results/experiments"), Path("FINDINGS.md"))   # returns the summary as JSON
@@ -11,7 +11,6 @@ renders them, so the committed FINDINGS.md is a pure function of the committed J
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +105,3 @@ def write_findings(results: str | Path, *outs: str | Path, command: str | None =
     for out in outs:
         atomic_write_text(Path(out), text)
     return to_json(summary)
-
-
-def add_findings_parser(sub: Any) -> None:
-    """``optimer findings --results DIR --out FILE`` on an argparse subparsers object."""
-    p = sub.add_parser("findings", help="render FINDINGS.md from a results directory of `optimer experiments`")
-    p.add_argument("--results", type=Path, required=True, help="directory with config.json and seed-*/stages/")
-    p.add_argument("--out", type=Path, required=True, help="file to write (e.g. FINDINGS.md); nothing else is written")
-    p.set_defaults(fn=cmd_findings)
-
-
-def cmd_findings(a: argparse.Namespace) -> None:
-    write_findings(a.results, a.out)
-    print(f"wrote {a.out} from {a.results}")

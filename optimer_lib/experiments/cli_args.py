@@ -1,0 +1,60 @@
+"""Command-line pieces of the experiment set, light to import (the work is imported when a command runs).
+
+    from optimer_lib.experiments.cli_args import add_experiments_args, add_findings_parser, apply_experiments_args
+    add_experiments_args(experiments_parser)          # --seeds 0,1,2 --results DIR
+    cfg = apply_experiments_args(cfg, args)           # an ExperimentConfig with those seeds and results
+    add_findings_parser(subparsers)                   # optimer findings --results DIR --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from optimer_lib.errors import ConfigError
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; anything else is a ConfigError naming the flag."""
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as exc:
+        raise ConfigError(f"bad --seeds {text!r}: use comma-separated integers (e.g. 0,1,2)") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"bad --seeds {text!r}: give at least one seed, none repeated (e.g. 0,1,2)")
+    return seeds
+
+
+def add_experiments_args(parser: argparse.ArgumentParser) -> None:
+    """``--seeds`` and ``--results`` on the ``optimer experiments`` parser."""
+    parser.add_argument("--seeds", help="comma-separated seeds, each the CPT and sampler seed of one full run "
+                        "(default 0,1,2; 0 with --quick); more seeds can be added to a workdir later")
+    parser.add_argument("--results", type=Path, help="also copy the small JSONs (config, seed-*/stages) here, "
+                        "e.g. results/experiments to commit them; nothing is copied without it")
+
+
+def apply_experiments_args(cfg: Any, a: argparse.Namespace) -> Any:
+    """``cfg`` with the parsed ``--seeds`` / ``--results`` (each only when given)."""
+    changes: dict[str, Any] = {}
+    if getattr(a, "seeds", None):
+        changes["seeds"] = parse_seeds(a.seeds)
+    if getattr(a, "results", None):
+        changes["results"] = Path(a.results)
+    return replace(cfg, **changes) if changes else cfg
+
+
+def add_findings_parser(sub: Any) -> None:
+    """``optimer findings --results DIR --out FILE`` on an argparse subparsers object."""
+    p = sub.add_parser("findings", help="render FINDINGS.md from a results directory of `optimer experiments`")
+    p.add_argument("--results", type=Path, required=True, help="directory with config.json and seed-*/stages/")
+    p.add_argument("--out", type=Path, required=True, help="file to write (e.g. FINDINGS.md); nothing else is written")
+    p.set_defaults(fn=cmd_findings)
+
+
+def cmd_findings(a: argparse.Namespace) -> None:
+    from optimer_lib.experiments.findings_report import write_findings
+
+    write_findings(a.results, a.out)
+    print(f"wrote {a.out} from {a.results}")
