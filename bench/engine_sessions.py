@@ -64,11 +64,11 @@ SELECTORS = {
     "search_tab": "Search",
     "chart": "#tune-chart .js-plotly-plot",              # plotly div inside the gr.Plot
     "current_trace": "current",                          # name of the trace with the session's own merge
-    "estimate_trace": r"estimate",                       # regex: a trace of the instant estimate, if drawn
+    "estimate_trace": r"estimate",                       # regex: the instant estimate's trace ("≈ estimate")
     "estimate": "#tune-estimate, .tune-estimate",        # or a visible element marking the estimate
     "tune_status": "#tune-status",
     "tune_done": r"release → chart",                     # regex: the status once the full result is shown
-    "tune_partial": r"scoring|partial|\d+\s*/\s*\d+ sets",  # regex: a status that says more is coming
+    "tune_partial": r"scoring|partial|\d+\s*(/|of)\s*\d+ (dev )?sets",  # regex: a status saying more is coming
     # regex (multiline): Gradio's overlay on an output while its event runs ("queue: 1/1 | 0.0s", "processing |
     # 0.4/1.2s", or a bare "6.2s" line just before them)
     "busy": r"processing \||queue:|^\s*[\d.]+(/[\d.]+)?s\s*$",
