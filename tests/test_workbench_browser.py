@@ -229,3 +229,38 @@ def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):
     finally:
         pg.close()
         demo.close()
+
+
+def test_two_sessions_at_once_each_see_their_own_merge(browser, server):
+    """Two browser tabs release different sliders at the same moment: one engine serves both, and each tab's
+    score is its own merge's (the objective a fresh single session computes for those weights)."""
+    from test_workbench_session import SUITE
+
+    from workbench.session import Session
+    from workbench.workspace import Workspace
+
+    url, root = server
+    values = {"0.35": None, "1.15": None}
+    check = Session(Workspace(root, suite=SUITE), tune_limit=3, qa_limit=2)
+    for v in values:
+        values[v] = f"{check.apply({'ja': float(v)}).objective:.4f}"
+    pages = [browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in values]
+    try:
+        for pg in pages:
+            pg.set_default_timeout(TIMEOUT_MS)
+            pg.goto(url)
+            pg.get_by_role("tab", name="Tune").click()
+        for pg in pages:
+            wait_for(lambda pg=pg: current_bars(pg), what="each tab's first chart")
+        for pg, v in zip(pages, values, strict=True):
+            pg.locator("#alpha-0 input[type=number]").fill(v)
+        for pg in pages:  # released back to back: the second waits for the engine, not for a model copy
+            pg.locator("#alpha-0 input[type=number]").press("Tab")
+        for pg, objective in zip(pages, values.values(), strict=True):
+            wait_for(lambda pg=pg, o=objective: o in pg.locator("#tune-status").inner_text(),
+                     what=f"objective {objective} in the status (it says "
+                          f"{[p.locator('#tune-status').inner_text() for p in pages]})")
+        assert [pg.locator("#alpha-0 input[type=number]").input_value() for pg in pages] == list(values)
+    finally:
+        for pg in pages:
+            pg.close()
