@@ -160,3 +160,36 @@ def test_seeded_search_picks_the_same_best_trial(tmp_path, device: str):
     assert other.best_trial == cpu.best_trial
     assert other.best_weights == pytest.approx(cpu.best_weights, abs=1e-12)
     assert other.value_search == pytest.approx(cpu.value_search, rel=1e-4)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["vectors-on-host", "vectors-resident"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_slots_match_cpu_and_a_fresh_merge(world, device: str, dtype: str, stream: bool):
+    """The merge engine on the device (base there, vectors streamed from host memory or resident): after many
+    slider-like changes a slot equals a fresh merge on the same device, and the CPU engine's slot."""
+    import random
+
+    from optimer_lib.engine import MergeEngine
+
+    base, vecs, inst, _ = world
+    engines = {side: MergeEngine(on(base, dev, DTYPES[dtype]), None, vecs, instruction=inst, max_slots=1,
+                                 stream_deltas=stream) for side, dev in sides(device)}
+    rng = random.Random(5)
+    weights = {n: 0.0 for n in engines["ref"].names}
+    for step in range(200):
+        weights[rng.choice(list(weights))] = rng.uniform(-1.0, 2.0)
+        iw = 1.0 if step % 7 else rng.uniform(0, 1.5)
+        if step % 40 != 39:
+            for engine in engines.values():
+                with engine.lease(weights, iw):
+                    pass
+            continue
+        states = {}
+        for side, engine in engines.items():
+            st = engine.state(weights, iw)
+            with engine.lease(st) as lease:
+                states[side] = cpu_state(lease.model)
+            fresh = {k: v.detach().to("cpu") for k, v in engine.exact(st).items()}
+            assert_states_close({k: states[side][k] for k in fresh}, fresh, 1e-6 if dtype == "fp32" else 1e-2)
+        assert_states_close(states["dev"], states["ref"], MERGE_RTOL[dtype])
