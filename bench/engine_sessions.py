@@ -11,7 +11,8 @@ port, its own process group), samples RssAnon/RssFile of the server and its chil
 context each = one workbench session). Sessions run one after another (``--concurrent``: all at once) and
 stay open, so the memory after the last one is N sessions' worth. Each session:
 
-1. page load → Tune chart drawn ("page ready");
+1. page load → Tune tab ready: sliders shown and the chart holding a figure, its bars (the pre-engine workbench
+   scores on page load) or a placeholder (the engine's workbench scores in the background) ("page ready");
 2. drags one slider with the mouse and releases it → instant estimate (when the UI marks one, see
    ``SELECTORS``), first partial result (the chart's "current" bars change), full result (the status line
    says the scoring is done);
@@ -19,7 +20,10 @@ stay open, so the memory after the last one is N sessions' worth. Each session:
    first token of each pane, end of both replies.
 
 ``--search`` then starts a search in session 1 and moves a slider in another session while it runs. The
-server is restarted for every N and always killed at the end (Ctrl-C included).
+server is restarted for every N and always killed at the end (Ctrl-C included). A step that waits longer than
+``--timeout``, or a status line starting with "error:", stops that N with one line naming the session and the
+step, plus a screenshot next to the server log. "Idle" memory is taken once the server answers, before any
+page opens (the pre-engine workbench opens its pool with the first session).
 
 Pools: by default the embedded tiny pool: an existing demo workdir (runs/wb-demo, runs/quick, runs/demo),
 else ``runs/bench-engine-tiny``, made here in seconds from the embedded base with small random vectors (ja,
@@ -40,6 +44,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -69,6 +74,7 @@ SELECTORS = {
     "tune_status": "#tune-status",
     "tune_done": r"release → chart",                     # regex: the status once the full result is shown
     "tune_partial": r"scoring|partial|\d+\s*(/|of)\s*\d+ (dev )?sets",  # regex: a status saying more is coming
+    "error": r"^\s*error:",                              # regex: a status line reporting a failure
     # regex (multiline): Gradio's overlay on an output while its event runs ("queue: 1/1 | 0.0s", "processing |
     # 0.4/1.2s", or a bare "6.2s" line just before them)
     "busy": r"processing \||queue:|^\s*[\d.]+(/[\d.]+)?s\s*$",
@@ -259,6 +265,7 @@ class MemSampler(threading.Thread):
 class SessionResult:
     index: int
     page_ready_s: float | None = None
+    first_chart: str = ""               # what the Tune chart showed when ready: "bars" or "placeholder"
     slider_value: float | None = None
     estimate_s: float | None = None     # None: the UI drew no estimate marked as such
     partial_s: float | None = None
@@ -284,8 +291,8 @@ ESTIMATE_JS = """([sel, traceRe, elSel]) => {
 class Driver:
     """Runs the steps of one session on one page, with timeouts that name what was awaited."""
 
-    def __init__(self, page: Any, idx: int, tag: str, timeout_s: float) -> None:
-        self.page, self.idx, self.tag, self.timeout_s = page, idx, tag, timeout_s
+    def __init__(self, page: Any, idx: int, tag: str, timeout_s: float, shots_dir: Path | None = None) -> None:
+        self.page, self.idx, self.tag, self.timeout_s, self.shots_dir = page, idx, tag, timeout_s, shots_dir
 
     async def until(self, js: str, arg: Any, what: str, timeout_s: float | None = None) -> Any:
         from playwright.async_api import TimeoutError as PwTimeout
@@ -295,7 +302,20 @@ class Driver:
             handle = await self.page.wait_for_function(js, arg=arg, polling=50, timeout=t * 1000)
             return await handle.json_value()
         except PwTimeout:
-            raise BenchError(f"{self.tag} session {self.idx}: timed out after {t:.0f} s waiting for {what}") from None
+            shot = await self.screenshot()
+            raise BenchError(f"{self.tag} session {self.idx}: timed out after {t:.0f} s waiting for {what}"
+                             + (f" (page: {shot})" if shot else "")) from None
+
+    async def screenshot(self) -> str | None:
+        """Save what the page shows now (next to the server log) and return the path; None if that fails."""
+        if self.shots_dir is None:
+            return None
+        path = self.shots_dir / f"bench-engine-{re.sub(r'[^A-Za-z0-9]+', '-', self.tag).strip('-')}-s{self.idx}.png"
+        try:
+            await self.page.screenshot(path=str(path), full_page=True, timeout=15_000)
+            return str(path)
+        except Exception:  # noqa: BLE001 - a failed screenshot must not hide the timeout
+            return None
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -315,8 +335,13 @@ class Driver:
         t0 = time.perf_counter()
         await self.page.goto(url, timeout=self.timeout_s * 1000)
         await self.page.get_by_role("tab", name=SELECTORS["tune_tab"]).click(timeout=self.timeout_s * 1000)
-        await self.until(BARS_JS, [SELECTORS["chart"], SELECTORS["current_trace"]], "the first Tune chart")
+        # ready: the sliders are shown and the chart holds a figure, bars or a placeholder saying they will come
+        await self.until("([chart, slider]) => { const el = document.querySelector(chart),"
+                         " s = document.querySelector(slider);"
+                         " return !!(el && (el.data || el.layout) && s && s.offsetParent !== null); }",
+                         [SELECTORS["chart"], SELECTORS["slider"].format(i=0)], "the Tune tab (sliders and chart)")
         r.page_ready_s = time.perf_counter() - t0
+        r.first_chart = "bars" if await self.bars() else "placeholder"
 
     async def move_slider(self, r: SessionResult, i: int = 0, frac: float | None = None) -> None:
         """Drag slider ``i`` to ``frac`` of its width with the mouse and release; time what the chart shows."""
@@ -346,7 +371,11 @@ class Driver:
             raise BenchError(f"{self.tag} session {self.idx}: the drag did not move slider {i} ({before_value})")
 
         async def timed(js: str, arg: Any, what: str) -> float:
-            await self.until(js, arg, what)
+            value = await self.until(js, arg, what)
+            if isinstance(value, str) and value.startswith("error:"):  # the status reports a failure: stop now
+                shot = await self.screenshot()
+                raise BenchError(f"{self.tag} session {self.idx}: the workbench answered the slider with "
+                                 f"{value[6:].strip()[:400]!r}" + (f" (page: {shot})" if shot else ""))
             return time.perf_counter() - t0
 
         estimate = asyncio.create_task(timed(ESTIMATE_JS, [SELECTORS["chart"], SELECTORS["estimate_trace"],
@@ -357,11 +386,12 @@ class Driver:
             " return ys.length > 0 && JSON.stringify(ys) !== b; }",
             [before_bars, SELECTORS["chart"], SELECTORS["current_trace"]], "the chart to change"))
         full = asyncio.create_task(timed(
-            "([before, sel, done, part, busy]) => { const e = document.querySelector(sel); if (!e) return false;"
-            " const s = e.innerText; return s !== before && new RegExp(done).test(s)"
-            " && !new RegExp(part, 'i').test(s) && !new RegExp(busy, 'm').test(s); }",
-            [before_status, status_sel, SELECTORS["tune_done"], SELECTORS["tune_partial"], SELECTORS["busy"]],
-            "the full result"))
+            "([before, sel, done, part, busy, err]) => { const e = document.querySelector(sel); if (!e) return false;"
+            " const s = e.innerText; if (s === before || new RegExp(busy, 'm').test(s)) return false;"
+            " if (new RegExp(err, 'i').test(s)) return 'error:' + s;"
+            " return new RegExp(done).test(s) && !new RegExp(part, 'i').test(s); }",
+            [before_status, status_sel, SELECTORS["tune_done"], SELECTORS["tune_partial"], SELECTORS["busy"],
+             SELECTORS["error"]], "the full result"))
         try:
             r.full_s = await full
             try:  # drawn with or before the full result; plotly may draw it a moment after the status
@@ -422,10 +452,10 @@ async def one_session(browser: Any, url: str, idx: int, tag: str, args: argparse
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1000})
     ctx.set_default_timeout(args.timeout * 1000)
     page = await ctx.new_page()
-    d, r = Driver(page, idx, tag, args.timeout), SessionResult(idx)
+    d, r = Driver(page, idx, tag, args.timeout, args.shots_dir), SessionResult(idx)
     with d.step("opening the page"):
         await d.open(url, r)
-    log(f"{tag} session {idx}: page ready {r.page_ready_s:.1f} s")
+    log(f"{tag} session {idx}: page ready {r.page_ready_s:.1f} s (chart: {r.first_chart})")
     with d.step("moving a slider"):
         await d.move_slider(r)
     est = secs(r.estimate_s) if r.estimate_s is not None else "none shown"
@@ -442,11 +472,11 @@ async def one_session(browser: Any, url: str, idx: int, tag: str, args: argparse
 
 async def search_phase(browser: Any, url: str, pages: list[Any], tag: str, args: argparse.Namespace) -> dict:
     """Start a search in the first session, move a slider in another one (opened here if N = 1) meanwhile."""
-    searcher = Driver(pages[0], 0, tag, args.timeout)
+    searcher = Driver(pages[0], 0, tag, args.timeout, args.shots_dir)
     other_page = pages[1] if len(pages) > 1 else None
     if other_page is None:
         other_page, _ = await one_session(browser, url, len(pages), tag + " search", args, chat=False)
-    mover = Driver(other_page, 1 if len(pages) > 1 else len(pages), tag + " search", args.timeout)
+    mover = Driver(other_page, 1 if len(pages) > 1 else len(pages), tag + " search", args.timeout, args.shots_dir)
     p = searcher.page
     with searcher.step("starting a search"):
         await p.get_by_role("tab", name=SELECTORS["search_tab"]).click()
@@ -630,6 +660,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--sessions wants comma-separated integers, got {a.sessions!r}")
     if not a.n_list or min(a.n_list) < 1:
         p.error("--sessions wants integers >= 1")
+    a.shots_dir = None  # set to the workdir once it is known
     return a
 
 
@@ -655,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         workdir = (smollm2_pool(args.workdir) if args.smollm2 else tiny_pool(args.workdir)).resolve()
+        args.shots_dir = workdir  # a step that times out leaves a screenshot here, next to the server logs
         base = pool_base(workdir)
         params, stored = safetensors_size(base)
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(args.dtype or "float32", 4)
