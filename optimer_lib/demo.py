@@ -3,11 +3,14 @@
     optimer demo [--workdir runs/demo] [--quick]
 
 1. CPT of the base (``assets/base``) on each of ja, zh, math and code;
-2. distribution vectors τ_i = θ_i − θ_base (plus the instruction vector of ``assets/instruct``);
-3. a TPE search of α on the dev splits (100 trials, top-3 re-scored on more samples);
-4. export of the best merge (HF checkpoint + model card + mergekit YAML);
-5. a results table — base, each CPT model alone, uniform average, OptiMer best — on dev and
-   test, written to ``results.json`` and ``results.md`` in the workdir.
+2. distribution vectors τ_i = θ_i − θ_base and the instruction vector τ_IT = θ_instruct − θ_base
+   (``assets/instruct``);
+3. the paper's recipe: a TPE search of α on the dev splits (100 trials, top-3 re-scored on more samples) of
+   θ_base + Σ α_i τ_i + w_IT τ_IT, the instruction vector merged at the fixed weight ``instruction_weight``
+   (default 1; 0 searches the distribution vectors alone);
+4. export of the best merge, τ_IT included (HF checkpoint + model card + mergekit YAML);
+5. a results table — base, the instruct model, each CPT model alone, uniform average (+ τ_IT), OptiMer best
+   (+ τ_IT) — on dev and test, written to ``results.json`` and ``results.md`` in the workdir.
 
 Every stage is cached in the workdir: re-running skips finished CPT runs and vectors and
 continues an interrupted search to its trial count.
@@ -45,6 +48,7 @@ class DemoConfig:
     top_k: int = 3
     table_limit: int = 300
     seed: int = 0
+    instruction_weight: float = 1.0   # w_IT of the paper's recipe (0: distribution vectors only)
     timings: dict = field(default_factory=dict)
 
     @classmethod
@@ -78,26 +82,35 @@ def build_pool(cfg: DemoConfig) -> tuple[list[Path], Path]:
     return paths, inst_path
 
 
-def candidates(names: list[str], best: dict[str, float]) -> dict[str, dict[str, float]]:
-    """The rows of the results table as weight vectors over the pool."""
-    rows = {"base": dict.fromkeys(names, 0.0)}
+def candidates(names: list[str], best: dict[str, float],
+               instruction_weight: float = 0.0) -> dict[str, tuple[dict[str, float], float]]:
+    """The rows of the results table as (weights over the pool, instruction weight): base and the CPT models
+    as they are; the instruct model, uniform average and OptiMer best with τ_IT at ``instruction_weight``."""
+    iw = float(instruction_weight)
+    rows = {"base": (dict.fromkeys(names, 0.0), 0.0)}
+    if iw:
+        rows["instruct (base + τ_IT)"] = (dict.fromkeys(names, 0.0), iw)
     for n in names:
-        rows[f"CPT {n} alone"] = {m: float(m == n) for m in names}
-    rows["uniform average"] = dict.fromkeys(names, 1.0 / len(names))
-    rows["OptiMer best"] = dict(best)
+        rows[f"CPT {n} alone"] = ({m: float(m == n) for m in names}, 0.0)
+    rows["uniform average"] = (dict.fromkeys(names, 1.0 / len(names)), iw)
+    rows["OptiMer best"] = (dict(best), iw)
     return rows
 
 
 def results_markdown(results: dict) -> str:
     metrics = results["metric_names"]
+    iw = results.get("instruction_weight", 0.0)
     lines = [f"# OptiMer demo results\n\nObjective `{results['objective']}` (lower is better), "
-             f"first {results['table_limit']} documents per distribution.\n"]
+             f"first {results['table_limit']} documents per distribution."
+             + (f" Rows marked + τ_IT include the instruction vector at weight {iw:g} (the paper's recipe; the "
+                "search ran with it)." if iw else "") + "\n"]
     for split in ("dev", "test"):
         lines += [f"## {split}\n", "| model | objective | " + " | ".join(metrics) + " |",
                   "|---|---|" + "---|" * len(metrics)]
         for row, r in results["rows"].items():
             m = r[split]
-            lines.append(f"| {row} | {r[split + '_objective']:.4f} | "
+            label = row + (" + τ_IT" if r.get("instruction_weight") and "τ_IT" not in row else "")
+            lines.append(f"| {label} | {r[split + '_objective']:.4f} | "
                          + " | ".join(f"{m[k]:.3f}" for k in metrics) + " |")
         lines.append("")
     w = results["rows"]["OptiMer best"]["weights"]
@@ -116,33 +129,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     vec_paths, inst_path = build_pool(cfg)
     _stage(cfg, "cpt+vectors", t0)
 
-    pool = open_pool(assets_dir() / "base", vec_paths)
+    iw = float(cfg.instruction_weight)
+    pool = open_pool(assets_dir() / "base", vec_paths, instruction=inst_path if iw else None)
+    if iw:
+        pool.merger.instruction_weight = iw  # every trial merges τ_IT at this fixed weight
     dev = load_eval_suite(cfg.eval_corpora, "dev")
     test = load_eval_suite(cfg.eval_corpora, "test")
     objective = parse_objective(cfg.objective, list(dev.texts), qa_names=list(dev.qa))
     t1 = time.perf_counter()
     result = run_search(pool.merger, pool.tokenizer, dev, objective, SearchConfig(
-        trials=cfg.trials, sampler=cfg.sampler, seed=cfg.seed, workdir=cfg.workdir, study_name="demo",
+        trials=cfg.trials, sampler=cfg.sampler, seed=cfg.seed, workdir=cfg.workdir,
+        study_name="demo" if not iw else f"demo-it{iw:g}",  # a study per recipe: never resume across them
         search_limit=cfg.search_limit, rescore_limit=cfg.rescore_limit, top_k=cfg.top_k))
     _stage(cfg, "search", t1)
 
     t2 = time.perf_counter()
     rows = {}
-    for row, weights in candidates(pool.names, result.best_weights).items():
-        pool.merger.set_weights(weights)
-        r: dict = {"weights": weights}
+    for row, (weights, row_iw) in candidates(pool.names, result.best_weights, iw).items():
+        pool.merger.set_weights(weights, **({"instruction_weight": row_iw} if iw else {}))
+        r: dict = {"weights": weights, "instruction_weight": row_iw}
         for split, suite in (("dev", dev), ("test", test)):
             r[split] = evaluate_suite(pool.model, pool.tokenizer, suite, limit=cfg.table_limit)
             r[f"{split}_objective"] = objective(r[split])
         rows[row] = r
     _stage(cfg, "table", t2)
 
-    pool.merger.set_weights(result.best_weights)
+    pool.merger.set_weights(result.best_weights, **({"instruction_weight": iw} if iw else {}))
     export_merged(pool.model, pool.tokenizer, cfg.workdir / "best-model", base_path=str(assets_dir() / "base"),
                   vectors=pool.vectors, weights=result.best_weights, method="optimer",
+                  instruction=pool.instruction, instruction_weight=iw if iw else None,
                   scores={f"dev {k}": v for k, v in rows["OptiMer best"]["dev"].items()}, overwrite=True)
     cfg.timings["total"] = round(time.perf_counter() - t0, 1)
-    results = {"objective": objective.spec, "table_limit": cfg.table_limit, "rows": rows,
+    results = {"objective": objective.spec, "table_limit": cfg.table_limit, "rows": rows, "instruction_weight": iw,
                "metric_names": sorted(rows["base"]["dev"]), "best_json": str(result.path),
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                "timings": cfg.timings}

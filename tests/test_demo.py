@@ -23,17 +23,25 @@ def test_quick_demo_runs_and_its_numbers_hold(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((wd / "results.json").read_text())
     rows = res["rows"]
-    assert set(rows) == {"base", "CPT ja alone", "CPT zh alone", "CPT math alone", "CPT code alone",
-                         "uniform average", "OptiMer best"}
+    assert set(rows) == {"base", "instruct (base + τ_IT)", "CPT ja alone", "CPT zh alone", "CPT math alone",
+                         "CPT code alone", "uniform average", "OptiMer best"}
+    # The paper's recipe by default: the search and the merges carry the instruction vector at weight 1.
+    assert res["instruction_weight"] == 1.0 and json.loads((wd / "best.json").read_text())["study"] == "demo-it1"
+    iw = {r: v["instruction_weight"] for r, v in rows.items()}
+    assert iw["OptiMer best"] == iw["uniform average"] == iw["instruct (base + τ_IT)"] == 1.0
+    assert iw["base"] == iw["CPT ja alone"] == 0.0
     best = json.loads((wd / "best.json").read_text())
     assert rows["OptiMer best"]["weights"] == pytest.approx(best["weights"])
     # Each CPT model is the best of all rows on its own distribution's dev loss: the vectors carry signal.
     for name in ("ja", "zh", "math", "code"):
         own = rows[f"CPT {name} alone"]["dev"][f"loss:{name}"]
         assert own < rows["base"]["dev"][f"loss:{name}"] - 0.05
-    # The searched merge beats the base on the objective it was searched for.
-    assert rows["OptiMer best"]["dev_objective"] < rows["base"]["dev_objective"]
-    assert (wd / "results.md").read_text().count("| OptiMer best |") == 2
+    # The search beats the recipe's own fixed point, uniform α + τ_IT, on the objective it was searched for. (Neither
+    # the base nor the instruct model is a fair reference: τ_IT costs raw-text loss, and at 20 trials the quick
+    # search measured 4.044 against the instruct model's 4.015 on dev, so the recipe does not beat it here.)
+    assert rows["OptiMer best"]["dev_objective"] < rows["uniform average"]["dev_objective"]
+    assert rows["instruct (base + τ_IT)"]["dev_objective"] > rows["base"]["dev_objective"]  # τ_IT's raw-text cost
+    assert (wd / "results.md").read_text().count("| OptiMer best + τ_IT |") == 2
 
     # The exported model is exactly the merge the table scored.
     from optimer_lib.checkpoints.models import load_model, load_tokenizer
@@ -44,6 +52,7 @@ def test_quick_demo_runs_and_its_numbers_hold(tmp_path):
     loss = mean_token_loss(model, tok, load_corpus("en", "dev"), limit=res["table_limit"])
     assert math.isclose(loss, rows["OptiMer best"]["dev"]["loss:en"], rel_tol=1e-5)
     assert (wd / "best-model" / "mergekit.yaml").exists() and (wd / "best-model" / "README.md").exists()
+    assert "instruct" in (wd / "best-model" / "mergekit.yaml").read_text()
 
     # Re-running is cheap: CPT runs, vectors and trials are reused.
     r2 = subprocess.run([sys.executable, "-m", "optimer_lib.cli", "demo", "--quick", "--workdir", str(wd)],
