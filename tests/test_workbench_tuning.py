@@ -10,10 +10,11 @@ from workbench.session import Session
 from workbench.tuning import tracker_summary
 from workbench.workspace import WorkbenchError, Workspace
 
-# varied documents, so bootstrap intervals have width
+# varied documents, so bootstrap intervals have width; "math" is a text set and a QA set, as in the embedded world
 SUITE = EvalSuite(texts={"en": ["the quick brown fox jumps", "over the lazy dog", "a fox and a dog",
                                 "quick quick brown", "the lazy fox sleeps", "dog days of summer"],
-                         "ja": ["日本語のテキスト", "テキスト 日本語 の", "日本の語", "語のテキスト テキスト"]},
+                         "ja": ["日本語のテキスト", "テキスト 日本語 の", "日本の語", "語のテキスト テキスト"],
+                         "math": ["12 + 35 = 47", "1 + 1 = 2", "7 + 8 = 15"]},
                   qa={"math": [("Question: What is 12 + 35?\nAnswer:", "47"),
                                ("Question: What is 1 + 1?\nAnswer:", "2")]})
 
@@ -26,8 +27,10 @@ def ws(tmp_path) -> Workspace:
 def test_a_move_streams_partial_then_final_scores_with_intervals(ws):
     s = Session(ws, tune_limit=4, qa_limit=2)
     ups = list(s.score_stream({"ja": 0.5}))
-    assert [u.phase for u in ups] == ["partial", "partial", "final"]  # no estimate before any merge is scored
-    assert [u.sets_done for u in ups] == [["en"], ["en", "ja"], ["en", "ja", "math"]]
+    assert [u.phase for u in ups] == ["partial"] * 3 + ["final"]  # no estimate before any merge is scored
+    assert [u.sets_done for u in ups] == [["en"], ["en", "ja"], ["en", "ja", "math"],
+                                          ["en", "ja", "math", "math (QA)"]]
+    assert {"loss:math", "acc:math"} <= set(ups[-1].metrics)
     final = ups[-1]
     with s.merged() as model:  # the exact numbers of the merged model, scored the old way
         ref = evaluate_suite(model, ws.pool().tokenizer, SUITE, limit=4, seq_len=128)
@@ -76,6 +79,10 @@ def test_the_scoring_set_is_configurable_and_says_its_cost(ws):
     sc = s.set_scoring(["en"], docs=2, qa_items=1, seq_len=32, batch_size=2)
     r = s.apply({"ja": 0.4})
     assert set(r.metrics) == {"loss:en"} and r.limit == 2
+    both = s.set_scoring(["math"], docs=2, qa_items=1)  # the text set and the QA set of that name
+    assert set(s.apply({"ja": 0.4}).metrics) == {"loss:math", "acc:math"}
+    sc = s.set_scoring(["en"], docs=2, qa_items=1, seq_len=32, batch_size=2)
+    assert both != sc
     cost = s.scoring_cost()
     assert "tokens" in cost and "TFLOP" in cost
     tokens = int(cost.split("reads ")[1].split(" tokens")[0].replace(",", ""))

@@ -112,7 +112,9 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     engine, key = shared.engine, tuning_key(shared, scoring)
     objective = objective_for(shared, scoring)
     est = estimator(shared, scoring, state)
-    names = scoring.select(shared.suite).names()
+    sub = scoring.select(shared.suite)
+    # one entry per scored set: a text set and a QA set may share a name (math: loss and accuracy)
+    names = [*sub.texts, *(f"{n} (QA)" if n in sub.texts else n for n in sub.qa)]
     hit = engine.cached(state, key)
     if hit is not None:
         metrics, scores = hit
@@ -133,7 +135,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
                                                             should_stop=stop):
             metrics.update(set_metrics)
             scores[set_scores.key] = set_scores
-            done.append(name)
+            done.append(name if set_scores.kind == "loss" or name not in sub.texts else f"{name} (QA)")
             complete = len(done) == len(names)
             if complete or stop():
                 break
