@@ -101,3 +101,14 @@ def test_method_and_params_follow_the_session(ws):
     assert s.apply({"ja": 0.6}, method="optimer").params == {}  # a new method starts from its defaults
     with pytest.raises(WorkbenchError, match="no option"):
         s.apply({"ja": 0.6}, method="dare", params={"densty": 0.5})
+
+
+def test_estimates_on_a_pool_without_an_instruction_vector(tmp_path):
+    root = tiny_workdir(tmp_path / "wd")
+    m = Workspace(root).manifest()
+    Workspace(root).write_manifest(m["base"], m["vectors"], None)
+    s = Session(Workspace(root, suite=SUITE), tune_limit=2, qa_limit=1)
+    assert s.shared.instruction is None
+    for a in (0.0, 0.5, 1.0):
+        s.apply({"ja": a})
+    assert next(s.score_stream({"ja": 0.25})).phase == "estimate"

@@ -67,8 +67,10 @@ def estimator(shared: SharedPool, scoring: TuneScoring, state: MergeState) -> Sc
         return shared.estimators[key]
 
 
-def coordinates(state: MergeState) -> dict[str, float]:
-    return {**state.weight_map, INSTRUCTION: state.instruction_weight}
+def coordinates(shared: SharedPool, state: MergeState) -> dict[str, float]:
+    """The estimator's coordinates of a merge: α per vector, and the instruction weight if the pool has one."""
+    extra = {INSTRUCTION: state.instruction_weight} if shared.instruction is not None else {}
+    return {**state.weight_map, **extra}
 
 
 def objective_for(shared: SharedPool, scoring: TuneScoring) -> Objective | None:
@@ -121,7 +123,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
         yield TuneUpdate("final", state, dict(metrics), _intervals(scores, objective, True),
                          _objective(objective, metrics), list(names), len(names), cached=True)
         return
-    guess = est.predict(coordinates(state))
+    guess = est.predict(coordinates(shared, state))
     if guess.available:
         values = dict(guess.values)
         obj = values.pop("objective", None)
@@ -150,7 +152,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     shown = _shown(metrics)
     intervals = _intervals(scores, objective, True)
     engine.remember(state, key, (shown, scores))
-    est.add(coordinates(state), shown, intervals=intervals, shown=guess if guess.available else None)
+    est.add(coordinates(shared, state), shown, intervals=intervals, shown=guess if guess.available else None)
     yield TuneUpdate("final", state, shown, intervals, _objective(objective, shown), done, len(names),
                      estimate=guess if guess.available else None, merge_s=lease.merge_s, score_s=score_s,
                      waited_s=lease.waited_s)
