@@ -31,6 +31,7 @@ from pathlib import Path
 
 from optimer_lib.cli_search import add_compute_args, cmd_plan, cmd_rerank, cmd_search, cmd_workbench, compute_args
 from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.experiments.cli_args import add_experiments_args, add_findings_parser, apply_experiments_args
 from optimer_lib.search.defaults import BATCH
 
 
@@ -194,8 +195,10 @@ def cmd_experiments(a: argparse.Namespace) -> None:
 
     cfg = ExperimentConfig.quick(a.workdir or Path("runs/experiments-quick")) if a.quick else \
         ExperimentConfig(workdir=a.workdir or Path("runs/experiments"))
+    cfg = apply_experiments_args(cfg, a)
     summary = run_experiments(cfg, regime_map=a.regime_map, findings=a.findings)  # outputs: the workdir only
-    print(f"wrote {cfg.workdir / 'report.html'} and FINDINGS.md ({len(summary['figures'])} figures)")
+    print(f"wrote {cfg.workdir / 'FINDINGS.md'} (per-seed reports in {cfg.workdir}/seed-*/; "
+          f"{len(summary.get('figures', []))} figures)")
 
 
 def cmd_real_cell(a: argparse.Namespace) -> None:
@@ -354,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--regime-map", action="store_true", help="run the regime map instead (long; cached)")
     e.add_argument("--findings", type=Path, help="also write FINDINGS.md here (default: only in the workdir; "
                    "--findings FINDINGS.md in a checkout updates the published one)")
+    add_experiments_args(e)
     e.set_defaults(fn=cmd_experiments)
+    add_findings_parser(sub)
 
     w = sub.add_parser("workbench", help="the Gradio workbench: tune, search, chat, export in a browser")
     w.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="pool, searches and exports live here")

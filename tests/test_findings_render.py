@@ -146,11 +146,14 @@ def test_selection_reads_dev_only(tmp_path):
 
 
 def test_published_findings_are_what_the_committed_results_render_to():
+    """Until the multi-seed JSONs are committed, FINDINGS.md must say that its numbers are not that rendering
+    (a skip here would hide the gap; CI allows no skip but "no CUDA GPU")."""
     results = ROOT / "results" / "experiments"
+    published = (ROOT / "FINDINGS.md").read_text()
     if not (results / "config.json").is_file():
-        pytest.skip("results/experiments is not committed yet: the multi-seed run of `optimer experiments` is "
-                    "pending, so FINDINGS.md still holds the single-seed protocol's text")
-    assert (ROOT / "FINDINGS.md").read_text() == render_findings(summarise_results(results))
+        assert "superseded protocol, pending regeneration" in published.split("\n\n")[1]
+        return
+    assert published == render_findings(summarise_results(results))
 
 
 def test_write_findings_returns_json(tmp_path):
