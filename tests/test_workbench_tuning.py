@@ -112,3 +112,18 @@ def test_estimates_on_a_pool_without_an_instruction_vector(tmp_path):
     for a in (0.0, 0.5, 1.0):
         s.apply({"ja": a})
     assert next(s.score_stream({"ja": 0.25})).phase == "estimate"
+
+
+def test_a_search_says_what_it_costs_and_stops_at_its_time_budget(ws):
+    from workbench.searching import SearchSpec
+
+    s = Session(ws, tune_limit=2, qa_limit=1)
+    spec = SearchSpec(trials=200, time_budget="2s", search_limit=2, rescore_limit=None, top_k=0)
+    run = s.start_search(spec)
+    assert run.wait(120)
+    assert run.error is None and run.result is not None
+    assert run.result.stopped == "time_budget" and 1 <= len(run.events) < 200
+    line = s.search.estimate()
+    assert "per trial" in line and "200 trials" in line and "time budget of 2" in line
+    with pytest.raises(WorkbenchError, match="time budget works for single-objective"):
+        s.start_pareto(SearchSpec(objectives=("loss:en", "loss:ja"), trials=4, time_budget="1m"))

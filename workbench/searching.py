@@ -71,6 +71,7 @@ class SearchSpec:
     objectives: tuple[str, ...] = ()
     method: str = "optimer"
     method_params: str = ""
+    time_budget: str = ""  # e.g. "30m": stop after the trial running when it is spent ("" = none)
 
 
 @dataclass
@@ -169,7 +170,8 @@ class SearchRun:
         self.config = SearchConfig(trials=int(spec.trials), sampler=spec.sampler, seed=int(spec.seed),
                                    bounds=bounds, storage=storage, study_name=self.study_name,
                                    search_limit=spec.search_limit, rescore_limit=spec.rescore_limit,
-                                   top_k=int(spec.top_k), workdir=self.workdir)
+                                   top_k=int(spec.top_k), workdir=self.workdir,
+                                   time_budget=spec.time_budget.strip() or None)
         self.config.check(shared.names)  # every settings problem raises here, before the thread
         try:
             self.method_params = parse_method_params(spec.method_params, spec.method)
@@ -212,6 +214,15 @@ class SearchRun:
         self.events.append(ev)
         if self.on_event is not None:
             self.on_event(ev)
+
+    def estimate(self) -> str:
+        """One line: the estimated time per trial and for the whole search on this pool (times one merge and a
+        short scoring on the engine, at search priority, before the search starts)."""
+        from optimer_lib.search.cost import estimate_search_cost
+
+        with self._merger() as merger:
+            cost = estimate_search_cost(merger, self.shared.tokenizer, self.shared.suite, self.objective, self.config)
+        return cost.summary(self.config.budget_seconds())
 
     def _merger(self):
         """The engine merger trials are scored with (one lease per trial, at search priority)."""
@@ -261,6 +272,8 @@ class ParetoRun(SearchRun):
         problems = [] if 2 <= len(specs) <= 3 else [f"give 2 or 3 objectives for a Pareto search (got {len(specs)})"]
         if len(set(specs)) != len(specs):
             problems.append(f"objectives repeat: {specs}")
+        if spec.time_budget.strip():
+            problems.append("a time budget works for single-objective searches only: set a number of trials")
         if spec.sampler not in PARETO_SAMPLERS:
             problems.append(f"unknown multi-objective sampler {spec.sampler!r}; choose one of "
                             f"{', '.join(PARETO_SAMPLERS)}")
