@@ -11,7 +11,7 @@ import torch
 
 from optimer_lib.checkpoints.models import load_model
 from optimer_lib.checkpoints.vectors import load_vector
-from optimer_lib.engine import INTERACTIVE, SEARCH, MergeEngine, MergeState
+from optimer_lib.engine import BACKGROUND, INTERACTIVE, SEARCH, MergeEngine, MergeState
 from optimer_lib.errors import ConfigError
 
 
@@ -185,18 +185,17 @@ def test_interactive_requests_overtake_waiting_search_trials(tiny_vectors):
     t0 = threading.Thread(target=holder)
     t0.start()
     held.wait(5)
-    threads = [threading.Thread(target=ask, args=("trial", SEARCH, 0.2))]
-    threads[0].start()
-    while engine.stats().waiting < 1:
-        time.sleep(0.001)
-    threads.append(threading.Thread(target=ask, args=("slider", INTERACTIVE, 0.3)))
-    threads[1].start()
-    while engine.stats().waiting < 2:
-        time.sleep(0.001)
+    threads = []
+    for n, (tag, prio, w) in enumerate((("trial", SEARCH, 0.2), ("reference", BACKGROUND, 0.4),
+                                        ("slider", INTERACTIVE, 0.3)), start=1):
+        threads.append(threading.Thread(target=ask, args=(tag, prio, w)))
+        threads[-1].start()
+        while engine.stats().waiting < n:
+            time.sleep(0.001)
     go.set()
     for t in (t0, *threads):
         t.join(5)
-    assert order == ["slider", "trial"]  # arrived second, served first
+    assert order == ["slider", "reference", "trial"]  # served by priority, not by arrival
 
 
 def test_a_slider_move_during_a_search_finishes_before_the_next_trial(tiny_vectors, tmp_path):

@@ -35,7 +35,7 @@ from typing import Any
 
 import optuna
 
-from optimer_lib.engine import INTERACTIVE, MergeState
+from optimer_lib.engine import BACKGROUND, INTERACTIVE, MergeState
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.export import export_merged
 from optimer_lib.scoring.tune_config import TuneScoring
@@ -258,7 +258,7 @@ class Session:
         return TuneResult.of(last, self.scoring.docs) if last is not None else None
 
     def prefetch(self) -> None:
-        """Score the Tune merge in the background (at interactive priority), so the next look is instant."""
+        """Score the Tune merge in the background (after users' requests, before search trials)."""
         state, scoring = self.state, self.scoring
         if (state, scoring) in self._pending:
             return
@@ -317,11 +317,12 @@ class Session:
                 threading.Thread(target=self._compute_reference, args=(state, scoring), daemon=True,
                                  name="reference").start()
             return None
-        return self._compute_reference(state, scoring)
+        return self._compute_reference(state, scoring, INTERACTIVE)  # the caller waits for it
 
-    def _compute_reference(self, state: MergeState, scoring: TuneScoring) -> dict[str, float] | None:
+    def _compute_reference(self, state: MergeState, scoring: TuneScoring,
+                           priority: int = BACKGROUND) -> dict[str, float] | None:
         try:
-            last = last_update(score_stream(self.shared, state, scoring))
+            last = last_update(score_stream(self.shared, state, scoring, priority=priority))
             return dict(last.metrics) if last is not None and last.phase == "final" else None
         finally:
             self._pending.discard((state, scoring))

@@ -104,11 +104,12 @@ def tuning_key(shared: SharedPool, scoring: TuneScoring) -> tuple:
 
 
 def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[TuneUpdate]:
+                 should_stop: Callable[[], bool] | None = None, priority: int = INTERACTIVE) -> Iterator[TuneUpdate]:
     """Estimate, then partial and final exact scores of ``state`` (see the module docstring).
 
     ``should_stop()`` is asked between batches: once true the scoring ends with a "cancelled" update (nothing
-    cached, the engine's slot handed back at once) so a newer move can take the model.
+    cached, the engine's slot handed back at once) so a newer move can take the model. ``priority`` is the
+    engine's (``BACKGROUND`` for scores nobody waits for yet: reference bars, prefetching).
     """
     stop = should_stop or (lambda: False)
     engine, key = shared.engine, tuning_key(shared, scoring)
@@ -131,7 +132,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     metrics: dict[str, float] = {}
     scores: dict[str, SetScores] = {}
     done: list[str] = []
-    with engine.lease(state, priority=INTERACTIVE) as lease:
+    with engine.lease(state, priority=priority) as lease:
         t0 = time.perf_counter()
         for name, set_metrics, set_scores in scoring.stream(lease.model, shared.tokenizer, shared.suite,
                                                             should_stop=stop):

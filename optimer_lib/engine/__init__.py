@@ -11,8 +11,8 @@ Front ends (browser sessions, notebook widgets, searches, chat) hold weights and
 memory is base + slots x model whatever the number of users (see :mod:`optimer_lib.engine.engine`).
 """
 
-from optimer_lib.engine.engine import INTERACTIVE, SEARCH, Lease, MergeEngine
+from optimer_lib.engine.engine import BACKGROUND, INTERACTIVE, SEARCH, Lease, MergeEngine
 from optimer_lib.engine.merger import EngineMerger
 from optimer_lib.engine.state import MergeState
 
-__all__ = ["INTERACTIVE", "SEARCH", "EngineMerger", "Lease", "MergeEngine", "MergeState"]
+__all__ = ["BACKGROUND", "INTERACTIVE", "SEARCH", "EngineMerger", "Lease", "MergeEngine", "MergeState"]

@@ -47,6 +47,7 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.merging.methods import ResidentMerger
 
 INTERACTIVE = 0  # a slider move, a chat message, a "confirm" score
+BACKGROUND = 5  # work nobody is waiting for yet (reference bars, prefetching): after users, before trials
 SEARCH = 10  # a search trial: waits behind every interactive request
 T = TypeVar("T")
 
