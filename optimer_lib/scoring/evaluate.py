@@ -225,11 +225,13 @@ def text_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, name: str =
             # ~10% of the scoring time of the embedded model, see bench/eval_throughput.py).
             target = torch.full_like(ids, -100)
             target[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                  ignore_index=-100, reduction="none").view(len(batch), width)
-            for row, value in enumerate(nll.double().sum(1).tolist()):  # float64 row sums: order-independent
-                total[start + row] = value
+            # Row by row: cross-entropy's log-softmax buffer is one row's (seq × vocab) instead of the batch's,
+            # which on a 49k-token vocabulary saves ~0.4 GB at batch 16 (the same values, element by element).
+            for row in range(len(batch)):
+                nll = F.cross_entropy(logits[row].float(), target[row], ignore_index=-100, reduction="none")
+                total[start + row] = float(nll.double().sum())  # float64 row sums: order-independent
                 count[start + row] = float(len(batch[row]) - 1)
+            del logits
     order = sorted(range(len(docs)), key=lambda k: docs[k][0])  # back to dev-set order
     return SetScores(name, "loss", tuple(docs[k][0] for k in order), tuple(total[k] for k in order),
                      tuple(count[k] for k in order))
