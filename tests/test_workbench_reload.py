@@ -167,7 +167,7 @@ def reload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
 
     root = tiny_workdir(tmp_path_factory.mktemp("wbreload") / "workdir")
     url = f"sqlite:///{root / 'optuna.db'}"
-    for name in ("first", "watch-me"):  # the tab picks the first by itself; the test must pick the other
+    for name in ("watch-me", "newest"):  # the tab shows the newest by itself; the test must pick the other
         st = optuna.create_study(storage=url, study_name=name)
         st.enqueue_trial({"ja": 0.1, "math": 0.2})
         st.optimize(lambda t: t.suggest_float("ja", 0, 1) + t.suggest_float("math", 0, 1), n_trials=2)
@@ -211,6 +211,7 @@ def test_reload_restores_tune_chat_and_watched_study(browser, reload_server):
     replies = [_messages(pg, i, "bot") for i in range(2)]
 
     pg.get_by_role("tab", name="Search").click()
+    wait_for(lambda: "watching newest" in pg.locator("#search-status").inner_text(), what="the default study")
     pg.locator("#search-study input").click()
     pg.get_by_role("option", name="watch-me").click()
     wait_for(lambda: "watching watch-me" in pg.locator("#search-status").inner_text(), what="watch-me watched")

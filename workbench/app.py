@@ -179,9 +179,15 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             """Every pool-dependent component, for this session's pool (page load, pool changes)."""
             return [u for p in parts for u in p.refresh(session)]
 
+        def on_load(session: Session, tune_saved: Any, chat_saved: Any, study_saved: Any) -> tuple[str, Session]:
+            # The Session goes back out as an output: Gradio creates a new page's State lazily and without a lock,
+            # so an event racing this one (a timer tick) can store a second fresh Session under the same key; the
+            # output makes the restored one the page's Session for the refresh and every later event.
+            return restore(session, tune_saved, chat_saved, study_saved), session
+
         # restore what this browser saved before the tabs draw, so they show it; then keep saving it
-        demo.load(restore, [state, saved_tune, saved_chat, saved_study], restored, concurrency_limit=None).then(
-            refresh_all, state, outputs, concurrency_limit=None)
+        demo.load(on_load, [state, saved_tune, saved_chat, saved_study], [restored, state],
+                  concurrency_limit=None).then(refresh_all, state, outputs, concurrency_limit=None)
         tune.chart.change(lambda s: tune_snapshot(s) or gr.skip(), state, saved_tune, show_progress="hidden",
                           concurrency_limit=None)
         search.study.change(lambda url, name: {"storage": url, "study": name} if name else None,
