@@ -248,3 +248,38 @@ def test_a_state_counts_the_vectors_a_re_merge_reads():
     assert hash(a) == hash(MergeState.of(["ja", "code"], {"ja": 0.3, "code": 0}))
     with pytest.raises(ConfigError, match="finite"):
         MergeState.of(["ja"], {"ja": float("nan")})
+
+
+def test_a_long_search_job_is_preempted_between_forward_passes(tiny_vectors):
+    """A slider arriving mid-trial runs after the trial's current forward pass, not after the whole trial; the
+    trial then goes on with its own merge (re-merged if the slider used its slot)."""
+    engine = _engine(tiny_vectors, max_slots=1)  # worst case: the slider must borrow the trial's own slot
+    trial_state = engine.state({"v0": 0.7, "v1": 0.2})
+    ids = torch.tensor([[1, 5, 9, 14]])
+    events: list[str] = []
+    errs: list[float] = []
+    second = threading.Event()
+
+    def trial():
+        with engine.lease(trial_state, priority=SEARCH) as lease:
+            for step in range(8):
+                lease.model(input_ids=ids)
+                events.append(f"trial forward {step}")
+                if step == 1:
+                    second.set()
+                time.sleep(0.05)
+            errs.append(_rel_err(lease.model, engine.exact(trial_state)))  # its own merge again at the end
+
+    def slider():
+        second.wait(5)
+        with engine.lease({"v0": 0.1}, priority=INTERACTIVE):
+            events.append("slider")
+
+    threads = [threading.Thread(target=trial), threading.Thread(target=slider)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert "slider" in events and events.index("slider") <= 4, events  # within a forward pass or two
+    assert events[-1] == "trial forward 7" and engine.preemptions >= 1
+    assert errs and errs[0] <= 1e-6

@@ -16,8 +16,11 @@ the same for 1 or 100 callers.
 
 Scheduling. One lease is active at a time (a CPU has no spare cores for two forward passes; on a GPU two
 jobs would contend for the same memory bandwidth). Waiting requests are served lowest ``priority`` first,
-then in arrival order: interactive requests (``INTERACTIVE``: a slider move, a chat reply) overtake search
-trials (``SEARCH``), and a search takes one lease per trial, so a slider move waits at most one trial.
+then in arrival order: interactive requests (``INTERACTIVE``: a slider move, a chat reply) overtake background
+scoring (``BACKGROUND``) and search trials (``SEARCH``). A search takes one lease per trial, and a lower-priority
+lease is also preempted *between forward passes*: every slot model carries a forward pre-hook that, when a
+higher-priority request waits, hands the engine over and takes it back afterwards (re-merging the slot if the
+other request used it). So a slider move waits for one forward pass of a running trial, not for the trial.
 
 Slots. A request is served by the slot needing the fewest vectors re-read: the one already holding the state,
 else a new slot while fewer than ``max_slots`` exist, else the slot with the fewest changed α (least recently
@@ -137,6 +140,8 @@ class MergeEngine:
         self._tickets = itertools.count()
         self._active = False
         self._owner: int | None = None  # thread holding the lease (a re-entrant lease from it is refused)
+        self._held: tuple[int, Slot, MergeState] | None = None  # (priority, slot, state) of the active lease
+        self.preemptions = 0
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
         self._merges = self._reused = self._hits = 0
@@ -190,8 +195,10 @@ class MergeEngine:
         waited = self._acquire(priority)
         try:
             slot, changed, merge_s = self._materialise(state, exact)
+            self._held = (int(priority), slot, state)
             yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
         finally:
+            self._held = None
             self._release()
 
     def run(self, weights: Mapping[str, float] | MergeState, job: Callable[[torch.nn.Module], T], *,
@@ -251,6 +258,32 @@ class MergeEngine:
             self._active, self._owner = False, None
             self._cond.notify_all()
 
+    def _preempt(self, slot: Slot) -> None:
+        """Between forward passes of ``slot``: if a higher-priority request waits, let it run first.
+
+        Called by the slot model's forward pre-hook in whatever thread runs the forward; acts only for the
+        thread holding the lease on that slot. Afterwards the slot holds the lease's state again.
+        """
+        held = self._held
+        if held is None or held[1] is not slot or self._owner != threading.get_ident():
+            return
+        priority, _, state = held
+        with self._cond:
+            if not self._waiting or self._waiting[0][0] >= priority:
+                return
+        self.preemptions += 1
+        self._held = None
+        self._release()
+        self._acquire(priority)
+        self._held = (priority, slot, state)
+        if slot.state != state:  # the other request re-merged this slot: put the lease's merge back
+            slot.merger.method, slot.merger.params = state.method, state.param_map
+            slot.merger.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
+            slot.state = state
+            slot.merges += 1
+            self._merges += 1
+        slot.last_used = time.monotonic()
+
     def _new_slot(self, state: MergeState) -> Slot:
         with torch.no_grad():
             model = copy.deepcopy(self.base)
@@ -259,6 +292,7 @@ class MergeEngine:
                                 **state.param_map)
         zero = MergeState.of(self.names, {}, 0.0, state.method, state.param_map)
         slot = Slot(len(self._slots), model, merger, zero)
+        model.register_forward_pre_hook(lambda module, args: self._preempt(slot))
         self._slots.append(slot)
         return slot
 
