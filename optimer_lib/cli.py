@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     add_compute_args(w)
     w.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPUs with <= 4 cores)")
+    w.add_argument("--slots", type=int, help="merged models the engine keeps (default 2 on CPU, 1 on a GPU): memory "
+                   "is base + slots x model whatever the number of browser sessions")
     w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
                    "the variable keeps the password out of the process list)")
     w.set_defaults(fn=cmd_workbench)

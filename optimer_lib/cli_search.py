@@ -37,7 +37,10 @@ def cmd_workbench(a: argparse.Namespace) -> None:
     from workbench.app import launch, parse_auth  # gradio is an optional dependency: import it only here
 
     device, dtype = compute_args(a)
-    check_workbench_pool(a.workdir, device, dtype)  # refuse a pool that cannot fit before any model loads
+    slots = getattr(a, "slots", None)
+    if slots is not None and slots < 1:
+        raise ConfigError(f"--slots must be at least 1 (got {slots}): one merged model is the least the engine needs")
+    check_workbench_pool(a.workdir, device, dtype, slots or 1)  # refuse a pool that cannot fit before any model loads
     auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
     extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
     if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
@@ -47,6 +50,8 @@ def cmd_workbench(a: argparse.Namespace) -> None:
           + (", login required" if auth_spec else "") + "); Ctrl-C stops it", flush=True)
     if dtype != "float32":  # build_app's default; passed only when it differs
         extra["dtype"] = dtype
+    if slots:
+        extra["slots"] = slots
     launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)
 
 
@@ -83,8 +88,9 @@ def cmd_plan(a: argparse.Namespace) -> None:
     print(json.dumps(plan.to_dict(), indent=2) if a.json else plan.table())
 
 
-def check_workbench_pool(workdir: Path, device: str, dtype: str) -> None:
-    """Refuse (PlanError, one line) a workbench whose pool cannot fit base + one slot on ``device``; no pool yet: ok."""
+def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1) -> None:
+    """Refuse (PlanError, one line) a workbench whose pool cannot fit base + ``slots`` slots on ``device``; no pool
+    yet: ok."""
     from optimer_lib.engine.plan import plan_pool
     from workbench.workspace import Workspace
 
@@ -98,7 +104,7 @@ def check_workbench_pool(workdir: Path, device: str, dtype: str) -> None:
 
     plan = plan_pool(full(m["base"]), [full(v) for v in m["vectors"]],
                      instruction=full(m["instruction"]) if m.get("instruction") else None, device=device,
-                     dtype=dtype, slots=1, seconds=0.05)
+                     dtype=dtype, slots=slots, seconds=0.05)
     plan.check()
 
 

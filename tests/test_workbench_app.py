@@ -32,6 +32,32 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
     assert main(["workbench", "--workdir", str(tmp_path), "--port", "7999"]) == 0
     assert seen == {"workdir": tmp_path, "host": "127.0.0.1", "port": 7999, "share": False, "device": "cpu",
                     "threads": None}
+    seen.clear()
+    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3"]) == 0
+    assert seen["slots"] == 3
+    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "0"]) == 2  # one-line error, no launch
+
+
+def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):
+    from test_workbench_session import SUITE, tiny_workdir
+
+    from workbench.workspace import Workspace
+
+    root = tiny_workdir(tmp_path / "wd")
+    seen = {}
+    real = Workspace.pool
+
+    def spy(self):
+        pool = real(self)
+        seen["max_slots"] = pool.engine.max_slots
+        return pool
+
+    Workspace.pool = spy
+    try:
+        app.build_app(root, suite=SUITE, slots=3, preload=True)
+    finally:
+        Workspace.pool = real
+    assert seen == {"max_slots": 3}  # opened while building, with the slots asked for
 
 
 @pytest.mark.parametrize("bad", ["../outside", "/etc/passwd"])

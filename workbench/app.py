@@ -82,11 +82,7 @@ def tune_snapshot(session: Session) -> dict[str, Any] | None:
 
 def set_tune(session: Session, weights: dict[str, float], iw: float, method: str, params: dict[str, Any]) -> None:
     """Make this the session's Tune merge without scoring it (a page load must not wait for a score)."""
-    setter = getattr(session, "set_tune", None)
-    if setter is not None:
-        setter(weights, iw, method=method, params=params)
-    else:  # Session has no public "set without scoring" yet; _state_for validates exactly like apply
-        session._state = session._state_for(weights, iw, method, params)
+    session.set_tune(weights, iw, method=method, params=params)
 
 
 def restore_tune(session: Session, saved: Any) -> str:
@@ -143,14 +139,17 @@ def restore(session: Session, tune: Any, chat: Any, study: Any) -> str:
 
 def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | None = None, device: str = "cpu",
               dtype: str = "float32", tune_limit: int = 8, qa_limit: int = 8, max_vectors: int = 8,
-              poll_s: float = 2.0) -> gr.Blocks:
+              poll_s: float = 2.0, slots: int | None = None, preload: bool = False) -> gr.Blocks:
     """Build (not launch) the workbench over ``workdir``.
 
     ``suite`` replaces the dev suite (default: every embedded corpus, dev split); ``tune_limit``/``qa_limit``
     are the documents / QA pairs per dev set scored on each Tune change; ``poll_s`` is the Search tab's
-    refresh period.
+    refresh period; ``slots`` the merged models the pool's engine may hold (default 2 on CPU, 1 on a GPU);
+    ``preload`` opens the pool now, so the first page does not wait for the model to load.
     """
-    ws = Workspace(workdir, suite=suite, device=device, dtype=dtype)
+    ws = Workspace(workdir, suite=suite, device=device, dtype=dtype, slots=slots)
+    if preload and ws.has_pool():
+        ws.pool()
     key = "optimer-wb-" + hashlib.sha1(str(ws.workdir).encode()).hexdigest()[:10]  # one per workdir
     secret = browser_secret(ws.workdir)
     with gr.Blocks(title="OptiMer Workbench", analytics_enabled=False) as demo:
@@ -231,6 +230,7 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
         torch.set_num_threads(int(threads))
     if isinstance(auth, str):
         auth = parse_auth(auth)
+    kwargs.setdefault("preload", True)  # a served app opens its pool before the first page asks for it
     demo = build_app(workdir, **kwargs)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
                 css=CSS, run_history=False, auth=auth,

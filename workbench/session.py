@@ -212,6 +212,13 @@ class Session:
         except ConfigError as exc:
             raise WorkbenchError(str(exc)) from exc
 
+    def set_tune(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
+                 method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:
+        """Make this the Tune merge without scoring it (a restored page must not wait for a score); checked."""
+        self._state = self._state_for(weights, instruction_weight, method, params)
+        self._moves += 1  # a scoring still running for an older merge is no longer wanted
+        return self._state
+
     def score_stream(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
                      method: str | None = None, params: Mapping[str, object] | None = None,
                      confirm: bool = False) -> Iterator[TuneUpdate]:
