@@ -162,6 +162,9 @@ def test_bad_requests_are_config_errors(tiny_vectors):
         engine.state({"v0": 1.0}, method="ties", params={"densty": 0.2})
     with pytest.raises(ConfigError, match="at least 1"):
         MergeEngine(engine.base, engine.tokenizer, engine.vectors, max_slots=0)
+    with pytest.raises(ConfigError, match="vectors_on"):
+        MergeEngine(engine.base, engine.tokenizer, engine.vectors, vectors_on="gpu")
+    assert engine.vectors_on == "host"  # CPU: the vectors stay memory-mapped where load_vector put them
     with engine.lease({"v0": 0.1}), pytest.raises(RuntimeError, match="already holds"):
         with engine.lease({"v0": 0.2}):
             pass

@@ -174,7 +174,7 @@ def test_engine_slots_match_cpu_and_a_fresh_merge(world, device: str, dtype: str
 
     base, vecs, inst, _ = world
     engines = {side: MergeEngine(on(base, dev, DTYPES[dtype]), None, vecs, instruction=inst, max_slots=1,
-                                 stream_deltas=stream) for side, dev in sides(device)}
+                                 vectors_on="host" if stream else "device") for side, dev in sides(device)}
     rng = random.Random(5)
     weights = {n: 0.0 for n in engines["ref"].names}
     for step in range(200):

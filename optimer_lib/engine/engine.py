@@ -10,9 +10,10 @@
 Memory. The engine holds the base model once (never merged into: it is the exact reference every slot is
 re-materialised from), the vectors as given (``load_vector`` tensors are memory-mapped from their safetensors
 files, so they are page cache, not process memory) and at most ``max_slots`` merged models. A slot's merger
-reads the engine's base tensors instead of keeping its own copy, and with ``stream_deltas`` reads the vectors
-where they lie, moving each tensor to the device when a merge needs it. So memory is base + slots x model,
-the same for 1 or 100 callers.
+reads the engine's base tensors instead of keeping its own copy, and reads the vectors where the engine keeps
+them: on the host (memory-mapped; each tensor moved to the device when a merge reads it) or, on an accelerator
+with room for them, one device copy in the model's dtype shared by every slot. So memory is base + slots x
+model (+ the vectors' device copy), the same for 1 or 100 callers.
 
 Scheduling. One lease is active at a time (a CPU has no spare cores for two forward passes; on a GPU two
 jobs would contend for the same memory bandwidth). Waiting requests are served lowest ``priority`` first,
@@ -31,6 +32,7 @@ every tensor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import heapq
 import itertools
 import os
@@ -100,6 +102,12 @@ def default_slots(device: torch.device) -> int:
     return 2 if device.type == "cpu" else 1
 
 
+def _to(vec: DistributionVector, device: torch.device, dtype: torch.dtype) -> DistributionVector:
+    """``vec`` with its floating tensors on ``device`` in ``dtype`` (one copy every slot reads)."""
+    return dataclasses.replace(vec, tensors={k: t.to(device, dtype) if t.is_floating_point() else t.to(device)
+                                             for k, t in vec.tensors.items()})
+
+
 def module_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's distinct parameter and buffer storages (tied tensors counted once)."""
     seen: dict[int, int] = {}
@@ -113,14 +121,15 @@ class MergeEngine:
     """Owns the base, the vectors and the merged slots of one pool; see the module docstring.
 
     ``model`` must hold the base weights and is never modified (keep no other reference that writes to it).
-    ``max_slots`` defaults to :func:`default_slots` for the model's device; ``stream_deltas`` (default: True
-    unless the model is on an accelerator and the vectors fit there, see ``resident_deltas``) keeps the
-    vectors on the host and moves them tensor by tensor. ``cache_size`` results are kept by :meth:`run`.
+    ``max_slots`` defaults to :func:`default_slots` for the model's device. ``vectors_on`` is ``"host"`` (stream
+    them tensor by tensor to the device), ``"device"`` (one copy there, in the model's dtype) or None: the device
+    when the model is on an accelerator with room for the vectors beside the slots, else the host.
+    ``cache_size`` results are kept by :meth:`run`.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Sequence[DistributionVector], *,
                  instruction: DistributionVector | None = None, max_slots: int | None = None,
-                 stream_deltas: bool | None = None, cache_size: int = 512) -> None:
+                 vectors_on: str | None = None, cache_size: int = 512) -> None:
         if not vectors:
             raise ConfigError("an engine needs at least one distribution vector")
         self.base = model.eval().requires_grad_(False)
@@ -132,7 +141,12 @@ class MergeEngine:
         self.max_slots = default_slots(self.device) if max_slots is None else int(max_slots)
         if self.max_slots < 1:
             raise ConfigError(f"max_slots must be at least 1, got {max_slots}")
-        self.stream_deltas = self.device.type == "cpu" if stream_deltas is None else bool(stream_deltas)
+        if vectors_on not in (None, "host", "device"):
+            raise ConfigError(f"vectors_on must be 'host', 'device' or None (automatic), got {vectors_on!r}")
+        self.vectors_on = vectors_on or self._auto_vectors_on()
+        if self.vectors_on == "device" and self.device.type != "cpu":
+            self.vectors = [_to(v, self.device, self.dtype) for v in self.vectors]
+            self.instruction = None if instruction is None else _to(instruction, self.device, self.dtype)
         self._base_state = dict(model.state_dict())
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
@@ -158,6 +172,17 @@ class MergeEngine:
                                               allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                               trust_remote_code=trust_remote_code)
         return cls(model, tok, vecs, instruction=inst, **kwargs)
+
+    def _auto_vectors_on(self) -> str:
+        """The device when it is an accelerator with room for the vectors (in the model's dtype) beside the base's
+        slots and a 25% margin; else the host."""
+        if self.device.type != "cuda":
+            return "host"
+        free, _ = torch.cuda.mem_get_info(self.device)
+        model = module_bytes(self.base)
+        vec = sum(t.numel() * self.dtype.itemsize for v in [*self.vectors, *([self.instruction] if self.instruction
+                                                                               else [])] for t in v.tensors.values())
+        return "device" if vec + self.max_slots * model <= 0.75 * free else "host"
 
     # -- what callers read ---------------------------------------------------------------------
     @property
@@ -288,7 +313,7 @@ class MergeEngine:
         with torch.no_grad():
             model = copy.deepcopy(self.base)
         merger = ResidentMerger(model, self.vectors, instruction=self.instruction, instruction_weight=0.0,
-                                method=state.method, base=self._base_state, stream_deltas=self.stream_deltas,
+                                method=state.method, base=self._base_state, stream_deltas=True,
                                 **state.param_map)
         zero = MergeState.of(self.names, {}, 0.0, state.method, state.param_map)
         slot = Slot(len(self._slots), model, merger, zero)
