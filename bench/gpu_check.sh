@@ -123,6 +123,25 @@ res.update(merge_s=round(per, 4), merge_GBps=round(moved / per / 1e9, 1),
 print(f"[merge] set_weights {per * 1e3:.1f} ms for {touched / 1e6:.0f}M params: {moved / per / 1e9:.0f} GB/s "
       f"effective = {moved / per / 1e9 / bw:.0%} of the copy bandwidth", flush=True)
 
+# 5b. The merge engine on the device: one slider move (one changed α) with the vectors on the device and
+# streamed from the host (timing only: pool.model holds a merge by now, which does not change the cost;
+# tests/test_gpu.py checks the engine's numbers against the CPU).
+from optimer_lib.engine import MergeEngine  # noqa: E402
+
+for where in ("device", "host"):
+    eng = MergeEngine(pool.model, pool.tokenizer, pool.vectors, max_slots=1, vectors_on=where)
+    with eng.lease({"ja": 0.1, "math": 0.1}):
+        pass
+    sync()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        with eng.lease({"ja": 0.1 + 0.01 * (i + 1), "math": 0.1}):
+            sync()
+    per_move = (time.perf_counter() - t0) / reps
+    res[f"engine_move_{where}_s"] = round(per_move, 4)
+    print(f"[engine] one slider move, vectors on the {where}: {per_move * 1e3:.1f} ms", flush=True)
+    del eng
+
 # 6. A 3-trial search on the device (dev sets, tiny limits), then the streaming merge export on the device.
 from optimer_lib.data import load_eval_suite  # noqa: E402
 from optimer_lib.scoring.objectives import parse_objective  # noqa: E402
