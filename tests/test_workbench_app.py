@@ -66,3 +66,42 @@ def test_pool_paths_stay_in_workdir(tmp_path: Path, bad: str):
 
     with pytest.raises(WorkbenchError, match="outside the workdir"):
         Workspace(tmp_path).resolve(bad)
+
+
+PROBE = """
+import sys, threading, torch
+from pathlib import Path
+if sys.argv[1] == "fixed":
+    from workbench.app import release_freed_memory
+    assert release_freed_memory()
+def anon():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+before = anon()
+def work():  # what scoring threads do: many MB-sized blocks held at once, then freed
+    for _ in range(3):
+        blocks = [torch.ones(1024 * 1024) for _ in range(64)]
+        del blocks
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(round(anon() - before))
+"""
+
+
+def test_freed_memory_goes_back_to_the_os_on_glibc():
+    """launch() fixes glibc's mmap threshold (release_freed_memory): memory freed by worker threads leaves the
+    process instead of staying in per-thread heaps (measured: ~350 MB kept without it, 0 with it)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        assert app.release_freed_memory() in (True, False)  # elsewhere it is a no-op that says so
+        return
+    kept = {mode: int(subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                                     check=True).stdout) for mode in ("default", "fixed")}
+    assert kept["fixed"] < 32 and kept["default"] > kept["fixed"] + 50, kept
