@@ -117,6 +117,8 @@ def test_slider_release_updates_chart(page):
 def test_search_plots_five_trials(page, server):
     page.get_by_role("tab", name="Search").click()
     page.locator("#search-trials input").fill("5")
+    page.locator("#search-estimate").click()  # before launch: what it will cost on this pool
+    page.wait_for_selector("#search-status >> text=estimated cost")
     page.locator("#search-start").click()
 
     def points() -> int:
@@ -258,7 +260,7 @@ def test_two_sessions_at_once_each_see_their_own_merge(browser, server):
             pg.locator("#alpha-0 input[type=number]").press("Tab")
         for pg, objective in zip(pages, values.values(), strict=True):
             wait_for(lambda pg=pg, o=objective: o in pg.locator("#tune-status").inner_text(),
-                     what=f"objective {objective} in the status (it says "
+                     timeout=2 * TIMEOUT_MS / 1000, what=f"objective {objective} in the status (it says "
                           f"{[p.locator('#tune-status').inner_text() for p in pages]})")
         assert [pg.locator("#alpha-0 input[type=number]").input_value() for pg in pages] == list(values)
     finally:

@@ -125,5 +125,7 @@ def test_a_search_says_what_it_costs_and_stops_at_its_time_budget(ws):
     assert run.result.stopped == "time_budget" and 1 <= len(run.events) < 200
     line = s.search.estimate()
     assert "per trial" in line and "200 trials" in line and "time budget of 2" in line
+    before = s.estimate_search(SearchSpec(trials=10, search_limit=2, rescore_limit=None, top_k=0))
+    assert "10 trials" in before and "time budget" not in before
     with pytest.raises(WorkbenchError, match="time budget works for single-objective"):
         s.start_pareto(SearchSpec(objectives=("loss:en", "loss:ja"), trials=4, time_budget="1m"))

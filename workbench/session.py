@@ -344,6 +344,11 @@ class Session:
         self.watched = (run.storage, run.study_name)
         return run
 
+    def estimate_search(self, spec: SearchSpec) -> str:
+        """One line: what a search with ``spec`` would cost here (per trial, in total, within its time budget)."""
+        run = SearchRun(self.shared, spec, self.workspace.storage_url, self.workspace.workdir)
+        return run.estimate()
+
     def stop_search(self) -> None:
         if self.search is not None:
             self.search.stop()

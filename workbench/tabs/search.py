@@ -49,9 +49,12 @@ class SearchTab:
                                                    label="documents for re-scoring")
                     self.study_name = gr.Textbox("", label="study name (empty: a new wb-<time> study)")
                     self.iw = gr.Number(D.instruction_weight, label="instruction weight during the search")
+                self.budget = gr.Textbox("", label="time budget", info="e.g. 30m or 2h: stop after the running "
+                                         "trial once spent (empty: none)", elem_id="search-budget")
                 with gr.Row():
                     self.start = gr.Button("Start", variant="primary", elem_id="search-start")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="search-stop")
+                    self.estimate = gr.Button("Estimate cost", size="sm", elem_id="search-estimate")
                 self.status = gr.Markdown(elem_id="search-status")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -75,8 +78,9 @@ class SearchTab:
         self.kind.change(lambda k: (gr.update(visible=k == "preset"), gr.update(visible=k != "preset")),
                          self.kind, [self.preset, self.spec], show_progress="hidden")
         form = [ctx.state, self.kind, self.preset, self.spec, self.sampler, self.trials, self.bounds, self.seed,
-                self.search_limit, self.top_k, self.rescore_limit, self.study_name, self.iw]
+                self.search_limit, self.top_k, self.rescore_limit, self.study_name, self.iw, self.budget]
         self.start.click(self.on_start, form, [self.status, self.study], concurrency_limit=None)
+        self.estimate.click(self.on_estimate, form, self.status, concurrency_limit=None)
         self.stop.click(self.on_stop, ctx.state, self.status, concurrency_limit=None)
         self.reload.click(self.on_reload, [ctx.state, self.storage, self.study], self.study, concurrency_limit=None)
         self.study.change(self.on_watch, [ctx.state, self.storage, self.study], self.live, show_progress="hidden",
@@ -88,15 +92,26 @@ class SearchTab:
                         concurrency_limit=None)
 
     # -- events --------------------------------------------------------------------------------
-    def on_start(self, session: Session, kind: str, preset: str, spec: str, sampler: str, trials: float,
-                 bounds: str, seed: float, search_limit: float, top_k: float, rescore_limit: float,
-                 study_name: str, iw: float) -> tuple[str, Any]:
-        objective = preset if kind == "preset" else spec
+    @staticmethod
+    def _spec(kind: str, preset: str, spec: str, sampler: str, trials: float, bounds: str, seed: float,
+              search_limit: float, top_k: float, rescore_limit: float, study_name: str, iw: float,
+              budget: str) -> SearchSpec:
+        return SearchSpec(objective=(preset if kind == "preset" else spec) or "", sampler=sampler,
+                          trials=int(trials or 1), bounds=bounds or "", study_name=study_name or "",
+                          search_limit=int(search_limit or 1), top_k=int(top_k or 0),
+                          rescore_limit=int(rescore_limit or 1), seed=int(seed or 0),
+                          instruction_weight=float(iw or 0), time_budget=budget or "")
+
+    def on_estimate(self, session: Session, *form: Any) -> str:
+        """The search's estimated cost on this pool (times one merge and a short scoring on the engine)."""
         try:
-            run = session.start_search(SearchSpec(
-                objective=objective or "", sampler=sampler, trials=int(trials or 1), bounds=bounds or "",
-                study_name=study_name or "", search_limit=int(search_limit or 1), top_k=int(top_k or 0),
-                rescore_limit=int(rescore_limit or 1), seed=int(seed or 0), instruction_weight=float(iw or 0)))
+            return session.estimate_search(self._spec(*form))
+        except Exception as exc:
+            return error_md(exc)
+
+    def on_start(self, session: Session, *form: Any) -> tuple[str, Any]:
+        try:
+            run = session.start_search(self._spec(*form))
         except Exception as exc:
             return error_md(exc), gr.update()
         session.ui.pop("search_sig", None)
