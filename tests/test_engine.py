@@ -286,3 +286,32 @@ def test_a_long_search_job_is_preempted_between_forward_passes(tiny_vectors):
     assert "slider" in events and events.index("slider") <= 4, events  # within a forward pass or two
     assert events[-1] == "trial forward 7" and engine.preemptions >= 1
     assert errs and errs[0] <= 1e-6
+
+
+def test_two_leases_run_at_once_on_their_own_slots(tiny_vectors):
+    """With concurrency 2 (a 2-core CPU at one torch thread), two jobs hold two slots at the same time, each
+    with its own merge; a third request waits. With concurrency 1 the two would never meet."""
+    engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
+    barrier = threading.Barrier(2, timeout=5)
+    seen: dict[str, float] = {}
+    errors: list[BaseException] = []
+
+    def job(name: str, w: float):
+        try:
+            state = engine.state({"v0": w})
+            with engine.lease(state) as lease:
+                barrier.wait()  # both leases are active now
+                seen[name] = _rel_err(lease.model, engine.exact(state))
+                assert engine.stats().waiting == 0
+                barrier.wait()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(n, w)) for n, w in (("a", 0.2), ("b", 1.4))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors
+    assert seen["a"] <= 1e-6 and seen["b"] <= 1e-6
+    assert MergeEngine(engine.base, None, engine.vectors, max_slots=1, concurrency=4).concurrency == 1

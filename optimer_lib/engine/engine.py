@@ -15,8 +15,9 @@ them: on the host (memory-mapped; each tensor moved to the device when a merge r
 with room for them, one device copy in the model's dtype shared by every slot. So memory is base + slots x
 model (+ the vectors' device copy), the same for 1 or 100 callers.
 
-Scheduling. One lease is active at a time (a CPU has no spare cores for two forward passes; on a GPU two
-jobs would contend for the same memory bandwidth). Waiting requests are served lowest ``priority`` first,
+Scheduling. Up to ``concurrency`` leases are active at once, each on its own slot (default: on a CPU as many as
+the cores allow at torch's intra-op thread count, at most ``max_slots``; on an accelerator 1, where two jobs
+would contend for the same memory bandwidth). Waiting requests are served lowest ``priority`` first,
 then in arrival order: interactive requests (``INTERACTIVE``: a slider move, a chat reply) overtake background
 scoring (``BACKGROUND``) and search trials (``SEARCH``). A search takes one lease per trial, and a lower-priority
 lease is also preempted *between forward passes*: every slot model carries a forward pre-hook that, when a
@@ -124,12 +125,12 @@ class MergeEngine:
     ``max_slots`` defaults to :func:`default_slots` for the model's device. ``vectors_on`` is ``"host"`` (stream
     them tensor by tensor to the device), ``"device"`` (one copy there, in the model's dtype) or None: the device
     when the model is on an accelerator with room for the vectors beside the slots, else the host.
-    ``cache_size`` results are kept by :meth:`run`.
+    ``cache_size`` results are kept by :meth:`run`; ``concurrency`` leases run at once (see the module docstring).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Sequence[DistributionVector], *,
                  instruction: DistributionVector | None = None, max_slots: int | None = None,
-                 vectors_on: str | None = None, cache_size: int = 512) -> None:
+                 vectors_on: str | None = None, cache_size: int = 512, concurrency: int | None = None) -> None:
         if not vectors:
             raise ConfigError("an engine needs at least one distribution vector")
         self.base = model.eval().requires_grad_(False)
@@ -152,9 +153,14 @@ class MergeEngine:
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, int]] = []
         self._tickets = itertools.count()
-        self._active = False
-        self._owner: int | None = None  # thread holding the lease (a re-entrant lease from it is refused)
-        self._held: tuple[int, Slot, MergeState] | None = None  # (priority, slot, state) of the active lease
+        if concurrency is None:
+            cores = os.cpu_count() or 1
+            concurrency = max(1, cores // max(1, torch.get_num_threads())) if self.device.type == "cpu" else 1
+        self.concurrency = max(1, min(int(concurrency), self.max_slots))
+        self._active = 0
+        self._busy: set[int] = set()  # indices of leased slots
+        # thread -> (priority, slot, state) of its lease (a second lease from the same thread is refused)
+        self._held: dict[int, tuple[int, Slot, MergeState]] = {}
         self.preemptions = 0
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
@@ -218,13 +224,14 @@ class MergeEngine:
         state = weights if isinstance(weights, MergeState) else self.state(
             weights, instruction_weight, method=method, params=params)
         waited = self._acquire(priority)
+        slot = None
         try:
-            slot, changed, merge_s = self._materialise(state, exact)
-            self._held = (int(priority), slot, state)
+            slot, changed, merge_s = self._materialise(state, exact)  # the slot is released below, or on failure
+            self._held[threading.get_ident()] = (int(priority), slot, state)
             yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
         finally:
-            self._held = None
-            self._release()
+            self._held.pop(threading.get_ident(), None)
+            self._release(slot)  # slot None: the merge failed and freed it already
 
     def run(self, weights: Mapping[str, float] | MergeState, job: Callable[[torch.nn.Module], T], *,
             key: Hashable | None = None, instruction_weight: float = 0.0, method: str = "optimer",
@@ -263,24 +270,31 @@ class MergeEngine:
         return EngineMerger(self, priority=priority, **state_kw)
 
     # -- internals -----------------------------------------------------------------------------
-    def _acquire(self, priority: int) -> float:
+    def _acquire(self, priority: int, slot: Slot | None = None) -> float:
+        """Wait for a turn (and, given ``slot``, for that slot to be free): by priority, then arrival."""
         me = threading.get_ident()
         with self._cond:
-            if self._active and self._owner == me:
+            if me in self._held:
                 raise RuntimeError("this thread already holds an engine lease: end it before asking for another "
                                    "(nested leases would deadlock)")
             ticket = (int(priority), next(self._tickets))
             heapq.heappush(self._waiting, ticket)
             t0 = time.perf_counter()
-            while self._active or self._waiting[0] != ticket:
+            while (self._active >= self.concurrency or self._waiting[0] != ticket
+                   or (slot is not None and slot.index in self._busy)):
                 self._cond.wait()
             heapq.heappop(self._waiting)
-            self._active, self._owner = True, me
+            self._active += 1
+            if slot is not None:
+                self._busy.add(slot.index)
+            self._cond.notify_all()  # the next waiter may fit too
             return time.perf_counter() - t0
 
-    def _release(self) -> None:
+    def _release(self, slot: Slot | None) -> None:
         with self._cond:
-            self._active, self._owner = False, None
+            self._active -= 1
+            if slot is not None:
+                self._busy.discard(slot.index)
             self._cond.notify_all()
 
     def _preempt(self, slot: Slot) -> None:
@@ -289,18 +303,19 @@ class MergeEngine:
         Called by the slot model's forward pre-hook in whatever thread runs the forward; acts only for the
         thread holding the lease on that slot. Afterwards the slot holds the lease's state again.
         """
-        held = self._held
-        if held is None or held[1] is not slot or self._owner != threading.get_ident():
+        me = threading.get_ident()
+        held = self._held.get(me)
+        if held is None or held[1] is not slot:
             return
         priority, _, state = held
-        with self._cond:
-            if not self._waiting or self._waiting[0][0] >= priority:
+        with self._cond:  # only when the waiter cannot run otherwise
+            if not self._waiting or self._waiting[0][0] >= priority or self._active < self.concurrency:
                 return
         self.preemptions += 1
-        self._held = None
-        self._release()
-        self._acquire(priority)
-        self._held = (priority, slot, state)
+        del self._held[me]
+        self._release(slot)
+        self._acquire(priority, slot)  # the same slot: this thread's forward pass is running on its model
+        self._held[me] = (priority, slot, state)
         if slot.state != state:  # the other request re-merged this slot: put the lease's merge back
             slot.merger.method, slot.merger.params = state.method, state.param_map
             slot.merger.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
@@ -322,18 +337,29 @@ class MergeEngine:
         return slot
 
     def _pick(self, state: MergeState) -> tuple[Slot, int]:
-        """The slot to serve ``state`` and the vectors its re-merge reads (see the module docstring)."""
-        for s in self._slots:
-            if s.state == state:
-                return s, 0
-        if len(self._slots) < self.max_slots:
-            slot = self._new_slot(state)
+        """The free slot to serve ``state`` and the vectors its re-merge reads (see the module docstring); marked
+        busy. There is always one: fewer leases than ``concurrency`` <= ``max_slots`` are active."""
+        with self._cond:
+            free = [s for s in self._slots if s.index not in self._busy]
+            slot = next((s for s in free if s.state == state), None)
+            if slot is None and len(self._slots) < self.max_slots:
+                slot = self._new_slot(state)
+            if slot is None:
+                slot = min(free, key=lambda s: (s.state.changes_to(state), s.last_used))
+            self._busy.add(slot.index)
             return slot, slot.state.changes_to(state)
-        slot = min(self._slots, key=lambda s: (s.state.changes_to(state), s.last_used))
-        return slot, slot.state.changes_to(state)
 
     def _materialise(self, state: MergeState, exact: bool = False) -> tuple[Slot, int, float]:
         slot, changed = self._pick(state)
+        try:
+            return (slot, *self._merge(slot, state, changed, exact))
+        except BaseException:
+            with self._cond:  # a failed merge must not leave its slot marked busy
+                self._busy.discard(slot.index)
+                self._cond.notify_all()
+            raise
+
+    def _merge(self, slot: Slot, state: MergeState, changed: int, exact: bool) -> tuple[int, float]:
         t0 = time.perf_counter()
         if exact:
             slot.merger.method, slot.merger.params = state.method, state.param_map
@@ -353,7 +379,7 @@ class MergeEngine:
         else:
             self._reused += 1
         slot.last_used = time.monotonic()
-        return slot, changed, time.perf_counter() - t0
+        return changed, time.perf_counter() - t0
 
     def exact(self, state: MergeState) -> dict[str, torch.Tensor]:
         """A fresh merge of ``state`` from the base, tensor by tensor (the reference drift tests compare with)."""
