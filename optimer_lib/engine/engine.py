@@ -317,11 +317,7 @@ class MergeEngine:
         self._acquire(priority, slot)  # the same slot: this thread's forward pass is running on its model
         self._held[me] = (priority, slot, state)
         if slot.state != state:  # the other request re-merged this slot: put the lease's merge back
-            slot.merger.method, slot.merger.params = state.method, state.param_map
-            slot.merger.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
-            slot.state = state
-            slot.merges += 1
-            self._merges += 1
+            self._remerge(slot, state)
         slot.last_used = time.monotonic()
 
     def _new_slot(self, state: MergeState) -> Slot:
@@ -361,25 +357,24 @@ class MergeEngine:
 
     def _merge(self, slot: Slot, state: MergeState, changed: int, exact: bool) -> tuple[int, float]:
         t0 = time.perf_counter()
-        if exact:
-            slot.merger.method, slot.merger.params = state.method, state.param_map
-            slot.merger.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
-            slot.merger.rebuild()
+        if exact or changed:
+            self._remerge(slot, state, rebuild=exact)
             changed = max(changed, 1)
-            slot.state = state
-            slot.merges += 1
-            self._merges += 1
-        elif changed:
-            m = slot.merger
-            m.method, m.params = state.method, state.param_map
-            m.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
-            slot.state = state
-            slot.merges += 1
-            self._merges += 1
         else:
             self._reused += 1
         slot.last_used = time.monotonic()
         return changed, time.perf_counter() - t0
+
+    def _remerge(self, slot: Slot, state: MergeState, rebuild: bool = False) -> None:
+        """Merge ``state`` into ``slot`` (``rebuild``: afresh from the base, dropping incremental drift)."""
+        m = slot.merger
+        m.method, m.params = state.method, state.param_map
+        m.set_weights(state.weight_map, instruction_weight=state.instruction_weight)
+        if rebuild:
+            m.rebuild()
+        slot.state = state
+        slot.merges += 1
+        self._merges += 1
 
     def exact(self, state: MergeState) -> dict[str, torch.Tensor]:
         """A fresh merge of ``state`` from the base, tensor by tensor (the reference drift tests compare with)."""
