@@ -44,7 +44,7 @@ from optimer_lib.search.pareto import ParetoPoint, pareto_front
 from optimer_lib.search.rerank import RerankResult, rerank, resolve_objective
 from workbench.chatting import GenSettings, Message, stream_reply
 from workbench.searching import ParetoRun, SearchRun, SearchSpec, best_params, checked_spec, load_study
-from workbench.tuning import TuneUpdate, last_update, score_stream, tuning_key
+from workbench.tuning import TuneUpdate, cached_update, last_update, score_stream, tuning_key
 from workbench.workspace import SharedPool, WorkbenchError, Workspace
 
 TUNE = "Tune merge"
@@ -194,12 +194,6 @@ class Session:
         n = sum(p.numel() for p in sh.model.parameters())
         return str((scoring or self.scoring).cost(sh.tokenizer, sh.suite, n, model=sh.model))
 
-    def _full(self, weights: Mapping[str, float]) -> dict[str, float]:
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise WorkbenchError(f"unknown vector(s) {unknown}: the pool has {self.names}")
-        return {n: float(weights.get(n, 0.0)) for n in self.names}
-
     def _state_for(self, weights: Mapping[str, float], instruction_weight: float | None = None,
                    method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:
         cur = self.state
@@ -208,7 +202,7 @@ class Session:
         if params is None:  # a new method starts from its own defaults; the same method keeps its options
             params = cur.param_map if method == cur.method else {}
         try:
-            return self.shared.engine.state(self._full(weights), iw, method=method, params=params)
+            return self.shared.engine.state(weights, iw, method=method, params=params)  # missing names: 0
         except ConfigError as exc:
             raise WorkbenchError(str(exc)) from exc
 
@@ -258,11 +252,8 @@ class Session:
 
     def cached_result(self) -> TuneResult | None:
         """The Tune merge's score if any session computed it already (costs nothing), else None."""
-        hit = self.shared.engine.cached(self.state, tuning_key(self.shared, self.scoring))
-        if hit is None:
-            return None
-        last = last_update(score_stream(self.shared, self.state, self.scoring))  # served from the cache
-        return TuneResult.of(last, self.scoring.docs) if last is not None else None
+        hit = cached_update(self.shared, self.state, self.scoring)
+        return None if hit is None else TuneResult.of(hit, self.scoring.docs)
 
     def prefetch(self) -> None:
         """Score the Tune merge in the background (after users' requests, before search trials)."""

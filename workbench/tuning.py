@@ -103,6 +103,24 @@ def tuning_key(shared: SharedPool, scoring: TuneScoring) -> tuple:
     return ("tune", scoring, id(shared.suite))
 
 
+def set_names(sub: Any) -> list[str]:
+    """One entry per scored set of the suite ``sub``: a text set and a QA set may share a name (math: loss and
+    accuracy), the QA one is then called "<name> (QA)"."""
+    return [*sub.texts, *(f"{n} (QA)" if n in sub.texts else n for n in sub.qa)]
+
+
+def cached_update(shared: SharedPool, state: MergeState, scoring: TuneScoring) -> TuneUpdate | None:
+    """The "final" update of a merge some session scored with ``scoring`` already (no forward pass), or None."""
+    hit = shared.engine.cached(state, tuning_key(shared, scoring))
+    if hit is None:
+        return None
+    metrics, scores = hit
+    names = set_names(scoring.select(shared.suite))
+    objective = objective_for(shared, scoring)
+    return TuneUpdate("final", state, dict(metrics), _intervals(scores, objective, True),
+                      _objective(objective, metrics), names, len(names), cached=True)
+
+
 def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
                  should_stop: Callable[[], bool] | None = None, priority: int = INTERACTIVE) -> Iterator[TuneUpdate]:
     """Estimate, then partial and final exact scores of ``state`` (see the module docstring).
@@ -116,13 +134,10 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     objective = objective_for(shared, scoring)
     est = estimator(shared, scoring, state)
     sub = scoring.select(shared.suite)
-    # one entry per scored set: a text set and a QA set may share a name (math: loss and accuracy)
-    names = [*sub.texts, *(f"{n} (QA)" if n in sub.texts else n for n in sub.qa)]
-    hit = engine.cached(state, key)
+    names = set_names(sub)
+    hit = cached_update(shared, state, scoring)
     if hit is not None:
-        metrics, scores = hit
-        yield TuneUpdate("final", state, dict(metrics), _intervals(scores, objective, True),
-                         _objective(objective, metrics), list(names), len(names), cached=True)
+        yield hit
         return
     guess = est.predict(coordinates(shared, state))
     if guess.available:
