@@ -169,16 +169,9 @@ def cmd_merge(a: argparse.Namespace) -> None:
 
 
 def _params(items: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ConfigError(f"bad --param {item!r}: use NAME=VALUE (e.g. --param density=0.5)")
-        try:
-            out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-        except ValueError as exc:
-            raise ConfigError(f"bad --param {item!r}: the value must be a number") from exc
-    return out
+    from optimer_lib.merging.methods import parse_method_params
+
+    return parse_method_params(items, flag="--param")
 
 
 def cmd_report(a: argparse.Namespace) -> None:

@@ -57,24 +57,26 @@ def check_method_params(name: str, params: Mapping[str, object]) -> None:
         raise ConfigError(f"merge method {name!r} has no option(s) {bad}: valid options are {valid or 'none'}")
 
 
-def parse_method_params(items: str | Sequence[str] | None, method: str | None = None) -> dict[str, object]:
+def parse_method_params(items: str | Sequence[str] | None, method: str | None = None, *,
+                        flag: str = "") -> dict[str, object]:
     """``"density=0.5, lam=1"`` (or ``["density=0.5", "lam=1"]``) as ``{"density": 0.5, "lam": 1}``.
 
     Values are numbers (integers stay integers, e.g. DARE's ``seed``). With ``method`` the names are checked
-    against the method's options. ConfigError with one line per mistake.
+    against the method's options. ConfigError with one line per mistake, naming ``flag`` (e.g. ``--param``).
     """
     if isinstance(items, str):
         items = [i for i in items.split(",") if i.strip()]
+    what, example = (flag, f"{flag} density=0.5") if flag else ("method parameter", "density=0.5")
     out: dict[str, object] = {}
     for item in items or []:
         k, sep, v = item.strip().partition("=")
         k, v = k.strip(), v.strip()
         if not sep or not k:
-            raise ConfigError(f"bad method parameter {item.strip()!r}: use NAME=VALUE (e.g. density=0.5)")
+            raise ConfigError(f"bad {what} {item.strip()!r}: use NAME=VALUE (e.g. {example})")
         try:
             out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
         except ValueError:
-            raise ConfigError(f"bad method parameter {item.strip()!r}: the value must be a number") from None
+            raise ConfigError(f"bad {what} {item.strip()!r}: the value must be a number") from None
     if method is not None:
         check_method_params(method, out)
     return out
