@@ -144,7 +144,7 @@ def cmd_search(a: argparse.Namespace) -> None:
         pool.merger.instruction_weight = 1.0 if inst_w is None else inst_w
     if not (a.objectives or a.warm_start_from):
         cfg.check(pool.names)  # every settings problem (bound names included) before any trial
-    _print_estimate(pool, suite, objectives, cfg, budget)
+    _print_estimate(pool, suite, objectives, cfg, budget, measure_callables=a.estimate_only)
     if a.estimate_only:
         return None
     if a.objectives or a.warm_start_from:  # these validate their own settings (Pareto samplers differ)
@@ -158,10 +158,21 @@ def cmd_search(a: argparse.Namespace) -> None:
                       **({"stopped": res.stopped} if res.stopped else {})}, indent=2))
 
 
-def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None) -> None:
-    """The estimated time per trial and for the whole search, on stderr (stdout stays the JSON result)."""
+def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None, *,
+                    measure_callables: bool = False) -> None:
+    """The estimated time per trial and for the whole search, on stderr (stdout stays the JSON result).
+
+    A callable objective (``file.py:fn``, lm-eval tasks) is not timed before a search unless asked
+    (``measure_callables``: ``--estimate-only``): its cost is not dev tokens, and timing it would run it
+    several times (an lm-eval task for minutes) before the first trial.
+    """
     from optimer_lib.search.cost import estimate_search_cost
 
+    callables = [o.spec for o in objectives if o.fn is not None]
+    if callables and not measure_callables:
+        print(f"cost estimate skipped: objective {callables[0]} is a callable, timed only by its trials "
+              "(--estimate-only times it)", file=sys.stderr, flush=True)
+        return
     cost = estimate_search_cost(pool.merger, pool.tokenizer, suite, objectives, cfg)
     print(f"{cost.summary(budget)} (measured in {cost.calibration_seconds:.1f} s on "
           f"{next(pool.model.parameters()).device}; a resumed study runs only its missing trials)",

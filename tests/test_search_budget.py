@@ -175,6 +175,32 @@ def test_search_command_prints_its_estimate_and_honours_the_budget(tmp_path, tin
     assert (best["trials"], best["stopped"], best["rescored"]) == (1, "time_budget", False)
 
 
+COUNTING = """
+import os, pathlib
+def count(model, tokenizer):
+    with open(os.environ["CALLS_FILE"], "a") as f:
+        f.write("x")
+    return float(sum(p.detach().float().abs().sum() for p in model.parameters()))
+"""
+
+
+def test_a_callable_objective_is_called_once_per_trial_not_by_the_estimate(tmp_path, tiny_vectors, notes, optimer,
+                                                                           monkeypatch):
+    """A user callable may take minutes (lm-eval): the search's cost estimate does not run it; --estimate-only
+    does (that is what it is asked for)."""
+    base, (v0, v1) = tiny_vectors(("notes", "other"))
+    (tmp_path / "obj.py").write_text(COUNTING)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("CALLS_FILE", str(calls))
+    common = ["search", "--base", base, "--vector", v0, "--vector", v1, "--eval", f"notes={notes}", "--objective",
+              f"{tmp_path / 'obj.py'}:count", "--sampler", "random", "--top-k", 0, "--trials", 3]
+    r = optimer(*common, "--workdir", tmp_path / "wd")
+    assert "cost estimate skipped: objective" in r.stderr and "estimated cost:" not in r.stderr
+    assert calls.read_text() == "xxx"  # three trials, three calls
+    r = optimer(*common, "--workdir", tmp_path / "est", "--estimate-only")
+    assert "estimated cost:" in r.stderr and len(calls.read_text()) > 3
+
+
 @pytest.mark.parametrize("flags, said", [
     (["--time-budget", "soon"], "bad duration 'soon'"),
     (["--time-budget", "1h", "--objectives", "loss:notes", "loss:notes"], "--time-budget works with one --objective"),
