@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", metavar="DURATION", help="stop after the trial running when this much time has "
                    "passed (90s, 30m, 2h, 1h30m; a number is seconds); no re-scoring then; re-run to continue")
     s.add_argument("--estimate-only", action="store_true", help="print the estimated time per trial and for the "
-                   "whole search, then exit (printed before every search, except for a callable objective, which only --estimate-only runs to time it)")
+                   "whole search, then exit (printed before every search, except for a callable objective, "
+                   "which only --estimate-only runs to time it)")
     add_compute_args(s)
     _add_trust_arg(s)
     s.set_defaults(fn=cmd_search)
