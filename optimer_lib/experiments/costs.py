@@ -12,7 +12,8 @@
 
 Units (:data:`UNITS`): ``tokens_trained`` (tokens through forward+backward), ``tokens_evaluated``
 (tokens scored: document tokens at the trial's limit plus generated tokens; counted by
-:meth:`optimer_lib.scoring.scorer.TrialScorer.eval_tokens`, the one place that knows what a trial scores),
+:meth:`optimer_lib.scoring.scorer.TrialScorer.eval_tokens`, the one place that knows what a trial scores, plus
+the tokens of a trial's sample generations, ``record.TOKENS_GENERATED``, whose time is inside its seconds),
 ``tokens`` (their sum),
 ``compute`` (forward-token equivalents: ``3 * tokens_trained + tokens_evaluated``, a backward pass
 costing about two forwards) and ``seconds`` (wall time on this machine). A search's curve starts at
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from optimer_lib.fileio import atomic_write_json
+from optimer_lib.search import record
 
 UNITS = ("seconds", "tokens_trained", "tokens_evaluated", "tokens", "compute")
 BACKWARD_FACTOR = 3  # a training token costs ~3 forward tokens (forward + backward ~ 2 forwards)
@@ -114,11 +116,12 @@ class CostLedger:
         def callback(study: Any, trial: Any) -> None:
             now = time.perf_counter()
             value = trial.value if getattr(trial.state, "name", "") == "COMPLETE" else None
-            own = getattr(trial, "user_attrs", {}).get("tokens_evaluated")
+            attrs = getattr(trial, "user_attrs", {})
+            own = attrs.get(record.TOKENS_EVALUATED)
             self.add(method, kind=kind, tokens_trained=tokens_trained,
-                     tokens_evaluated=int(own) if own is not None else tokens_evaluated,
+                     tokens_evaluated=(int(own) if own is not None else tokens_evaluated) + _generated(attrs),
                      seconds=now - last[0], objective=None if value is None else float(value),
-                     label=f"trial {trial.number}", info={"params": dict(trial.params)})
+                     label=f"trial {trial.number}", info=_trial_info(trial))
             last[0] = now
 
         return callback
@@ -139,6 +142,21 @@ class CostLedger:
     @classmethod
     def load(cls, path: str | Path) -> CostLedger:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _generated(attrs: dict[str, Any]) -> int:
+    """Tokens a trial generated for its sample generations (``optimer_lib.search.samples``; 0 without)."""
+    return int(attrs.get(record.TOKENS_GENERATED, 0) or 0)
+
+
+def _trial_info(trial: Any) -> dict[str, Any]:
+    """A trial entry's ``info``: its weights, and the seconds of its sample generations when it made any (those
+    seconds are inside the entry's own, which span the whole trial)."""
+    info: dict[str, Any] = {"params": dict(trial.params)}
+    attrs = getattr(trial, "user_attrs", {})
+    if record.SAMPLE_SECONDS in attrs:
+        info.update(sample_seconds=float(attrs[record.SAMPLE_SECONDS]), tokens_generated=_generated(attrs))
+    return info
 
 
 def quality_curve(entries: Sequence[CostEntry], unit: str = "seconds", *,
@@ -180,8 +198,9 @@ def ledger_from_study(study: Any, method: str, *, tokens_evaluated: int = 0, tok
         value = t.value if t.state.name == "COMPLETE" else None
         trained = int(t.user_attrs.get(attr_tokens_trained, 0)) if attr_tokens_trained else tokens_trained
         out.append(CostEntry(method=method, kind="trial", tokens_trained=trained,
-                             tokens_evaluated=int(t.user_attrs.get("tokens_evaluated", tokens_evaluated)),
+                             tokens_evaluated=int(t.user_attrs.get(record.TOKENS_EVALUATED, tokens_evaluated))
+                             + _generated(t.user_attrs),
                              seconds=(t.datetime_complete - t.datetime_start).total_seconds(),
                              objective=None if value is None else float(value), label=f"trial {t.number}",
-                             info={"params": dict(t.params)}))
+                             info=_trial_info(t)))
     return out

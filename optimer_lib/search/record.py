@@ -60,6 +60,9 @@ METRICS_PREFIX = "metrics@"      # metrics@<tag>: every metric scored at that fi
 SEEDED_FROM = "seeded_from"      # "<source study>#<trial>" of a warm-start seed
 GRAD_STEP = "grad_step"          # the gradient-descent step a ``grad`` sampler start point came from
 GRAD_VALUE = "grad_value"        # the objective the descent computed at that point
+SAMPLES = "samples"              # [{"prompt", "text"}]: greedy generations on the search's sample prompts
+TOKENS_GENERATED = "tokens_generated"  # tokens those generations produced (the cost ledger counts them)
+SAMPLE_SECONDS = "sample_seconds"      # wall time of those generations (inside the trial's own time)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -126,6 +129,13 @@ def trial_metrics(trial: FrozenTrial) -> dict[str, dict[str, float]]:
     """``{fidelity tag: metrics}`` stored on one trial (empty dicts skipped)."""
     return {k[len(METRICS_PREFIX):]: dict(v) for k, v in trial.user_attrs.items()
             if k.startswith(METRICS_PREFIX) and isinstance(v, dict) and v}
+
+
+def trial_samples(trial: FrozenTrial) -> list[dict[str, str]]:
+    """The sample generations a trial stored (``[{"prompt", "text"}]``; empty when the search asked for none)."""
+    value = trial.user_attrs.get(SAMPLES)
+    return [{"prompt": str(s.get("prompt", "")), "text": str(s.get("text", ""))} for s in value
+            if isinstance(s, dict)] if isinstance(value, list) else []
 
 
 def best_stored_metrics(trial: FrozenTrial) -> dict[str, float]:

@@ -45,6 +45,7 @@ from optimer_lib.search import record
 from optimer_lib.search.defaults import BATCH
 from optimer_lib.search.pruning import fidelity_problems, make_pruner, score_rungs
 from optimer_lib.search.samplers import SAMPLERS, grid_exhausted, make_sampler, resume_seed
+from optimer_lib.search.samples import check_sample_settings, trial_sampler
 from optimer_lib.search.storage import open_storage, workdir_storage
 from optimer_lib.search.trials import Deadline, counted, run_trials
 
@@ -90,6 +91,8 @@ class SearchConfig:
     pruner: str = BATCH.pruner
     fidelities: tuple[int | None, ...] | None = None
     time_budget: float | str | None = None
+    sample_prompts: tuple[str, ...] = ()   # each trial stores greedy generations on these (search/samples.py)
+    sample_tokens: int = 32
 
     def budget_seconds(self) -> float | None:
         """``time_budget`` in seconds (ConfigError for a malformed one)."""
@@ -136,6 +139,10 @@ class SearchConfig:
             self.budget_seconds()
         except ConfigError as exc:
             problems.append(f"time_budget: {exc}")
+        try:
+            check_sample_settings(self.sample_prompts, self.sample_tokens)
+        except ConfigError as exc:
+            problems.append(str(exc))
         return problems + fidelity_problems(self.pruner, self.fidelities, self.search_limit)
 
     def resolved_bounds(self, names: list[str]) -> dict[str, tuple[float, float]]:
@@ -237,7 +244,8 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
                                                                           bounds.items()},
                          score=score, metrics_key=record.metrics_key(config.search_limit), callbacks=callbacks,
                          progress=progress, should_stop=grid_exhausted if deadline is None else
-                         lambda s: grid_exhausted(s) or deadline(s))
+                         lambda s: grid_exhausted(s) or deadline(s),
+                         samples=trial_sampler(merger, tokenizer, config))
     stopped = "time_budget" if deadline is not None and deadline.spent else None
     if deadline is not None or STOPPED in study.user_attrs:  # a stale "time_budget" must not outlive a finished run
         study.set_user_attr(STOPPED, {"reason": stopped or ("interrupted" if outcome.interrupted else "completed"),

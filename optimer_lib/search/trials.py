@@ -141,14 +141,25 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, score: Callable[[], t
     return study.tell(trial, value)
 
 
+def _scored(trial: optuna.Trial, weights: Weights, score: Score,
+            samples: Callable[[optuna.Trial], None] | None) -> tuple[Any, dict[str, float]]:
+    result = score(trial, weights)
+    if samples is not None:
+        samples(trial)
+    return result
+
+
 def run_trials(study: optuna.Study, *, total: int, suggest: Suggest, score: Score, metrics_key: str,
                callbacks: Iterable[Callback] = (), progress: bool = True, desc: str = "search",
-               should_stop: Callable[[optuna.Study], bool] | None = None) -> LoopOutcome:
+               should_stop: Callable[[optuna.Study], bool] | None = None,
+               samples: Callable[[optuna.Trial], None] | None = None) -> LoopOutcome:
     """Run trials until the study holds ``total`` (see the module docstring); returns what this call did.
 
     ``suggest(trial)`` draws the trial's parameters (stored as its ``weights`` attr); ``score(trial, weights)``
     returns ``(value or values, metrics)`` and may report/prune through ``trial``. ``should_stop(study)`` is
     asked before each trial (an exhausted grid, a spent token budget). ``callbacks`` run after every trial.
+    ``samples(trial)`` (:class:`optimer_lib.search.samples.TrialSampler`) runs after a trial scored without being
+    pruned, before the study is told, while the merger still holds that trial's weights; it stores generations.
     """
     remaining = max(0, total - claimed(study))
     single = len(study.directions) == 1
@@ -176,7 +187,7 @@ def run_trials(study: optuna.Study, *, total: int, suggest: Suggest, score: Scor
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             trial.set_user_attr(record.WEIGHTS, weights)
-            frozen = tell_outcome(study, trial, lambda t=trial, w=weights: score(t, w), metrics_key)
+            frozen = tell_outcome(study, trial, lambda t=trial, w=weights: _scored(t, w, score, samples), metrics_key)
             if frozen is None:
                 return LoopOutcome(done, True)
             done += 1
