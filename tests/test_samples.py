@@ -75,3 +75,18 @@ def test_read_sample_prompts(tmp_path):
     f.write_text("first prompt\n\n  \nsecond\\nline\n")
     assert read_sample_prompts([str(f), "a literal prompt"]) == ("first prompt", "second\nline", "a literal prompt")
     assert read_sample_prompts(None) == ()
+
+
+def test_cost_estimate_times_the_samples(tmp_path, tiny_tokenizer):
+    from optimer_lib.search.cost import estimate_search_cost
+
+    cfg = SearchConfig(trials=10, workdir=tmp_path, top_k=0, sample_prompts=PROMPTS, sample_tokens=6)
+    cost = estimate_search_cost(_merger(), tiny_tokenizer, SUITE, Objective(fn=_weight_sum), cfg,
+                                seconds_per_token=1e-3, merge_seconds=0.5)
+    assert cost.sample_tokens == 12 and cost.sample_seconds > 0
+    assert cost.seconds_per_trial == pytest.approx(0.5 + cost.tokens_per_trial * 1e-3 + cost.sample_seconds)
+    assert "samples" in cost.summary() and "12 generated tokens" in cost.summary()
+    plain = estimate_search_cost(_merger(), tiny_tokenizer, SUITE, Objective(fn=_weight_sum),
+                                 SearchConfig(trials=10, workdir=tmp_path, top_k=0), seconds_per_token=1e-3,
+                                 merge_seconds=0.5)
+    assert plain.sample_seconds == 0 and "samples" not in plain.summary()

@@ -12,7 +12,8 @@ weights to the middle of the bounds (the first trial sets its own), the scoring 
 scored (:meth:`~optimer_lib.scoring.scorer.TrialScorer.eval_tokens`, the one count of what a trial reads). Scoring
 time is close to linear in tokens on a CPU; on a GPU a small calibration batch is less efficient than a full one,
 so the estimate errs high. With a pruner it is the cost of a trial that reaches the last rung (pruned trials cost
-less). The Search tab of the workbench calls the same function.
+less). With sample prompts (``SearchConfig.sample_prompts``) one trial's generations are timed too and added to
+each trial. The Search tab of the workbench calls the same function.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class SearchCost:
     tokens_per_rescore: int = 0
     calibration_seconds: float = 0.0   # what measuring took (not part of the search)
     pruned: bool = False               # a pruner may stop trials before their last rung
+    sample_seconds: float = 0.0        # a trial's sample generations (SearchConfig.sample_prompts), measured once
+    sample_tokens: int = 0             # tokens those generations may produce (prompts x sample_tokens)
 
     @property
     def tokens_per_second(self) -> float:
@@ -87,7 +90,7 @@ class SearchCost:
 
     @property
     def seconds_per_trial(self) -> float:
-        return self.merge_seconds + self.score_seconds
+        return self.merge_seconds + self.score_seconds + self.sample_seconds
 
     @property
     def rescore_seconds(self) -> float:
@@ -107,7 +110,9 @@ class SearchCost:
         most = "at most " if self.pruned else ""
         out = (f"estimated cost: {most}{fmt_seconds(self.seconds_per_trial)} per trial (merge "
                f"{fmt_seconds(self.merge_seconds)} + scoring {self.tokens_per_trial:,} tokens at "
-               f"{self.tokens_per_second:,.0f} tokens/s); {self.trials} trials ≈ "
+               f"{self.tokens_per_second:,.0f} tokens/s"
+               + (f" + samples {fmt_seconds(self.sample_seconds)} for up to {self.sample_tokens:,} generated tokens"
+                  if self.sample_tokens else "") + f"); {self.trials} trials ≈ "
                f"{fmt_seconds(self.trials * self.seconds_per_trial)}")
         if self.rescore_trials:
             out += f", re-scoring the top {self.rescore_trials} ≈ {fmt_seconds(self.rescore_seconds)}"
@@ -171,10 +176,19 @@ def estimate_search_cost(merger: Merger, tokenizer: Any, suite: EvalSuite, objec
             best = min(best, time.perf_counter() - t0)
         seconds_per_token = best / tokens
     n = (config.trials if config is not None else BATCH.trials) if trials is None else int(trials)
+    prompts = tuple(getattr(config, "sample_prompts", ()) or ())
+    sample_seconds, sample_tokens = 0.0, len(prompts) * int(getattr(config, "sample_tokens", 0))
+    if prompts:  # greedy generation costs per token far more than scoring: time it on the merged model
+        from optimer_lib.search.samples import generate_samples
+
+        t0 = time.perf_counter()
+        generate_samples(merger.model, tokenizer, prompts, int(config.sample_tokens))
+        sample_seconds = time.perf_counter() - t0
     rescore = config is not None and config.top_k > 0 and config.rescore_limit != config.search_limit
     return SearchCost(trials=n, tokens_per_trial=scorer.eval_tokens(search_limit),
                       seconds_per_token=float(seconds_per_token), merge_seconds=float(merge_seconds),
                       rescore_trials=min(config.top_k, n) if rescore else 0,
                       tokens_per_rescore=scorer.eval_tokens(config.rescore_limit) if rescore else 0,
                       calibration_seconds=time.perf_counter() - started,
-                      pruned=config is not None and config.pruner != "none")
+                      pruned=config is not None and config.pruner != "none", sample_seconds=sample_seconds,
+                      sample_tokens=sample_tokens)
