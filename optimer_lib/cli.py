@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--estimate-only", action="store_true", help="print the estimated time per trial and for the "
                    "whole search, then exit (printed before every search, except for a callable objective, "
                    "which only --estimate-only runs to time it)")
+    s.add_argument("--sample-prompts", action="append", metavar="FILE|TEXT", help="store each trial's greedy "
+                   "generations on these prompts (a file: one per line; repeat for more), shown in the workbench")
+    s.add_argument("--sample-tokens", type=int, default=32, help="tokens generated per sample prompt (default 32)")
     add_compute_args(s)
     _add_trust_arg(s)
     s.set_defaults(fn=cmd_search)

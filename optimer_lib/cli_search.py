@@ -113,6 +113,7 @@ def cmd_search(a: argparse.Namespace) -> None:
     from optimer_lib.merging.pool import open_pool
     from optimer_lib.scoring.objectives import parse_objective
     from optimer_lib.search.pruning import parse_fidelities
+    from optimer_lib.search.samples import read_sample_prompts
     from optimer_lib.search.specs import parse_bounds, parse_vector_spec
     from optimer_lib.search.study import SearchConfig, run_search
 
@@ -128,7 +129,8 @@ def cmd_search(a: argparse.Namespace) -> None:
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
                        rescore_limit=a.rescore_limit, top_k=a.top_k, pruner=a.pruner,
-                       fidelities=fidelities, time_budget=a.time_budget)
+                       fidelities=fidelities, time_budget=a.time_budget,
+                       sample_prompts=read_sample_prompts(a.sample_prompts), sample_tokens=a.sample_tokens)
     budget = cfg.budget_seconds()  # a malformed --time-budget fails here, before any model loads
     if budget is not None and a.objectives:
         raise ConfigError("--time-budget works with one --objective, not a Pareto search (--objectives): stop it "

@@ -90,3 +90,25 @@ def test_cost_estimate_times_the_samples(tmp_path, tiny_tokenizer):
                                  SearchConfig(trials=10, workdir=tmp_path, top_k=0), seconds_per_token=1e-3,
                                  merge_seconds=0.5)
     assert plain.sample_seconds == 0 and "samples" not in plain.summary()
+
+
+def test_cli_search_stores_samples(tmp_path, tiny_vectors, optimer):
+    base, (v0, v1) = tiny_vectors(("v0", "v1"))
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog"] * 8))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick\n12 + 35 =\n")
+    wd = tmp_path / "search"
+    r = optimer("search", "--base", base, "--vector", v0, "--vector", v1, "--eval", f"notes={corpus}",
+                "--objective", "loss:notes", "--trials", 3, "--search-limit", 2, "--top-k", 0, "--workdir", wd,
+                "--sampler", "random", "--sample-prompts", prompts, "--sample-prompts", "def f(x):",
+                "--sample-tokens", 5)
+    assert "samples" in r.stderr  # the cost estimate counts them
+    study = optuna.load_study(study_name="optimer", storage=f"sqlite:///{wd / 'optuna.db'}")
+    assert len(study.trials) == 3
+    for t in study.trials:
+        assert [s["prompt"] for s in record.trial_samples(t)] == ["the quick", "12 + 35 =", "def f(x):"]
+        assert 0 < t.user_attrs[record.TOKENS_GENERATED] <= 15
+    r = optimer("search", "--base", base, "--vector", v0, "--eval", f"notes={corpus}", "--workdir", tmp_path / "x",
+                "--sample-prompts", "p", "--sample-tokens", 0, ok=False)
+    assert "sample tokens must be 1..512" in r.stderr
