@@ -25,6 +25,7 @@ from torch import Tensor
 
 from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, unique_tensors
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging import groups
 
 MergeMethod = Callable[..., Tensor]
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -258,7 +259,8 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
     (see :func:`optimer_lib.checkpoints.vectors.check_compatible`).
     """
     check_method_params(method, params)
-    ws = ordered_weights([v.name for v in vectors], weights)
+    gw = groups.resolve([v.name for v in vectors], weights)  # ``name@group`` keys: per-layer-group weights
+    ws = ordered_weights([v.name for v in vectors], weights) if gw is None else gw.plain
     state = base_state.state_dict() if isinstance(base_state, torch.nn.Module) else base_state
     extra = [instruction] if instruction is not None else []
     for v in [*vectors, *extra]:
@@ -271,7 +273,8 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
         if not base.is_floating_point() or (instr is None and all(d is None for d in deltas)):
             out[name] = base
             continue
-        out[name] = merge_tensor(name, base.detach(), deltas, ws, method, params, instr,
+        wt = ws if gw is None else gw.at(groups.position(name, aliases_of.get(name, ())))
+        out[name] = merge_tensor(name, base.detach(), deltas, wt, method, params, instr,
                                   float(instruction_weight))
     for alias, canon in aliases.items():
         out[alias] = out[canon]
@@ -287,11 +290,11 @@ class _Target:
     they are cast once to the parameter's device and dtype.
     """
 
-    __slots__ = ("name", "param", "base", "deltas", "instr")
+    __slots__ = ("name", "param", "base", "deltas", "instr", "pos")
 
     def __init__(self, name: str, param: Tensor, deltas: list[Tensor | None], instr: Tensor | None,
-                 base: Tensor | None = None, stream: bool = False):
-        self.name, self.param = name, param
+                 base: Tensor | None = None, stream: bool = False, pos: groups.Position = groups.HEAD):
+        self.name, self.param, self.pos = name, param, pos  # pos: the layer group position (per-group weights)
         if base is not None and tuple(base.shape) != tuple(param.shape):
             raise ConfigError(f"shared base tensor {name} has shape {tuple(base.shape)}, the model "
                               f"{tuple(param.shape)}: pass the base of this model")
@@ -368,11 +371,13 @@ class ResidentMerger:
             instr = _delta(instruction, name, aliases_of) if instruction is not None else None
             if p.is_floating_point() and (instr is not None or any(d is not None for d in deltas)):
                 shared = None if base is None else base[name]
-                self._targets.append(_Target(name, p, deltas, instr, shared, stream_deltas))
+                self._targets.append(_Target(name, p, deltas, instr, shared, stream_deltas,
+                                             groups.position(name, aliases_of.get(name, ()))))
         # One fp32 accumulator per device, reused by every low-precision parameter on it (a chunk's
         # worth when chunking; resized in _write_linear if chunk_elems is changed later).
         self._scratch: dict[torch.device, Tensor] = {}
-        self._weights = {v.name: 0.0 for v in vectors}
+        self._weights: dict[str, float] = {v.name: 0.0 for v in vectors}
+        self._groups: groups.GroupWeights | None = None  # resolved ``name@group`` weights of _weights, if any
         self._incremental_ok = False  # True once the parameters hold base + sum(_weights) + iw * instruction
         self._since_rebuild = 0
 
@@ -392,30 +397,44 @@ class ResidentMerger:
     def set_weights(self, weights: Mapping[str, float], instruction_weight: float | None = None) -> None:
         """Re-merge in place: theta = base + merge(weights) (+ instruction_weight * instruction).
 
-        ``instruction_weight=None`` keeps the merger's current ``instruction_weight``.
+        ``instruction_weight=None`` keeps the merger's current ``instruction_weight``. ``name@group`` keys give
+        per-layer-group weights (:mod:`optimer_lib.merging.groups`); without them one weight per vector.
         """
-        ws = ordered_weights(self.names, weights)
+        gw = groups.resolve(self.names, weights)
+        ws = ordered_weights(self.names, weights) if gw is None else gw.plain
         iw = self.instruction_weight if instruction_weight is None else float(instruction_weight)
         with self.lock, torch.no_grad():
             linear = self.method in ("optimer", "linear")
             inst = self.instruction is not None
-            new = [*ws, iw] if inst else ws
-            old = [*(self._weights[n] for n in self.names), *([self.instruction_weight] if inst else [])]
-            diff = [(i, w - o) for i, (w, o) in enumerate(zip(new, old, strict=True)) if w != o]
-            fresh = sum(1 for w in new if w)  # terms a fresh merge adds; an incremental one adds len(diff)
-            step = (linear and self.rebuild_every > 0 and self._incremental_ok
-                    and self._since_rebuild < self.rebuild_every and len(diff) < fresh)
+            old_gw, plans = self._groups, {}
+            stepped = False
             for t in self._targets:
+                key = None if gw is None and old_gw is None else t.pos  # per vector: one plan for every tensor
+                if key not in plans:
+                    wt = ws if gw is None else gw.at(t.pos)
+                    ot = [self._weights[n] for n in self.names] if old_gw is None else old_gw.at(t.pos)
+                    new = [*wt, iw] if inst else wt
+                    old = [*ot, *([self.instruction_weight] if inst else [])]
+                    diff = [(i, w - o) for i, (w, o) in enumerate(zip(new, old, strict=True)) if w != o]
+                    fresh = sum(1 for w in new if w)  # terms a fresh merge adds; an incremental one adds len(diff)
+                    step = (linear and self.rebuild_every > 0 and self._incremental_ok
+                            and self._since_rebuild < self.rebuild_every and len(diff) < fresh)
+                    plans[key] = (wt, diff, step)
+                wt, diff, step = plans[key]
+                stepped = stepped or step
                 if step and t.param.dtype == torch.float32:
                     self._add_linear(t, diff)
                 elif linear:
-                    self._write_linear(t, ws, iw)
+                    self._write_linear(t, wt, iw)
                 else:
-                    t.param.copy_(merge_tensor(t.name, t.base, t.deltas, ws, self.method, self.params,
+                    t.param.copy_(merge_tensor(t.name, t.base, t.deltas, wt, self.method, self.params,
                                                 t.instr, iw))
-            self._since_rebuild = self._since_rebuild + 1 if step else 0
+            self._since_rebuild = self._since_rebuild + 1 if stepped else 0
             self._incremental_ok = linear
             self._weights = dict(zip(self.names, ws, strict=True))
+            if gw is not None:
+                self._weights.update({k: float(v) for k, v in weights.items() if groups.SEP in k})
+            self._groups = gw
             self.instruction_weight = iw
 
     def rebuild(self) -> None:
@@ -488,5 +507,5 @@ class ResidentMerger:
         with self.lock, torch.no_grad():
             for t in self._targets:
                 t.param.copy_(t.base)
-            self._weights = {n: 0.0 for n in self.names}
+            self._weights, self._groups = {n: 0.0 for n in self.names}, None
             self._incremental_ok = False  # the instruction is out too: the next merge is a fresh one
