@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from optimer_lib.errors import ConfigError, DataError
+from optimer_lib.merging import groups
 from optimer_lib.merging.methods import check_method_params
 
 MERGEKIT_YAML = "mergekit.yaml"
@@ -246,16 +247,22 @@ def load_recipe(path: str | os.PathLike, *, vectors: Sequence[Named] = (),
 
 
 def check_recipe(recipe: Recipe, names: Sequence[str], *, has_instruction: bool = True) -> None:
-    """ConfigError unless ``recipe`` has a weight for exactly the pool's vector ``names``.
+    """ConfigError unless ``recipe`` has a weight for exactly the pool's vector ``names`` (per vector, or per
+    layer group as ``name@group`` keys: every vector must appear in some key).
 
     A recipe with a non-zero instruction weight needs a pool with an instruction vector.
     """
-    got, want = set(recipe.weights), set(names)
+    got, want = {groups.split_key(k)[0] for k in recipe.weights}, set(names)
     if got != want:
         parts = [f"no weight for {sorted(want - got)}" if want - got else "",
                  f"weights for unknown {sorted(got - want)}" if got - want else ""]
         raise ConfigError(f"recipe {recipe.source} does not fit this pool ({'; '.join(x for x in parts if x)}; "
                           f"the pool has {list(names)}): it was made on another pool")
+    if groups.is_grouped(recipe.weights):
+        try:
+            groups.resolve(list(names), recipe.weights)
+        except ConfigError as exc:
+            raise ConfigError(f"recipe {recipe.source}: {exc}") from None
     if recipe.instruction_weight and not has_instruction:
         raise ConfigError(f"recipe {recipe.source} gives the instruction vector weight "
                           f"{recipe.instruction_weight:g} but this pool has none: open a pool with one")

@@ -21,6 +21,10 @@ constant in α, so its derivative is zero almost everywhere: it is left out of `
 with no loss/ppl term, a callable (lm-eval terms included), a non-linear merge method or a ``maximize`` search
 raise ConfigError.
 
+Per-layer-group weights (``name@group`` keys, :mod:`optimer_lib.merging.groups`): θ = θ_base + Σ_i Σ_g α_ig τ_i|g,
+so ∂L/∂α_ig = ⟨∇_θ L, τ_i⟩ summed over group g's tensors only: the same single backward pass gives one partial
+derivative per (vector, group). Pass ``name@group`` weights (or bounds) and the gradient is keyed the same way.
+
 Sampler ``grad`` (:class:`GradientTPESampler`, registered in ``optimer_lib.search.study.SAMPLERS``): before the
 first trial, ``run_search`` calls its :meth:`~GradientTPESampler.warm_start`, which runs
 :func:`projected_descent` (Adam on α from the uniform average 1/K, projected onto the bounds) and enqueues the
@@ -45,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging import groups
 from optimer_lib.merging.merger import Merger
 from optimer_lib.merging.methods import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite, model_device, pad_token_id, scored_documents
@@ -156,32 +161,39 @@ def _grad_on(merger: ResidentMerger) -> Iterator[None]:
 _DOT_CHUNK = 1 << 24  # elements per dot product: bounds the fp32 copies of low-precision gradients and deltas
 
 
-def _take_alpha_grad(merger: ResidentMerger) -> list[float]:
-    """⟨∇_θ L, τ_i⟩ for every vector from the accumulated ``.grad``, freeing each gradient after use.
+def _take_alpha_grad(merger: ResidentMerger, layout: Sequence[str] = ()) -> list[float]:
+    """⟨∇_θ L, τ_i⟩ for every vector (with a ``layout`` of groups: for every vector then group, over the group's
+    tensors; tensors in none of them are left out) from the accumulated ``.grad``, freeing each gradient after use.
 
     Dot products run on the model's device (fp32, fp64 for fp64 models), chunk by chunk, and are summed
     in fp64 there; one transfer at the end.
     """
-    sums: list[torch.Tensor | None] = [None] * len(merger.names)
+    width = max(1, len(layout))
+    sums: list[torch.Tensor | None] = [None] * (len(merger.names) * width)
     for t in merger._targets:
         g = t.param.grad
         if g is None:  # a tensor the loss does not reach
             continue
         t.param.grad = None
+        group = groups.group_of(t.pos, layout) if layout else None
+        if layout and group is None:
+            continue
+        col = layout.index(group) if group is not None else 0
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         flat = g.reshape(-1)
         for i, d in enumerate(t.deltas):
             if d is None:
                 continue
+            k = i * width + col
             dflat = d.reshape(-1)
             for s in range(0, flat.numel(), _DOT_CHUNK):
                 part = torch.dot(flat[s:s + _DOT_CHUNK].to(acc), dflat[s:s + _DOT_CHUNK].to(acc)).double()
-                sums[i] = part if sums[i] is None else sums[i] + part.to(sums[i].device)  # (sharded models)
+                sums[k] = part if sums[k] is None else sums[k] + part.to(sums[k].device)  # (sharded models)
     return [0.0 if s is None else float(s) for s in sums]
 
 
 def _loss_and_grad(merger: ResidentMerger, tokenizer: Any, texts: Sequence[str], *, limit: int | None,
-                   seq_len: int, batch_size: int) -> tuple[float, list[float]]:
+                   seq_len: int, batch_size: int, layout: Sequence[str] = ()) -> tuple[float, list[float]]:
     """Token-weighted mean NLL of one dev set and its derivative w.r.t. each vector weight."""
     model = merger.model
     encoded = scored_documents(model, tokenizer, texts, seq_len, limit)
@@ -194,13 +206,16 @@ def _loss_and_grad(merger: ResidentMerger, tokenizer: Any, texts: Sequence[str],
                               reduction="sum")
         (nll / count).backward()  # accumulates d(mean loss)/dθ over the batches
         total += float(nll.detach())
-    return total / count, _take_alpha_grad(merger)
+    return total / count, _take_alpha_grad(merger, layout)
 
 
 def objective_gradient(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Objective,
                        weights: Mapping[str, float] | None = None, *, limit: int | None = 100, seq_len: int = 128,
-                       batch_size: int = 16) -> ObjectiveGradient:
+                       batch_size: int = 16, layout: Sequence[str] | None = None) -> ObjectiveGradient:
     """The objective's value and dL/dα at ``weights`` (None: the weights the merger holds).
+
+    ``layout`` (group names, :mod:`optimer_lib.merging.groups`; default: the groups ``weights`` names) gives one
+    derivative per ``name@group``; ``weights`` and ``grad`` are then keyed that way.
 
     ``merger`` is a :class:`ResidentMerger` (or a wrapper of one, see :func:`resident_merger`); it holds
     ``weights`` on return. Cost: one forward and one backward pass over the first ``limit`` documents of
@@ -213,17 +228,18 @@ def objective_gradient(merger: Merger, tokenizer: Any, suite: EvalSuite, objecti
     if missing:
         raise ConfigError(f"objective {objective.spec!r} reads dev sets {missing} that the suite lacks "
                           f"(it has {sorted(suite.texts)})")
-    names = resident.names
+    layout = list(layout) if layout is not None else groups.groups_in(weights or {})
+    names = groups.param_names(resident.names, layout)
     metrics: dict[str, float] = {}
     loss_grads: dict[str, dict[str, float]] = {}
     with resident.lock:
         if weights is not None:
             resident.set_weights(weights)
-        at = resident.weights
+        at = groups.expand(resident.weights, resident.names, layout) if layout else resident.weights
         with _grad_on(resident):
             for s in sets:
                 loss, dloss = _loss_and_grad(resident, tokenizer, suite.texts[s], limit=limit, seq_len=seq_len,
-                                             batch_size=batch_size)
+                                             batch_size=batch_size, layout=layout)
                 metrics[f"loss:{s}"] = loss
                 metrics[f"ppl:{s}"] = math.exp(min(loss, 700.0))  # as evaluate_suite: exp overflows past ~709
                 loss_grads[f"loss:{s}"] = dict(zip(names, dloss, strict=True))
@@ -245,8 +261,9 @@ def project(weights: Mapping[str, float], bounds: Bounds) -> dict[str, float]:
 
 
 def default_start(bounds: Bounds) -> dict[str, float]:
-    """The uniform average (1/K per vector, the model-soup point) projected into the bounds."""
-    return project(dict.fromkeys(bounds, 1.0 / max(1, len(bounds))), bounds)
+    """The uniform average (1/K per vector, the model-soup point; every group of a vector too) in the bounds."""
+    k = len({groups.split_key(n)[0] for n in bounds})
+    return project(dict.fromkeys(bounds, 1.0 / max(1, k)), bounds)
 
 
 @dataclass
@@ -292,8 +309,9 @@ def projected_descent(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
     projected gradient descent, α ← clip(α − lr·∇L). A step that made the value worse is taken back: the next
     one leaves from the best point so far with half the step (fresh Adam moments). Stops early when the
     projected step no longer moves α (a corner or a flat point). ``callback(point)`` after each evaluation.
+    ``bounds`` keyed ``name@group`` descend on per-layer-group weights (one per vector and group).
     """
-    names = list(merger.names)
+    names = groups.param_names(merger.names, groups.groups_in(bounds))
     _check_descent(names, bounds, start, steps, lr, optimizer)
     differentiable_terms(objective)
     b1, b2, eps = 0.9, 0.999, 1e-12

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.errors import ConfigError, OptimerError
 from optimer_lib.fileio import atomic_write_json
+from optimer_lib.merging import groups
 from optimer_lib.merging.merger import Merger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
@@ -54,6 +55,7 @@ DIRECTIONS = ("minimize", "maximize")
 # Study attr: why the last run_search with a time budget stopped ({"reason": "time_budget" | "completed", ...}).
 # It belongs with the other keys in record.py (owned elsewhere): move it there as record.STOPPED.
 STOPPED = "stopped"
+GRANULARITY = "granularity"  # study attr: "vector" or "layer-groups:G" (the search parameters' layout)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class SearchConfig:
     pruner: str = BATCH.pruner
     fidelities: tuple[int | None, ...] | None = None
     time_budget: float | str | None = None
+    granularity: str = "vector"  # or "layer-groups:G": one α per (vector, layer group), see merging/groups.py
     sample_prompts: tuple[str, ...] = ()   # each trial stores greedy generations on these (search/samples.py)
     sample_tokens: int = 32
 
@@ -139,6 +142,10 @@ class SearchConfig:
             self.budget_seconds()
         except ConfigError as exc:
             problems.append(f"time_budget: {exc}")
+        try:
+            groups.Granularity.parse(self.granularity)
+        except ConfigError as exc:
+            problems.append(str(exc))
         try:
             check_sample_settings(self.sample_prompts, self.sample_tokens)
         except ConfigError as exc:
@@ -207,7 +214,10 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     call (on ``clock``) and stops it after the trial running when spent (``stopped="time_budget"``, no re-scoring).
     """
     names = list(merger.names)
-    bounds = config.check(names)
+    per_vector = config.check(names)
+    layout = groups.layout(merger, config.granularity)  # [] per vector
+    params = groups.param_names(names, layout)  # "ja" per vector, else "ja@embed", "ja@blocks0-3", ...
+    bounds = {p: per_vector[groups.split_key(p)[0]] for p in params}  # a vector's bounds hold for its groups
     budget = config.budget_seconds()
     deadline = Deadline(budget, clock) if budget is not None else None
     config = dataclasses.replace(config, direction=config.resolved_direction(objective))
@@ -220,7 +230,8 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     pruner = make_pruner(config.pruner, plan.steps if plan else (), config.trials)
     study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
                                 direction=config.direction, load_if_exists=True, sampler=sampler, pruner=pruner)
-    record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec})
+    granularity = groups.Granularity.parse(config.granularity).spec
+    record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec, GRANULARITY: granularity})
     if study.trials:
         # A resumed seeded sampler would replay its first draws (random start-up points included);
         # a seed derived from (seed, trial count) keeps resumes deterministic yet fresh (samplers.resume_seed).
@@ -230,6 +241,7 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
         study.sampler.warm_start(study, merger, tokenizer, suite, objective, config, bounds)
     record.write_study_attrs(study, {
         record.NAMES: names, record.OBJECTIVE: objective.spec, record.DIRECTION: config.direction,
+        GRANULARITY: granularity,
         record.SAMPLER: config.sampler, record.SEED: config.seed,
         record.LIMITS: [config.search_limit, config.rescore_limit], record.RECORD_METRICS: config.record_metrics,
         record.SUITE: {"texts": list(suite.texts), "qa": list(suite.qa)},
@@ -267,13 +279,15 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
         best = ranked[0]
         best_value = float(best.value)
         best_metrics = dict(best.user_attrs.get(record.metrics_key(config.search_limit), {}))
-    best_weights = {n: float(best.params[n]) for n in names}
+    best_weights = {n: float(best.params[n]) for n in params}
     merger.set_weights(best_weights)
     payload = {"weights": best_weights, "objective": best_value, "objective_search": float(best.value),
                "metrics": best_metrics, "trial": best.number, "study": config.study_name,
                "storage": config.storage_url() or ":memory:", "sampler": config.sampler, "seed": config.seed,
                "limits": [config.search_limit, config.rescore_limit], "rescored": rescore,
                "objective_spec": objective.spec, "direction": config.direction, "trials": counted(study),
+               "granularity": granularity, **({"groups": layout, "group_weights": groups.nested(best_weights)}
+                                              if layout else {}),
                **({"stopped": stopped} if stopped else {})}
     path = atomic_write_json(workdir / "best.json", payload)
     return SearchResult(study=study, best_weights=best_weights, best_value=best_value, best_metrics=best_metrics,
