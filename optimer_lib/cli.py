@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tpe, nsga2 or random)")
     s.add_argument("--seed", type=int, default=BATCH.seed, help="sampler seed (give each worker of a study its own)")
     s.add_argument("--bounds", help="0:1 for all, or NAME=LO:HI,...")
+    s.add_argument("--granularity", default="vector", help="vector (one weight per vector) or layer-groups:G (per "
+                   "vector: the embedding, G slices of the blocks, the final norm + head)")
     s.add_argument("--storage", help="Optuna storage URL (default sqlite in --workdir)")
     s.add_argument("--study", default="optimer", help="study name in the storage")
     s.add_argument("--workdir", default="runs/search", help="where optuna.db (default), best.json, rescore.json go")

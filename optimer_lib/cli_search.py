@@ -129,7 +129,7 @@ def cmd_search(a: argparse.Namespace) -> None:
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
                        rescore_limit=a.rescore_limit, top_k=a.top_k, pruner=a.pruner,
-                       fidelities=fidelities, time_budget=a.time_budget,
+                       fidelities=fidelities, time_budget=a.time_budget, granularity=a.granularity,
                        sample_prompts=read_sample_prompts(a.sample_prompts), sample_tokens=a.sample_tokens)
     budget = cfg.budget_seconds()  # a malformed --time-budget fails here, before any model loads
     if budget is not None and a.objectives:

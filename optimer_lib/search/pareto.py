@@ -42,7 +42,7 @@ from optimer_lib.search.rerank import resolve_objective, score_stored
 from optimer_lib.search.samplers import resume_seed, startup_trials
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import SearchConfig, no_trial_completed
-from optimer_lib.search.trials import counted, run_trials
+from optimer_lib.search.trials import Deadline, counted, run_trials
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class ParetoResult:
     path: Path
     new_trials: int = 0
     interrupted: bool = False
+    stopped: str | None = None   # "time_budget" when config.time_budget ended the search before config.trials
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -130,7 +131,8 @@ def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
     ``config.sampler`` is one of :data:`PARETO_SAMPLERS`; ``top_k`` and ``rescore_limit`` are not used, each
     objective keeps its own direction (``Objective.direction``). Trials run through the one trial loop
     (:func:`optimer_lib.search.trials.run_trials`): several workers on one study finish exactly ``trials``,
-    failures are handled as in ``run_search``.
+    failures are handled as in ``run_search``. ``config.time_budget`` stops it after the trial running when the
+    budget is spent, as in ``run_search`` (``stopped="time_budget"`` in the result and in pareto.json).
     """
     objs, specs = list(objectives), [o.spec for o in objectives]
     problems = [] if len(objs) >= 2 else [f"give at least two objectives for a Pareto search (got {len(objs)})"]
@@ -141,8 +143,13 @@ def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
     names = list(merger.names)
     bounds, bound_problems = config.bound_problems(names)
     problems += bound_problems + config.setting_problems(PARETO_SAMPLERS)
+    try:
+        budget = config.budget_seconds()
+    except ConfigError as exc:
+        problems.append(f"time_budget: {exc}")
     if problems:
         raise ConfigError("bad Pareto search settings:\n  - " + "\n  - ".join(problems))
+    deadline = Deadline(budget) if budget is not None else None
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     directions = [o.direction for o in objs]
@@ -160,7 +167,8 @@ def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
                          suggest=lambda t: {n: t.suggest_float(n, *b) for n, b in bounds.items()},
                          score=lambda trial, weights: scorer.score(weights, config.search_limit),
                          metrics_key=record.metrics_key(config.search_limit), callbacks=callbacks, progress=progress,
-                         desc="pareto")
+                         desc="pareto", should_stop=deadline)
+    stopped = "time_budget" if deadline is not None and deadline.spent else None
     front = pareto_front(study)
     if not front:
         if outcome.interrupted:
@@ -170,9 +178,9 @@ def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
                "storage": config.storage_url() or ":memory:", "sampler": config.sampler, "seed": config.seed,
                "search_limit": config.search_limit, "trials": counted(study),
                "front": [{"trial": p.number, "weights": p.weights, "values": p.values, "metrics": p.metrics}
-                         for p in front]}
+                         for p in front], **({"stopped": stopped} if stopped else {})}
     path = atomic_write_json(workdir / "pareto.json", payload)
-    return ParetoResult(study, specs, front, path, outcome.done, outcome.interrupted)
+    return ParetoResult(study, specs, front, path, outcome.done, outcome.interrupted, stopped)
 
 
 def export_point(pool: Any, point: ParetoPoint, out_dir: str | Path, *, overwrite: bool = False) -> Path:
