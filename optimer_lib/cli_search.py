@@ -132,9 +132,6 @@ def cmd_search(a: argparse.Namespace) -> None:
                        fidelities=fidelities, time_budget=a.time_budget, granularity=a.granularity,
                        sample_prompts=read_sample_prompts(a.sample_prompts), sample_tokens=a.sample_tokens)
     budget = cfg.budget_seconds()  # a malformed --time-budget fails here, before any model loads
-    if budget is not None and a.objectives:
-        raise ConfigError("--time-budget works with one --objective, not a Pareto search (--objectives): stop it "
-                          "with Ctrl-C (finished trials are kept) or lower --trials")
     device, dtype = compute_args(a)
     inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
     if not a.estimate_only:
@@ -210,6 +207,7 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
     """``search --objectives`` (Pareto search) and/or ``--warm-start-from STUDY`` (same storage)."""
     from optimer_lib.search import record
     from optimer_lib.search.pareto import run_pareto_search
+    from optimer_lib.search.trials import counted
     from optimer_lib.search.warmstart import seeded_bounds, warm_start_search, warm_start_study
 
     if not a.objectives:
@@ -224,8 +222,12 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
         study = warm_start_study(a.warm_start_from, objectives, storage=cfg.storage_url(), study_name=cfg.study_name)
         cfg.bounds = cfg.bounds or seeded_bounds(study)
     res = run_pareto_search(pool.merger, pool.tokenizer, suite, objectives, cfg)
+    if res.stopped:
+        print(f"stopped for the time budget after {res.new_trials} new trial(s) ({counted(res.study)} of "
+              f"{cfg.trials} in the study): re-run the same command to continue", file=sys.stderr)
     front = [{"trial": p.number, "weights": p.weights, "values": p.values} for p in res.front]
-    print(json.dumps({"objectives": res.objectives, "front": front, "pareto_json": str(res.path)}, indent=2))
+    print(json.dumps({"objectives": res.objectives, "front": front, "pareto_json": str(res.path),
+                      **({"stopped": res.stopped} if res.stopped else {})}, indent=2))
 
 
 def cmd_rerank(a: argparse.Namespace) -> None:

@@ -85,6 +85,20 @@ def test_bad_settings_and_resume(tmp_path, fake_eval):
     assert fake_eval.calls[-1] == (["en"], ["math"])
 
 
+def test_a_time_budget_stops_the_pareto_search_after_the_running_trial(tmp_path, fake_eval):
+    objs = [obj("loss:en"), obj("acc:math")]
+    with pytest.raises(ConfigError, match="time_budget: bad duration 'soon'"):
+        run_pareto_search(FakeMerger(), None, SUITE, objs, config(tmp_path, time_budget="soon"))
+    res = run_pareto_search(FakeMerger(), None, SUITE, objs, config(tmp_path, trials=50, time_budget="0.001s"),
+                            progress=False)
+    assert (res.new_trials, len(res.study.trials), res.stopped) == (1, 1, "time_budget")
+    saved = json.loads(res.path.read_text())
+    assert (saved["trials"], saved["stopped"]) == (1, "time_budget")
+    res = run_pareto_search(FakeMerger(), None, SUITE, objs, config(tmp_path / "b", trials=3, time_budget="1h"),
+                            progress=False)
+    assert (res.new_trials, res.stopped) == (3, None) and "stopped" not in json.loads(res.path.read_text())
+
+
 def test_front_from_stored_metrics_of_a_single_objective_study(tmp_path, fake_eval):
     res = run_search(FakeMerger(), None, SUITE, obj("balanced"), config(tmp_path, trials=15, top_k=0),
                      progress=False)

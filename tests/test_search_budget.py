@@ -203,7 +203,6 @@ def test_a_callable_objective_is_called_once_per_trial_not_by_the_estimate(tmp_p
 
 @pytest.mark.parametrize("flags, said", [
     (["--time-budget", "soon"], "bad duration 'soon'"),
-    (["--time-budget", "1h", "--objectives", "loss:notes", "loss:notes"], "--time-budget works with one --objective"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "meta"], "--device meta is not supported"),
