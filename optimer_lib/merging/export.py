@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from optimer_lib.checkpoints.vectors import DistributionVector
+from optimer_lib.checkpoints.vectors import DistributionVector, unique_tensors
 from optimer_lib.errors import OptimerError
 from optimer_lib.fileio import normal_permissions
+from optimer_lib.merging import groups
 
 # mergekit has no single-step equivalent of these; the recipe names its closest method.
 _MERGEKIT_METHOD = {"ties": "ties", "dare": "dare_linear"}
@@ -41,6 +42,27 @@ def _effective_weights(method: str, names: Sequence[str], weights: Mapping[str, 
     return {n: float(weights[n]) for n in names}
 
 
+def layer_weight(name: str, weights: Mapping[str, float], names: Sequence[str],
+                 state: Mapping[str, torch.Tensor]) -> list[dict[str, object]]:
+    """Vector ``name``'s per-layer-group weights as a mergekit parameter: one ``{filter, value}`` per tensor outside
+    the blocks (its full name: embedding, tied or untied head, final norm), then ``{value: [w_0, ..., w_L-1]}``, a
+    per-layer gradient with one entry per block (mergekit evaluates block i at t = i / (L - 1), i.e. entry i)."""
+    gw = groups.resolve(names, weights)
+    assert gw is not None
+    col = list(names).index(name)
+    kept, aliases = unique_tensors(state)
+    of = {alias: [canon] for alias, canon in aliases.items()}
+    for alias, canon in aliases.items():
+        of.setdefault(canon, []).append(alias)
+    out: list[dict[str, object]] = []
+    for t in state:
+        if groups.layer_index(t) is None and state[t].is_floating_point():
+            out.append({"filter": t, "value": gw.at(groups.position(t, of.get(t, ())))[col]})
+    layers = groups.n_layers(state)
+    out.append({"value": [gw.at(i)[col] for i in range(layers)]})
+    return out
+
+
 def _model_dtype(model: torch.nn.Module) -> str:
     p = next(model.parameters(), None)
     return str(p.dtype).removeprefix("torch.") if p is not None else "float32"
@@ -49,15 +71,22 @@ def _model_dtype(model: torch.nn.Module) -> str:
 def mergekit_config(*, base_path: str, vectors: Sequence[DistributionVector], weights: Mapping[str, float],
                     method: str = "optimer", method_params: Mapping[str, object] | None = None,
                     instruction: DistributionVector | None = None, instruction_weight: float | None = None,
-                    dtype: str = "float32") -> dict:
+                    dtype: str = "float32", state: Mapping[str, torch.Tensor] | None = None) -> dict:
     """A mergekit config dict for this merge (``task_arithmetic`` for optimer/linear/average/task_arithmetic).
 
     Each vector's ``source`` (its tuned checkpoint) is the model entry; the instruction model is one more
     entry. ties/dare map to mergekit's ``ties``/``dare_linear``, which differ in detail (see the card).
+    Per-layer-group weights (``name@group`` keys) need the model's ``state`` (tensor names) and become per-layer
+    weights (:func:`layer_weight`).
     """
     params = dict(method_params or {})
     names = [v.name for v in vectors]
-    eff = _effective_weights(method, names, weights, params)
+    if groups.is_grouped(weights) and method in ("optimer", "linear"):
+        if state is None:
+            raise OptimerError("per-layer-group weights need the model's tensor names for mergekit.yaml: pass state=")
+        eff: dict[str, object] = {n: layer_weight(n, weights, names, state) for n in names}
+    else:
+        eff = dict(_effective_weights(method, names, weights, params))
     mk_method = _MERGEKIT_METHOD.get(method, "task_arithmetic")
     models = []
     for v in vectors:
@@ -88,24 +117,34 @@ def model_card(*, base_path: str, vectors: Sequence[DistributionVector], weights
              f"- base model: `{base_path}`", f"- merge method: `{method}`"]
     if params:
         lines.append("- method options: " + ", ".join(f"`{k}={v}`" for k, v in params.items()))
+    grouped = groups.is_grouped(weights)
     lines += ["", "| vector | source | tokens trained | weight |", "|---|---|---|---|"]
     for v in vectors:
-        lines.append(f"| {v.name} | `{v.source or '-'}` | {v.tokens_trained or '-'} | {float(weights[v.name]):g} |")
+        w = "per layer group (below)" if grouped else f"{float(weights[v.name]):g}"
+        lines.append(f"| {v.name} | `{v.source or '-'}` | {v.tokens_trained or '-'} | {w} |")
     if instruction is not None:
         lines.append(f"| {instruction.name} (instruction) | `{instruction.source or '-'}` | "
                      f"{instruction.tokens_trained or '-'} | {float(instruction_weight or 0):g} |")
+    if grouped:
+        lines += ["", "## Per-layer-group weights", "", "`name@group` weights (a plain name: every group it does not "
+                  "name); groups: embed (with a tied head), blocksA-B (layers A..B), head (final norm, untied head).",
+                  "", "| weight | value |", "|---|---|"]
+        lines += [f"| `{k}` | {float(w):g} |" for k, w in weights.items()]
     if scores:
         lines += ["", "## Scores", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {float(v):.6g} |" for k, v in scores.items()]
     cmd = [f"optimer merge --base {base_path}"]
     for v in vectors:
-        cmd.append(f"--vector {v.path or v.name + '.safetensors'}={float(weights[v.name])!r}")
+        cmd.append(f"--vector {v.path or v.name + '.safetensors'}={float(weights.get(v.name, 0.0))!r}")
     if instruction is not None:
         cmd.append(f"--instruction {instruction.path or instruction.name + '.safetensors'}"
                    f"={float(instruction_weight or 0)!r}")
     cmd.append(f"--method {method}" + "".join(f" --param {k}={v}" for k, v in params.items())
                + f" --out {out_dir}")
-    lines += ["", "## Reproduce", "", "```", " \\\n    ".join(cmd), "```", "",
+    repro = ["```", " \\\n    ".join(cmd), "```"] if not grouped else [
+        "`optimer merge` takes one weight per vector: load this folder (or its mergekit.yaml) as a recipe "
+        "(`optimer_lib.merging.recipes.load_recipe`, the workbench's Tune tab) to redo the per-group merge."]
+    lines += ["", "## Reproduce", "", *repro, "",
               "`mergekit.yaml` holds the same merge for mergekit"
               + (" (`task_arithmetic`, exact)." if method not in _MERGEKIT_METHOD
                  else f" (closest method `{_MERGEKIT_METHOD[method]}`; masks and the linear instruction term "
@@ -124,7 +163,8 @@ def export_merged(model: torch.nn.Module, tokenizer: object, out_dir: str | os.P
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OptimerError(f"{str(out)!r} already exists: choose another --out or use --force to replace it")
-    missing = [v.name for v in vectors if v.name not in weights]
+    missing = [v.name for v in vectors if v.name not in weights and not any(
+        groups.split_key(k)[0] == v.name for k in weights)]
     if missing:
         raise OptimerError(f"no weight given for vector(s) {missing}: pass NAME=WEIGHT for each vector")
     if instruction is not None and instruction_weight is None:
@@ -139,7 +179,8 @@ def export_merged(model: torch.nn.Module, tokenizer: object, out_dir: str | os.P
             tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         cfg = mergekit_config(base_path=str(base_path), vectors=vectors, weights=weights, method=method,
                               method_params=params, instruction=instruction,
-                              instruction_weight=instruction_weight, dtype=_model_dtype(model))
+                              instruction_weight=instruction_weight, dtype=_model_dtype(model),
+                              state=model.state_dict())
         (tmp / "mergekit.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         (tmp / "README.md").write_text(model_card(
             base_path=str(base_path), vectors=vectors, weights=weights, method=method, params=params,

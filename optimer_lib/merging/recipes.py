@@ -137,6 +137,35 @@ def _entry_name(model: str, vectors: Sequence[Named], instruction: Named | None,
     return Path(model.rstrip("/\\")).name or model, False  # no pool to match: the checkpoint folder's name
 
 
+def _layer_weights(name: str, setting: list, where: str) -> dict[str, float]:
+    """``name@group`` weights of a per-layer mergekit weight, as ``export.layer_weight`` writes it: ``{filter,
+    value}`` entries for tensors outside the blocks (the first per group wins: a tied head follows its embedding),
+    then one ``{value: [w_0, ..., w_L-1]}`` with one entry per block (runs of equal entries become one group)."""
+    out: dict[str, float] = {}
+    layers: list[float] = []
+    for cond in setting:
+        if not isinstance(cond, Mapping) or "value" not in cond:
+            raise ConfigError(f"{where}: the weight of {name!r} must be a number or a list of {{filter, value}}")
+        if cond.get("filter") in (None, "*"):  # matches every tensor left: the blocks
+            value = cond["value"]
+            layers = [_number(v, f"a layer weight of {name!r}", where) for v in (value if isinstance(value, list)
+                                                                                  else [value])]
+            break
+        pos = groups.position(str(cond["filter"]))
+        if isinstance(pos, int):
+            raise ConfigError(f"{where}: filter {cond['filter']!r} of {name!r} names one block: OptiMer reads block "
+                              "weights from the unfiltered per-layer list only")
+        out.setdefault(groups.param_name(name, pos), _number(cond["value"], f"the weight of {name!r}", where))
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[i]:
+            j += 1
+        out[groups.param_name(name, f"blocks{i}-{j}")] = layers[i]
+        i = j + 1
+    return out
+
+
 def _from_mergekit(cfg: Mapping[str, Any], path: Path, vectors: Sequence[Named],
                    instruction: Named | None) -> Recipe:
     where = str(path)
@@ -159,14 +188,19 @@ def _from_mergekit(cfg: Mapping[str, Any], path: Path, vectors: Sequence[Named],
         if not isinstance(p, Mapping) or "weight" not in p:
             raise ConfigError(f"{where}: model {entry['model']!r} has no parameters.weight")
         name, is_inst = _entry_name(entry["model"], vectors, instruction, where)
-        w = _number(p["weight"], f"the weight of {entry['model']!r}", where)
+        if isinstance(p["weight"], list) and not is_inst:  # per-layer weights (an export with layer groups)
+            weights.update(_layer_weights(name, p["weight"], where))
+            w = None
+        else:
+            w = _number(p["weight"], f"the weight of {entry['model']!r}", where)
         if name in seen:
             raise ConfigError(f"{where}: vector {name!r} appears twice in 'models'")
         seen.add(name)
         if is_inst:
-            iw = w
+            iw = float(w or 0.0)
         else:
-            weights[name] = w
+            if w is not None:
+                weights[name] = w
             if "density" in p:
                 densities.add(_number(p["density"], "density", where))
     top = cfg.get("parameters") or {}
