@@ -11,6 +11,7 @@
                    [--pruner none|median|asha|hyperband] [--fidelities 10,30,100]
     optimer rerank --workdir DIR [--storage URL] [--study NAME] --objective SPEC
     optimer import-gguf FILE.gguf|pkg:NAME OUT [--dtype float32] [--force]
+    optimer export-gguf CHECKPOINT OUT.gguf [--dtype f32|f16|bf16|q8_0] [--force]
     optimer plan --base DIR --vector FILE ... [--device cpu|cuda|cuda:N|auto] [--dtype D] [--slots N] [--json]
     optimer plan --sizes                     (135M-27B on a 24 GiB CPU and an 80 GiB GPU)
 
@@ -154,6 +155,7 @@ def cmd_merge(a: argparse.Namespace) -> None:
                               allow_fingerprint_mismatch=a.allow_base_mismatch, overwrite=a.force,
                               trust_remote_code=a.trust_remote_code)
         print(f"saved merged model to {res.path} (streamed into {res.shards} shard(s))")
+        _maybe_gguf(a, Path(res.path))
         return
     pool = open_pool(a.base, [f for f, _ in specs], instruction=inst, device=a.device or "cpu",
                      dtype=a.dtype if a.dtype not in (None, "auto", "keep") else "float32",
@@ -166,6 +168,24 @@ def cmd_merge(a: argparse.Namespace) -> None:
                         weights=weights, method=a.method, instruction=pool.instruction,
                         instruction_weight=inst_w, method_params=params, overwrite=a.force)
     print(f"saved merged model to {out}")
+    _maybe_gguf(a, Path(out))
+
+
+def _maybe_gguf(a: argparse.Namespace, out: Path) -> None:
+    """``merge --format gguf[-TYPE]``: the merged folder also as one GGUF file for llama.cpp."""
+    if a.format != "hf":
+        from optimer_lib.checkpoints.gguf_export import add_gguf_to_export
+
+        res = add_gguf_to_export(out, dtype=a.format.partition("-")[2] or "f32", overwrite=True)
+        print(f"saved {res.path} ({res.dtype}, {res.tensors} tensors, {res.bytes / 1e6:.1f} MB) for llama.cpp")
+
+
+def cmd_export_gguf(a: argparse.Namespace) -> None:
+    from optimer_lib.checkpoints.gguf_export import export_gguf_dir
+
+    res = export_gguf_dir(a.checkpoint, a.out, dtype=a.dtype, overwrite=a.force)
+    print(f"saved {res.path} ({res.dtype}, {res.tensors} tensors, {res.bytes / 1e6:.1f} MB, tokenizer "
+          f"{res.tokenizer['model']}/{res.tokenizer['pre']}) for llama.cpp")
 
 
 def _params(items: list[str]) -> dict[str, object]:
@@ -282,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="folder of the merged HF checkpoint (+ model card, mergekit.yaml)")
     m.add_argument("--force", action="store_true", help="replace an existing --out")
     m.add_argument("--allow-base-mismatch", action="store_true", help="skip the base fingerprint check")
+    m.add_argument("--format", default="hf", choices=("hf", "gguf", "gguf-f16", "gguf-bf16", "gguf-q8_0"),
+                   help="gguf[-TYPE]: also write OUT/<name>-TYPE.gguf for llama.cpp (Llama models; f32 by default)")
     _add_streaming_args(m)
     _add_trust_arg(m)
     m.set_defaults(fn=cmd_merge)
@@ -404,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "bfloat16, float16")
     g.add_argument("--force", action="store_true", help="replace an existing OUT")
     g.set_defaults(fn=cmd_import_gguf)
+
+    xg = sub.add_parser("export-gguf", help="write a Llama-architecture HF checkpoint (a merge) as a GGUF file")
+    xg.add_argument("checkpoint", help="HF checkpoint folder (e.g. an `optimer merge` output)")
+    xg.add_argument("out", help="the .gguf file to write")
+    xg.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                    help="tensor type (default f32, exact; norms stay f32)")
+    xg.add_argument("--force", action="store_true", help="replace an existing OUT")
+    xg.set_defaults(fn=cmd_export_gguf)
 
     pl = sub.add_parser("plan", help="what a pool needs on a device: base, slots, vectors resident or streamed, "
                         "re-merge time per changed vector")
