@@ -10,7 +10,9 @@ Tensor names come from the ``gguf`` package's own table (``gguf.get_tensor_name_
 transformers reads back when :mod:`optimer_lib.checkpoints.gguf_import` imports a file); the query and key
 projections are permuted the way llama.cpp's ``convert_hf_to_gguf.py`` does (its rotary embedding pairs
 neighbouring rows, Hugging Face pairs the two halves), which the importer undoes, so an f32 export re-imports
-bit for bit. A tied head is written once (``token_embd``), as llama.cpp expects. ``dtype``: ``f32`` (exact),
+bit for bit. A tied head is written once (``token_embd``), as llama.cpp expects. Tensors are declared first and
+then read, converted and written one at a time (an exported folder is read from its safetensors without building
+a model), so memory stays near one tensor. ``dtype``: ``f32`` (exact),
 ``f16``, ``bf16`` or ``q8_0``; one-dimensional tensors (norms) stay f32 and a ``q8_0`` tensor whose rows are not a
 multiple of 32 is written f16, as llama.cpp's converter does.
 
@@ -22,15 +24,17 @@ byte-level pre-tokenizer (GPT-2's split), else ``"default"`` (``pre=`` overrides
 regex by this name). ``add_bos_token`` says what the tokenizer itself does (``tokenizer(text)`` starts with bos
 or not: the embedded world's and SmolLM2's do not; their chat templates write it); ``add_bos=`` overrides it
 (this project's scoring always puts bos first, ``scoring.evaluate.encode_text``). The file is written beside
-``out`` and renamed into place. Every tensor is converted in memory: plan about one model's size of free RAM.
+``out`` and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,57 +164,71 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str | None,
             "add_bos_token": add_bos, "chat_template": bool(template)}
 
 
-def _gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``[(gguf name, tensor in llama.cpp's layout)]``, the tied head left out; unknown names refused together."""
+def _plan(cfg: Any, keys: Iterable[str]) -> list[tuple[str, str]]:
+    """``[(checkpoint key, gguf name)]`` of the float tensors, the tied head left out; unknown names refused
+    together."""
     import gguf
 
-    cfg = model.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(cfg.num_hidden_layers))
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(_config_value(cfg, "num_key_value_heads", default=heads))
-    state = model.state_dict()
     tied = getattr(cfg, "tie_word_embeddings", False)
     out, unknown = [], []
-    for key, value in state.items():
-        if not value.is_floating_point() or key.endswith("rotary_emb.inv_freq"):
-            continue
-        if tied and key == "lm_head.weight":
+    for key in keys:
+        if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
             continue
         stem, _, suffix = key.rpartition(".")
         name = name_map.get_name(stem)
         if name is None:
             unknown.append(key)
-            continue
-        tensor = value.detach().to("cpu", torch.float32)
-        if stem.endswith("self_attn.q_proj"):
-            tensor = llama_permute(tensor, heads, heads)
-        elif stem.endswith("self_attn.k_proj"):
-            tensor = llama_permute(tensor, heads, kv_heads)
-        out.append((f"{name}.{suffix}", tensor))
+        else:
+            out.append((key, f"{name}.{suffix}"))
     if unknown:
         raise ModelError(f"GGUF export: no llama.cpp name for {len(unknown)} tensor(s) ({', '.join(unknown[:3])}"
                          f"{', ...' if len(unknown) > 3 else ''}): is this a plain Llama model?")
     return out
 
 
-def _add_tensor(w: Any, name: str, tensor: torch.Tensor, dtype: str) -> None:
+def _layout(cfg: Any, key: str, tensor: torch.Tensor) -> np.ndarray:
+    """One tensor in llama.cpp's layout, float32: q/k projections permuted (see :func:`llama_permute`)."""
+    heads = int(cfg.num_attention_heads)
+    tensor = tensor.detach().to("cpu", torch.float32)
+    if ".self_attn.q_proj." in key:
+        tensor = llama_permute(tensor, heads, heads)
+    elif ".self_attn.k_proj." in key:
+        tensor = llama_permute(tensor, heads, int(_config_value(cfg, "num_key_value_heads", default=heads)))
+    return tensor.contiguous().numpy()
+
+
+def _kind(shape: Sequence[int], dtype: str) -> str:
+    """The type one tensor is written in: norms (1-D) f32; q8_0 rows must be whole blocks of 32, else f16."""
+    kind = dtype if len(shape) > 1 else "f32"
+    return "f16" if kind == "q8_0" and shape[-1] % 32 else kind
+
+
+def _encode(data: np.ndarray, kind: str) -> np.ndarray:
     import gguf
 
-    data = tensor.contiguous().numpy().astype(np.float32, copy=False)
-    kind = dtype if data.ndim > 1 else "f32"
-    if kind == "q8_0" and data.shape[-1] % 32:
-        kind = "f16"
-    if kind == "f32":
-        w.add_tensor(name, data)
-        return
+    return data if kind == "f32" else gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, _QTYPES[kind]))
+
+
+def _add_info(w: Any, name: str, shape: Sequence[int], kind: str) -> None:
+    """Declare a tensor before its data is written (so tensors stream one at a time)."""
+    import gguf
+
     qtype = getattr(gguf.GGMLQuantizationType, _QTYPES[kind])
-    w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    if kind == "f32":
+        w.add_tensor_info(name, tuple(shape), np.dtype(np.float32), 4 * math.prod(shape))
+    elif kind == "f16":
+        w.add_tensor_info(name, tuple(shape), np.dtype(np.float16), 2 * math.prod(shape), raw_dtype=qtype)
+    else:
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(tuple(shape), qtype)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qtype)
 
 
-def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, *, dtype: str = "f32",
-                name: str | None = None, pre: str | None = None, add_bos: bool | None = None,
-                overwrite: bool = False) -> GGUFExport:
-    """Write ``model`` (a ``LlamaForCausalLM``) and its byte-level BPE ``tokenizer`` to the GGUF file ``out``.
+def write_gguf(config: Any, shapes: Mapping[str, Sequence[int]], get: Callable[[str], torch.Tensor],
+               tokenizer: Any, out: str | os.PathLike, *, dtype: str = "f32", name: str | None = None,
+               pre: str | None = None, add_bos: bool | None = None, overwrite: bool = False) -> GGUFExport:
+    """Write a Llama model given as its ``config``, ``{tensor name: shape}`` of its float tensors and ``get(name)``
+    (read when written: one tensor in memory at a time) with ``tokenizer`` to the GGUF file ``out``.
 
     ConfigError for a bad ``dtype``; ModelError for an architecture, RoPE variant or tokenizer llama.cpp would
     not read from this writer; OptimerError when ``out`` exists and not ``overwrite``. See the module docstring.
@@ -221,14 +239,13 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, 
     _require_gguf()
     import gguf
 
-    cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
-        raise ModelError(f"GGUF export writes Llama-architecture models; this one is {cfg.model_type!r}: export "
+    if getattr(config, "model_type", None) != "llama":
+        raise ModelError(f"GGUF export writes Llama-architecture models; this one is {config.model_type!r}: export "
                          "the HF folder and convert it with llama.cpp's convert_hf_to_gguf.py")
     path = Path(out)
     if path.is_dir() or (path.exists() and not overwrite):
         raise OptimerError(f"{str(path)!r} already exists: choose another file or use --force to replace it")
-    tensors = _gguf_tensors(model)
+    plan = _plan(config, shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -236,29 +253,44 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, 
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(name or path.stem)
-        _write_hparams(w, cfg, dtype)
-        tok = _write_tokenizer(w, tokenizer, int(cfg.vocab_size), pre, add_bos)
-        for tname, tensor in tensors:
-            _add_tensor(w, tname, tensor, dtype)
+        _write_hparams(w, config, dtype)
+        tok = _write_tokenizer(w, tokenizer, int(config.vocab_size), pre, add_bos)
+        for key, gname in plan:
+            _add_info(w, gname, shapes[key], _kind(shapes[key], dtype))
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for key, _ in plan:
+            w.write_tensor_data(_encode(_layout(config, key, get(key)), _kind(shapes[key], dtype)))
         w.close()
         normal_permissions(tmp)  # mkstemp makes it private; a model file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return GGUFExport(path=path, tensors=len(tensors), bytes=path.stat().st_size, dtype=dtype,
+    return GGUFExport(path=path, tensors=len(plan), bytes=path.stat().st_size, dtype=dtype,
                       seconds=time.perf_counter() - t0, tokenizer=tok)
 
 
-def export_gguf_dir(checkpoint: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> GGUFExport:
-    """:func:`export_gguf` of an HF checkpoint folder (loaded in float32 on the CPU with its tokenizer)."""
-    from optimer_lib.checkpoints.models import load_model, load_tokenizer
+def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, **kw: Any) -> GGUFExport:
+    """:func:`write_gguf` of a loaded ``LlamaForCausalLM`` (its state dict's float tensors)."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    return write_gguf(model.config, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, tokenizer,
+                      out, **kw)
 
-    model = load_model(checkpoint, dtype="float32", device="cpu")
-    return export_gguf(model, load_tokenizer(checkpoint), out, **kw)
+
+def export_gguf_dir(checkpoint: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> GGUFExport:
+    """:func:`write_gguf` of an HF checkpoint folder, read tensor by tensor from its safetensors (no model is built:
+    memory stays near one tensor), with the tokenizer saved beside it."""
+    from transformers import AutoConfig
+
+    from optimer_lib.checkpoints.models import load_tokenizer
+    from optimer_lib.checkpoints.streaming import TensorReader, checkpoint_files
+
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    reader = TensorReader(checkpoint_files(checkpoint))
+    shapes = {k: reader.info[k][0] for k in reader.files if reader.is_float(k)}
+    return write_gguf(config, shapes, reader.get, load_tokenizer(checkpoint), out, **kw)
 
 
 def add_gguf_to_export(folder: str | os.PathLike, *, dtype: str = "f32", overwrite: bool = False) -> GGUFExport:
