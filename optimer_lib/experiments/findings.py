@@ -30,8 +30,11 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments import stats as st
 from optimer_lib.experiments.report import PAPER_COST_RATIO, cost_ratios, ledger_of, pick_on_dev
+from optimer_lib.fileio import atomic_write_json
 
 COSINE_MAX, LINE_MIN_COS, LINE_T_TOL, GAIN_SHARE = 0.31, 0.9, 0.1, 0.1
+# A verdict on fewer seeds than this is printed as provisional (the protocol asks for 3: CPT and search seed).
+MIN_SEEDS = 3
 MERGE_BASELINES = {"task_arithmetic": "baseline: task_arithmetic", "ties": "baseline: ties", "dare": "baseline: dare"}
 IT_ROWS = ("base", "instruct (base + τ_IT)", "OptiMer", "OptiMer α + τ_IT (α searched without it)",
            "OptiMer + τ_IT (α searched with it)")
@@ -78,7 +81,12 @@ def copy_results(wd: str | Path, dest: str | Path) -> None:
     if dest.resolve() == wd.resolve():
         return
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(wd / "config.json", dest / "config.json")
+    # Seeds run in different sessions (fresh workdirs) add up: keep the seeds already in dest that still have stages.
+    cfg = json.loads((wd / "config.json").read_text())
+    old = json.loads((dest / "config.json").read_text()) if (dest / "config.json").is_file() else {}
+    kept = [s for s in old.get("seeds", []) if (dest / f"seed-{s}" / "stages").is_dir()]
+    cfg["seeds"] = sorted({int(s) for s in [*kept, *cfg.get("seeds", [])]})
+    atomic_write_json(dest / "config.json", cfg, indent=1)
     for seed_dir in sorted(wd.glob("seed-*")):
         (dest / seed_dir.name / "stages").mkdir(parents=True, exist_ok=True)
         if (seed_dir / "config.json").is_file():
@@ -403,6 +411,7 @@ def summarise_results(d: str | Path) -> dict[str, Any]:
             if k.startswith("regime-"):
                 regime.setdefault(k.removeprefix("regime-"), []).append(v)
     return {"config": cfg, "seeds": sm.seeds, "seeds_configured": cfg.get("seeds", []), "objective": sm.objective,
+            "provisional": len(sm.seeds) < MIN_SEEDS,
             "findings": f, "test_table": table, "budgets": budgets(per_seed), "costs": cost_accounting(per_seed),
             "regime": {k: {"size": v[0]["size"], "recipe": v[0]["recipe"], "lr": v[0]["lr"],
                            "parameters": v[0]["parameters"], "gap": st.seed_range([x["gap"] for x in v])}

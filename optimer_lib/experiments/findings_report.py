@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from optimer_lib.experiments import stats as st
-from optimer_lib.experiments.findings import CRITERIA, summarise_results
+from optimer_lib.experiments.findings import CRITERIA, MIN_SEEDS, summarise_results
 from optimer_lib.experiments.findings import fmt_interval as _iv
 from optimer_lib.experiments.report import PAPER
 from optimer_lib.fileio import atomic_write_text
@@ -43,18 +43,24 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
              + ". Intervals: 95%, paired bootstrap over test documents and seeds (2000 resamples); a verdict reads "
              "the interval, never the point. Stage "
              "time per seed: " + ", ".join(f"seed {s} {m} min" for s, m in summary["stage_minutes"].items()) + ".",
-             "", "| # | paper | criterion (stated before the number) | verdict |", "|---|---|---|---|"]
+             ""]
+    # Fewer seeds than the protocol's: every verdict says so where it is read (table and section).
+    tag = f" (provisional: {len(seeds)} of {MIN_SEEDS} seeds)" if summary.get("provisional") else ""
+    if tag:
+        lines += [f"**Provisional: {len(seeds)} of the protocol's {MIN_SEEDS} seeds have run.** The intervals below "
+                  "cover test documents and the seeds that ran; a verdict may change when the other seeds land.", ""]
+    lines += ["| # | paper | criterion (stated before the number) | verdict |", "|---|---|---|---|"]
     for k, claim in CLAIMS.items():
         f = summary["findings"].get(k)
         crit = CRITERIA[k].replace("|", "\\|")  # a literal | (as in |cosine|) would split the table cell
-        lines.append(f"| {k} | {claim} | {crit} | {f['verdict'] if f else 'not measured'} |")
+        lines.append(f"| {k} | {claim} | {crit} | {f['verdict'] + tag if f else 'not measured'} |")
     lines.append("")
     for k, claim in CLAIMS.items():
         f = summary["findings"].get(k)
         if f is None:
             continue
         lines += [f"## {k}. {claim}", "", f"- Criterion: {CRITERIA[k]}.", f"- Ours: {f['ours']}.",
-                  f"- Verdict: **{f['verdict']}**" + (f" (criteria: {', '.join(f['verdicts'])})"
+                  f"- Verdict: **{f['verdict']}**{tag}" + (f" (criteria: {', '.join(f['verdicts'])})"
                                                        if len(f["verdicts"]) > 1 else "") + ".", ""]
         if k == "it":
             lines += _it_table(f["numbers"]["rows"])
