@@ -40,6 +40,7 @@ from optimer_lib.scoring.scorer import TrialScorer
 from optimer_lib.search import record
 from optimer_lib.search.rerank import resolve_objective, score_stored
 from optimer_lib.search.samplers import resume_seed, startup_trials
+from optimer_lib.search.samples import trial_sampler
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import SearchConfig, no_trial_completed
 from optimer_lib.search.trials import Deadline, counted, run_trials
@@ -167,7 +168,7 @@ def run_pareto_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objectiv
                          suggest=lambda t: {n: t.suggest_float(n, *b) for n, b in bounds.items()},
                          score=lambda trial, weights: scorer.score(weights, config.search_limit),
                          metrics_key=record.metrics_key(config.search_limit), callbacks=callbacks, progress=progress,
-                         desc="pareto", should_stop=deadline)
+                         desc="pareto", samples=trial_sampler(merger, tokenizer, config), should_stop=deadline)
     stopped = "time_budget" if deadline is not None and deadline.spent else None
     front = pareto_front(study)
     if not front:
