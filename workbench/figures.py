@@ -170,3 +170,19 @@ def pareto_chart(study: optuna.Study | None, objectives: Sequence[str] | None = 
     fig.update_layout(height=420, template="plotly_white", margin={"l": 60, "r": 20, "t": 50, "b": 40},
                       title={"font": {"size": 14}}, clickmode="event")
     return fig
+
+
+def layer_heatmap(per_layer: Mapping[str, Sequence[float]], zmax: float = 1.5,
+                  title: str = "merge weight per layer") -> go.Figure:
+    """Vectors x [embed, block 0..L-1, head]: each vector's weight on each part of the model
+    (``optimer_lib.merging.groups.per_layer``), so per-layer-group weights show where each vector acts."""
+    if not per_layer:
+        return empty("no vectors", title)
+    names = list(per_layer)
+    layers = len(per_layer[names[0]]) - 2
+    cols = ["embed", *(f"block {i}" for i in range(layers)), "head"]
+    z = [[float(w) for w in per_layer[n]] for n in names]
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=names, zmin=0.0, zmax=zmax, colorscale="Viridis",
+                               text=[[f"{w:.2f}" for w in row] for row in z], texttemplate="%{text}",
+                               colorbar={"title": "α"}))
+    return _layout(fig, title)

@@ -37,6 +37,7 @@ import optuna
 
 from optimer_lib.engine import BACKGROUND, INTERACTIVE, MergeState
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging import groups
 from optimer_lib.merging.export import export_merged
 from optimer_lib.scoring.tune_config import TuneScoring
 from optimer_lib.scoring.uncertainty import Interval
@@ -147,6 +148,19 @@ class Session:
     @property
     def names(self) -> list[str]:
         return self.shared.names
+
+    def group_layout(self, granularity: str) -> list[str]:
+        """The pool model's layer groups at ``granularity`` ("vector": [], "layer-groups:G": embed, G block slices,
+        head; :mod:`optimer_lib.merging.groups`); WorkbenchError when the model has fewer blocks than G."""
+        try:
+            return groups.layout(self.shared.engine, granularity)
+        except ConfigError as exc:
+            raise WorkbenchError(str(exc)) from exc
+
+    @property
+    def layers(self) -> int:
+        """Transformer blocks of the pool's model."""
+        return groups.n_layers(groups.state_names(self.shared.engine))
 
     @property
     def state(self) -> MergeState:

@@ -59,10 +59,11 @@ class TuneUpdate:
 
 def estimator(shared: SharedPool, scoring: TuneScoring, state: MergeState) -> ScoreEstimator:
     """The pool's shared estimator for merges like ``state`` (same method and params) scored with ``scoring``."""
-    key = (scoring, state.method, state.params)
+    weights = tuple(n for n, _ in state.weights)  # per-layer-group merges get estimators over their own keys
+    key = (scoring, state.method, state.params) + ((weights,) if state.grouped else ())
     with shared.lock:
         if key not in shared.estimators:
-            names = [*shared.names, *([INSTRUCTION] if shared.instruction is not None else [])]
+            names = [*weights, *([INSTRUCTION] if shared.instruction is not None else [])]
             shared.estimators[key] = ScoreEstimator(names, objective=objective_for(shared, scoring))
         return shared.estimators[key]
 

@@ -1,5 +1,9 @@
 """Tune tab: one slider per vector (+ instruction), a merge method, and the scoring set.
 
+"weights per": ``vector`` (one α each) or ``layer-groups:G``: then each vector's "per layer group" accordion holds
+one slider per group (embedding, G block slices, head; moving the vector's own slider sets all its groups) and a
+heat-map shows every vector's weight on every layer.
+
 On release the chart first shows an instant estimate (hatched, "≈": a quadratic in α fitted to the merges
 scored so far), then each dev set as the engine scores it, then the full score with 95% bootstrap error bars
 over the scored documents; a newer release cancels the older scoring. "Confirm" scores every document of the
@@ -13,14 +17,17 @@ from typing import Any
 
 import gradio as gr
 
+from optimer_lib.merging import groups
 from optimer_lib.merging.methods import MERGE_METHODS, parse_method_params
-from workbench.figures import empty, tune_chart
+from workbench.figures import empty, layer_heatmap, tune_chart
 from workbench.session import Session, TuneResult
 from workbench.tabs import Ctx, error_md
 from workbench.tuning import TuneUpdate
 
 SLIDER_MAX = 1.5
 METHODS = sorted(m for m in MERGE_METHODS if m != "linear")
+MAX_GROUPS = 6  # embed + up to 4 block slices + head
+GRANULARITIES = ["vector", "layer-groups:1", "layer-groups:2", "layer-groups:4"]
 
 
 def _fmt_interval(u: TuneUpdate) -> str:
@@ -41,8 +48,17 @@ class TuneTab:
                     "of each dev set.")
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                self.sliders = [gr.Slider(0, SLIDER_MAX, value=0, step=0.01, precision=3, label=f"α {i}",
-                                          visible=False, elem_id=f"alpha-{i}") for i in range(ctx.max_vectors)]
+                self.granularity = gr.Dropdown(GRANULARITIES, value="vector", label="weights per",
+                                               elem_id="tune-granularity")
+                self.sliders, self.accordions, self.group_sliders = [], [], []
+                for i in range(ctx.max_vectors):
+                    self.sliders.append(gr.Slider(0, SLIDER_MAX, value=0, step=0.01, precision=3, label=f"α {i}",
+                                                  visible=False, elem_id=f"alpha-{i}"))
+                    with gr.Accordion("per layer group", open=False, visible=False, elem_id=f"groups-{i}") as acc:
+                        self.group_sliders += [gr.Slider(0, SLIDER_MAX, value=0, step=0.01, precision=3,
+                                                         label=f"group {j}", visible=False,
+                                                         elem_id=f"alpha-{i}-g{j}") for j in range(MAX_GROUPS)]
+                    self.accordions.append(acc)
                 self.instruction = gr.Slider(0, SLIDER_MAX, value=0, step=0.01, precision=3,
                                              label="instruction weight", visible=False, elem_id="alpha-instruction")
                 with gr.Row():
@@ -68,15 +84,24 @@ class TuneTab:
             with gr.Column(scale=3):
                 self.chart = gr.Plot(label="per-distribution metrics", elem_id="tune-chart")
                 self.status = gr.Markdown(elem_id="tune-status")
+                self.heat = gr.Plot(label="weights per layer", elem_id="tune-heatmap")
         # Page load never scores (see refresh); this shows the background score once it is in, then stops.
         self.poll = gr.Timer(1.0, active=True)
         self.poll.tick(self.on_poll, [ctx.state], [self.chart, self.status, self.poll], show_progress="hidden",
                        concurrency_limit=None)
-        self.outputs: list[Any] = [*self.sliders, self.instruction, self.sets, self.cost, self.chart, self.status]
-        inputs = [ctx.state, *self.sliders, self.instruction]
-        for s in [*self.sliders, self.instruction]:
-            s.release(self.on_release, inputs, [self.chart, self.status], show_progress="hidden",
-                      trigger_mode="always_last", concurrency_limit=None)
+        self.group_outputs: list[Any] = [self.granularity, *self.accordions, *self.group_sliders, self.heat]
+        self.outputs: list[Any] = [*self.sliders, self.instruction, *self.group_outputs, self.sets, self.cost,
+                                   self.chart, self.status]
+        grouped_in = [ctx.state, self.granularity, *self.sliders, self.instruction, *self.group_sliders]
+        moved = [self.chart, self.status, *self.group_outputs]
+        for k, s in enumerate([*self.sliders, self.instruction, *self.group_sliders]):
+            s.release(self._release_fn(k if k < len(self.sliders) else None), grouped_in, moved,
+                      show_progress="hidden", trigger_mode="always_last", concurrency_limit=None)
+        self.granularity.input(self._release_fn(None), grouped_in, moved, show_progress="hidden",
+                               concurrency_limit=None)
+        for i, acc in enumerate(self.accordions):  # a collapsed accordion drops value updates: re-send on open
+            acc.expand(self._expand_fn(i), [ctx.state], self.group_sliders[i * MAX_GROUPS:(i + 1) * MAX_GROUPS],
+                       show_progress="hidden", concurrency_limit=None)
         self.method.change(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
                            [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
         self.params.submit(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
@@ -148,23 +173,99 @@ class TuneTab:
         names = session.names
         slider_updates = [gr.update(value=r.weights[names[i]]) if i < len(names) else gr.update()
                           for i in range(self.ctx.max_vectors)]
-        return [*slider_updates, gr.update(value=r.instruction_weight), gr.update(), gr.update(), fig, status]
+        return [*slider_updates, gr.update(value=r.instruction_weight), *self.group_updates(session, r.weights),
+                gr.update(), gr.update(), fig, status]
+
+    # -- per layer group ----------------------------------------------------------------------
+    def group_updates(self, session: Session, weights: dict[str, float], granularity: str | None = None) -> list[Any]:
+        """Updates of ``group_outputs`` for ``weights``: the granularity (taken from grouped weights when not
+        given), each vector's accordion and group sliders (labels, values), and the heat-map."""
+        names, layers = session.names, session.layers
+        layout = session.group_layout(granularity) if granularity else []
+        if granularity is None and groups.is_grouped(weights):
+            for g in GRANULARITIES[1:]:  # the choice whose layout the weights use, else the finest that fits
+                try:
+                    layout = session.group_layout(g)
+                except Exception:
+                    continue
+                granularity = g
+                if set(groups.groups_in(weights)) == set(layout):
+                    break
+        full = groups.expand(weights, names, layout) if layout else {}
+        session.ui["tune_layout"] = layout  # what the group sliders show: a release reads them as this layout
+        accs = [gr.update(visible=bool(layout) and i < len(names)) for i in range(self.ctx.max_vectors)]
+        sliders = []
+        for i in range(self.ctx.max_vectors):
+            for j in range(MAX_GROUPS):
+                if layout and i < len(names) and j < len(layout):
+                    key = groups.param_name(names[i], layout[j])
+                    sliders.append(gr.update(visible=True, label=f"α {key}", value=full[key]))
+                else:
+                    sliders.append(gr.update(visible=False))
+        heat = layer_heatmap(groups.per_layer(weights, names, layers), zmax=SLIDER_MAX)
+        return [gr.update(value=granularity or "vector"), *accs, *sliders, heat]
+
+    def read_weights(self, session: Session, granularity: str, values: tuple[float, ...],
+                     moved: int | None) -> tuple[dict[str, float], float, list[str]]:
+        """``(weights, instruction weight, layout)`` from the sliders: per vector, or per layer group (a moved
+        vector slider, index ``moved``, sets all that vector's groups)."""
+        k = self.ctx.max_vectors
+        names = session.names
+        plain, iw, gv = values[:k], float(values[k]), values[k + 1:]
+        layout = session.group_layout(granularity)
+        if len(layout) > MAX_GROUPS:
+            raise ValueError(f"{granularity} has {len(layout)} groups, the tab shows at most {MAX_GROUPS}")
+        if not layout:
+            return {n: float(plain[i]) for i, n in enumerate(names)}, iw, layout
+        shown = self.group_layout_shown(session)
+        weights = {}
+        for i, n in enumerate(names):
+            for j, g in enumerate(layout):
+                fresh = moved == i or shown != layout  # a new layout starts from the current weights
+                weights[groups.param_name(n, g)] = float(plain[i]) if moved == i else (
+                    groups.expand(session.tune.weights, names, layout)[groups.param_name(n, g)] if fresh
+                    else float(gv[i * MAX_GROUPS + j]))
+        session.ui["tune_layout"] = layout
+        return weights, iw, layout
+
+    @staticmethod
+    def group_layout_shown(session: Session) -> list[str]:
+        return list(session.ui.get("tune_layout") or [])
+
+    def _expand_fn(self, i: int):
+        def fn(session: Session) -> list[Any]:
+            layout, names = self.group_layout_shown(session), session.names
+            full = groups.expand(session.tune.weights, names, layout) if layout and i < len(names) else {}
+            return [gr.update(value=full[groups.param_name(names[i], g)]) if j < len(layout) and full
+                    else gr.update() for j, g in enumerate([*layout, *[""] * MAX_GROUPS][:MAX_GROUPS])]
+
+        fn.__name__ = f"on_expand_{i}"
+        return fn
+
+    def _release_fn(self, moved: int | None):
+        def fn(session: Session, granularity: str, *values: float):
+            t0 = time.perf_counter()
+            try:
+                weights, iw, layout = self.read_weights(session, granularity, values, moved)
+                if not layout:
+                    session.ui["tune_layout"] = []
+                extra = self.group_updates(session, weights, granularity)
+                for fig, status in self.stream(session, session.score_stream(weights, iw), t0):
+                    yield fig, status, *extra
+            except Exception as exc:
+                yield gr.update(), error_md(exc), *(gr.update() for _ in self.group_outputs)
+
+        fn.__name__ = f"on_release_{moved}"
+        return fn
 
     # -- events --------------------------------------------------------------------------------
-    def on_release(self, session: Session, *values: float):
-        t0 = time.perf_counter()
-        try:
-            names = session.names
-            weights = dict(zip(names, values[:len(names)], strict=True))
-            yield from self.stream(session, session.score_stream(weights, float(values[-1])), t0)
-        except Exception as exc:
-            yield gr.update(), error_md(exc)
-
     def on_method(self, session: Session, method: str, params: str, *values: float):
         t0 = time.perf_counter()
         try:
             names = session.names
             weights = dict(zip(names, values[:len(names)], strict=True))
+            if groups.is_grouped(session.tune.weights):  # per-layer-group weights live in the group sliders
+                weights = session.tune.weights
             p = parse_method_params(params, method)
             yield from self.stream(session, session.score_stream(weights, float(values[-1]), method=method,
                                                                  params=p), t0)
@@ -221,7 +322,8 @@ class TuneTab:
         Never scores in the page-load path (a first page must come up in seconds on a real model): an unscored
         merge is scored in the background and shown on the next move.
         """
-        hidden = [gr.update(visible=False) for _ in self.outputs[:-4]]
+        hidden = [gr.update(visible=False) for _ in [*self.sliders, self.instruction]]
+        hidden += [gr.update() for _ in self.group_outputs]
         if not session.has_pool:
             return [*hidden, gr.update(), gr.update(), empty("no pool yet: build the demo pool on the Pool tab"), ""]
         try:
@@ -249,4 +351,4 @@ class TuneTab:
         inst = session.shared.instruction
         inst_update = gr.update(visible=inst is not None, value=iw,
                                 label=f"instruction weight ({inst.name})" if inst else "instruction weight")
-        return [*sliders, inst_update, sets, cost, fig, status]
+        return [*sliders, inst_update, *self.group_updates(session, current), sets, cost, fig, status]
