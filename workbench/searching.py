@@ -56,6 +56,8 @@ class SearchSpec:
     ``objectives`` (2 or 3 specs) is for :class:`ParetoRun` only, which ignores ``objective`` and ``top_k``.
     ``method`` and ``method_params`` (e.g. ``"ties"``, ``"density=0.2"``) merge every trial with that registered
     merge method instead of the linear OptiMer merge (non-linear methods re-merge every tensor per trial).
+    ``sample_prompts`` (one per line) makes every trial store greedy generations of ``sample_tokens`` tokens each
+    (``optimer_lib.search.samples``), which the Search tab shows for a clicked or hovered point.
     """
 
     objective: str = "balanced"
@@ -72,6 +74,8 @@ class SearchSpec:
     method: str = "optimer"
     method_params: str = ""
     time_budget: str = ""  # e.g. "30m": stop after the trial running when it is spent ("" = none)
+    sample_prompts: str = ""  # one prompt per line: each trial stores greedy generations on them ("" = none)
+    sample_tokens: int = 32
 
 
 @dataclass
@@ -171,7 +175,10 @@ class SearchRun:
                                    bounds=bounds, storage=storage, study_name=self.study_name,
                                    search_limit=spec.search_limit, rescore_limit=spec.rescore_limit,
                                    top_k=int(spec.top_k), workdir=self.workdir,
-                                   time_budget=spec.time_budget.strip() or None)
+                                   time_budget=spec.time_budget.strip() or None,
+                                   sample_prompts=tuple(p.replace("\\n", "\n") for p in spec.sample_prompts.splitlines()
+                                                        if p.strip()),
+                                   sample_tokens=int(spec.sample_tokens))
         self.config.check(shared.names)  # every settings problem raises here, before the thread
         try:
             self.method_params = parse_method_params(spec.method_params, spec.method)

@@ -1,18 +1,28 @@
-"""Search tab: objective, sampler, trials, bounds; start/stop a background search; live Optuna charts.
+"""Search tab: objective, sampler, trials, bounds, merge method; start/stop a background search; live Optuna charts.
 
 The charts poll the study in Optuna storage with a ``gr.Timer``, so any study in the storage, including
 one an ``optimer search --storage URL`` process is writing, can be watched; they redraw only when a
 trial has finished. Below them, :mod:`workbench.tabs.objectives` re-ranks the shown study for a new
 objective and draws Pareto fronts.
+
+The merge method and its parameters (the registry's, as in the Tune tab) go into the :class:`SearchSpec`. With
+sample prompts, each trial stores greedy generations (``optimer_lib.search.samples``): hovering a point of the
+optimisation history previews them, clicking it shows them in full below the chart. ``gr.Plot`` has no click
+event, so a ``gr.HTML`` bridge (as in :mod:`workbench.tabs.objectives`) sends the clicked point's trial number
+(``customdata[0]``) as a ``pick`` event.
 """
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import gradio as gr
+import optuna
+import plotly.graph_objects as go
 
 from optimer_lib.scoring.objectives import presets
+from optimer_lib.search import record
 from optimer_lib.search.defaults import INTERACTIVE as D
 from optimer_lib.search.samplers import SAMPLERS
 from workbench.figures import study_figures
@@ -20,8 +30,66 @@ from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
 from workbench.tabs.objectives import ObjectivesPanel
+from workbench.tabs.tune import METHODS
 
 KINDS = ("preset", "weighted metrics", "callable")
+SAMPLES_HINT = "<small>With sample prompts, hover a point of the history for a preview, click it to read them.</small>"
+PREVIEW_CHARS = 80
+# plotly keeps listeners across Plotly.react, so each plot div is hooked once; the poll finds new divs
+CLICK_JS = """
+const hook = () => {
+  const gd = document.querySelector('#search-history .js-plotly-plot');
+  if (!gd || !gd.on || gd.__optimerSamples) return;
+  gd.__optimerSamples = true;
+  gd.on('plotly_click', (ev) => {
+    const p = ev && ev.points && ev.points[0];
+    const cd = p ? p.customdata : undefined;
+    const n = Array.isArray(cd) ? cd[0] : cd;
+    if (n !== undefined && n !== null) trigger('pick', {trial: Number(n)});
+  });
+};
+hook();
+setInterval(hook, 500);
+"""
+
+
+def _preview(samples: list[dict[str, str]]) -> str:
+    """A hover label: each prompt's continuation, one line each, cut to :data:`PREVIEW_CHARS`."""
+    lines = []
+    for s in samples:
+        text = " ".join(s["text"].split())
+        cut = text[:PREVIEW_CHARS] + ("…" if len(text) > PREVIEW_CHARS else "")
+        lines.append(f"<i>{html.escape(s['prompt'][:30])}</i> → {html.escape(cut)}")
+    return "<br>".join(lines) if lines else "(no sample generations)"
+
+
+def with_samples(fig: go.Figure, study: optuna.Study | None) -> go.Figure:
+    """The optimisation history with each trial marker's number as ``customdata[0]`` (the click bridge sends it)
+    and its sample generations in the hover label (``customdata[1]``)."""
+    if study is None:
+        return fig
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for trace in fig.data:
+        if getattr(trace, "type", "") != "scatter" or "markers" not in (trace.mode or "markers") or trace.x is None:
+            continue
+        numbers = [int(x) for x in trace.x]
+        trace.customdata = [[n, _preview(record.trial_samples(trials[n]) if n in trials else [])] for n in numbers]
+        trace.hovertemplate = "trial %{customdata[0]}: %{y:.4g}<br>%{customdata[1]}<extra></extra>"
+    return fig
+
+
+def samples_md(study: optuna.Study | None, number: int) -> str:
+    """Markdown of one trial's sample generations (prompt, then the greedy continuation), for the panel."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None) if study else None
+    if trial is None:
+        return f"no trial {number} in the study shown"
+    samples = record.trial_samples(trial)
+    weights = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+    head = f"**trial {number}** ({weights})"
+    if not samples:
+        return head + ": no sample generations (set sample prompts before starting a search)"
+    body = "\n\n".join(f"*{html.escape(s['prompt'])}* → `{html.escape(s['text']) or '(nothing)'}`" for s in samples)
+    return f"{head}\n\n{body}"
 
 
 class SearchTab:
@@ -49,6 +117,16 @@ class SearchTab:
                                                    label="documents for re-scoring")
                     self.study_name = gr.Textbox("", label="study name (empty: a new wb-<time> study)")
                     self.iw = gr.Number(D.instruction_weight, label="instruction weight during the search")
+                with gr.Row():
+                    self.method = gr.Dropdown(METHODS, value="optimer", label="merge method", elem_id="search-method",
+                                              min_width=100)
+                    self.params = gr.Textbox(label="method parameters", placeholder="e.g. density=0.2, lam=1",
+                                             elem_id="search-params", min_width=100)
+                with gr.Accordion("sample generations per trial", open=False):
+                    self.sample_prompts = gr.Textbox("", lines=3, label="prompts, one per line (empty: none)",
+                                                     elem_id="search-sample-prompts")
+                    self.sample_tokens = gr.Number(32, precision=0, minimum=1, maximum=512, label="tokens per prompt",
+                                                   elem_id="search-sample-tokens")
                 self.budget = gr.Textbox("", label="time budget", info="e.g. 30m or 2h: stop after the running "
                                          "trial once spent (empty: none)", elem_id="search-budget")
                 with gr.Row():
@@ -65,6 +143,8 @@ class SearchTab:
                 with gr.Row():
                     self.history = gr.Plot(elem_id="search-history", show_label=False)
                     self.alphas = gr.Plot(elem_id="search-alphas", show_label=False)
+                self.bridge = gr.HTML(SAMPLES_HINT, js_on_load=CLICK_JS, elem_id="search-click")
+                self.samples = gr.Markdown(elem_id="search-samples")
                 with gr.Row():
                     self.importance = gr.Plot(elem_id="search-importance", show_label=False)
                     self.landscape = gr.Plot(elem_id="search-landscape", show_label=False)
@@ -78,7 +158,8 @@ class SearchTab:
         self.kind.change(lambda k: (gr.update(visible=k == "preset"), gr.update(visible=k != "preset")),
                          self.kind, [self.preset, self.spec], show_progress="hidden")
         form = [ctx.state, self.kind, self.preset, self.spec, self.sampler, self.trials, self.bounds, self.seed,
-                self.search_limit, self.top_k, self.rescore_limit, self.study_name, self.iw, self.budget]
+                self.search_limit, self.top_k, self.rescore_limit, self.study_name, self.iw, self.budget,
+                self.method, self.params, self.sample_prompts, self.sample_tokens]
         self.start.click(self.on_start, form, [self.status, self.study], concurrency_limit=None)
         self.estimate.click(self.on_estimate, form, self.status, concurrency_limit=None)
         self.stop.click(self.on_stop, ctx.state, self.status, concurrency_limit=None)
@@ -87,6 +168,8 @@ class SearchTab:
                           concurrency_limit=None)
         self.timer.tick(self.on_tick, [ctx.state, self.storage, self.study], self.live, show_progress="hidden",
                         concurrency_limit=None)
+        self.bridge.pick(self.on_pick, [ctx.state, self.storage, self.study], self.samples, show_progress="hidden",
+                         concurrency_limit=None)
         tune = ctx.tune
         self.send.click(self.on_send, [ctx.state, tune.instruction], tune.outputs, show_progress="hidden",
                         concurrency_limit=None)
@@ -95,12 +178,15 @@ class SearchTab:
     @staticmethod
     def _spec(kind: str, preset: str, spec: str, sampler: str, trials: float, bounds: str, seed: float,
               search_limit: float, top_k: float, rescore_limit: float, study_name: str, iw: float,
-              budget: str) -> SearchSpec:
+              budget: str, method: str = "optimer", params: str = "", sample_prompts: str = "",
+              sample_tokens: float = 32) -> SearchSpec:
         return SearchSpec(objective=(preset if kind == "preset" else spec) or "", sampler=sampler,
                           trials=int(trials or 1), bounds=bounds or "", study_name=study_name or "",
                           search_limit=int(search_limit or 1), top_k=int(top_k or 0),
                           rescore_limit=int(rescore_limit or 1), seed=int(seed or 0),
-                          instruction_weight=float(iw or 0), time_budget=budget or "")
+                          instruction_weight=float(iw or 0), time_budget=budget or "", method=method or "optimer",
+                          method_params=params or "", sample_prompts=sample_prompts or "",
+                          sample_tokens=int(sample_tokens or 32))
 
     def on_estimate(self, session: Session, *form: Any) -> str:
         """The search's estimated cost on this pool (times one merge and a short scoring on the engine)."""
@@ -152,7 +238,16 @@ class SearchTab:
         session.ui["search_sig"] = sig
         if study is not None and not status:
             status = f"watching `{study_name}`: {sum(t.state.is_finished() for t in trials)} finished trials"
-        return [status, *study_figures(study), study_table(study)]
+        history, *rest = study_figures(study)
+        return [status, with_samples(history, study), *rest, study_table(study)]
+
+    def on_pick(self, session: Session, storage: str, study_name: str | None, evt: gr.EventData) -> str:
+        """A clicked point of the history: that trial's sample generations."""
+        try:
+            number = int(getattr(evt, "_data", {}).get("trial"))
+            return samples_md(load_study(storage, study_name) if study_name else None, number)
+        except Exception as exc:
+            return error_md(exc)
 
     def on_send(self, session: Session, iw: float) -> list[Any]:
         tune = self.ctx.tune
