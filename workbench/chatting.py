@@ -159,3 +159,43 @@ def stream_reply(engine: MergeEngine, state: MergeState, history: Sequence[Messa
     worker.join(timeout=5)
     if failure:
         raise failure[0]
+
+
+def stream_many(engine: MergeEngine, states: Sequence[MergeState], histories: Sequence[Sequence[Message]],
+                prompt: str, settings: GenSettings) -> Iterator[list[str]]:
+    """Replies of several merges to one prompt, generated at the same time; yields all replies so far.
+
+    Each reply is :func:`stream_reply` on its own thread and engine lease, so they run in parallel up to the
+    engine's concurrency (the rest wait for a slot). A failing reply becomes ``"[Error: message]"`` and never
+    stops the others. Closing the iterator stops every generation at its next token.
+    """
+    texts = [""] * len(states)
+    updates: queue.Queue[tuple[int, str | None]] = queue.Queue()
+    stop = threading.Event()
+
+    def pump(i: int) -> None:
+        replies = stream_reply(engine, states[i], histories[i], prompt, settings)
+        try:
+            for text in replies:
+                updates.put((i, text))
+                if stop.is_set():
+                    break
+        except Exception as exc:
+            updates.put((i, f"{texts[i]}[{type(exc).__name__}: {exc}]"))
+        finally:
+            replies.close()  # its reader is gone: the generation stops at the next token
+            updates.put((i, None))
+
+    for i in range(len(states)):
+        threading.Thread(target=pump, args=(i,), daemon=True, name=f"chat-many-{i}").start()
+    running = len(states)
+    try:
+        while running:
+            i, text = updates.get()
+            if text is None:
+                running -= 1
+                continue
+            texts[i] = text
+            yield list(texts)
+    finally:
+        stop.set()

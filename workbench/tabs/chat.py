@@ -4,6 +4,8 @@ prompt sent to all, replies streamed pane by pane; instruction models get the ch
 The panes (how many, which model each, their histories) survive a page reload: :meth:`ChatTab.persist`
 writes :func:`chat_snapshot` to a ``gr.BrowserState`` after every send, clear or model change, and
 :func:`restore_chat` checks a saved snapshot against the pool before the next :meth:`ChatTab.refresh` shows it.
+
+The "arena" mode (:mod:`workbench.tabs.arena`) shows two anonymous merges instead and learns from the user's votes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import gradio as gr
 
 from workbench.chatting import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, GenSettings
 from workbench.session import BASE, BASE_IT, BEST, TUNE, Session
-from workbench.tabs import Ctx
+from workbench.tabs import Ctx, error_md
+from workbench.tabs.arena import ArenaPanel
 
 PANES = 4
+MODES = ["side by side", "arena"]
 SNAPSHOT_VERSION = 1
 RESTORE_KEY = "chat_restore"  # Session.ui slot: a checked snapshot waiting for the next refresh
 
@@ -84,20 +88,23 @@ class ChatTab:
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
-        self.n = gr.Radio([2, 3, 4], value=2, label="panes", elem_id="chat-panes")
-        self.columns, self.models, self.bots = [], [], []
-        with gr.Row():
-            for i in range(PANES):
-                with gr.Column(visible=i < 2, min_width=220) as col:
-                    self.models.append(gr.Dropdown([], label=f"model {i + 1}", elem_id=f"chat-model-{i}"))
-                    self.bots.append(gr.Chatbot(height=360, elem_id=f"chat-{i}", show_label=False,
-                                                feedback_options=None))
-                self.columns.append(col)
-        with gr.Row():
-            self.prompt = gr.Textbox(placeholder="one prompt, sent to every pane", show_label=False, scale=5,
-                                     elem_id="chat-prompt")
-            self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-            self.clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
+        self.mode = gr.Radio(MODES, value=MODES[0], show_label=False, elem_id="chat-mode")
+        with gr.Column() as self.panes_box:
+            self.n = gr.Radio([2, 3, 4], value=2, label="panes", elem_id="chat-panes")
+            self.columns, self.models, self.bots = [], [], []
+            with gr.Row():
+                for i in range(PANES):
+                    with gr.Column(visible=i < 2, min_width=220) as col:
+                        self.models.append(gr.Dropdown([], label=f"model {i + 1}", elem_id=f"chat-model-{i}"))
+                        self.bots.append(gr.Chatbot(height=360, elem_id=f"chat-{i}", show_label=False,
+                                                    feedback_options=None))
+                    self.columns.append(col)
+            with gr.Row():
+                self.prompt = gr.Textbox(placeholder="one prompt, sent to every pane", show_label=False, scale=5,
+                                         elem_id="chat-prompt")
+                self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+                self.clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
+        self.arena_box = gr.Column(visible=False)
         with gr.Accordion("generation settings", open=False):
             with gr.Row():
                 self.max_new = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="max new tokens",
@@ -107,8 +114,13 @@ class ChatTab:
                 self.top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top-p")
                 self.greedy = gr.Checkbox(False, label="greedy")
                 self.seed = gr.Number(0, precision=0, label="seed")
+        with self.arena_box:  # filled after the settings exist (the arena generates with them)
+            self.arena = ArenaPanel(ctx, [self.max_new, self.max_prompt, self.temperature, self.top_p, self.greedy,
+                                          self.seed])
         self.status = gr.Markdown(elem_id="chat-status")
         self.outputs: list[Any] = [self.n, *self.models, *self.bots]
+        self.mode.change(lambda m: [gr.update(visible=m == MODES[0]), gr.update(visible=m == MODES[1])], self.mode,
+                         [self.panes_box, self.arena_box], show_progress="hidden")
 
         self.changed = [self.n.change(lambda n: [gr.update(visible=i < int(n)) for i in range(PANES)], self.n,
                                       self.columns, show_progress="hidden")]
@@ -121,6 +133,13 @@ class ChatTab:
                                              show_progress="hidden"))
         for model, bot in zip(self.models, self.bots, strict=True):  # another model: a fresh conversation
             self.changed.append(model.input(lambda: [], None, bot, show_progress="hidden"))
+        # "Chat with best": the arena's best becomes the Tune merge, shown in pane 1 beside the base
+        tune = ctx.tune
+        if tune is not None:  # a Chat tab built alone (tests) has no Tune tab to send to
+            self.changed.append(self.arena.chat_best.click(
+                self.on_chat_best, [ctx.state], [*tune.outputs[:-1], self.mode, self.models[0], self.models[1],
+                                                 self.bots[0], self.bots[1], self.arena.status],
+                concurrency_limit=None))
 
     def persist(self, store: Any) -> None:
         """After every event that changes the panes (send, clear, model, pane count), save them to ``store``."""
@@ -144,6 +163,17 @@ class ChatTab:
         for hist in session.chat(prompt, choices, histories, settings):
             yield [*hist, *(gr.skip() for _ in range(PANES - n)), "", "generating…"]
         yield [*(gr.skip() for _ in range(PANES)), "", ""]
+
+    def on_chat_best(self, session: Session) -> list[Any]:
+        tune, keep = self.ctx.tune, [gr.skip()] * 5
+        try:
+            out = self.arena.on_to_tune(session)
+            other = BASE_IT if session.shared.instruction is not None else BASE
+        except Exception as exc:
+            return [*(gr.skip() for _ in tune.outputs[:-1]), *keep, error_md(exc)]
+        if out[-1].startswith("**error"):
+            return [*out[:-1], *keep, out[-1]]
+        return [*out[:-1], MODES[0], TUNE, other, [], [], "the best merge is in Tune and in pane 1: chat with it"]
 
     def refresh(self, session: Session) -> list[Any]:
         """Model choices of the pool; panes restored by :func:`restore_chat` get their models and histories."""
