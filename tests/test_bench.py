@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import estimate_hits  # noqa: E402
 import load_chat  # noqa: E402
 import pruning  # noqa: E402
 import sampler_efficiency  # noqa: E402
@@ -100,3 +101,22 @@ def test_pruning_table_from_saved_runs(tmp_path, monkeypatch, capsys):
     # target 2.0 (best of any run), within 1%: <= 2.02; none reaches it at 20 docs = 2.0 full scorings,
     # asha at 23 = 2.3; both within the budget of 3 full scorings (30 docs)
     assert cost_rows == ["| none | 2.0 (2.0) [1/1] |", "| asha | 2.3 (2.3) [1/1] |"]
+
+
+@pytest.mark.slow  # six scored Tune moves on the tiny pool
+def test_estimate_hits_moves_one_slider_and_counts_every_checked_estimate(tmp_path):
+    rng = random.Random(0)
+    w = {"a": 0.5, "b": 0.0, "c": 1.0}
+    for _ in range(200):
+        new = estimate_hits.move(w, rng)
+        changed = [k for k in w if new[k] != w[k]]
+        assert len(changed) <= 1 and all(0.0 <= v <= 1.0 for v in new.values())
+        if changed and 0.0 < new[changed[0]] < 1.0:  # not clipped: a drag of 0.05-0.25
+            assert 0.05 - 1e-9 <= abs(new[changed[0]] - w[changed[0]]) <= 0.25 + 1e-9
+        w = new
+    from test_workbench_session import tiny_workdir
+
+    r = estimate_hits.run_seed(tiny_workdir(tmp_path / "wd"), 0, 6)
+    assert r["moves"] == 6 and 0 < r["checked"] <= 5  # the first move has nothing to fit an estimate on
+    assert [r["inside"], r["checked"]] == [sum(v[i] for v in r["by_kind"].values()) for i in (0, 1)]
+    assert r["mean_half_width"] > 0 and r["exact_s_median"] > 0
