@@ -1,5 +1,7 @@
 """Export tab: the session's current Tune merge as an HF checkpoint (+ model card + mergekit YAML) under
-``<workdir>/exports/<name>``, offered as a zip download; and the way back: a saved recipe (a search's
+``<workdir>/exports/<name>``, offered as a zip download, optionally also as one GGUF file for llama.cpp
+(:func:`optimer_lib.checkpoints.gguf_export.add_gguf_to_export`, read from the exported folder tensor by tensor,
+offered as its own download); and the way back: a saved recipe (a search's
 best.json, an export's mergekit.yaml or folder; a path inside the workdir or an uploaded file) loaded into Tune
 with :func:`optimer_lib.merging.recipes.load_recipe`.
 """
@@ -7,10 +9,15 @@ with :func:`optimer_lib.merging.recipes.load_recipe`.
 from __future__ import annotations
 
 import html
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from optimer_lib.checkpoints.gguf_export import DTYPES, add_gguf_to_export
 from optimer_lib.merging.recipes import Recipe, check_recipe, load_recipe
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
@@ -28,6 +35,17 @@ def read_recipe(session: Session, path: str | None, upload: str | None) -> Recip
     return recipe
 
 
+def _servable(path: Path) -> Path:
+    """``path`` where Gradio serves downloads from (the temp folder, like the zip): a hard link, or a copy when the
+    workdir is on another filesystem (a workdir outside the working directory is not served otherwise)."""
+    out = Path(tempfile.mkdtemp(prefix="optimer-gguf-")) / path.name
+    try:
+        os.link(path, out)
+    except OSError:
+        shutil.copy2(path, out)
+    return out
+
+
 class ExportTab:
     """Handles of the Export tab."""
 
@@ -38,9 +56,13 @@ class ExportTab:
         with gr.Row():
             self.name = gr.Textbox("merge-1", label="folder name under exports/", elem_id="export-name")
             self.overwrite = gr.Checkbox(False, label="replace an existing export")
+            self.gguf = gr.Dropdown(["no", *DTYPES], value="no", label="also as GGUF (llama.cpp; Llama models)",
+                                    elem_id="export-gguf")
             self.button = gr.Button("Export", variant="primary", elem_id="export-button")
         self.status = gr.Markdown(elem_id="export-status")
-        self.zip = gr.File(label="download (zip)", elem_id="export-zip", interactive=False)
+        with gr.Row():
+            self.zip = gr.File(label="download (zip)", elem_id="export-zip", interactive=False)
+            self.gguf_file = gr.File(label="GGUF file", elem_id="export-gguf-file", interactive=False)
         with gr.Accordion("model card", open=False):
             self.card = gr.Markdown(elem_id="export-card")
         gr.Markdown("**Load a recipe into Tune**: a search's `best.json`, an export's `mergekit.yaml`, or an "
@@ -54,8 +76,8 @@ class ExportTab:
             self.recipe_button = gr.Button("Load recipe into Tune", elem_id="recipe-load", scale=1)
         self.recipe_status = gr.Markdown(elem_id="recipe-status")
         self.outputs: list[Any] = []
-        self.button.click(self.on_export, [ctx.state, self.name, self.overwrite],
-                          [self.status, self.zip, self.card], concurrency_limit=None)
+        self.button.click(self.on_export, [ctx.state, self.name, self.overwrite, self.gguf],
+                          [self.status, self.zip, self.card, self.gguf_file], concurrency_limit=None)
         tune = ctx.tune
         # the Tune tab's method controls (when it has them) follow the recipe, like its sliders
         self._method = [c for c in (getattr(tune, "method", None), getattr(tune, "params", None)) if c is not None]
@@ -80,15 +102,24 @@ class ExportTab:
         return [*shown, *method, f"loaded {html.escape(r.source)} into Tune: {html.escape(r.describe())}"
                 f"{kept}{notes}"]
 
-    def on_export(self, session: Session, name: str, overwrite: bool) -> tuple[str, Any, str]:
+    def on_export(self, session: Session, name: str, overwrite: bool, gguf: str = "no") -> tuple[str, Any, str, Any]:
         try:
             res = session.export(name or "", bool(overwrite))
         except Exception as exc:
-            return error_md(exc), None, ""
+            return error_md(exc), None, "", None
         w = ", ".join(f"{k}={v:.3g}" for k, v in session.tune.weights.items())
         iw = session.tune.instruction_weight
-        return (f"saved `{html.escape(str(res.path))}` ({w}" + (f", instruction {iw:.3g}" if iw else "")
-                + "): load it with `AutoModelForCausalLM.from_pretrained(...)`", str(res.zip_path), res.card)
+        status = (f"saved `{html.escape(str(res.path))}` ({w}" + (f", instruction {iw:.3g}" if iw else "")
+                  + "): load it with `AutoModelForCausalLM.from_pretrained(...)`")
+        if not gguf or gguf == "no":
+            return status, str(res.zip_path), res.card, None
+        try:
+            g = add_gguf_to_export(res.path, dtype=gguf, overwrite=True)
+        except Exception as exc:  # the HF export stands; say why the GGUF file is missing
+            return status + "<br>" + error_md(exc), str(res.zip_path), res.card, None
+        status += (f"<br>GGUF: `{html.escape(str(g.path))}` ({g.dtype}, {g.bytes / 1e6:.1f} MB): "
+                   f"`llama-cli -m {html.escape(g.path.name)}`")
+        return status, str(res.zip_path), (res.path / "README.md").read_text(), str(_servable(g.path))
 
     def refresh(self, session: Session) -> list[Any]:
         return []
