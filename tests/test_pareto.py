@@ -89,7 +89,7 @@ def test_a_time_budget_stops_the_pareto_search_after_the_running_trial(tmp_path,
     objs = [obj("loss:en"), obj("acc:math")]
     with pytest.raises(ConfigError, match="time_budget: bad duration 'soon'"):
         run_pareto_search(FakeMerger(), None, SUITE, objs, config(tmp_path, time_budget="soon"))
-    res = run_pareto_search(FakeMerger(), None, SUITE, objs, config(tmp_path, trials=50, time_budget="0.001s"),
+    res = run_pareto_search(FakeMerger(), None, SUITE, objs, config(tmp_path, trials=50, time_budget=1e-9),
                             progress=False)
     assert (res.new_trials, len(res.study.trials), res.stopped) == (1, 1, "time_budget")
     saved = json.loads(res.path.read_text())
