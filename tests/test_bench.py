@@ -120,3 +120,4 @@ def test_estimate_hits_moves_one_slider_and_counts_every_checked_estimate(tmp_pa
     assert r["moves"] == 6 and 0 < r["checked"] <= 5  # the first move has nothing to fit an estimate on
     assert [r["inside"], r["checked"]] == [sum(v[i] for v in r["by_kind"].values()) for i in (0, 1)]
     assert r["mean_half_width"] > 0 and r["exact_s_median"] > 0
+    assert r["previous_score"]["checked"] == r["checked"]  # the same moves: every estimated one has a previous score
