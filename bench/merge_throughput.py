@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from optimer_lib.checkpoints.vectors import DistributionVector
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 
 
 class _Flat(torch.nn.Module):

@@ -53,7 +53,7 @@ _LAZY = {
     "train_cpt": "optimer_lib.training.train",
     # merging
     "Merger": "optimer_lib.merging.merger",
-    "ResidentMerger": "optimer_lib.merging.methods",
+    "ResidentMerger": "optimer_lib.merging.resident",
     "merge_state_dict": "optimer_lib.merging.methods",
     "register_merge_method": "optimer_lib.merging.methods",
     "Pool": "optimer_lib.merging.pool",
@@ -120,8 +120,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
     from optimer_lib.experiments.run import ExperimentConfig, run_experiments
     from optimer_lib.merging.export import export_merged
     from optimer_lib.merging.merger import Merger
-    from optimer_lib.merging.methods import ResidentMerger, merge_state_dict, register_merge_method
+    from optimer_lib.merging.methods import merge_state_dict, register_merge_method
     from optimer_lib.merging.pool import Pool, open_pool
+    from optimer_lib.merging.resident import ResidentMerger
     from optimer_lib.merging.streamed import merge_streaming
     from optimer_lib.scoring.evaluate import evaluate_suite
     from optimer_lib.scoring.objectives import parse_objective

@@ -22,7 +22,7 @@ from optimer_lib.experiments.analysis import (
     trajectory_checkpoints,
     trials_to_reach,
 )
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search.study import SearchConfig

@@ -22,7 +22,7 @@ from optimer_lib.experiments.baselines import (
     train_mixture,
 )
 from optimer_lib.experiments.costs import CostLedger
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search.study import SearchConfig

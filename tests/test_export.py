@@ -11,7 +11,7 @@ from optimer_lib.checkpoints.models import load_model, load_tokenizer
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.errors import OptimerError
 from optimer_lib.merging.export import export_merged
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 
 
 def _merged(tiny_pool, arch, tmp_path, n=2, instruction=False):

@@ -13,7 +13,7 @@ from conftest import make_model, perturbed
 from optimer_lib.checkpoints.vectors import extract_vector
 from optimer_lib.experiments import baselines as bl
 from optimer_lib.experiments.run import ExperimentConfig, Experiments
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search import record

@@ -21,7 +21,8 @@ import torch
 from conftest import make_model, make_tokenizer, perturbed
 
 from optimer_lib.checkpoints.vectors import extract_vector
-from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
+from optimer_lib.merging.methods import merge_state_dict
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search.study import SearchConfig, run_search

@@ -14,7 +14,7 @@ from helpers import FakeMerger
 import optimer_lib.search.gradient as gradient_mod
 from optimer_lib.checkpoints.vectors import extract_vector
 from optimer_lib.errors import ConfigError
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
 from optimer_lib.search.gradient import (

@@ -13,7 +13,8 @@ from optimer_lib.engine import MergeEngine, MergeState
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
 from optimer_lib.merging.groups import Granularity
-from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
+from optimer_lib.merging.methods import merge_state_dict
+from optimer_lib.merging.resident import ResidentMerger
 
 ARCHS = ("llama", "gpt2", "llama_untied")
 

@@ -11,8 +11,9 @@ from test_layer_groups import ALPHA, FLAT, _expected, _pool
 
 from optimer_lib.merging import groups
 from optimer_lib.merging.export import export_merged
-from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
+from optimer_lib.merging.methods import merge_state_dict
 from optimer_lib.merging.recipes import check_recipe, load_recipe
+from optimer_lib.merging.resident import ResidentMerger
 
 
 def mergekit_value(tensor: str, setting, t: float):

@@ -22,7 +22,7 @@ require("lm_eval")  # the [lmeval] extra (in the test extra too): a CI error whe
 
 from optimer_lib.checkpoints.vectors import extract_vector  # noqa: E402
 from optimer_lib.errors import ConfigError, DataError, MissingDependencyError  # noqa: E402
-from optimer_lib.merging.methods import ResidentMerger  # noqa: E402
+from optimer_lib.merging.resident import ResidentMerger  # noqa: E402
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite  # noqa: E402
 from optimer_lib.scoring.lmeval import LMEvalScorer, load_task, split_spec  # noqa: E402
 from optimer_lib.scoring.objectives import WeightedTerms, parse_objective  # noqa: E402

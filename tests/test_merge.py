@@ -12,12 +12,8 @@ from conftest import make_model, perturbed
 
 from optimer_lib.checkpoints.vectors import DistributionVector, extract_vector
 from optimer_lib.errors import ConfigError
-from optimer_lib.merging.methods import (
-    MERGE_METHODS,
-    ResidentMerger,
-    merge_state_dict,
-    register_merge_method,
-)
+from optimer_lib.merging.methods import MERGE_METHODS, merge_state_dict, register_merge_method
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.search.specs import parse_bounds, parse_vector_spec
 
 NAMES = ("ja", "zh", "math")

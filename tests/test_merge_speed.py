@@ -14,7 +14,8 @@ import torch
 from conftest import make_model, perturbed
 
 from optimer_lib.checkpoints.vectors import DistributionVector, extract_vector
-from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
+from optimer_lib.merging.methods import merge_state_dict
+from optimer_lib.merging.resident import ResidentMerger
 
 NAMES = ("ja", "zh", "math")
 

@@ -18,8 +18,9 @@ from optimer_lib.checkpoints.models import load_model
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.errors import ConfigError, DataError
 from optimer_lib.merging.export import export_merged
-from optimer_lib.merging.methods import ResidentMerger, merge_state_dict
+from optimer_lib.merging.methods import merge_state_dict
 from optimer_lib.merging.recipes import Recipe, check_recipe, load_recipe
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
 from optimer_lib.search.study import SearchConfig, run_search

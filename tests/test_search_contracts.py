@@ -18,7 +18,7 @@ from optimer_lib.cli import build_parser, main
 from optimer_lib.errors import ConfigError
 from optimer_lib.experiments.baselines import MethodMerger
 from optimer_lib.merging.merger import Merger
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.objectives import Objective, parse_objective
 from optimer_lib.scoring.scorer import TrialScorer
 from optimer_lib.search import record

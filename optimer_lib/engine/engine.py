@@ -50,7 +50,7 @@ import torch
 from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.engine.state import MergeState
 from optimer_lib.errors import ConfigError
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 
 INTERACTIVE = 0  # a slider move, a chat message, a "confirm" score
 BACKGROUND = 5  # work nobody is waiting for yet (reference bars, prefetching): after users, before trials

@@ -13,7 +13,7 @@ is neither an embedding nor in a block). So ``layer-groups:G`` gives G + 2 weigh
 
 Weight keys: a plain vector name is that vector's weight everywhere; ``name@group`` overrides it on the group's
 tensors. A group name describes itself (``blocks2-5`` is layers 2..5), so the merge needs no layout: every merge
-path (:class:`~optimer_lib.merging.methods.ResidentMerger`, ``merge_state_dict``, the engine's ``MergeState``)
+path (:class:`~optimer_lib.merging.resident.ResidentMerger`, ``merge_state_dict``, the engine's ``MergeState``)
 takes such keys. Without any ``@`` key the weights are per vector, exactly as before; with some, a vector with no
 plain weight gets 0 outside its groups.
 """

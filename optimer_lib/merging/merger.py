@@ -5,7 +5,7 @@
         merger.set_weights(weights)          # the merged model now holds base + Σ w_i τ_i (or a method's merge)
         merger.model(...)                    # the live, merged model
 
-Implemented by :class:`optimer_lib.merging.methods.ResidentMerger` (in-place linear merge),
+Implemented by :class:`optimer_lib.merging.resident.ResidentMerger` (in-place linear merge),
 :class:`optimer_lib.experiments.baselines.MethodMerger` (any registered merge method with its parameters), the
 workbench's stoppable wrapper and the test fakes. It is the library's internal interface: front ends send weights,
 never hold models.

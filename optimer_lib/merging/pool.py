@@ -21,7 +21,7 @@ from typing import Any
 from optimer_lib.checkpoints.models import load_model, load_tokenizer
 from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, load_vector, state_fingerprint
 from optimer_lib.errors import VectorError
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 
 
 @dataclass

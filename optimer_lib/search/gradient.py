@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
 from optimer_lib.merging.merger import Merger
-from optimer_lib.merging.methods import ResidentMerger
+from optimer_lib.merging.resident import ResidentMerger
 from optimer_lib.scoring.evaluate import EvalSuite, model_device, pad_token_id, scored_documents
 from optimer_lib.scoring.objectives import HIGHER_IS_BETTER, LOWER_IS_BETTER, Objective
 from optimer_lib.search import record
