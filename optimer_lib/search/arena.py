@@ -83,17 +83,21 @@ class Arena:
     """A preferential study over merge weights; open one with :meth:`open` (creates or resumes)."""
 
     def __init__(self, study: Any, raw: optuna.Study, names: list[str], bounds: dict[str, tuple[float, float]],
-                 seed: int) -> None:
+                 seed: int, startup: int = 0) -> None:
         self.study, self.raw, self.names, self.bounds, self.seed = study, raw, names, bounds, seed
+        self.startup = startup
 
     @classmethod
     def open(cls, names: Sequence[str], *, storage: str | None = None, study_name: str = "arena",
              bounds: Mapping[str, tuple[float, float]] | tuple[float, float] = (0.0, 1.0), sampler: str = "gp",
-             seed: int = 0) -> Arena:
+             seed: int = 0, startup: int | None = None) -> Arena:
         """Create the study ``study_name`` in ``storage`` (a URL, or None: in memory) or resume it.
 
         ``bounds``: one ``(lo, hi)`` for every vector or one per name (default [0, 1], as the search's).
-        A stored study must be an arena over the same vector names (else ConfigError naming both).
+        ``startup``: the first merges drawn uniformly before the GP proposes (default 2 per vector): the GP
+        alone refines around its first pair and never explores (bench/arena.py: its merges stayed within
+        0.01 of each other, so votes carried no information). A stored study must be an arena over the same
+        vector names (else ConfigError naming both).
         """
         preferential = _preferential()
         names = list(names)
@@ -122,7 +126,8 @@ class Arena:
                               f"{names}: choose another study name")
         else:
             box = {n: (float(v[0]), float(v[1])) for n, v in study.user_attrs["arena:bounds"].items()}
-        return cls(study, raw, names, box, seed)
+        startup = 2 * len(names) if startup is None else int(startup)
+        return cls(study, raw, names, box, seed, startup if sampler == "gp" else 0)
 
     # -- reading the storage ---------------------------------------------------------------------
     def _attrs(self) -> dict[str, Any]:
@@ -161,6 +166,10 @@ class Arena:
     # -- the pair --------------------------------------------------------------------------------
     def _ask(self) -> FrozenTrial:
         dists = {n: FloatDistribution(lo, hi) for n, (lo, hi) in self.bounds.items()}
+        number = len(self.raw.get_trials(deepcopy=False))
+        if number < self.startup:  # a uniform draw, reproducible from the seed and the trial number
+            rng = random.Random(f"{self.seed}:{number}")
+            self.study.enqueue_trial({n: rng.uniform(lo, hi) for n, (lo, hi) in self.bounds.items()})
         with warnings.catch_warnings():  # the first pair has no preference: "falling back to RandomSampler"
             warnings.simplefilter("ignore")
             trial = self.study.ask(dists)
