@@ -65,3 +65,15 @@ def test_vote_next_pair_and_send_best_to_tune(page, server):
              what=f"Tune sliders at the arena's best {expect}")
     page.wait_for_selector("#arena-status >> text=now in Tune")
     page.screenshot(path=str(ARTIFACTS / "workbench-arena.png"), full_page=True)
+
+    name = page.locator("#arena-export-name textarea")
+    name.fill("arena-best")
+    name.press("Tab")
+    page.locator("#arena-export").click()
+    page.wait_for_selector("#arena-status >> text=saved to")
+    card = (root / "exports" / "arena-best" / "README.md").read_text()
+    assert f"{best.weights['ja']:.4f}"[:5] in card and f"{best.weights['math']:.4f}"[:5] in card
+
+    page.locator("#arena-chat-best").click()  # back to the panes, the best (now Tune) in pane 1
+    page.wait_for_selector("#chat-prompt textarea")
+    wait_for(lambda: page.locator("#chat-model-0 input").input_value() == "Tune merge", what="pane 1 = Tune merge")
