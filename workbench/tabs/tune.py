@@ -12,8 +12,11 @@ chosen dev sets. The status line says what each step cost (release → estimate 
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import gradio as gr
 
@@ -28,6 +31,36 @@ SLIDER_MAX = 1.5
 METHODS = sorted(m for m in MERGE_METHODS if m != "linear")
 MAX_GROUPS = 6  # embed + up to 4 block slices + head
 GRANULARITIES = ["vector", "layer-groups:1", "layer-groups:2", "layer-groups:4"]
+
+
+T = TypeVar("T")
+
+
+def on_one_thread(items: Iterator[T]) -> Iterator[T]:
+    """``items``, drained on a thread of its own.
+
+    Gradio resumes a sync generator on whichever worker thread is free, but a Tune score yields its partial
+    updates while holding an engine lease, and a lease belongs to the thread that took it: resumed elsewhere,
+    the lease would be released from the wrong thread and that worker would refuse every later lease.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                q.put(("item", item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            q.put(("error", exc))
+        q.put(("done", None))
+
+    threading.Thread(target=pump, name="tune-stream", daemon=True).start()
+    while True:
+        kind, value = q.get()
+        if kind == "done":
+            return
+        if kind == "error":
+            raise value
+        yield value
 
 
 def _fmt_interval(u: TuneUpdate) -> str:
@@ -92,13 +125,15 @@ class TuneTab:
         self.group_outputs: list[Any] = [self.granularity, *self.accordions, *self.group_sliders, self.heat]
         self.outputs: list[Any] = [*self.sliders, self.instruction, *self.group_outputs, self.sets, self.cost,
                                    self.chart, self.status]
-        grouped_in = [ctx.state, self.granularity, *self.sliders, self.instruction, *self.group_sliders]
         moved = [self.chart, self.status, *self.group_outputs]
-        for k, s in enumerate([*self.sliders, self.instruction, *self.group_sliders]):
-            s.release(self._release_fn(k if k < len(self.sliders) else None), grouped_in, moved,
-                      show_progress="hidden", trigger_mode="always_last", concurrency_limit=None)
-        self.granularity.input(self._release_fn(None), grouped_in, moved, show_progress="hidden",
-                               concurrency_limit=None)
+        moves = [*(("vector", i) for i in range(len(self.sliders))), ("instruction", 0),
+                 *(("group", k) for k in range(len(self.group_sliders)))]
+        for move, s in zip(moves, [*self.sliders, self.instruction, *self.group_sliders], strict=True):
+            s.release(self._release_fn(move), self.inputs(move), moved, show_progress="hidden",
+                      trigger_mode="always_last", concurrency_limit=None)
+        pick = ("granularity", 0)
+        self.granularity.input(self._release_fn(pick), self.inputs(pick), moved, show_progress="hidden",
+                               trigger_mode="always_last", concurrency_limit=None)
         for i, acc in enumerate(self.accordions):  # a collapsed accordion drops value updates: re-send on open
             acc.expand(self._expand_fn(i), [ctx.state], self.group_sliders[i * MAX_GROUPS:(i + 1) * MAX_GROUPS],
                        show_progress="hidden", concurrency_limit=None)
@@ -157,7 +192,7 @@ class TuneTab:
     def stream(self, session: Session, updates, t0: float):
         """Render each update of a Tune move as it comes (a cancelled move leaves the chart to the newer one)."""
         times: dict[str, float] = {}
-        for u in updates:
+        for u in on_one_thread(updates):
             if u.phase == "cancelled":
                 return
             key = {"estimate": "estimate", "partial": "first set"}.get(u.phase)
@@ -206,27 +241,45 @@ class TuneTab:
         return [gr.update(value=granularity or "vector"), *accs, *sliders, heat]
 
     def read_weights(self, session: Session, granularity: str, values: tuple[float, ...],
-                     moved: int | None) -> tuple[dict[str, float], float, list[str]]:
-        """``(weights, instruction weight, layout)`` from the sliders: per vector, or per layer group (a moved
-        vector slider, index ``moved``, sets all that vector's groups)."""
-        k = self.ctx.max_vectors
+                     moved: tuple[str, int]) -> tuple[dict[str, float], float, list[str]]:
+        """``(weights, instruction weight, layout)`` after a move, from the values its event sends (:meth:`inputs`).
+
+        ``moved`` is ``("vector", i)``, ``("group", k)`` (slider k: vector k // MAX_GROUPS, group k % MAX_GROUPS),
+        ``("instruction", 0)`` or ``("granularity", 0)``. Per vector, the vector sliders are read. Per layer group,
+        only the moved slider is read and every other group keeps the session's Tune weight: the page's copy of
+        a group slider can be stale or missing (the sliders of a collapsed accordion are not rendered), and the
+        dropdown fires ``input`` again on blur. A vector's own slider sets all its groups. The instruction
+        weight is the session's unless its slider moved.
+        """
+        kind, index = moved
         names = session.names
-        plain, iw, gv = values[:k], float(values[k]), values[k + 1:]
+        tune = session.tune
+        iw = float(values[-1]) if kind == "instruction" else tune.instruction_weight
         layout = session.group_layout(granularity)
         if len(layout) > MAX_GROUPS:
             raise ValueError(f"{granularity} has {len(layout)} groups, the tab shows at most {MAX_GROUPS}")
+        if kind == "group" and (not layout or self.group_layout_shown(session) != layout):  # a layout gone
+            return dict(tune.weights), iw, self.group_layout_shown(session)
         if not layout:
-            return {n: float(plain[i]) for i, n in enumerate(names)}, iw, layout
-        shown = self.group_layout_shown(session)
-        weights = {}
-        for i, n in enumerate(names):
-            for j, g in enumerate(layout):
-                fresh = moved == i or shown != layout  # a new layout starts from the current weights
-                weights[groups.param_name(n, g)] = float(plain[i]) if moved == i else (
-                    groups.expand(session.tune.weights, names, layout)[groups.param_name(n, g)] if fresh
-                    else float(gv[i * MAX_GROUPS + j]))
+            return {n: float(values[i]) for i, n in enumerate(names)}, iw, layout
+        weights = groups.expand(tune.weights, names, layout)  # a new layout starts from the current merge
+        if kind == "vector" and index < len(names):
+            weights.update({groups.param_name(names[index], g): float(values[index]) for g in layout})
+        elif kind == "group":
+            i, j = divmod(index, MAX_GROUPS)
+            if i < len(names) and j < len(layout):
+                weights[groups.param_name(names[i], layout[j])] = float(values[0])
         session.ui["tune_layout"] = layout
         return weights, iw, layout
+
+    def inputs(self, moved: tuple[str, int]) -> list[Any]:
+        """What a move's event sends: never the group sliders it did not move (they may not be rendered, and
+        Gradio refuses a whole event when one slider sends no value)."""
+        kind, index = moved
+        head = [self.ctx.state, self.granularity]
+        if kind == "group":
+            return [*head, self.group_sliders[index]]
+        return [*head, *self.sliders, *([self.instruction] if kind == "instruction" else [])]
 
     @staticmethod
     def group_layout_shown(session: Session) -> list[str]:
@@ -242,7 +295,7 @@ class TuneTab:
         fn.__name__ = f"on_expand_{i}"
         return fn
 
-    def _release_fn(self, moved: int | None):
+    def _release_fn(self, moved: tuple[str, int]):
         def fn(session: Session, granularity: str, *values: float):
             t0 = time.perf_counter()
             try:
@@ -255,7 +308,7 @@ class TuneTab:
             except Exception as exc:
                 yield gr.update(), error_md(exc), *(gr.update() for _ in self.group_outputs)
 
-        fn.__name__ = f"on_release_{moved}"
+        fn.__name__ = f"on_release_{moved[0]}_{moved[1]}"
         return fn
 
     # -- events --------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""Per-layer-group weights in the Tune tab without a browser: the heat-map's numbers, a release that reads only
+the moved slider (the page's other group sliders may be stale), and Tune streams drained on one thread."""
+
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+import pytest
+import torch
+from test_workbench_session import SUITE, tiny_workdir
+
+from optimer_lib.merging import groups
+from workbench.figures import layer_heatmap
+from workbench.session import Session
+from workbench.tabs import Ctx
+from workbench.tabs.tune import TuneTab, on_one_thread
+from workbench.workspace import Workspace
+
+torch.set_num_threads(1)
+
+
+def test_layer_heatmap_z_is_each_vectors_weight_per_layer():
+    weights = {"ja": 0.3, "ja@blocks2-3": 0.9, "ja@embed": 0.1, "zh@blocks0-1": 0.5}  # zh: 0 outside its group
+    fig = layer_heatmap(groups.per_layer(weights, ["ja", "zh"], layers=4), zmax=1.5)
+    heat = fig.data[0]
+    assert list(heat.y) == ["ja", "zh"]
+    assert list(heat.x) == ["embed", "block 0", "block 1", "block 2", "block 3", "head"]
+    assert [list(r) for r in heat.z] == [[0.1, 0.3, 0.3, 0.9, 0.9, 0.3], [0.0, 0.5, 0.5, 0.0, 0.0, 0.0]]
+    assert [list(r) for r in heat.text][0] == ["0.10", "0.30", "0.30", "0.90", "0.90", "0.30"]
+    assert (heat.zmin, heat.zmax) == (0.0, 1.5)
+    # one layout's group weights, expanded, draw the same rows as the layer table of its groups
+    layout = groups.group_names(4, "layer-groups:2")
+    full = groups.expand(weights, ["ja", "zh"], layout)
+    again = layer_heatmap(groups.per_layer(full, ["ja", "zh"], layers=4)).data[0]
+    assert [list(r) for r in again.z] == [list(r) for r in heat.z]
+    assert layer_heatmap({}).data == ()  # nothing to draw: an empty figure with a note
+
+
+@pytest.fixture(scope="module")
+def tab_and_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[TuneTab, Session]:
+    root = tiny_workdir(tmp_path_factory.mktemp("groups") / "wd")
+    session = Session(Workspace(root, suite=SUITE), tune_limit=3, qa_limit=2)
+    with gr.Blocks():
+        ctx = Ctx(workspace=session.workspace, state=gr.State(), max_vectors=4)
+        tab = TuneTab(ctx)
+    return tab, session
+
+
+def release(tab: TuneTab, session: Session, move: tuple[str, int], granularity: str, plain: list[float],
+            group_value: float = 0.0) -> list:
+    """Run a move's handler as Gradio would (all its yields) with what its event sends; the last yield."""
+    values = [group_value] if move[0] == "group" else [*plain, *[0.0] * (tab.ctx.max_vectors - len(plain))]
+    assert len(tab.inputs(move)) == 2 + len(values)
+    *_, last = tab._release_fn(move)(session, granularity, *values)
+    return list(last)
+
+
+def test_release_reads_only_the_moved_group_slider(tab_and_session):
+    tab, session = tab_and_session
+    release(tab, session, ("vector", 0), "vector", [0.4, 0.0], [])
+    assert session.tune.weights == {"ja": 0.4, "math": 0.0}
+    assert tab.group_sliders[7] not in tab.inputs(("group", 6)) and tab.inputs(("group", 6))[-1] is \
+        tab.group_sliders[6]  # a group move sends only its own slider (a collapsed one may send nothing)
+    layout = session.group_layout("layer-groups:2")
+    assert layout == ["embed", "blocks0-0", "blocks1-1", "head"]
+    for _ in range(2):  # the dropdown fires `input` on select and again on blur: both start from the merge
+        out = release(tab, session, ("granularity", 0), "layer-groups:2", [0.4, 0.0])
+        assert groups.expand(session.tune.weights, session.names, layout) == {
+            **{f"ja@{g}": 0.4 for g in layout}, **{f"math@{g}": 0.0 for g in layout}}
+    start = 3 + len(tab.accordions)  # chart, status, granularity, accordions, then the group sliders
+    assert out[2]["value"] == "layer-groups:2" and out[3]["visible"] is True
+    sliders = out[start:start + len(tab.group_sliders)]
+    assert [u["value"] for u in sliders[:4]] == [0.4] * 4 and sliders[4]["visible"] is False
+    assert "error" not in str(out[1]).lower()
+
+    release(tab, session, ("group", 2), "layer-groups:2", [0.4, 0.0], 1.2)  # vector 0, group 2: blocks1-1
+    got = groups.expand(session.tune.weights, session.names, layout)
+    assert [got[f"ja@{g}"] for g in layout] == [0.4, 0.4, 1.2, 0.4]
+    assert [got[f"math@{g}"] for g in layout] == [0.0] * 4
+    heat = release(tab, session, ("vector", 1), "layer-groups:2", [0.4, 0.7])[-1]  # math: every group
+    assert [list(r) for r in heat.data[0].z] == [[0.4, 0.4, 1.2, 0.4], [0.7, 0.7, 0.7, 0.7]]
+
+
+def test_streams_are_drained_on_one_thread():
+    seen: list[str] = []
+
+    def items():
+        for i in range(6):
+            seen.append(threading.current_thread().name)
+            yield i
+
+    def next_on(name: str, it) -> int:  # as Gradio does: each next() on whichever worker thread is free
+        out: list[int] = []
+        t = threading.Thread(target=lambda: out.append(next(it)), name=name)
+        t.start()
+        t.join()
+        return out[0]
+
+    it = on_one_thread(items())
+    assert [next_on(f"worker-{k}", it) for k in range(6)] == list(range(6))
+    assert len(set(seen)) == 1 and not seen[0].startswith("worker-"), seen
+
+    def broken():
+        yield 1
+        raise ValueError("scoring failed")
+
+    it = on_one_thread(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="scoring failed"):
+        next(it)
+
