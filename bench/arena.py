@@ -2,6 +2,7 @@
 
     python bench/arena.py                                  # 10 runs x 30 votes, gp vs random challengers
     python bench/arena.py --runs 3 --votes 15 --limit 8    # a quick look
+    python bench/arena.py --runs 5 --temperature 0.001 --out bench/results/arena_t0001.json   # a near-perfect voter
 
 The embedded pool (the quick demo pool under ``--pool``: ja, zh, math, code vectors; built and cached on first
 use), α ∈ [0, 1]^4. A merge's quality is its mean dev loss over every text set of the embedded world (en, ja,
@@ -11,8 +12,9 @@ zh, math, code) on the first ``--limit`` documents each. The simulated voter see
 wins) is scored; a run needs *k votes* when the estimate first comes within 10% of the best weights' gain
 over the base, i.e. loss <= base − 0.9·(base − best). "Best" is the lowest loss seen by a dense search
 (``--dense`` TPE trials, seed 0) or by any arena run. ``gp`` asks challengers from optuna-dashboard's
-PreferentialGPSampler; ``random`` draws them uniformly (the same champion/challenger protocol): the
-"random pairs" baseline. Losses are deterministic in α and memoised; the voter's coin is seeded per run.
+PreferentialGPSampler after the arena's uniform startup merges (2 per vector); ``random`` draws them
+uniformly (the same champion/challenger protocol): the "random pairs" baseline. Losses are deterministic in α
+and memoised; the voter's coin is seeded per run.
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ def prefer_left(loss_left: float, loss_right: float, rng: random.Random, tempera
     return rng.random() < p
 
 
-def run_arena(loss, names: list[str], kind: str, seed: int, votes: int) -> list[float]:
+def run_arena(loss, names: list[str], kind: str, seed: int, votes: int,
+              temperature: float = TEMPERATURE) -> list[float]:
     """Loss of the best estimate after each of ``votes`` simulated votes (one in-memory arena)."""
     arena = Arena.open(names, sampler=kind, seed=seed)
     rng = random.Random(1000 + seed)
     pair, out = arena.pair(), []
     for _ in range(votes):
-        left = prefer_left(loss(pair.left.weights), loss(pair.right.weights), rng)
+        left = prefer_left(loss(pair.left.weights), loss(pair.right.weights), rng, temperature)
         pair = arena.vote(pair, "left" if left else "right", voter="simulated")
         out.append(loss(arena.best().weights))
     return out
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10, help="dev documents per text set")
     ap.add_argument("--dense", type=int, default=150, help="TPE trials of the dense search for the best weights")
     ap.add_argument("--samplers", default="gp,random")
+    ap.add_argument("--temperature", type=float, default=TEMPERATURE, help="the voter's sigmoid scale (loss units)")
     ap.add_argument("--pool", type=Path, default=Path("runs/quick"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/results/arena.json"))
@@ -89,7 +93,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     for kind in a.samplers.split(","):
         t1 = time.perf_counter()
-        curves[kind] = [run_arena(loss, names, kind, seed, a.votes) for seed in range(a.runs)]
+        curves[kind] = [run_arena(loss, names, kind, seed, a.votes, a.temperature) for seed in range(a.runs)]
         seconds[kind] = round(time.perf_counter() - t1, 1)
         print(f"{kind}: {a.runs} runs x {a.votes} votes in {seconds[kind]:.0f} s", flush=True)
     best = min([dense.best_value, *(v for runs in curves.values() for c in runs for v in c)])
@@ -112,7 +116,7 @@ def main() -> None:
         print(f"| {kind} | {row['reached']}/{row['runs']} | {row['median']} ({quantiles(sorted(hit))}) "
               f"| {row['final_gain_share_mean']:.2f} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"base": base, "best": best, "target": target, "tol": TOL, "temperature": TEMPERATURE,
+    a.out.write_text(json.dumps({"base": base, "best": best, "target": target, "tol": TOL, "temperature": a.temperature,
                                  "limit": a.limit, "votes": a.votes, "dense_trials": a.dense, "table": table,
                                  "curves": {k: [[round(v, 5) for v in c] for c in runs] for k, runs in curves.items()},
                                  "evaluations": len(cache), "seconds": round(time.perf_counter() - t0, 1),
