@@ -1,0 +1,67 @@
+"""bench/per_layer.py's table and summary helpers on hand-made runs (nothing evaluated)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import per_layer  # noqa: E402
+
+TERMS = {"loss:ja": 1.0, "acc:math": 1.0}  # (loss:ja − acc:math) / 2
+
+
+def fake_run(g: str, s: str, seed: int, nll: float, values: list[float], grad_evals: int = 0) -> dict:
+    """Two documents of 10 tokens each (loss nll/10 per token) and two math answers (one right)."""
+    comps = {"nll:ja": [nll, nll + 2.0], "tok:ja": [10.0, 10.0], "acc:math": [1.0, 0.0]}
+    return {"granularity": g, "sampler": s, "seed": seed, "values": values, "grad_evals": grad_evals,
+            "best_weights": {"ja": 0.5} if g == "vector" else {"ja@embed": 0.5, "ja@head": 0.5},
+            "dev": comps, "test": comps}
+
+
+def test_equivalents_count_trials_to_within_tol_of_own_best_plus_gradients():
+    values = [4.0, 3.5, 3.1, 3.1005, 3.0999, 3.0998]
+    # best 3.0998; within 0.1 %: <= 3.1029, first reached at trial 3 (3.1)
+    assert per_layer.equivalents(values, 0, 0.0) == 3
+    assert per_layer.equivalents(values, 5, 2.5) == pytest.approx(3 + 12.5)
+    assert per_layer.equivalents(values, 0, 0.0, tol=0.0) == 6
+    assert per_layer.equivalents([3.0], 2, 1.0) == 3
+
+
+def test_objective_interval_is_the_objective_of_pooled_means():
+    runs = [fake_run("vector", "tpe", 0, 30.0, [1.0]), fake_run("vector", "tpe", 1, 34.0, [1.0])]
+    iv = per_layer.objective_interval(TERMS, runs, "test", n_boot=200)
+    # loss:ja = mean nll / mean tokens = (30 + 32 + 34 + 36)/4 / 10 = 3.3; acc = 0.5 -> (3.3 − 0.5) / 2 = 1.4
+    assert iv.mean == pytest.approx(1.4) and iv.low <= 1.4 <= iv.high and iv.seeds == 2
+    assert per_layer.stacked(runs, "test")["nll:ja"] == [[30.0, 32.0], [34.0, 36.0]]
+    d = per_layer.difference_interval(TERMS, runs, [fake_run("vector", "tpe", s, 40.0, [1.0]) for s in (0, 1)],
+                                      "test", n_boot=200)
+    # (3.3 − 0.5)/2 − (4.1 − 0.5)/2 = −0.4, the same documents' shift in every draw: a point interval
+    assert d.mean == pytest.approx(-0.4) and d.high < 0
+
+
+def test_summary_verdicts_and_table():
+    saved = {"terms": TERMS, "charge": {"vector": 2.0, "layer-groups:2": 3.0}, "runs": [
+        *(fake_run("vector", "tpe", s, 40.0, [3.0, 2.0]) for s in (0, 1)),
+        *(fake_run("vector", "grad", s, 40.0, [2.0, 2.0], grad_evals=2) for s in (0, 1)),
+        *(fake_run("layer-groups:2", "tpe", s, 44.0, [3.0, 2.5]) for s in (0, 1)),
+        *(fake_run("layer-groups:2", "grad", s, 30.0, [3.0, 2.0, 1.0], grad_evals=2) for s in (0, 1))]}
+    out = per_layer.summarise(saved, n_boot=200)
+    cells, v = out["cells"], out["verdicts"]
+    assert cells["vector grad"]["equivalents"] == [1 + 2 * 2.0] * 2  # first trial is its best, 2 gradients
+    assert cells["layer-groups:2 grad"]["equivalents"] == [3 + 2 * 3.0] * 2 and cells["layer-groups:2 grad"][
+        "weights"] == 2
+    assert v["test layer-groups:2 − vector, grad"]["verdict"] == "holds"  # 30 < 40 on every document
+    assert v["test layer-groups:2 − vector, tpe"]["verdict"] == "does not hold"  # 44 > 40
+    ratio = v["equivalents layer-groups:2 grad / vector grad"]
+    assert ratio["per_seed"] == [pytest.approx(9 / 5)] * 2 and ratio["verdict"] == "holds"  # 1.8 < 2
+    assert v["equivalents layer-groups:2 grad / vector tpe"]["verdict"] == "does not hold"  # 9 / 2 = 4.5
+    text = per_layer.table(out, base_test=2.5)
+    assert "| layer-groups:2 | grad | 2 |" in text and "9.0 (9.0–9.0)" in text
+    base = re.search(r"Base model \(α = 0\) test objective: ([0-9]+\.[0-9]+)", text)
+    assert base is not None and float(base.group(1)) == 2.5
+    assert "→ **holds**" in text and "→ **does not hold**" in text
