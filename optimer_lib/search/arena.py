@@ -21,6 +21,7 @@ storage's current pair. Needs the ``arena`` extra: ``pip install 'optimer-workbe
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import time
 import uuid
@@ -94,7 +95,8 @@ class Arena:
         """Create the study ``study_name`` in ``storage`` (a URL, or None: in memory) or resume it.
 
         ``bounds``: one ``(lo, hi)`` for every vector or one per name (default [0, 1], as the search's).
-        ``startup``: the first merges drawn uniformly before the GP proposes (default 2 per vector): the GP
+        ``startup``: the first merges drawn uniformly (seeded by ``seed`` and the trial number) before the GP
+        proposes (default 2 per vector; ``sampler="random"`` draws every merge so): the GP
         alone refines around its first pair and never explores (bench/arena.py: its merges stayed within
         0.01 of each other, so votes carried no information). A stored study must be an arena over the same
         vector names (else ConfigError naming both).
@@ -127,7 +129,9 @@ class Arena:
         else:
             box = {n: (float(v[0]), float(v[1])) for n, v in study.user_attrs["arena:bounds"].items()}
         startup = 2 * len(names) if startup is None else int(startup)
-        return cls(study, raw, names, box, seed, startup if sampler == "gp" else 0)
+        # random challengers are all "startup" draws: keyed by (seed, trial number), so two voters' processes
+        # never draw the same merge twice (two RandomSamplers with one seed would)
+        return cls(study, raw, names, box, seed, startup if sampler == "gp" else sys.maxsize)
 
     # -- reading the storage ---------------------------------------------------------------------
     def _attrs(self) -> dict[str, Any]:
@@ -152,7 +156,9 @@ class Arena:
             beaten.add(worse)
             wins[better] = wins.get(better, 0) + 1
         trials = self.raw.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
-        return [t for t in trials if t.number not in beaten and t.number not in retired], wins
+        # another voter's ask creates its trial before it sets the params: skip such a trial until it has them
+        return [t for t in trials if t.number not in beaten and t.number not in retired
+                and all(n in t.params for n in self.names)], wins
 
     def best(self) -> Candidate | None:
         """The current best estimate: the unbeaten merge with the most wins (the newest on a tie); None
@@ -203,7 +209,13 @@ class Arena:
         else:
             better, worse = (pair.left, pair.right) if choice == "left" else (pair.right, pair.left)
             trials = self.raw.get_trials(deepcopy=False)
-            self.study.report_preference(trials[better.number], trials[worse.number])
+            try:
+                self.study.report_preference(trials[better.number], trials[worse.number])
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # another voter completed one of them between optuna-dashboard's read and write; the preference
+                # itself is stored first, so only finishing the trials is left
+                for number in (better.number, worse.number):
+                    self._complete(number)
         self.raw.set_user_attr(VOTE_PREFIX + uuid.uuid4().hex, record)
         return self.pair()
 
@@ -213,5 +225,5 @@ class Arena:
         if trial.state == TrialState.RUNNING:
             try:
                 self.raw.tell(number, 0.0)
-            except (ValueError, RuntimeError):  # another voter finished it meanwhile
-                pass
+            except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                pass  # another voter finished it meanwhile
