@@ -43,6 +43,7 @@ class ArenaRun:
     pair: Pair
     instruction_weight: float
     storage: str
+    sampler: str = "gp"
     histories: list[list[Message]] = field(default_factory=lambda: [[], []])
     prompt: str = ""
     revealed: str = ""  # what the last vote's pair was (shown after voting, never before)
@@ -58,7 +59,7 @@ class ArenaRun:
             instruction_weight = 1.0
         arena = Arena.open(session.names, storage=storage, study_name=(study or DEFAULT_STUDY).strip(),
                            sampler=sampler, seed=int(seed))
-        run = cls(arena, arena.pair(), float(instruction_weight), storage)
+        run = cls(arena, arena.pair(), float(instruction_weight), storage, sampler)
         session.ui[KEY] = run
         return run
 

@@ -71,7 +71,8 @@ class ArenaPanel:
         """The session's arena for this form: the open one if it matches, else opened (or resumed) now."""
         run = ArenaRun.of(session)
         storage = (storage or "").strip() or default_storage(session)
-        if run is None or run.storage != storage or run.arena.raw.study_name != (study or DEFAULT_STUDY).strip():
+        if run is None or (run.storage, run.arena.raw.study_name, run.sampler) != \
+                (storage, (study or DEFAULT_STUDY).strip(), sampler):
             run = ArenaRun.open(session, storage, study, sampler, instruction_weight=float(iw))
         run.instruction_weight = float(iw) if session.shared.instruction is not None else 0.0
         return run
