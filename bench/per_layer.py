@@ -1,7 +1,7 @@
 """Per-layer-group weights against one weight per vector on the embedded world (issue 19).
 
     nice -n 10 .venv/bin/python bench/per_layer.py                      # ~15-25 min on 1 thread
-    .venv/bin/python bench/per_layer.py --from-json bench/results/per_layer.json   # re-tabulate, evaluate nothing
+    .venv/bin/python bench/per_layer.py --from-json bench/results/per_layer.json   # re-tabulate (updates its summary)
 
 The quick demo pool (``bench/_common.quick_pool``: ja, zh, math, code vectors on the embedded 4-block base, tied
 embeddings), α ∈ [0, 1] per weight. For each granularity (``vector``: 4 weights; ``layer-groups:2``: embed, two
@@ -18,10 +18,11 @@ Intervals: the dev and test objectives are paired hierarchical bootstraps over s
 (``optimer_lib.experiments.stats.bootstrap_methods``; every set's first N documents, the same for every run; an
 objective is a function of per-document component means, ``docscores.objective_of_means``). Differences between
 granularities are paired the same way. Trial-equivalents: trials until the run's best-so-far comes within 0.1 % of
-that run's own final best, plus, for ``grad``, its gradient evaluations times the measured cost of one gradient
-evaluation in trials (gradient seconds / mean trial seconds over that granularity's runs; deterministic gradients
-are computed once per granularity and reused by every seed, but each run is charged for all of its own). Their
-spread is the range over seeds (``stats.seed_range``: no documents to resample).
+that run's own final best, plus, for ``grad``, its gradient evaluations times the cost of one gradient evaluation
+in trials: measured per granularity (gradient seconds / mean trial seconds over that granularity's runs) and
+charged at the largest of these for every granularity (one price, never understated; deterministic gradients are
+computed once per granularity and reused by every seed, but each run is charged for all of its own). Their spread
+is the range over seeds (``stats.seed_range``: no documents to resample).
 
 R (the share of the data mixture's gain recovered) is omitted: no mixture has been trained for this pool (the
 experiments' mixture, under runs/experiments, belongs to a different pool: 400k-token vectors).
@@ -88,7 +89,8 @@ def difference_interval(terms: Mapping[str, float], a: Sequence[Mapping[str, Any
 
 def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     """Per (granularity, sampler): dev/test objective intervals and trial-equivalents; the criteria's verdicts."""
-    terms, runs, charge = saved["terms"], saved["runs"], saved["charge"]
+    terms, runs = saved["terms"], saved["runs"]
+    charge = max(saved["charge"].values(), default=0.0)  # one price per gradient evaluation for every granularity
 
     def pick(g: str, s: str) -> list[dict[str, Any]]:
         return sorted((r for r in runs if r["granularity"] == g and r["sampler"] == s), key=lambda r: r["seed"])
@@ -99,7 +101,7 @@ def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
             rs = pick(g, s)
             if not rs:
                 continue
-            eq = [equivalents(r["values"], r["grad_evals"], charge.get(g, 0.0)) for r in rs]
+            eq = [equivalents(r["values"], r["grad_evals"], charge) for r in rs]
             cells[f"{g} {s}"] = {"granularity": g, "sampler": s, "seeds": [r["seed"] for r in rs],
                                  "weights": len(rs[0]["best_weights"]),
                                  "dev": objective_interval(terms, rs, "dev", n_boot).to_json(),
@@ -125,7 +127,7 @@ def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
                     verdicts[f"equivalents {g} grad / vector tpe"] = {
                         "per_seed": tpe, "interval": seed_range(tpe).to_json(),
                         "verdict": AFFORDABLE.verdict(seed_range(tpe))}
-    return {"cells": cells, "verdicts": verdicts}
+    return {"charge": charge, "cells": cells, "verdicts": verdicts}
 
 
 def fmt(iv: Mapping[str, float]) -> str:
@@ -242,12 +244,13 @@ def main() -> None:
     else:
         saved = run(a)
     summary = summarise(saved)
-    if not a.from_json:
+    if not a.from_json or a.out.resolve() == a.from_json.resolve():  # re-tabulating the default file updates it
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps({**saved, "summary": summary}, indent=1))
         print(f"wrote {a.out}")
     charge = ", ".join(f"{g} {c:.2f}" for g, c in saved["charge"].items())
-    print(f"\none gradient evaluation = {charge} trial-equivalents; wall {saved['wall_s']:.0f} s\n")
+    print(f"\none gradient evaluation measured at {charge} trials, charged {summary['charge']:.2f} "
+          f"trial-equivalents; wall {saved['wall_s']:.0f} s\n")
     print(table(summary, saved["base_test"]))
 
 

@@ -52,13 +52,14 @@ def test_summary_verdicts_and_table():
         *(fake_run("layer-groups:2", "grad", s, 30.0, [3.0, 2.0, 1.0], grad_evals=2) for s in (0, 1))]}
     out = per_layer.summarise(saved, n_boot=200)
     cells, v = out["cells"], out["verdicts"]
-    assert cells["vector grad"]["equivalents"] == [1 + 2 * 2.0] * 2  # first trial is its best, 2 gradients
+    assert out["charge"] == 3.0  # the dearest measured gradient, charged to every granularity
+    assert cells["vector grad"]["equivalents"] == [1 + 2 * 3.0] * 2  # first trial is its best, 2 gradients
     assert cells["layer-groups:2 grad"]["equivalents"] == [3 + 2 * 3.0] * 2 and cells["layer-groups:2 grad"][
         "weights"] == 2
     assert v["test layer-groups:2 − vector, grad"]["verdict"] == "holds"  # 30 < 40 on every document
     assert v["test layer-groups:2 − vector, tpe"]["verdict"] == "does not hold"  # 44 > 40
     ratio = v["equivalents layer-groups:2 grad / vector grad"]
-    assert ratio["per_seed"] == [pytest.approx(9 / 5)] * 2 and ratio["verdict"] == "holds"  # 1.8 < 2
+    assert ratio["per_seed"] == [pytest.approx(9 / 7)] * 2 and ratio["verdict"] == "holds"  # 1.29 < 2
     assert v["equivalents layer-groups:2 grad / vector tpe"]["verdict"] == "does not hold"  # 9 / 2 = 4.5
     text = per_layer.table(out, base_test=2.5)
     assert "| layer-groups:2 | grad | 2 |" in text and "9.0 (9.0–9.0)" in text
