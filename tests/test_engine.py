@@ -315,3 +315,21 @@ def test_two_leases_run_at_once_on_their_own_slots(tiny_vectors):
     assert not errors, errors
     assert seen["a"] <= 1e-6 and seen["b"] <= 1e-6
     assert MergeEngine(engine.base, None, engine.vectors, max_slots=1, concurrency=4).concurrency == 1
+
+
+def test_a_lease_held_by_a_generator_closed_on_another_thread_frees_its_thread(tiny_vectors):
+    """Gradio resumes a streamed Tune score on whichever worker is free: the lease taken on thread A and ended on
+    thread B must leave thread A free to take the next lease (a stale entry refused every later one)."""
+    engine = _engine(tiny_vectors)
+
+    def stream():
+        with engine.lease({"v0": 0.5}) as lease:
+            yield lease.slot
+
+    gen = stream()
+    next(gen)  # the lease is taken on this thread
+    closer = threading.Thread(target=gen.close)  # ...and ended on another
+    closer.start()
+    closer.join()
+    with engine.lease({"v0": 0.25}) as lease:  # this thread is free again
+        assert dict(lease.state.weights)["v0"] == 0.25

@@ -225,12 +225,17 @@ class MergeEngine:
             weights, instruction_weight, method=method, params=params)
         waited = self._acquire(priority)
         slot = None
+        # The thread that took the lease: a generator holding it (a streamed Tune score) may be resumed and closed
+        # on another thread (Gradio's workers), so the entry is dropped by this key, not the closing thread's.
+        me = threading.get_ident()
         try:
             slot, changed, merge_s = self._materialise(state, exact)  # the slot is released below, or on failure
-            self._held[threading.get_ident()] = (int(priority), slot, state)
+            self._held[me] = (int(priority), slot, state)
             yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
         finally:
-            self._held.pop(threading.get_ident(), None)
+            held = self._held.get(me)
+            if held is not None and held[1] is slot:
+                del self._held[me]
             self._release(slot)  # slot None: the merge failed and freed it already
 
     def run(self, weights: Mapping[str, float] | MergeState, job: Callable[[torch.nn.Module], T], *,
