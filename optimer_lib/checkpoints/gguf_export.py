@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from optimer_lib.checkpoints.gguf_import import _require_gguf
+from optimer_lib.checkpoints.gguf_import import require_gguf
 from optimer_lib.errors import ConfigError, ModelError, OptimerError
 from optimer_lib.fileio import normal_permissions
 
@@ -236,7 +236,7 @@ def write_gguf(config: Any, shapes: Mapping[str, Sequence[int]], get: Callable[[
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    _require_gguf()
+    require_gguf()
     import gguf
 
     if getattr(config, "model_type", None) != "llama":

@@ -101,7 +101,7 @@ def resolve_gguf_source(source: str | os.PathLike) -> Path:
     return path
 
 
-def _require_gguf() -> str:
+def require_gguf() -> str:
     """The installed gguf version, or MissingDependencyError naming the install command."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError(f"importing a GGUF file needs the gguf package: {_INSTALL_HINT}")
@@ -184,7 +184,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     src = resolve_gguf_source(gguf_path)
     out = Path(out_dir)
     _check_out(out, overwrite)
-    gguf_version = _require_gguf()
+    gguf_version = require_gguf()
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
     model, tokenizer = _load_dequantised(src, torch_dtype)
     facts = {"model_type": str(model.config.model_type),

@@ -209,7 +209,7 @@ def ordered_weights(names: Sequence[str], weights: Mapping[str, float]) -> list[
     return out
 
 
-def _delta(vec: DistributionVector, name: str, aliases_of: Mapping[str, list[str]]) -> Tensor | None:
+def vector_delta(vec: DistributionVector, name: str, aliases_of: Mapping[str, list[str]]) -> Tensor | None:
     """The vector's delta for ``name``, found under a tied alias if the vector used that name."""
     for n in (name, *aliases_of.get(name, ())):
         if n in vec.tensors:
@@ -217,7 +217,7 @@ def _delta(vec: DistributionVector, name: str, aliases_of: Mapping[str, list[str
     return None
 
 
-def _split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, list[str]]]:
+def split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, list[str]]]:
     """``(kept, {alias: kept_name}, {kept_name: [aliases]})`` for a state dict with tied weights."""
     kept, aliases = unique_tensors(state)
     aliases_of: dict[str, list[str]] = {}
@@ -260,11 +260,11 @@ def merge_state_dict(base_state: Mapping[str, Tensor] | torch.nn.Module, vectors
     extra = [instruction] if instruction is not None else []
     for v in [*vectors, *extra]:
         check_compatible(v, state, allow_fingerprint_mismatch=True)
-    kept, aliases, aliases_of = _split_aliases(state)
+    kept, aliases, aliases_of = split_aliases(state)
     out: dict[str, Tensor] = {}
     for name, base in kept.items():
-        deltas = [_delta(v, name, aliases_of) for v in vectors]
-        instr = _delta(instruction, name, aliases_of) if instruction is not None else None
+        deltas = [vector_delta(v, name, aliases_of) for v in vectors]
+        instr = vector_delta(instruction, name, aliases_of) if instruction is not None else None
         if not base.is_floating_point() or (instr is None and all(d is None for d in deltas)):
             out[name] = base
             continue

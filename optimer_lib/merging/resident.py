@@ -21,7 +21,7 @@ from torch import Tensor
 from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
-from optimer_lib.merging.methods import _delta, _split_aliases, check_method_params, merge_tensor, ordered_weights
+from optimer_lib.merging.methods import check_method_params, merge_tensor, ordered_weights, split_aliases, vector_delta
 
 
 class _Target:
@@ -107,11 +107,11 @@ class ResidentMerger:
         extra = [instruction] if instruction is not None else []
         for v in [*vectors, *extra]:
             check_compatible(v, state, allow_fingerprint_mismatch=True)
-        kept, _, aliases_of = _split_aliases(state)
+        kept, _, aliases_of = split_aliases(state)
         self._targets: list[_Target] = []
         for name, p in kept.items():
-            deltas = [_delta(v, name, aliases_of) for v in vectors]
-            instr = _delta(instruction, name, aliases_of) if instruction is not None else None
+            deltas = [vector_delta(v, name, aliases_of) for v in vectors]
+            instr = vector_delta(instruction, name, aliases_of) if instruction is not None else None
             if p.is_floating_point() and (instr is not None or any(d is not None for d in deltas)):
                 shared = None if base is None else base[name]
                 self._targets.append(_Target(name, p, deltas, instr, shared, stream_deltas,
