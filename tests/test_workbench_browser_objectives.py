@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 
 import optuna
-import pytest
 import test_workbench_browser as wb
 from test_workbench_browser import ARTIFACTS, wait_for
 
@@ -36,7 +35,6 @@ def tune_alphas(pg, n: int) -> list[float]:
     return [float(pg.locator(f"#alpha-{i} input[type=number]").input_value()) for i in range(n)]
 
 
-@pytest.mark.slow  # ~20 s: a Pareto search run and clicked in the browser
 def test_pareto_search_click_and_pick_load_tune(page, server):
     storage = f"sqlite:///{server[1] / 'optuna.db'}"
     page.get_by_role("tab", name="Tune").click()                 # Gradio mounts a tab's sliders on first visit
