@@ -16,7 +16,7 @@ from optimer_lib.scoring.objectives import Objective
 from optimer_lib.search import record
 from optimer_lib.search.gradient import objective_gradient, projected_descent
 from optimer_lib.search.rerank import rerank
-from optimer_lib.search.study import GRANULARITY, SearchConfig, run_search
+from optimer_lib.search.study import SearchConfig, run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 LAYOUT = ["embed", "blocks0-0", "blocks1-1", "head"]
@@ -62,7 +62,7 @@ def test_search_with_layer_groups_records_params(tiny_tokenizer, tmp_path):
     keys = [f"{n}@{g}" for n in ("ja", "zh", "good") for g in LAYOUT]
     assert all(sorted(t.params) == sorted(keys) for t in res.study.trials)
     assert all(t.params[k] <= 0.5 for t in res.study.trials for k in keys[:4])  # ja's bounds hold per group
-    assert res.study.user_attrs[GRANULARITY] == "layer-groups:2"
+    assert res.study.user_attrs[record.GRANULARITY] == "layer-groups:2"
     best = json.loads(res.path.read_text())
     assert best["granularity"] == "layer-groups:2" and best["groups"] == LAYOUT
     assert sorted(best["weights"]) == sorted(keys)

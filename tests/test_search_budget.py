@@ -13,8 +13,9 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective, parse_objective
 from optimer_lib.scoring.scorer import TrialScorer
+from optimer_lib.search import record
 from optimer_lib.search.cost import SearchCost, estimate_search_cost, fmt_seconds, parse_duration
-from optimer_lib.search.study import STOPPED, SearchConfig, run_search
+from optimer_lib.search.study import SearchConfig, run_search
 from optimer_lib.search.trials import Deadline
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,7 +65,7 @@ def test_time_budget_stops_after_the_running_trial_and_the_study_says_why(tmp_pa
                      clock=lambda: now[0])
     # asked at 0 (first: go), 10, 20 (< 25: go), 30 (spent: stop) -> 3 trials of 10
     assert (res.new_trials, res.stopped, len(res.study.trials)) == (3, "time_budget", 3)
-    attr = res.study.user_attrs[STOPPED]
+    attr = res.study.user_attrs[record.STOPPED]
     assert attr == {"reason": "time_budget", "budget_s": 25.0, "elapsed_s": 30.0, "new_trials": 3, "trials": 3,
                     "of": 10}
     best = json.loads((tmp_path / "best.json").read_text())
@@ -74,7 +75,7 @@ def test_time_budget_stops_after_the_running_trial_and_the_study_says_why(tmp_pa
                       SearchConfig(workdir=tmp_path, storage=storage, trials=10, sampler="random", top_k=2,
                                    search_limit=5, rescore_limit=10), progress=False)
     assert (res2.new_trials, res2.stopped) == (7, None)
-    assert res2.study.user_attrs[STOPPED]["reason"] == "completed"
+    assert res2.study.user_attrs[record.STOPPED]["reason"] == "completed"
     assert json.loads((tmp_path / "best.json").read_text())["rescored"] is True
 
 
@@ -87,7 +88,7 @@ def test_a_tiny_real_budget_runs_exactly_one_trial(tmp_path):
 def test_a_budget_that_is_not_spent_changes_nothing(tmp_path):
     cfg = SearchConfig(workdir=tmp_path, storage=":memory:", trials=4, sampler="random", top_k=0, time_budget="1h")
     res = run_search(FakeMerger(), None, SUITE, Objective(fn=ticking([0.0], 0)), cfg, progress=False)
-    assert (res.new_trials, res.stopped, res.study.user_attrs[STOPPED]["reason"]) == (4, None, "completed")
+    assert (res.new_trials, res.stopped, res.study.user_attrs[record.STOPPED]["reason"]) == (4, None, "completed")
 
 
 def test_a_bad_budget_is_a_settings_problem(tmp_path):

@@ -44,6 +44,8 @@ PRUNER = "pruner"
 FIDELITIES = "fidelities"
 WARM_START = "warm_start"        # {"sources", "seeded", ...}: a warm-started study
 GRAD_WARM_START = "grad_warm_start"  # the gradient sampler's start points
+STOPPED = "stopped"              # why the last run with a time budget stopped: {"reason": "time_budget" | ...}
+GRANULARITY = "granularity"      # "vector" or "layer-groups:G": the layout of the search parameters
 RESCORE_PREFIX = "rescore@"      # rescore@<tag>: {trial number: {"objective", "metrics"[, "error"]}}
 
 # ---- trial attrs -------------------------------------------------------------------------------------------

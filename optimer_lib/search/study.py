@@ -52,10 +52,6 @@ from optimer_lib.search.trials import Deadline, counted, run_trials
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
-# Study attr: why the last run_search with a time budget stopped ({"reason": "time_budget" | "completed", ...}).
-# It belongs with the other keys in record.py (owned elsewhere): move it there as record.STOPPED.
-STOPPED = "stopped"
-GRANULARITY = "granularity"  # study attr: "vector" or "layer-groups:G" (the search parameters' layout)
 
 
 @dataclass
@@ -231,7 +227,7 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     study = optuna.create_study(storage=open_storage(config.storage_url()), study_name=config.study_name,
                                 direction=config.direction, load_if_exists=True, sampler=sampler, pruner=pruner)
     granularity = groups.Granularity.parse(config.granularity).spec
-    record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec, GRANULARITY: granularity})
+    record.check_study(study, {record.NAMES: names, record.OBJECTIVE: objective.spec, record.GRANULARITY: granularity})
     if study.trials:
         # A resumed seeded sampler would replay its first draws (random start-up points included);
         # a seed derived from (seed, trial count) keeps resumes deterministic yet fresh (samplers.resume_seed).
@@ -241,7 +237,7 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
         study.sampler.warm_start(study, merger, tokenizer, suite, objective, config, bounds)
     record.write_study_attrs(study, {
         record.NAMES: names, record.OBJECTIVE: objective.spec, record.DIRECTION: config.direction,
-        GRANULARITY: granularity,
+        record.GRANULARITY: granularity,
         record.SAMPLER: config.sampler, record.SEED: config.seed,
         record.LIMITS: [config.search_limit, config.rescore_limit], record.RECORD_METRICS: config.record_metrics,
         record.SUITE: {"texts": list(suite.texts), "qa": list(suite.qa)},
@@ -259,11 +255,11 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
                          lambda s: grid_exhausted(s) or deadline(s),
                          samples=trial_sampler(merger, tokenizer, config))
     stopped = "time_budget" if deadline is not None and deadline.spent else None
-    if deadline is not None or STOPPED in study.user_attrs:  # a stale "time_budget" must not outlive a finished run
-        study.set_user_attr(STOPPED, {"reason": stopped or ("interrupted" if outcome.interrupted else "completed"),
-                                      "budget_s": budget, "elapsed_s": round(deadline.elapsed, 3) if deadline else
-                                      None, "new_trials": outcome.done, "trials": counted(study),
-                                      "of": config.trials})
+    if deadline is not None or record.STOPPED in study.user_attrs:  # a stale "time_budget" must not outlive a run
+        reason = stopped or ("interrupted" if outcome.interrupted else "completed")
+        study.set_user_attr(record.STOPPED, {"reason": reason, "budget_s": budget,
+                                             "elapsed_s": round(deadline.elapsed, 3) if deadline else None,
+                                             "new_trials": outcome.done, "trials": counted(study), "of": config.trials})
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         if outcome.interrupted:
