@@ -12,7 +12,10 @@ from typing import Any
 
 import gradio as gr
 
+from optimer_lib.merging.methods import MERGE_METHODS
 from workbench.workspace import Workspace
+
+METHODS = sorted(m for m in MERGE_METHODS if m != "linear")  # "linear" is an alias of "optimer"
 
 
 @dataclass
@@ -29,3 +32,34 @@ class Ctx:
 def error_md(exc: BaseException) -> str:
     """A short Markdown error line for a status box (the message says what to do)."""
     return f"**error:** {html.escape(str(exc))}"
+
+
+def method_controls(prefix: str, **layout: Any) -> tuple[gr.Dropdown, gr.Textbox]:
+    """The merge-method dropdown and its parameters box (elem ids ``<prefix>-method``, ``<prefix>-params``)."""
+    method = gr.Dropdown(METHODS, value="optimer", label="merge method", elem_id=f"{prefix}-method", **layout)
+    params = gr.Textbox(label="method parameters", placeholder="e.g. density=0.2, lam=1", elem_id=f"{prefix}-params",
+                        **layout)
+    return method, params
+
+
+def plotly_click_js(plot_id: str) -> str:
+    """``js_on_load`` of a ``gr.HTML``: a click on a point of the plotly chart in ``#plot_id`` fires that HTML's
+    ``pick`` event with ``{trial: customdata[0]}``.
+
+    plotly keeps listeners across Plotly.react, so each plot div is hooked once; the poll finds new divs.
+    """
+    return """
+const hook = () => {
+  const gd = document.querySelector('#PLOT .js-plotly-plot');
+  if (!gd || !gd.on || gd.__optimerPick) return;
+  gd.__optimerPick = true;
+  gd.on('plotly_click', (ev) => {
+    const p = ev && ev.points && ev.points[0];
+    const cd = p ? p.customdata : undefined;
+    const n = Array.isArray(cd) ? cd[0] : cd;
+    if (n !== undefined && n !== null) trigger('pick', {trial: Number(n)});
+  });
+};
+hook();
+setInterval(hook, 500);
+""".replace("PLOT", plot_id)

@@ -23,26 +23,10 @@ from optimer_lib.search.pareto import PARETO_SAMPLERS, pareto_front
 from workbench.figures import pareto_chart
 from workbench.searching import SearchSpec, load_study
 from workbench.session import Session
-from workbench.tabs import Ctx, error_md
+from workbench.tabs import Ctx, error_md, plotly_click_js
 
 TOP_ROWS = 10
 HINT = "<small>Click a point of the front (or choose it below) to load its weights into Tune.</small>"
-# plotly keeps listeners across Plotly.react, so each plot div is hooked once; the poll finds new divs
-CLICK_JS = """
-const hook = () => {
-  const gd = document.querySelector('#pareto-plot .js-plotly-plot');
-  if (!gd || !gd.on || gd.__optimerPick) return;
-  gd.__optimerPick = true;
-  gd.on('plotly_click', (ev) => {
-    const p = ev && ev.points && ev.points[0];
-    const cd = p ? p.customdata : undefined;
-    const n = Array.isArray(cd) ? cd[0] : cd;
-    if (n !== undefined && n !== null) trigger('pick', {trial: Number(n)});
-  });
-};
-hook();
-setInterval(hook, 500);
-"""
 
 
 def default_objectives(texts: list[str], qa: list[str]) -> list[str]:
@@ -94,7 +78,7 @@ class ObjectivesPanel:
                     self.status = gr.Markdown(elem_id="pareto-status")
                 with gr.Column(scale=3):
                     self.plot = gr.Plot(elem_id="pareto-plot", show_label=False)
-                    self.bridge = gr.HTML(HINT, js_on_load=CLICK_JS, elem_id="pareto-click")
+                    self.bridge = gr.HTML(HINT, js_on_load=plotly_click_js("pareto-plot"), elem_id="pareto-click")
                     with gr.Row():
                         self.point = gr.Dropdown([], label="front point", scale=3, elem_id="pareto-point")
                         self.load = gr.Button("Load into Tune", scale=1, size="sm", elem_id="pareto-load")

@@ -28,29 +28,12 @@ from optimer_lib.search.samplers import SAMPLERS
 from workbench.figures import study_figures
 from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session
-from workbench.tabs import Ctx, error_md
+from workbench.tabs import Ctx, error_md, method_controls, plotly_click_js
 from workbench.tabs.objectives import ObjectivesPanel
-from workbench.tabs.tune import METHODS
 
 KINDS = ("preset", "weighted metrics", "callable")
 SAMPLES_HINT = "<small>With sample prompts, hover a point of the history for a preview, click it to read them.</small>"
 PREVIEW_CHARS = 80
-# plotly keeps listeners across Plotly.react, so each plot div is hooked once; the poll finds new divs
-CLICK_JS = """
-const hook = () => {
-  const gd = document.querySelector('#search-history .js-plotly-plot');
-  if (!gd || !gd.on || gd.__optimerSamples) return;
-  gd.__optimerSamples = true;
-  gd.on('plotly_click', (ev) => {
-    const p = ev && ev.points && ev.points[0];
-    const cd = p ? p.customdata : undefined;
-    const n = Array.isArray(cd) ? cd[0] : cd;
-    if (n !== undefined && n !== null) trigger('pick', {trial: Number(n)});
-  });
-};
-hook();
-setInterval(hook, 500);
-"""
 
 
 def _preview(samples: list[dict[str, str]]) -> str:
@@ -118,10 +101,7 @@ class SearchTab:
                     self.study_name = gr.Textbox("", label="study name (empty: a new wb-<time> study)")
                     self.iw = gr.Number(D.instruction_weight, label="instruction weight during the search")
                 with gr.Row():
-                    self.method = gr.Dropdown(METHODS, value="optimer", label="merge method", elem_id="search-method",
-                                              min_width=100)
-                    self.params = gr.Textbox(label="method parameters", placeholder="e.g. density=0.2, lam=1",
-                                             elem_id="search-params", min_width=100)
+                    self.method, self.params = method_controls("search", min_width=100)
                 with gr.Accordion("sample generations per trial", open=False):
                     self.sample_prompts = gr.Textbox("", lines=3, label="prompts, one per line (empty: none)",
                                                      elem_id="search-sample-prompts")
@@ -143,7 +123,8 @@ class SearchTab:
                 with gr.Row():
                     self.history = gr.Plot(elem_id="search-history", show_label=False)
                     self.alphas = gr.Plot(elem_id="search-alphas", show_label=False)
-                self.bridge = gr.HTML(SAMPLES_HINT, js_on_load=CLICK_JS, elem_id="search-click")
+                self.bridge = gr.HTML(SAMPLES_HINT, js_on_load=plotly_click_js("search-history"),
+                                      elem_id="search-click")
                 self.samples = gr.Markdown(elem_id="search-samples")
                 with gr.Row():
                     self.importance = gr.Plot(elem_id="search-importance", show_label=False)

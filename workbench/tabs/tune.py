@@ -21,14 +21,13 @@ from typing import Any, TypeVar
 import gradio as gr
 
 from optimer_lib.merging import groups
-from optimer_lib.merging.methods import MERGE_METHODS, parse_method_params
+from optimer_lib.merging.methods import parse_method_params
 from workbench.figures import empty, layer_heatmap, tune_chart
 from workbench.session import Session, TuneResult
-from workbench.tabs import Ctx, error_md
+from workbench.tabs import Ctx, error_md, method_controls
 from workbench.tuning import TuneUpdate
 
 SLIDER_MAX = 1.5
-METHODS = sorted(m for m in MERGE_METHODS if m != "linear")
 MAX_GROUPS = 6  # embed + up to 4 block slices + head
 GRANULARITIES = ["vector", "layer-groups:1", "layer-groups:2", "layer-groups:4"]
 
@@ -99,10 +98,7 @@ class TuneTab:
                     self.average = gr.Button("average", size="sm", elem_id="preset-average")
                     self.best = gr.Button("best of last search", size="sm", elem_id="preset-best")
                 with gr.Row():
-                    self.method = gr.Dropdown(METHODS, value="optimer", label="merge method", elem_id="tune-method",
-                                              scale=1)
-                    self.params = gr.Textbox(label="method parameters", placeholder="e.g. density=0.2, lam=1",
-                                             elem_id="tune-params", scale=1)
+                    self.method, self.params = method_controls("tune", scale=1)
                 with gr.Accordion("scoring set", open=False):
                     self.sets = gr.CheckboxGroup([], label="dev sets (none ticked: all)", elem_id="tune-sets")
                     with gr.Row():
