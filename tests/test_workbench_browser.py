@@ -85,6 +85,35 @@ def wait_for(predicate, timeout: float = TIMEOUT_MS / 1000, what: str = "conditi
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def plot_points(pg, plot_id: str) -> list[dict]:
+    """Every marker with customdata of the plotly chart in ``#plot_id``: trace name, trial (customdata[0]), hover
+    (customdata[1], if any) and its pixel position in the viewport."""
+    return pg.evaluate("""(plotId) => {
+        const gd = document.querySelector('#' + plotId + ' .js-plotly-plot');
+        if (!gd || !gd.data || !gd._fullLayout || !gd._fullLayout.xaxis) return [];
+        const fl = gd._fullLayout, box = gd.getBoundingClientRect(), out = [];
+        for (const t of gd.data) {
+            (t.customdata || []).forEach((cd, i) => out.push({name: t.name, trial: cd[0], hover: cd[1],
+                x: box.left + fl._size.l + fl.xaxis.d2p(t.x[i]), y: box.top + fl._size.t + fl.yaxis.d2p(t.y[i])}));
+        }
+        return out;
+    }""", plot_id)
+
+
+def click_point_until(pg, point: dict, selector: str, tries: int = 4) -> None:
+    """Click ``point`` until ``selector`` shows. The plotly_click bridge attaches itself by polling (every 0.5 s):
+    on a loaded machine the first click can come before it is attached, so click again (a few times at most)."""
+    for attempt in range(tries):
+        pg.mouse.move(point["x"], point["y"])
+        pg.mouse.click(point["x"], point["y"])
+        try:
+            pg.wait_for_selector(selector, timeout=15_000)
+            return
+        except Exception:
+            if attempt == tries - 1:
+                raise
+
+
 def test_app_loads_with_pool(page):
     assert page.title() == "OptiMer Workbench"
     page.wait_for_selector("#pool-table >> text=ja")

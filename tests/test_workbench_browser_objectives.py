@@ -11,7 +11,7 @@ import re
 
 import optuna
 import test_workbench_browser as wb
-from test_workbench_browser import ARTIFACTS, wait_for
+from test_workbench_browser import ARTIFACTS, click_point_until, plot_points, wait_for
 
 # the server/browser/page fixtures and the chromium skip marker of the first browser test module
 browser, server, page, pytestmark = wb.browser, wb.server, wb.page, wb.pytestmark
@@ -19,16 +19,7 @@ browser, server, page, pytestmark = wb.browser, wb.server, wb.page, wb.pytestmar
 
 def front_points(pg) -> list[dict]:
     """Every marker of the Pareto plot: trace name, trial number and its pixel position in the viewport."""
-    return pg.evaluate("""() => {
-        const gd = document.querySelector('#pareto-plot .js-plotly-plot');
-        if (!gd || !gd.data || !gd._fullLayout || !gd._fullLayout.xaxis) return [];
-        const fl = gd._fullLayout, box = gd.getBoundingClientRect(), out = [];
-        for (const t of gd.data) {
-            (t.customdata || []).forEach((cd, i) => out.push({name: t.name, trial: cd[0],
-                x: box.left + fl._size.l + fl.xaxis.d2p(t.x[i]), y: box.top + fl._size.t + fl.yaxis.d2p(t.y[i])}));
-        }
-        return out;
-    }""")
+    return plot_points(pg, "pareto-plot")
 
 
 def tune_alphas(pg, n: int) -> list[float]:
@@ -55,17 +46,7 @@ def test_pareto_search_click_and_pick_load_tune(page, server):
     front = [p for p in front_points(page) if p["name"] == "Pareto front"]
     assert front and len(params) == 4
     target = front[-1]
-    # The plotly_click bridge attaches itself by polling (every 0.5 s): on a loaded machine the first
-    # click can come before it is attached, so click again (a few times at most) until the pick lands.
-    for attempt in range(4):
-        page.mouse.move(target["x"], target["y"])
-        page.mouse.click(target["x"], target["y"])
-        try:
-            page.wait_for_selector(f"#pareto-pick-status >> text=loaded trial {target['trial']}", timeout=15_000)
-            break
-        except Exception:
-            if attempt == 3:
-                raise
+    click_point_until(page, target, f"#pareto-pick-status >> text=loaded trial {target['trial']}")
     expect = [params[target["trial"]][n] for n in ("ja", "math")]
     wait_for(lambda: all(abs(a - b) < 1e-3 for a, b in zip(tune_alphas(page, 2), expect, strict=True)),
              what="Tune sliders to take the clicked point's weights")

@@ -9,7 +9,7 @@ import re
 import optuna
 import pytest
 import test_workbench_browser as wb
-from test_workbench_browser import ARTIFACTS, wait_for
+from test_workbench_browser import ARTIFACTS, click_point_until, plot_points, wait_for
 
 from optimer_lib.search import record
 
@@ -18,17 +18,7 @@ browser, server, page, pytestmark = wb.browser, wb.server, wb.page, [wb.pytestma
 
 def history_points(pg) -> list[dict]:
     """Every marker of the optimisation history with its customdata and pixel position in the viewport."""
-    return pg.evaluate("""() => {
-        const gd = document.querySelector('#search-history .js-plotly-plot');
-        if (!gd || !gd.data || !gd._fullLayout || !gd._fullLayout.xaxis) return [];
-        const fl = gd._fullLayout, box = gd.getBoundingClientRect(), out = [];
-        for (const t of gd.data) {
-            if (t.name !== 'Objective Value') continue;
-            (t.customdata || []).forEach((cd, i) => out.push({trial: cd[0], hover: cd[1],
-                x: box.left + fl._size.l + fl.xaxis.d2p(t.x[i]), y: box.top + fl._size.t + fl.yaxis.d2p(t.y[i])}));
-        }
-        return out;
-    }""")
+    return [p for p in plot_points(pg, "search-history") if p["name"] == "Objective Value"]
 
 
 def test_click_a_history_point_shows_its_generations(page, server):
@@ -56,16 +46,7 @@ def test_click_a_history_point_shows_its_generations(page, server):
     assert "12 + 35 =" in target["hover"]                             # the hover label previews them
     page.locator("#search-history").scroll_into_view_if_needed()
     target = next(p for p in history_points(page) if p["trial"] == target["trial"])
-    # the bridge hooks the plot by polling (0.5 s): retry the click a few times on a loaded machine
-    for attempt in range(4):
-        page.mouse.move(target["x"], target["y"])
-        page.mouse.click(target["x"], target["y"])
-        try:
-            page.wait_for_selector(f"#search-samples >> text=trial {target['trial']}", timeout=15_000)
-            break
-        except Exception:
-            if attempt == 3:
-                raise
+    click_point_until(page, target, f"#search-samples >> text=trial {target['trial']}")
     shown = page.locator("#search-samples").inner_text()
     assert all(s["prompt"] in shown and s["text"].strip() in shown for s in samples), shown
     page.screenshot(path=str(ARTIFACTS / "workbench-search-samples.png"), full_page=True)
