@@ -39,8 +39,10 @@ def on_one_thread(items: Iterator[T]) -> Iterator[T]:
     """``items``, drained on a thread of its own.
 
     Gradio resumes a sync generator on whichever worker thread is free, but a Tune score yields its partial
-    updates while holding an engine lease, and a lease belongs to the thread that took it: resumed elsewhere,
-    the lease would be released from the wrong thread and that worker would refuse every later lease.
+    updates while holding an engine lease, and the engine counts a lease against the thread that took it (to
+    refuse nested leases, and to preempt between forward passes): while the stream is suspended, that worker
+    would be refused a lease for any other request, and the stream's forward passes would run unseen by the
+    preemption check on another thread. Its own thread keeps lease and forward passes together.
     """
     q: queue.Queue[tuple[str, Any]] = queue.Queue()
 
