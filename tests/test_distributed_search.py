@@ -22,6 +22,7 @@ from test_search import SUITE, config, quadratic
 from optimer_lib.scoring.objectives import Objective
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import run_search
+from optimer_lib.search import trials
 from optimer_lib.search.trials import counted
 
 OBJECTIVE = '''
@@ -92,6 +93,23 @@ def test_running_trials_of_live_workers_hold_slots_and_dead_ones_are_freed(tmp_p
     assert frozen[dead_trial.number].state == TrialState.FAIL and frozen[dead_trial.number].user_attrs["interrupted"]
     assert frozen[live_trial.number].state == TrialState.RUNNING and counted(res.study) == 3
 
+
+
+def test_a_trial_killed_before_its_worker_stamp_is_freed_after_the_grace(tmp_path, monkeypatch):
+    """A worker SIGKILLed between ``study.ask()`` and stamping the trial leaves it RUNNING with no worker;
+    the rerun must not count it for ever (the CI failure: 11 of 12 trials), yet a fresh unstamped trial (a
+    live worker's, milliseconds old) holds its slot while the grace runs."""
+    monkeypatch.setattr(trials, "UNSTAMPED_GRACE_S", 1.0)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="optimer")
+    orphan = study.ask()                                          # killed before it was stamped
+    assert trials.claimed(study) == 1                             # within the grace: holds its slot
+    obj = Objective(fn=quadratic, spec="quadratic")
+    res = run_search(FakeMerger(), None, SUITE, obj, config(tmp_path, trials=4, storage=storage, sampler="random"),
+                     progress=False)
+    assert res.new_trials == 4 and counted(res.study) == 4
+    frozen = res.study.get_trials(deepcopy=False)
+    assert frozen[orphan.number].state == TrialState.FAIL and frozen[orphan.number].user_attrs["interrupted"]
 
 def test_journal_storage_url(tmp_path):
     log = tmp_path / "journal.log"

@@ -9,7 +9,8 @@
 stop once the study has ``total`` trials finished or running, so together they end with exactly that many (a
 trial asked in the same instant as another worker's last one is dropped, marked ``interrupted`` and
 ``surplus``). A running trial whose worker died on this host (SIGKILL, out of memory) is failed as interrupted
-when the next worker looks, which frees its slot. Failure policy (:func:`tell_outcome`): a non-finite value or
+when the next worker looks, which frees its slot; so is one killed before it was stamped with its worker, once
+it has stayed unstamped for ``UNSTAMPED_GRACE_S``. Failure policy (:func:`tell_outcome`): a non-finite value or
 any non-OptiMer exception fails that trial and the search goes on; an OptimerError stops the search; Ctrl-C
 marks the trial interrupted (not counted) and returns with ``interrupted=True``, keeping every finished trial.
 """
@@ -94,19 +95,52 @@ def claimed(study: optuna.Study, before: int | None = None) -> int:
     only those numbered below ``before`` if given.
 
     A running trial whose worker died on this host is first failed as interrupted, freeing its slot; one left
-    by a dead worker on another host keeps its slot (it cannot be told from a slow one).
+    by a dead worker on another host keeps its slot (it cannot be told from a slow one). A running trial with
+    no worker stamp (its worker was killed in the instant between asking and stamping it) keeps its slot until
+    this process has seen it unstamped for ``UNSTAMPED_GRACE_S``, then is failed as interrupted too.
     """
-    host, n = socket.gethostname(), 0
+    return _claimed(study, before)[0]
+
+
+UNSTAMPED_GRACE_S = 10.0  # a live worker stamps its trial milliseconds after asking it
+_first_seen_unstamped: dict[tuple[int, int], float] = {}  # (study id, trial id) -> monotonic time first seen
+
+
+def _claimed(study: optuna.Study, before: int | None = None) -> tuple[int, int]:
+    """(trials holding a slot, how many of them are running without a worker stamp, still in their grace)."""
+    host, n, young = socket.gethostname(), 0, 0
     for t in study.get_trials(deepcopy=False, states=(*record.FINISHED, TrialState.RUNNING)):
         if t.user_attrs.get(record.INTERRUPTED) or (before is not None and t.number >= before):
             continue
-        h, _, pid = str(t.user_attrs.get(record.WORKER, "")).rpartition(":")
-        if t.state == TrialState.RUNNING and h == host and pid.isdigit() and not _alive(int(pid)):
-            optuna.trial.Trial(study, t._trial_id).set_user_attr(record.INTERRUPTED, True)
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        stamp = t.user_attrs.get(record.WORKER)
+        h, _, pid = str(stamp or "").rpartition(":")
+        if t.state == TrialState.RUNNING and stamp is None:
+            # Seen by this process's own clock: another host's clock may be skewed.
+            first = _first_seen_unstamped.setdefault((study._study_id, t._trial_id), time.monotonic())
+            if time.monotonic() - first >= UNSTAMPED_GRACE_S:
+                _fail_interrupted(study, t)
+                continue
+            young += 1
+        elif t.state == TrialState.RUNNING and h == host and pid.isdigit() and not _alive(int(pid)):
+            _fail_interrupted(study, t)
             continue
         n += 1
-    return n
+    return n, young
+
+
+def _fail_interrupted(study: optuna.Study, t: FrozenTrial) -> None:
+    optuna.trial.Trial(study, t._trial_id).set_user_attr(record.INTERRUPTED, True)
+    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _full(study: optuna.Study, total: int) -> bool:
+    """Whether the study holds ``total`` claimed trials; waits while an unstamped running trial may be an
+    orphan (a killed worker's) rather than another worker's newest, so that it cannot take the last slot."""
+    while True:
+        n, young = _claimed(study)
+        if n < total or not young:
+            return n >= total
+        time.sleep(0.5)
 
 
 def tell_outcome(study: optuna.Study, trial: optuna.Trial, score: Callable[[], tuple[Any, dict[str, float]]],
@@ -170,7 +204,7 @@ def run_trials(study: optuna.Study, *, total: int, suggest: Suggest, score: Scor
         bar = tqdm(total=remaining, desc=f"{desc} {study.study_name}", unit="trial")
     done = pruned = 0
     try:
-        while claimed(study) < total:
+        while not _full(study, total):
             if should_stop is not None and should_stop(study):
                 break
             trial = study.ask()
