@@ -140,17 +140,24 @@ def test_measured_estimate_is_positive_and_scales_with_trials(tiny_world):
 
 
 def test_estimate_is_near_the_real_trial_time(tiny_world, tmp_path):
-    """The estimate is within 4x of what trials really take (loose: a shared 2-core machine)."""
+    """The estimate is within 4x of what trials really take (loose: a shared 2-core machine). A burst of load
+    from another process can land on the estimate or on the trials alone, so up to 3 paired measurements are
+    taken; an estimate that is systematically off fails all three."""
     import time
 
     merger, tok, suite = tiny_world
     obj = parse_objective("balanced", list(suite.texts))
-    cfg = SearchConfig(trials=4, search_limit=8, top_k=0, storage=":memory:", sampler="random", workdir=tmp_path)
-    cost = estimate_search_cost(merger, tok, suite, [obj], cfg, min_seconds=0.2)
-    t0 = time.perf_counter()
-    run_search(merger, tok, suite, obj, cfg, progress=False)
-    real = (time.perf_counter() - t0) / 4
-    assert cost.seconds_per_trial / 4 < real < 4 * cost.seconds_per_trial, (cost.seconds_per_trial, real)
+    pairs = []
+    for attempt in range(3):
+        cfg = SearchConfig(trials=4, search_limit=8, top_k=0, storage=":memory:", sampler="random",
+                           workdir=tmp_path / str(attempt))
+        cost = estimate_search_cost(merger, tok, suite, [obj], cfg, min_seconds=0.2)
+        t0 = time.perf_counter()
+        run_search(merger, tok, suite, obj, cfg, progress=False)
+        pairs.append((cost.seconds_per_trial, (time.perf_counter() - t0) / 4))
+        if cost.seconds_per_trial / 4 < pairs[-1][1] < 4 * cost.seconds_per_trial:
+            return
+    raise AssertionError(f"(estimate, real) seconds per trial, 3 tries: {pairs}")
 
 
 @pytest.fixture
