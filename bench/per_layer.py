@@ -26,6 +26,10 @@ is the range over seeds (``stats.seed_range``: no documents to resample).
 
 R (the share of the data mixture's gain recovered) is omitted: no mixture has been trained for this pool (the
 experiments' mixture, under runs/experiments, belongs to a different pool: 400k-token vectors).
+
+The experiment set's ``granularity`` stage (:mod:`optimer_lib.experiments.granularity`, whose trial-equivalents and
+interval helpers this script uses) measures per-vector against per-layer ``grad`` on the experiments' own pool at
+OptiMer's budget, with R, for FINDINGS.md.
 """
 
 from __future__ import annotations
@@ -36,20 +40,18 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from _common import quick_pool
 
-from optimer_lib.experiments.analysis import trials_to_reach
 from optimer_lib.experiments.docscores import objective_of_means
-from optimer_lib.experiments.stats import Criterion, Interval, bootstrap_methods, seed_range
+from optimer_lib.experiments.granularity import RATIO_LIMIT, difference_interval, equivalents, objective_interval
+from optimer_lib.experiments.stats import Criterion, seed_range
 
 GRANULARITIES = ("vector", "layer-groups:2", "layer-groups:4")
 SAMPLERS = ("tpe", "grad")
-TOL = 0.001  # "reached its best": within 0.1 % of the run's own final best
-RATIO_LIMIT = 2.0  # the issue: per-layer 'grad' may cost at most 2x per-vector's trial-equivalents
 
 BETTER = Criterion("per-layer-group weights give a lower test objective than per-vector (same sampler, trials)",
                    "below", 0.0)
@@ -57,36 +59,7 @@ AFFORDABLE = Criterion(f"per-layer 'grad' needs at most {RATIO_LIMIT:g}x the tri
                        "to reach its best", "below", RATIO_LIMIT)
 
 
-# -- pure helpers (tests/test_bench_per_layer.py) ---------------------------------------------------------------
-def equivalents(values: Sequence[float], grad_evals: int, charge: float, tol: float = TOL) -> float:
-    """Trial-equivalents until the best-so-far of ``values`` (trial order, minimised) is within ``tol`` (relative)
-    of the run's own final best, plus ``grad_evals`` gradient evaluations at ``charge`` trials each."""
-    best = min(values)
-    reached = trials_to_reach(values, best + tol * abs(best)) or len(values)  # the best itself always counts
-    return reached + grad_evals * charge
-
-
-def stacked(runs: Sequence[Mapping[str, Any]], key: str) -> dict[str, list[list[float]]]:
-    """``{component: [[per document] per seed]}`` of ``runs``' ``key`` ("dev" or "test") components, seeds in
-    the runs' order; every run must hold the same components."""
-    comps = list(runs[0][key])
-    return {c: [list(r[key][c]) for r in runs] for c in comps}
-
-
-def objective_interval(terms: Mapping[str, float], runs: Sequence[Mapping[str, Any]], key: str,
-                       n_boot: int = 2000) -> Interval:
-    """The objective (``terms``: ``Objective.terms``) of ``runs``' per-document ``key`` components, with its 95 %
-    bootstrap interval over seeds and documents."""
-    return bootstrap_methods(lambda m: objective_of_means(terms, m["x"]), {"x": stacked(runs, key)}, n_boot=n_boot)
-
-
-def difference_interval(terms: Mapping[str, float], a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
-                        key: str, n_boot: int = 2000) -> Interval:
-    """objective(a) − objective(b), paired over seeds (by position) and documents."""
-    return bootstrap_methods(lambda m: objective_of_means(terms, m["a"]) - objective_of_means(terms, m["b"]),
-                             {"a": stacked(a, key), "b": stacked(b, key)}, n_boot=n_boot)
-
-
+# -- summary (tests/test_bench_per_layer.py); trial-equivalents and intervals: optimer_lib.experiments.granularity --
 def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
     """Per (granularity, sampler): dev/test objective intervals and trial-equivalents; the criteria's verdicts."""
     terms, runs = saved["terms"], saved["runs"]
@@ -104,8 +77,8 @@ def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
             eq = [equivalents(r["values"], r["grad_evals"], charge) for r in rs]
             cells[f"{g} {s}"] = {"granularity": g, "sampler": s, "seeds": [r["seed"] for r in rs],
                                  "weights": len(rs[0]["best_weights"]),
-                                 "dev": objective_interval(terms, rs, "dev", n_boot).to_json(),
-                                 "test": objective_interval(terms, rs, "test", n_boot).to_json(),
+                                 "dev": objective_interval(terms, [r["dev"] for r in rs], n_boot).to_json(),
+                                 "test": objective_interval(terms, [r["test"] for r in rs], n_boot).to_json(),
                                  "equivalents": eq, "equivalents_range": seed_range(eq).to_json()}
     verdicts: dict[str, Any] = {}
     for s in dict.fromkeys(r["sampler"] for r in runs):
@@ -113,7 +86,7 @@ def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
         for g in dict.fromkeys(r["granularity"] for r in runs):
             if g == "vector" or not base or len(pick(g, s)) != len(base):
                 continue
-            d = difference_interval(terms, pick(g, s), base, "test", n_boot)
+            d = difference_interval(terms, [r["test"] for r in pick(g, s)], [r["test"] for r in base], n_boot)
             verdicts[f"test {g} − vector, {s}"] = {"interval": d.to_json(), "verdict": BETTER.verdict(d)}
             if s == "grad":
                 ratios = [a / b for a, b in zip(cells[f"{g} grad"]["equivalents"],

@@ -1,4 +1,5 @@
-"""bench/per_layer.py's table and summary helpers on hand-made runs (nothing evaluated)."""
+"""bench/per_layer.py's table and summary helpers on hand-made runs (nothing evaluated); its trial-equivalents and
+interval helpers live in optimer_lib.experiments.granularity (tests/test_granularity.py)."""
 
 from __future__ import annotations
 
@@ -21,27 +22,6 @@ def fake_run(g: str, s: str, seed: int, nll: float, values: list[float], grad_ev
     return {"granularity": g, "sampler": s, "seed": seed, "values": values, "grad_evals": grad_evals,
             "best_weights": {"ja": 0.5} if g == "vector" else {"ja@embed": 0.5, "ja@head": 0.5},
             "dev": comps, "test": comps}
-
-
-def test_equivalents_count_trials_to_within_tol_of_own_best_plus_gradients():
-    values = [4.0, 3.5, 3.1, 3.1005, 3.0999, 3.0998]
-    # best 3.0998; within 0.1 %: <= 3.1029, first reached at trial 3 (3.1)
-    assert per_layer.equivalents(values, 0, 0.0) == 3
-    assert per_layer.equivalents(values, 5, 2.5) == pytest.approx(3 + 12.5)
-    assert per_layer.equivalents(values, 0, 0.0, tol=0.0) == 6
-    assert per_layer.equivalents([3.0], 2, 1.0) == 3
-
-
-def test_objective_interval_is_the_objective_of_pooled_means():
-    runs = [fake_run("vector", "tpe", 0, 30.0, [1.0]), fake_run("vector", "tpe", 1, 34.0, [1.0])]
-    iv = per_layer.objective_interval(TERMS, runs, "test", n_boot=200)
-    # loss:ja = mean nll / mean tokens = (30 + 32 + 34 + 36)/4 / 10 = 3.3; acc = 0.5 -> (3.3 − 0.5) / 2 = 1.4
-    assert iv.mean == pytest.approx(1.4) and iv.low <= 1.4 <= iv.high and iv.seeds == 2
-    assert per_layer.stacked(runs, "test")["nll:ja"] == [[30.0, 32.0], [34.0, 36.0]]
-    d = per_layer.difference_interval(TERMS, runs, [fake_run("vector", "tpe", s, 40.0, [1.0]) for s in (0, 1)],
-                                      "test", n_boot=200)
-    # (3.3 − 0.5)/2 − (4.1 − 0.5)/2 = −0.4, the same documents' shift in every draw: a point interval
-    assert d.mean == pytest.approx(-0.4) and d.high < 0
 
 
 def test_summary_verdicts_and_table():

@@ -28,6 +28,7 @@ import numpy as np
 
 from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import docscores as ds
+from optimer_lib.experiments import granularity as gr
 from optimer_lib.experiments import stats as st
 from optimer_lib.experiments.report import PAPER_COST_RATIO, cost_ratios, ledger_of, pick_on_dev
 from optimer_lib.fileio import atomic_write_json
@@ -57,6 +58,7 @@ CRITERIA = {
          f"reach the same value: at least {PAPER_COST_RATIO:g}x in every budget mode and seed (never reached: 0x)",
     "it": "merging the instruction vector at weight 1 (the paper's recipe) raises chat-template QA accuracy: the "
           "95% interval of (with − without) lies above 0",
+    "layers": gr.CRITERION,
 }
 
 
@@ -114,6 +116,12 @@ class Samples:
         first = self.final[self.seeds[0]] if self.seeds else {}
         self.objective = first.get("objective", "balanced")
         self.terms: dict[str, dict[str, float]] = first.get("terms", {})
+
+    def with_rows(self, extra: dict[int, dict[str, Any]]) -> Samples:
+        """The seeds of ``extra`` only, their final rows plus ``extra[seed]`` (rows another stage scored on the same
+        test documents, e.g. the granularity stage's), so bootstraps pair them with the final rows."""
+        return Samples({s: {"final": {**self.final[s], "rows": {**self.final[s]["rows"], **extra[s]}}}
+                        for s in self.seeds if s in extra})
 
     def has(self, row_of: Callable[[int], str | None]) -> bool:
         return bool(self.seeds) and all((r := row_of(s)) is not None and r in self.final[s]["rows"]
@@ -395,7 +403,8 @@ def summarise_results(d: str | Path) -> dict[str, Any]:
     for key, fn in (("1", lambda: _f1(sm, terms)), ("1b", lambda: _f1b(sm, terms, per_seed)),
                     ("2", lambda: _f2(per_seed)), ("3", lambda: _f3(per_seed)), ("4", lambda: _f4(per_seed)),
                     ("5", lambda: _f5(sm, terms)), ("6", lambda: _f6(sm)), ("7", lambda: _f7(per_seed)),
-                    ("it", lambda: _instruction(sm, terms))):
+                    ("it", lambda: _instruction(sm, terms)),
+                    ("layers", lambda: gr.finding(sm, per_seed, terms, _dev_pick(sm, "data mixture", "best")))):
         if terms or key in ("2", "3", "4", "7"):
             out = fn()
             if out is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from optimer_lib.experiments import granularity as gr
 from optimer_lib.experiments import stats as st
 from optimer_lib.experiments.findings import CRITERIA, MIN_SEEDS, summarise_results
 from optimer_lib.experiments.findings import fmt_interval as _iv
@@ -22,7 +23,9 @@ from optimer_lib.fileio import atomic_write_text
 
 CLAIMS = {"1": PAPER[1], "1b": "OptiMer beats every other merge method searched with the same budget",
           **{str(i): PAPER[i] for i in range(2, 8)},
-          "it": "the instruction vector merged at weight 1 gives a chat model (the paper's recipe)"}
+          "it": "the instruction vector merged at weight 1 gives a chat model (the paper's recipe)",
+          "layers": gr.CLAIM}
+OPTIONAL = ("layers",)  # beyond the paper: a row only once its stage has run
 
 
 def render_findings(summary: dict[str, Any], *, command: str | None = None) -> str:
@@ -52,18 +55,22 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
     lines += ["| # | paper | criterion (stated before the number) | verdict |", "|---|---|---|---|"]
     for k, claim in CLAIMS.items():
         f = summary["findings"].get(k)
+        if f is None and k in OPTIONAL:
+            continue
         crit = CRITERIA[k].replace("|", "\\|")  # a literal | (as in |cosine|) would split the table cell
-        lines.append(f"| {k} | {claim} | {crit} | {f['verdict'] + tag if f else 'not measured'} |")
+        lines.append(f"| {k} | {claim} | {crit} | {f['verdict'] + _tag(f, tag) if f else 'not measured'} |")
     lines.append("")
     for k, claim in CLAIMS.items():
         f = summary["findings"].get(k)
         if f is None:
             continue
         lines += [f"## {k}. {claim}", "", f"- Criterion: {CRITERIA[k]}.", f"- Ours: {f['ours']}.",
-                  f"- Verdict: **{f['verdict']}**{tag}" + (f" (criteria: {', '.join(f['verdicts'])})"
-                                                       if len(f["verdicts"]) > 1 else "") + ".", ""]
+                  f"- Verdict: **{f['verdict']}**{_tag(f, tag)}" + (f" (criteria: {', '.join(f['verdicts'])})"
+                                                                    if len(f["verdicts"]) > 1 else "") + ".", ""]
         if k == "it":
             lines += _it_table(f["numbers"]["rows"])
+        if k == "layers":
+            lines += gr.table_lines(f["numbers"])
     if summary["test_table"]:
         lines += ["## Test objective per method (mean [95% interval])", "", "| method | test objective |", "|---|---|",
                   *(f"| {r} | {_iv(iv)} |" for r, iv in summary["test_table"].items()), ""]
@@ -84,6 +91,15 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
                   for r in summary["regime"].values()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _tag(f: dict[str, Any], tag: str) -> str:
+    """A finding's provisional tag: the set's, or from its own seeds where it lists them (a stage added later, which
+    not every seed has run yet)."""
+    own = f.get("seeds")
+    if own is None:
+        return tag
+    return f" (provisional: {len(own)} of {MIN_SEEDS} seeds)" if len(own) < MIN_SEEDS else ""
 
 
 def _it_table(rows: dict[str, dict[str, st.Interval]]) -> list[str]:

@@ -15,7 +15,9 @@ only; the ``final`` stage alone scores test splits, keeping every test document'
 correctness (raw and through the chat template) for paired bootstraps. Every merge method (OptiMer, task
 arithmetic, TIES, DARE) is searched by the same code path (:func:`optimer_lib.search.study.run_search`) with
 the same sampler, seed and trial budget (``trials``); uniform averaging is one point. The ``instruction``
-stage searches α again with the instruction vector (instruct − base) merged at weight 1, the paper's recipe.
+stage searches α again with the instruction vector (instruct − base) merged at weight 1, the paper's recipe. The
+``granularity`` stage (:mod:`optimer_lib.experiments.granularity`) searches one α per vector against one per
+(vector, layer group), both with the gradient sampler and OptiMer's budget, and scores both per test document.
 Each seed's directory gets ``costs.json``, ``summary.json``, ``report.html``, ``report.md`` and a single-seed
 ``FINDINGS.md``; the workdir gets ``FINDINGS.md`` across seeds (:mod:`optimer_lib.experiments.findings`),
 ``results=`` (``--results``) receives a copy of the small JSONs, and ``findings=`` (``--findings``) a copy of
@@ -73,6 +75,9 @@ class ExperimentConfig:
     mixture_candidates: dict[str, int] = field(default_factory=lambda: {"equal_total": 3, "per_run": 5})
     within: float = 0.01          # per-seed report only; findings use 10% of OptiMer's gain over the base
     instruction_weight: float = 1.0   # the instruction vector's weight in the paper's recipe (0: skip the stage)
+    # Per-layer-group weights of the granularity stage (0: skip it): 4 on the 4-block embedded base is one weight per
+    # block (+ embed, head: 6 per vector), the finest per-layer split, and bench/per_layer.py's better one (vs 2).
+    granularity_groups: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     seed: int = 0                 # the seed being run (set per seed by run_experiments)
     results: Path | None = None   # also copy config, stage JSONs and findings here (an explicit path)
@@ -225,6 +230,17 @@ class Experiments:
                 "objective": res.value_search, "objective_rescored": res.best_value, "values": _values(res.study),
                 **_budget(res.study, cfg), "costs": [asdict(e) for e in costs]}
 
+    def granularity_stage(self) -> dict[str, Any]:
+        """One α per vector against one per (vector, layer group), both with the ``grad`` sampler at OptiMer's trial
+        budget, seed and re-scoring; the dev-chosen bests scored per document on dev and test (granularity.py)."""
+        from optimer_lib.experiments.granularity import run_granularity
+
+        c = self.cfg
+        cfgs = {g: self.search_config(f"granularity-{g.replace(':', '-')}", c.trials, sampler="grad", granularity=g)
+                for g in ("vector", f"layer-groups:{c.granularity_groups}")}
+        return run_granularity(self.pool.merger, self.pool.tokenizer, self.dev, load_eval_suite(c.eval_corpora, "test"),
+                               self.objective, cfgs, limit=c.final_limit)
+
     def mixture_stage(self, mode: str) -> dict[str, Any]:
         c = self.cfg
         per, budget = bl.mixture_budget(mode, c.cpt_tokens, len(c.corpora), c.mixture_candidates[mode])
@@ -353,6 +369,8 @@ class Experiments:
         if self.cfg.instruction_weight:
             s["instruction"] = self.stage("instruction", self.instruction_stage)
         s["final"] = self.stage("final", lambda: self.final_stage(s))
+        if self.cfg.granularity_groups:  # beyond the paper (issue 19); after final: a rerun adds it to older seeds
+            s["granularity"] = self.stage("granularity", self.granularity_stage)
         return s
 
     def linearity_stage(self) -> dict[str, Any]:
