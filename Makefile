@@ -32,8 +32,10 @@ demo: $(STAMP)
 quick: $(STAMP)
 	$(VENV)/bin/optimer demo --quick --workdir runs/quick $(ARGS)
 
+# The default tests run in parallel (pytest-xdist): one worker per core, at most 4; --dist loadfile keeps each
+# file's tests in order on one worker (some read what an earlier test in their file made). ARGS=-n0: serial.
 test: $(STAMP)
-	$(PYTEST) -q $(ARGS)
+	$(PYTEST) -q -n auto --maxprocesses=4 --dist loadfile $(ARGS)
 
 test-slow: $(STAMP)
 	# exit code 5 = no slow test selected: a failure in CI (CI=true), where every slow test must run
