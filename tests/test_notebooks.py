@@ -9,7 +9,8 @@ notebooks of the test session (so the embedded CPT pool is built once; set
 ``OPTIMER_NB_TRIALS=4``. Durations go to ``test-artifacts/notebook-durations.json``. Measured on the
 project's 2 CPU cores shared with other jobs (load average 3-7), fresh work directory: 01 88 s (builds
 the pool), 02 27 s, 03 282 s, 04 223 s, 10.5 min in all; a later warm run under heavier load: 01 168 s,
-02 113 s. On such busy cores one torch thread scored 3-5x faster than two (``THREADS``).
+02 113 s; 05 (pool copied in) 466 s at load average 8-10 (96 s of CPU). On such busy cores one torch thread
+scored 3-5x faster than two (``THREADS``).
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ CHECKS = {
     "02_search": ["best α:", "rank  trial", "merge_method: task_arithmetic", "weight:"],
     "03_findings": ["off-diagonal cosine:", "evaluations in"],
     "04_bring_your_own_model": ["merge_method: task_arithmetic", "base_model:", "weight:"],
+    "05_arena": ["vote(s) stored so far", "votes:", "best α:", "Tune merge:", "merge_method: task_arithmetic"],
 }
-WIDGETS = {"01_quickstart": 2, "02_search": 2}  # cells showing ipywidgets (sliders, chat, search runner)
+# cells showing ipywidgets (sliders, chat, search runner, arena)
+WIDGETS = {"01_quickstart": 2, "02_search": 2, "05_arena": 2}
 
 
 @pytest.mark.slow
@@ -104,3 +107,13 @@ def test_notebook_runs_headless(path: Path, notebook_workdir: Path, monkeypatch:
     if path.stem == "02_search":
         assert (notebook_workdir / "exports" / "02-search-best" / "config.json").is_file()
         assert _mimetypes(nb).count("application/vnd.plotly.v1+json") >= 4   # optuna plots + Pareto front
+    if path.stem == "05_arena":  # the votes are in the study storage; the export holds the arena's best estimate
+        from optimer_lib.merging.recipes import load_recipe
+        from optimer_lib.search.arena import Arena
+
+        arena = Arena.open(["ja", "zh", "math", "code"], storage=f"sqlite:///{notebook_workdir / 'arena.db'}",
+                           study_name="notebook-05")
+        assert len(arena.votes) >= int(TRIALS) + 2 and arena.best() is not None
+        exported = load_recipe(notebook_workdir / "exports" / "05-arena-best").weights
+        assert {n: exported[n] for n in arena.names} == pytest.approx(arena.best().weights, abs=1e-12)
+        assert exported["instruct"] == 1.0  # the instruction model entry (named by its folder) at the arena's weight
