@@ -27,6 +27,18 @@ def _trials(method: str, values: list[float], secs: float, trained: int = 0) -> 
             for v in values]
 
 
+def _regime_cell() -> dict:
+    """A regime-map cell (regime.regime_cell's schema): test losses base 4.0, OptiMer 3.9, mixture 3.8 (R = 0.5)."""
+    def docs(loss: float) -> dict:
+        return {"nll": {"ja": [loss * 10, loss * 20]}, "correct": {}}
+
+    return {"kind": "regime cell", "ratio": 0.03, "actual_ratio": 0.03, "base_tokens": 33_000, "cpt_tokens": 1000,
+            "lr": 1e-3, "seed": 0, "corpora": ["ja"], "parameters": 1000, "objective": "balanced",
+            "terms": {"balanced": {"loss:ja": 1.0}}, "doc_tokens": {"ja": [10, 20]}, "residual": {"residual": 0.5},
+            "rows": {"base": {"test_docs": docs(4.0)}, "OptiMer": {"test_docs": docs(3.9)},
+                     "data mixture (equal total tokens)": {"test_docs": docs(3.8)}}}
+
+
 def write_stages(d: Path) -> None:
     stages = {
         "pool": {"runs": {}, "costs": [CostEntry("pool", kind="train", tokens_trained=800, seconds=20).__dict__]},
@@ -55,6 +67,7 @@ def write_stages(d: Path) -> None:
             "data mixture (equal_total) uniform ratios": _row("mixture", 2.45),
             "α-ratio mixture (normalised)": _row("mixture", 2.4)}},
         "regime-xs-en-only-lr0.001": {"size": "xs", "recipe": "en-only", "lr": 1e-3, "parameters": 1000, "gap": 0.2},
+        "regime-r0.03-lr0.001": _regime_cell(),
     }
     (d / "stages").mkdir(parents=True)
     for name, payload in stages.items():
@@ -78,6 +91,9 @@ def test_summary_numbers(tmp_path):
     assert r["equal_total"]["compute"]["mixture"] == 2 * (3 * 1600 + 100)
     assert not f[7]["holds"]  # 40x in mode (a) but only 10x in mode (b): below the paper's 15x
     assert "ratio 40x in seconds" in f[7]["ours"] and "ratio 10x in seconds" in f[7]["ours"]
+    # the cell's R = (4.0 - 3.9) / (4.0 - 3.8); a stage of the old size x recipe map (no "kind") is not a cell
+    assert [c["ratio"] for c in s["regime"]["cells"]] == [0.03]
+    assert s["regime"]["cells"][0]["recovery"]["mean"] == pytest.approx(0.5)
 
 
 def test_report_is_self_contained_with_every_figure(tmp_path):
@@ -142,25 +158,38 @@ def test_experiments_quick_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_regime_map_tiny(tmp_path):
-    """One tiny regime-map cell end to end on the embedded assets: base pretraining, pool, search, mixture."""
+    """The quick regime map end to end on the embedded assets: one stable pretraining run with a checkpoint and a
+    decay branch per base, two cells (CPT runs, search, equal-token mixture, span residual, per-document test
+    scores), R across seeds, FINDINGS.md's regime section and the plot."""
     from optimer_lib.data import assets_dir
+    from optimer_lib.experiments.regime_report import MIXTURE
     from optimer_lib.experiments.run import ExperimentConfig, run_experiments
 
     if not (assets_dir() / "base" / "config.json").exists():
         pytest.skip("embedded assets are not built")
     cfg = ExperimentConfig.quick(tmp_path / "exp")
-    cfg.corpora, cfg.regime_lrs = ("ja", "math"), (1e-3,)
-    cfg.regime_sizes = {"xxs": {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}}
-    cfg.regime_recipes = {"en-only": {"en": 1.0}}
-    cfg.regime_base_tokens, cfg.regime_cpt_tokens, cfg.regime_trials = 4096, 2048, 2
+    cfg.corpora, cfg.eval_corpora = ("ja", "math"), ("en", "ja", "math")
     cfg.search_limit = cfg.rescore_limit = cfg.final_limit = 5
     summary = run_experiments(cfg, regime_map=True)
-    cell = json.loads((tmp_path / "exp" / "seed-0" / "stages" / "regime-xxs-en-only-lr0.001.json").read_text())
-    assert set(cell["rows"]) == {"base", "uniform average", "OptiMer", "data mixture (equal total tokens)"}
-    assert cell["gap"] == pytest.approx(cell["rows"]["OptiMer"]["test_objective"]
-                                        - cell["rows"]["data mixture (equal total tokens)"]["test_objective"])
-    assert "Regime map: OptiMer − data mixture (test objective)" in summary["figures"]
-    assert "| xxs |" in (tmp_path / "exp" / "FINDINGS.md").read_text()
+    wd = tmp_path / "exp"
+    bases = json.loads((wd / "seed-0" / "stages" / "regime-bases.json").read_text())
+    assert [b["tokens"] for b in bases["bases"]] == [16_384, 163_840] and bases["shared_across_seeds"]
+    root = wd / "regime-bases" / "h32-l1-i64"  # beside the seed folders
+    branch = json.loads((root / "base-16384" / "training.json").read_text())
+    assert branch["from"] == str(root / "stable-147456" / "trajectory" / "step-000007")  # 14,336 tokens in
+    assert branch["tokens_trained"] == 2048 and branch["config"]["schedule"] == "cosine"
+    cell = json.loads((wd / "seed-0" / "stages" / "regime-r0.25-lr0.001.json").read_text())
+    assert set(cell["rows"]) == {"base", "uniform average", "OptiMer", MIXTURE}
+    t = {r: v["test_objective"] for r, v in cell["rows"].items()}
+    assert cell["gap"] == pytest.approx(t["OptiMer"] - t[MIXTURE])
+    assert cell["recovery"] == pytest.approx((t["base"] - t["OptiMer"]) / (t["base"] - t[MIXTURE]))
+    assert 0 <= cell["residual"]["residual"] <= 1 and cell["cpt_tokens"] == 4096 and cell["base_tokens"] == 16_384
+    reg = summary["findings_summary"]["regime"]
+    assert [c["ratio"] for c in reg["cells"]] == [0.25, 0.025]
+    assert reg["cells"][0]["recovery"]["mean"] == pytest.approx(cell["recovery"], rel=1e-6)  # R of the doc means
+    assert "## Regime map: gain recovery R against the CPT/base token ratio" in (wd / "FINDINGS.md").read_text()
+    assert (wd / "regime-map.svg").read_text().startswith("<svg") and (wd / "seed-0" / "regime-map.svg").is_file()
+    assert "Regime map: gain recovery R against the CPT/base token ratio" in summary["figures"]
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """Analyses of a vector pool: orthogonality, linearity of CPT, the α landscape, α -> ratios, re-optimisation.
 
     from optimer_lib.experiments.analysis import (alpha_to_ratios, landscape_grid, linearity, pairwise_cosine,
-                                                  reoptimise, trajectory_checkpoints, trials_to_reach)
+                                                  reoptimise, span_residual, trajectory_checkpoints, trials_to_reach)
     pairwise_cosine([ja, zh, math])                      # {"names", "matrix", "off_diagonal": {min, max, mean}}
     steps = trajectory_checkpoints("runs/cpt/ja")        # [(fraction of training, checkpoint dir), ...]
     linearity("assets/base", [p for _, p in steps], ja_vector, fractions=[f for f, _ in steps])
+    span_residual("assets/base", "runs/mixture", [ja, zh])   # share of the mixture's shift outside span{τ}
     landscape_grid(pool.merger, tok, dev, objective, "ja", "zh", fixed=best_alpha, points=7)
     alpha_to_ratios({"ja": 0.3, "zh": 0.1}, tokens={"ja": 4e5, "zh": 8e5})   # token-weighted shares
     reoptimise(pool.merger, tok, dev, {"ja": obj_ja, "math": obj_math}, SearchConfig(trials=50, ...))
@@ -132,6 +133,35 @@ def linearity(base: Source, checkpoints: Sequence[Source], tau: DistributionVect
             row["fraction"] = float(fractions[i])
         rows.append(row)
     return rows
+
+
+def span_residual(base: Source, model: Source, vectors: Sequence[DistributionVector]) -> dict[str, Any]:
+    """How much of a model's shift d = θ_model − θ_base lies outside span{τ_i}: the least-squares fit
+    d ≈ Σ c_i τ_i, from the K×K Gram matrix G_ij = <τ_i, τ_j> and b_i = <τ_i, d> accumulated tensor by tensor
+    (float64; one tensor of each in memory at a time, the model is never flattened into one vector).
+
+    Returns ``residual`` = ||d − Σ c_i τ_i|| / ||d|| (0: merging the τ_i with weights c could reproduce the shift
+    exactly; 1: the shift is orthogonal to every τ_i), the ``coefficients`` c_i by vector name and ``shift_norm``
+    ||d||. Only the vectors' tensors count; a singular G (parallel vectors) takes the minimum-norm solution.
+    """
+    import numpy as np
+
+    keys = list(dict.fromkeys(k for v in vectors for k in v.tensors))
+    b, m = _reader(base, keys), _reader(model, keys)
+    k = len(vectors)
+    gram, dots, dd = np.zeros((k, k)), np.zeros(k), 0.0
+    for key in keys:
+        base_t = b.get(key).double()
+        d = (m.get(key).double() - base_t).reshape(-1)
+        taus = torch.stack([v.tensors[key].double().reshape(-1) if key in v.tensors else torch.zeros_like(d)
+                            for v in vectors])
+        gram += (taus @ taus.T).numpy()
+        dots += (taus @ d).numpy()
+        dd += float(d @ d)
+    c = np.linalg.lstsq(gram, dots, rcond=None)[0]
+    res2 = max(dd - 2 * float(c @ dots) + float(c @ gram @ c), 0.0)
+    return {"residual": math.sqrt(res2 / dd) if dd > 0 else 0.0, "shift_norm": math.sqrt(dd),
+            "coefficients": {v.name: float(x) for v, x in zip(vectors, c, strict=True)}}
 
 
 def trajectory_checkpoints(run_dir: str | os.PathLike) -> list[tuple[float, Path]]:

@@ -3,7 +3,7 @@
     from optimer_lib.experiments.cli_args import add_experiments_args, add_findings_parser, apply_experiments_args
     add_experiments_args(experiments_parser)          # --seeds 0,1,2 --results DIR
     cfg = apply_experiments_args(cfg, args)           # an ExperimentConfig with those seeds and results
-    add_findings_parser(subparsers)                   # optimer findings --results DIR --out FILE
+    add_findings_parser(subparsers)                   # optimer findings --results DIR --out FILE [--regime-plot SVG]
 """
 
 from __future__ import annotations
@@ -49,12 +49,22 @@ def add_findings_parser(sub: Any) -> None:
     """``optimer findings --results DIR --out FILE`` on an argparse subparsers object."""
     p = sub.add_parser("findings", help="render FINDINGS.md from a results directory of `optimer experiments`")
     p.add_argument("--results", type=Path, required=True, help="directory with config.json and seed-*/stages/")
-    p.add_argument("--out", type=Path, required=True, help="file to write (e.g. FINDINGS.md); nothing else is written")
+    p.add_argument("--out", type=Path, required=True, help="file to write (e.g. FINDINGS.md); nothing else is written "
+                   "but --regime-plot")
+    p.add_argument("--regime-plot", type=Path, help="also write the regime map's plot (R against the CPT/base token "
+                   "ratio, SVG) here, e.g. results/experiments/regime-map.svg")
     p.set_defaults(fn=cmd_findings)
 
 
 def cmd_findings(a: argparse.Namespace) -> None:
     from optimer_lib.experiments.findings_report import write_findings
 
-    write_findings(a.results, a.out)
+    summary = write_findings(a.results, a.out)
     print(f"wrote {a.out} from {a.results}")
+    if getattr(a, "regime_plot", None):
+        from optimer_lib.experiments.regime_report import write_plot
+
+        if not summary["regime"]:
+            raise ConfigError(f"{a.results} has no regime-map stages: nothing to plot for --regime-plot")
+        write_plot(summary["regime"], a.regime_plot)
+        print(f"wrote {a.regime_plot}")

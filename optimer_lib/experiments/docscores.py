@@ -136,3 +136,21 @@ def metrics_of(docs: Mapping[str, Any], tokens: Mapping[str, Sequence[int]] | No
     out.update({f"acc:{q}": means[f"acc:{q}"] for q in docs.get("correct", {})})
     out.update({f"chat_acc:{q}": means[f"chat:{q}"] for q in docs.get("chat_correct", {})})
     return out
+
+
+def needed_components(terms: Mapping[str, float]) -> list[str]:
+    """The components (``nll:c``, ``tok:c``, ``acc:q``, ``chat:q``) an objective's ``terms`` read."""
+    out = []
+    for k in terms:
+        kind, _, name = k.partition(":")
+        out += [f"nll:{name}", f"tok:{name}"] if kind in ("loss", "ppl") else [k if kind != "chat_acc" else
+                                                                                f"chat:{name}"]
+    return list(dict.fromkeys(out))
+
+
+def recovery_of_means(terms: Mapping[str, float], means: Mapping[str, Mapping[str, float]]) -> float:
+    """Gain recovery R = (base − merged) / (base − mixture) of the objective ``terms`` from the component means of
+    ``means["b"]`` (base), ``["o"]`` (merged) and ``["x"]`` (mixture); arrays of bootstrap draws work too."""
+    b, o, x = (objective_of_means(terms, means[k]) for k in ("b", "o", "x"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.divide(b - o, b - x)  # b == x: inf or nan, dropped by the bootstrap as non-finite

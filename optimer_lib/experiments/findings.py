@@ -30,7 +30,9 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments import granularity as gr
 from optimer_lib.experiments import stats as st
+from optimer_lib.experiments.regime_report import summarise_regime
 from optimer_lib.experiments.report import PAPER_COST_RATIO, cost_ratios, ledger_of, pick_on_dev
+from optimer_lib.experiments.stats import fmt_interval
 from optimer_lib.fileio import atomic_write_json
 
 COSINE_MAX, LINE_MIN_COS, LINE_T_TOL, GAIN_SHARE = 0.31, 0.9, 0.1, 0.1
@@ -98,15 +100,6 @@ def copy_results(wd: str | Path, dest: str | Path) -> None:
 
 
 # -- per-document samples -------------------------------------------------------------------------------------
-def _needed(terms: dict[str, float]) -> list[str]:
-    out = []
-    for k in terms:
-        kind, _, name = k.partition(":")
-        out += [f"nll:{name}", f"tok:{name}"] if kind in ("loss", "ppl") else [k if kind != "chat_acc" else
-                                                                                f"chat:{name}"]
-    return list(dict.fromkeys(out))
-
-
 class Samples:
     """Per-document components of the final rows, stacked over seeds: ``[seeds, documents]`` arrays."""
 
@@ -138,7 +131,7 @@ class Samples:
 
     def interval(self, stat: Callable[..., float], rows: dict[str, Callable[[int], str]],
                  terms: dict[str, float]) -> st.Interval:
-        comps = _needed(terms)
+        comps = ds.needed_components(terms)
         return st.bootstrap_methods(stat, {k: self.stack(f, comps) for k, f in rows.items()})
 
     def value(self, row_of: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
@@ -162,15 +155,6 @@ def _dev_pick(samples: Samples, prefix: str, suffix: str = "") -> Callable[[int]
             return None
         return pick_on_dev(cands, {r: rows[r]["dev_objectives"][samples.objective] for r in cands})
     return pick
-
-
-def fmt_interval(iv: st.Interval | None, nd: int = 4) -> str:
-    """``mean [low, high]`` with ``nd`` decimals (``n/a``; ``[no interval]`` when the bootstrap gave none)."""
-    if iv is None or math.isnan(iv.mean):
-        return "n/a"
-    if math.isnan(iv.low):
-        return f"{iv.mean:.{nd}f} [no interval]"
-    return f"{iv.mean:.{nd}f} [{iv.low:.{nd}f}, {iv.high:.{nd}f}]"
 
 
 _iv = fmt_interval
@@ -200,17 +184,12 @@ def _f1(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
             f"OptiMer − mixture {_iv(d_mix)}, OptiMer − uniform {_iv(d_uni)}")
     if sm.has(base):
         gain = sm.diff(base, mix, terms)
-        r = sm.interval(lambda m: _ratio(terms, m), {"b": base, "o": opt, "x": mix}, terms)
+        r = sm.interval(lambda m: ds.recovery_of_means(terms, m), {"b": base, "o": opt, "x": mix}, terms)
         out.update(mixture_gain=gain, recovery=r)
         text += (f"; the mixture's gain over the base {_iv(gain)}, gain recovery R = (base − OptiMer) / "
                  f"(base − mixture) {_iv(r, 2)}" if gain.low > 0 else
                  f"; the mixture's gain over the base {_iv(gain)} does not lie above 0, so R is not reported")
     return _finding([crit[0].verdict(d_mix), crit[1].verdict(d_uni)], text, numbers=out)
-
-
-def _ratio(terms: dict[str, float], m: dict[str, dict[str, float]]) -> float:
-    b, o, x = (ds.objective_of_means(terms, m[k]) for k in ("b", "o", "x"))
-    return np.divide(b - o, b - x)  # b == x: inf or nan, dropped by the bootstrap as non-finite
 
 
 def _f1b(sm: Samples, terms: dict[str, float], per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
@@ -414,17 +393,10 @@ def summarise_results(d: str | Path) -> dict[str, Any]:
         for r in sm.final[sm.seeds[0]]["rows"]:
             if sm.has(_fixed(r)):
                 table[r] = sm.value(_fixed(r), terms)
-    regime: dict[str, list[dict[str, Any]]] = {}
-    for stages in per_seed.values():
-        for k, v in stages.items():
-            if k.startswith("regime-"):
-                regime.setdefault(k.removeprefix("regime-"), []).append(v)
     return {"config": cfg, "seeds": sm.seeds, "seeds_configured": cfg.get("seeds", []), "objective": sm.objective,
             "provisional": len(sm.seeds) < MIN_SEEDS,
             "findings": f, "test_table": table, "budgets": budgets(per_seed), "costs": cost_accounting(per_seed),
-            "regime": {k: {"size": v[0]["size"], "recipe": v[0]["recipe"], "lr": v[0]["lr"],
-                           "parameters": v[0]["parameters"], "gap": st.seed_range([x["gap"] for x in v])}
-                       for k, v in regime.items()},
+            "regime": summarise_regime(per_seed),
             "stage_minutes": {s: round(sum(v.get("stage_seconds") or 0 for v in stages.values()) / 60, 1)
                               for s, stages in per_seed.items()}}
 

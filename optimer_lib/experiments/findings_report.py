@@ -18,9 +18,11 @@ from optimer_lib.experiments import granularity as gr
 from optimer_lib.experiments import stats as st
 from optimer_lib.experiments.findings import CRITERIA, MIN_SEEDS, summarise_results
 from optimer_lib.experiments.findings import fmt_interval as _iv
+from optimer_lib.experiments.regime_report import render_regime
 from optimer_lib.experiments.report import PAPER
 from optimer_lib.fileio import atomic_write_text
 
+REGIME_PLOT = "results/experiments/regime-map.svg"  # written by `optimer experiments --regime-map --results ...`
 CLAIMS = {"1": PAPER[1], "1b": "OptiMer beats every other merge method searched with the same budget",
           **{str(i): PAPER[i] for i in range(2, 8)},
           "it": "the instruction vector merged at weight 1 gives a chat model (the paper's recipe)",
@@ -83,13 +85,7 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
         lines += [f"| {m} | {summary['costs'][m]['search']:,.0f} | {summary['costs'][m]['first_model']:,.0f} | "
                   f"{summary['costs'][m]['further_objective']:,.0f} |" for m in order]
         lines.append("")
-    if summary["regime"]:
-        lines += ["## Regime map (OptiMer − data mixture, test objective; negative: OptiMer better)", "",
-                  "| size | params | base recipe | CPT lr | gap (mean, range over seeds) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['size']} | {r['parameters']:,} | {r['recipe']} | {r['lr']:g} | {r['gap'].mean:+.4f} "
-                  f"({r['gap'].low:+.4f} to {r['gap'].high:+.4f}, {r['gap'].seeds} seed(s)) |"
-                  for r in summary["regime"].values()]
-        lines.append("")
+    lines += render_regime(summary["regime"], plot=REGIME_PLOT)  # nothing without regime stages
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import plotly.graph_objects as go
 
 from optimer_lib.experiments.costs import CostLedger, cost_to_reach, quality_curve
+from optimer_lib.experiments.regime_report import figure as regime_figure
+from optimer_lib.experiments.regime_report import render_regime, summarise_regime, write_plot
 from optimer_lib.fileio import atomic_write_json, atomic_write_text
 
 PAPER = {
@@ -160,8 +162,7 @@ def summarise(stages: dict[str, Any]) -> dict[str, Any]:
     regime = {k: v for k, v in stages.items() if k.startswith("regime-")}
     return {"findings": f, "cost_ratios": ratios, "objective": obj, "test": test,
             "costs": {m: led.totals(m) for m in led.methods()},
-            "regime": {k: {"gap": v["gap"], "size": v["size"], "recipe": v["recipe"], "lr": v["lr"],
-                           "parameters": v["parameters"]} for k, v in regime.items()},
+            "regime": summarise_regime({0: regime}),  # this seed alone: intervals over its test documents
             "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
             "total_seconds": sum(v.get("stage_seconds") or 0 for k, v in stages.items() if not k.startswith("regime-")),
             "regime_seconds": sum(v.get("stage_seconds") or 0 for k, v in regime.items())}
@@ -213,11 +214,8 @@ def render_findings(summary: dict[str, Any], *, command: str, workdir: str = "ru
             lines.append(f"- Likely reason (not proven): {f.get('reason') or REASONS[i]}.")
         lines += [f"- Regenerate: `{command}`{_extra_command(i, workdir)}", ""]
     if summary["regime"]:
-        lines += ["## Regime map (OptiMer − data mixture, test objective; negative: OptiMer better)", "",
-                  "| size | params | base recipe | CPT lr | gap |", "|---|---|---|---|---|"]
-        for r in summary["regime"].values():
-            lines.append(f"| {r['size']} | {r['parameters']:,} | {r['recipe']} | {r['lr']:g} | {r['gap']:+.4f} |")
-        lines += ["", f"Regenerate: `{command} --regime-map`", ""]
+        lines += [*render_regime(summary["regime"], plot="regime-map.svg"), f"Regenerate: `{command} --regime-map`",
+                  ""]
     return "\n".join(lines)
 
 
@@ -295,9 +293,7 @@ def figures(stages: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, 
             fig.add_bar(x=list(m), y=list(m.values()), name=r)
         out.append(("One pool, several objectives: test metrics", fig))
     if summary["regime"]:
-        reg = summary["regime"]
-        out.append(("Regime map: OptiMer − data mixture (test objective)",
-                    go.Figure(go.Bar(x=[k.removeprefix("regime-") for k in reg], y=[v["gap"] for v in reg.values()]))))
+        out.append(("Regime map: gain recovery R against the CPT/base token ratio", regime_figure(summary["regime"])))
     return out
 
 
@@ -316,7 +312,8 @@ def render_markdown(stages: dict[str, Any], summary: dict[str, Any], titles: lis
     lines += ["", "## Findings", ""]
     lines += [f"- {i}. {PAPER[i]} — {f['ours']} — holds: {'yes' if f['holds'] else 'no'}"
               for i, f in summary["findings"].items()]
-    lines += ["", "## Figures (in report.html)", "", *[f"- {t}" for t in titles], ""]
+    lines += ["", *render_regime(summary["regime"], plot="regime-map.svg")]
+    lines += ["## Figures (in report.html)", "", *[f"- {t}" for t in titles], ""]
     return "\n".join(lines)
 
 
@@ -356,6 +353,8 @@ def write_all(d: str | Path, *, findings: Path | None = None, command: str | Non
     atomic_write_json(d / "summary.json", summary, indent=1)
     ledger_of(stages).save(d / "costs.json")
     atomic_write_text(d / "report.md", md)
+    if summary["regime"]:
+        write_plot(summary["regime"], d / "regime-map.svg")
     atomic_write_text(d / "report.html", render_html(md, figs))
     text = render_findings(summary, command=command, workdir=str(d))
     for path in {d / "FINDINGS.md", *([Path(findings)] if findings else [])}:

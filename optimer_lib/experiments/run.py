@@ -1,7 +1,7 @@
 """The complete experiment set on the embedded world: OptiMer, every baseline, the analyses, a report.
 
     optimer experiments [--workdir runs/experiments] [--seeds 0,1,2] [--results results/experiments] [--quick]
-    optimer experiments --regime-map                                # the regime map only (long, cached)
+    optimer experiments --regime-map --seeds 0,1,2                  # the regime map only (regime.py; cached)
     optimer report runs/experiments/seed-0                          # re-render one seed's report.html / report.md
     optimer findings --results results/experiments --out FINDINGS.md   # the findings across seeds
 
@@ -21,8 +21,8 @@ stage searches α again with the instruction vector (instruct − base) merged a
 Each seed's directory gets ``costs.json``, ``summary.json``, ``report.html``, ``report.md`` and a single-seed
 ``FINDINGS.md``; the workdir gets ``FINDINGS.md`` across seeds (:mod:`optimer_lib.experiments.findings`),
 ``results=`` (``--results``) receives a copy of the small JSONs, and ``findings=`` (``--findings``) a copy of
-FINDINGS.md. The regime map (two model sizes x two base recipes x two CPT learning rates: new small bases are
-pretrained) lives in ``regime-*`` stages of each seed.
+FINDINGS.md. The regime map (R against the CPT/base token ratio x two CPT learning rates, on bases pretrained
+once beside the seed folders: :mod:`optimer_lib.experiments.regime`) lives in ``regime-*`` stages of each seed.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from optimer_lib.experiments import analysis as an
 from optimer_lib.experiments import baselines as bl
 from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments.costs import CostEntry, ledger_from_study
+from optimer_lib.experiments.regime import RegimeConfig
 from optimer_lib.fileio import atomic_write_json
 from optimer_lib.scoring.evaluate import evaluate_suite
 from optimer_lib.scoring.objectives import parse_objective
@@ -81,25 +82,15 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     seed: int = 0                 # the seed being run (set per seed by run_experiments)
     results: Path | None = None   # also copy config, stage JSONs and findings here (an explicit path)
-    # regime map
-    regime_sizes: dict[str, dict[str, int]] = field(default_factory=lambda: {
-        "xs": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 176},
-        "s": {"hidden": 192, "layers": 4, "heads": 6, "intermediate": 512}})
-    regime_recipes: dict[str, dict[str, float]] = field(default_factory=lambda: {
-        "en-only": {"en": 1.0},
-        "multilingual": {"en": 0.7, "ja": 0.075, "zh": 0.075, "math": 0.075, "code": 0.075}})
-    regime_lrs: tuple[float, ...] = (3e-4, 1e-3)
-    regime_base_tokens: int = 1_000_000
-    regime_cpt_tokens: int = 150_000
-    regime_trials: int = 30
+    regime: RegimeConfig = field(default_factory=RegimeConfig)   # the regime map's sizes (regime.py)
     quick_mode: bool = False
 
     @classmethod
     def quick(cls, workdir: Path = Path("runs/experiments-quick")) -> ExperimentConfig:
         return cls(workdir=workdir, cpt_tokens=32_768, trajectory=2, trials=12, reopt_trials=5, seeds=(0,),
                    grid_trials=16, landscape_points=3, search_limit=20, rescore_limit=40, top_k=2, final_limit=40,
-                   mixture_candidates={"equal_total": 2, "per_run": 3}, regime_base_tokens=32_768,
-                   regime_cpt_tokens=8_192, regime_trials=4, quick_mode=True)
+                   mixture_candidates={"equal_total": 2, "per_run": 3}, regime=RegimeConfig.quick(),
+                   quick_mode=True)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -427,4 +418,9 @@ def run_experiments(cfg: ExperimentConfig, *, regime_map: bool = False,
     summary["findings_summary"] = write_findings(wd, wd / "FINDINGS.md",
                                                  *([Path(findings)] if findings else []))
     _write_json(wd / "findings.json", summary["findings_summary"])  # every interval, verdict and cost, as JSON
+    if summary["findings_summary"].get("regime"):  # R against the token ratio: the workdir and the results copy
+        from optimer_lib.experiments.regime_report import write_plot
+
+        write_plot(summary["findings_summary"]["regime"], wd / "regime-map.svg",
+                   *([Path(cfg.results) / "regime-map.svg"] if cfg.results is not None else []))
     return summary

@@ -172,3 +172,12 @@ def combine(verdicts: Sequence[str]) -> str:
     if verdicts and all(v == HOLDS for v in verdicts):
         return HOLDS
     return FAILS if FAILS in verdicts else INCONCLUSIVE
+
+
+def fmt_interval(iv: Interval | None, nd: int = 4) -> str:
+    """``mean [low, high]`` with ``nd`` decimals (``n/a``; ``[no interval]`` when the bootstrap gave none)."""
+    if iv is None or math.isnan(iv.mean):
+        return "n/a"
+    if math.isnan(iv.low):
+        return f"{iv.mean:.{nd}f} [no interval]"
+    return f"{iv.mean:.{nd}f} [{iv.low:.{nd}f}, {iv.high:.{nd}f}]"

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     trajectory: int = 0           # save this many evenly spaced checkpoints along the run
+    save_at: tuple[int, ...] = ()  # also save checkpoints after these token counts (rounded down to whole steps)
     checkpoint_every: int = 200   # steps between resume points (0 disables)
     distributed: str = "auto"     # "auto": use accelerate when launched by `accelerate launch`; "on"; "off"
 
@@ -184,6 +185,7 @@ def train_model(model, tokenizer, blocks: Mapping[str, torch.Tensor], ratios: Ma
         model, opt = acc.prepare(model, opt)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and acc is None else None
     traj = {round(steps * (i + 1) / cfg.trajectory) for i in range(cfg.trajectory)} if cfg.trajectory else set()
+    traj |= {t // (cfg.batch_size * cfg.seq_len * world) for t in cfg.save_at} - {0}
     plain = acc.unwrap_model(model) if acc else model
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), total=steps, initial=start, desc=f"train {out.name}",
