@@ -102,7 +102,7 @@ def test_estimate_adds_pretraining_once_and_cells_per_seed():
     rc = RegimeConfig()
     e = estimate_seconds(rc, corpora=4, seeds=3, train_tokens_per_s=1000.0, trial_s=2.0, rescore_s=5.0, test_s=10.0)
     pretrain = (15_360_000 + (8 + 83 + 833) * 2048) / 1000
-    cell = 2 * 4 * 51_200 / 1000 + 30 * 2.0 + 3 * 5.0 + 4 * 10.0
+    cell = 2 * 4 * 51_200 / 1000 + 30 * 2.0 + 3 * 5.0 + 3 * 10.0
     assert e["pretrain"] == pytest.approx(pretrain) and e["cell"] == pytest.approx(cell)
     assert e["cells"] == 3 * 2 * 3 and e["total"] == pytest.approx(pretrain + 18 * cell)
 
@@ -120,7 +120,7 @@ def _docs(per_token: dict[str, float], noise: float) -> dict:
 def cell_stage(seed: int, ratio: float, lr: float, base: float, optimer: float, mixture: float,
                residual: float = 0.5) -> dict:
     """A regime cell stage in the schema regime.regime_cell writes, every model's loss the same on both corpora."""
-    rows = {BASE: base, OPTIMER: optimer, MIXTURE: mixture, "uniform average": base}
+    rows = {BASE: base, OPTIMER: optimer, MIXTURE: mixture}
     return {"kind": "regime cell", "ratio": ratio, "actual_ratio": ratio * 1.001, "base_tokens": int(1000 / ratio),
             "cpt_tokens": 1000, "lr": lr, "seed": seed, "corpora": ["ja", "code"], "parameters": 123,
             "objective": "balanced", "terms": {"balanced": {"loss:ja": 1.0, "loss:code": 1.0}}, "doc_tokens": DOCS,

@@ -179,7 +179,7 @@ def test_regime_map_tiny(tmp_path):
     assert branch["from"] == str(root / "stable-147456" / "trajectory" / "step-000007")  # 14,336 tokens in
     assert branch["tokens_trained"] == 2048 and branch["config"]["schedule"] == "cosine"
     cell = json.loads((wd / "seed-0" / "stages" / "regime-r0.25-lr0.001.json").read_text())
-    assert set(cell["rows"]) == {"base", "uniform average", "OptiMer", MIXTURE}
+    assert set(cell["rows"]) == {"base", "OptiMer", MIXTURE}
     t = {r: v["test_objective"] for r, v in cell["rows"].items()}
     assert cell["gap"] == pytest.approx(t["OptiMer"] - t[MIXTURE])
     assert cell["recovery"] == pytest.approx((t["base"] - t["OptiMer"]) / (t["base"] - t[MIXTURE]))

@@ -20,7 +20,7 @@ initialisation of the CPT runs and the search sampler's seed.
 One cell (ratio, lr) per seed: K CPT runs from that base → distribution vectors; a TPE search on dev with the main
 set's objective, trial scorer and two-fidelity re-scoring; a data mixture of the same corpora at equal total tokens
 (uniform ratios); the share of the mixture's shift θ_mix − θ_base outside span{τ_i} (:func:`span_residual`); and
-base, uniform average, OptiMer and mixture scored per test document, so the findings can bootstrap
+base, OptiMer and mixture scored per test document, so the findings can bootstrap
 R = (base − OptiMer) / (base − mixture) over documents and seeds (:mod:`optimer_lib.experiments.regime_report`).
 """
 
@@ -106,11 +106,11 @@ class RegimeConfig:
 def estimate_seconds(rc: RegimeConfig, corpora: int, seeds: int, *, train_tokens_per_s: float, trial_s: float,
                      rescore_s: float, test_s: float, top_k: int = 3) -> dict[str, float]:
     """Wall time of the whole map from measured rates: pretraining (stable run + decay branches, once) and per
-    cell and seed K CPT runs + the mixture (2K runs' tokens), ``trials`` search trials, ``top_k`` re-scores and four
-    test-scored models (base, uniform, OptiMer, mixture)."""
+    cell and seed K CPT runs + the mixture (2K runs' tokens), ``trials`` search trials, ``top_k`` re-scores and three
+    test-scored models (base, OptiMer, mixture)."""
     p = rc.plan()
     pretrain = (p["stable_tokens"] + sum(b["decay_tokens"] for b in p["bases"])) / train_tokens_per_s
-    cell = 2 * corpora * p["cpt_tokens"] / train_tokens_per_s + rc.trials * trial_s + top_k * rescore_s + 4 * test_s
+    cell = 2 * corpora * p["cpt_tokens"] / train_tokens_per_s + rc.trials * trial_s + top_k * rescore_s + 3 * test_s
     cells = len(p["bases"]) * len(rc.lrs) * seeds
     return {"pretrain": pretrain, "cell": cell, "cells": cells, "total": pretrain + cells * cell}
 
@@ -226,8 +226,7 @@ def regime_cell(exp: Experiments, ratio: float, lr: float) -> dict[str, Any]:
         m = ds.metrics_of(docs, tokens)
         rows[row] = {"test": m, "test_objective": exp.objective(m), "test_docs": docs}
 
-    for row, w in {rr.BASE: dict.fromkeys(c.corpora, 0.0), "uniform average": dict.fromkeys(c.corpora, 1 / k),
-                   rr.OPTIMER: res.best_weights}.items():
+    for row, w in {rr.BASE: dict.fromkeys(c.corpora, 0.0), rr.OPTIMER: res.best_weights}.items():
         pool.merger.set_weights(w)
         score(row, pool.model)
     score(rr.MIXTURE, load_model(mix))
