@@ -139,7 +139,10 @@ def _per_seed() -> dict[int, dict]:
 
 
 def test_recovery_and_intervals_across_seeds():
-    reg = summarise_regime(_per_seed())
+    per = _per_seed()
+    per[0][cell_name(0.3, 1e-3)]["stage_seconds"] = 90.0
+    per[0]["optimer"]["stage_seconds"] = 600.0  # the main set's time is not the map's
+    reg = summarise_regime(per)
     big, small = reg["cells"]
     assert (big["ratio"], small["ratio"]) == (0.3, 0.003)  # largest ratio first
     # base 4.0, OptiMer 3.9, mixture 3.8 in every seed: R = 0.1 / 0.2 exactly (the per-document wiggle sums to 0
@@ -154,6 +157,7 @@ def test_recovery_and_intervals_across_seeds():
     assert "| 0.3 | 3,333 | 0.001 | 3 | 0.50 [" in lines
     assert "| 0.003 | 333,333 | 0.001 | 3 | not reported: the mixture's gain interval does not lie above 0 |" in lines
     assert "![R against the CPT/base token ratio](regime-map.svg)" in lines
+    assert "Stage time (the first seed's includes pretraining the shared bases): seed 0 1.5 min." in lines
     assert summarise_regime({0: {"optimer": {}}}) == {} and render_regime({}) == []
 
 
@@ -190,7 +194,9 @@ def test_findings_cli_writes_the_plot_only_where_told(tmp_path):
     res = tmp_path / "results"
     (res / "config.json").parent.mkdir()
     (res / "config.json").write_text(json.dumps({"seeds": [0, 1, 2]}))
-    for s, stages in _per_seed().items():
+    per = _per_seed()
+    per[0]["optimer"]["stage_seconds"], per[0][cell_name(0.3, 1e-3)]["stage_seconds"] = 60.0, 120.0
+    for s, stages in per.items():
         (res / f"seed-{s}" / "stages").mkdir(parents=True)
         for name, v in stages.items():
             (res / f"seed-{s}" / "stages" / f"{name}.json").write_text(json.dumps(v))
@@ -204,6 +210,10 @@ def test_findings_cli_writes_the_plot_only_where_told(tmp_path):
     assert "| 0.3 | 3,333 | 0.001 | 3 | 0.50 [" in out.read_text()
     assert "results/experiments/regime-map.svg" in out.read_text()  # the committed plot, linked from FINDINGS.md
     assert "CPT lr 0.001: R 0.500" in plot.read_text()
+    from optimer_lib.experiments.findings import summarise_results
+
+    summary = summarise_results(res)  # the main set's stage time leaves the map's out; the map has its own
+    assert summary["stage_minutes"][0] == 1.0 and summary["regime"]["stage_minutes"] == {0: 2.0}
     empty = tmp_path / "empty"
     (empty / "seed-0" / "stages").mkdir(parents=True)
     (empty / "config.json").write_text(json.dumps({"seeds": [0]}))

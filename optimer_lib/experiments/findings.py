@@ -397,7 +397,8 @@ def summarise_results(d: str | Path) -> dict[str, Any]:
             "provisional": len(sm.seeds) < MIN_SEEDS,
             "findings": f, "test_table": table, "budgets": budgets(per_seed), "costs": cost_accounting(per_seed),
             "regime": summarise_regime(per_seed),
-            "stage_minutes": {s: round(sum(v.get("stage_seconds") or 0 for v in stages.values()) / 60, 1)
+            "stage_minutes": {s: round(sum(v.get("stage_seconds") or 0 for k, v in stages.items()  # regime: its own
+                                           if not k.startswith("regime-")) / 60, 1)
                               for s, stages in per_seed.items()}}
 
 

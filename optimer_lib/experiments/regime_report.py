@@ -78,7 +78,11 @@ def summarise_regime(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any
     if not groups and not real:
         return {}
     cells = sorted((cell_summary(runs) for runs in groups.values()), key=lambda c: (-c["ratio"], c["lr"]))
-    return {"cells": cells, "real": sorted(real.values(), key=lambda r: -r["ratio"]), "bases": bases}
+    minutes = {s: round(sum(v.get("stage_seconds") or 0 for k, v in per_seed[s].items() if k.startswith("regime-")
+                            and isinstance(v, dict) and v.get("kind") in ("regime cell", "regime bases")) / 60, 1)
+               for s in sorted(per_seed)}
+    return {"cells": cells, "real": sorted(real.values(), key=lambda r: -r["ratio"]), "bases": bases,
+            "stage_minutes": {s: m for s, m in minutes.items() if m}}
 
 
 def real_cell_point(d: Path) -> dict[str, Any] | None:
@@ -154,6 +158,9 @@ def render_regime(reg: Mapping[str, Any], *, plot: str | None = None) -> list[st
         lines += ["", "Real-base rows: " + "; ".join(
             f"{c['source']} ({c['objective']}, {c['cpt_tokens']:,} CPT tokens per run; intervals over its test "
             "documents, resampled within each corpus)" for c in reg["real"]) + "."]
+    if reg.get("stage_minutes"):
+        lines += ["", "Stage time (the first seed's includes pretraining the shared bases): " + ", ".join(
+            f"seed {s} {m} min" for s, m in reg["stage_minutes"].items()) + "."]
     if plot:
         lines += ["", f"![R against the CPT/base token ratio]({plot})"]
     return [*lines, ""]
