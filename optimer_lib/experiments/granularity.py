@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments import stats as st
 from optimer_lib.experiments.analysis import trials_to_reach
+from optimer_lib.experiments.stats import fmt_interval as _iv
 from optimer_lib.merging.groups import Granularity
 from optimer_lib.search import record
 
@@ -148,19 +149,6 @@ def _at_most(iv: st.Interval, threshold: float) -> st.Interval:
     return st.Interval(iv.mean, iv.low - nudge, iv.high - nudge, iv.level, iv.seeds)
 
 
-def _recovery(terms: Mapping[str, float], m: dict[str, dict[str, float]]) -> Any:
-    b, o, x = (ds.objective_of_means(terms, m[k]) for k in ("b", "o", "x"))
-    return (b - o) / (b - x)  # b == x: inf or nan, dropped by the bootstrap as non-finite
-
-
-def _fmt(iv: st.Interval | None, nd: int = 4) -> str:
-    if iv is None or math.isnan(iv.mean):
-        return "n/a"
-    if math.isnan(iv.low):
-        return f"{iv.mean:.{nd}f} [no interval]"
-    return f"{iv.mean:.{nd}f} [{iv.low:.{nd}f}, {iv.high:.{nd}f}]"
-
-
 def _rng(iv: st.Interval, nd: int = 1, unit: str = "") -> str:
     return f"mean {iv.mean:.{nd}f}{unit}, range {iv.low:.{nd}f}{unit} to {iv.high:.{nd}f}{unit}"
 
@@ -204,9 +192,9 @@ def finding(sm: Samples, per_seed: Mapping[int, Mapping[str, Any]], terms: dict[
     verdicts = [st.Criterion("per-layer − per-vector", "below", 0.0).verdict(diff),
                 st.Criterion("trial-equivalents ratio", "below", RATIO_LIMIT).verdict(_at_most(ratio, RATIO_LIMIT))]
     v, lay = n["rows"][VECTOR], n["rows"][layers]
-    text = (f"test objective: per vector ({v['weights']} weights) {_fmt(v['test'])}, {layers} ({lay['weights']} "
-            f"weights) {_fmt(lay['test'])}; dev: {_fmt(v['dev'])} and {_fmt(lay['dev'])}; {layers} − vector on test "
-            f"{_fmt(diff)}; trial-equivalents to reach the best: per vector {_rng(v['equivalents_range'])}, {layers} "
+    text = (f"test objective: per vector ({v['weights']} weights) {_iv(v['test'])}, {layers} ({lay['weights']} "
+            f"weights) {_iv(lay['test'])}; dev: {_iv(v['dev'])} and {_iv(lay['dev'])}; {layers} − vector on test "
+            f"{_iv(diff)}; trial-equivalents to reach the best: per vector {_rng(v['equivalents_range'])}, {layers} "
             f"{_rng(lay['equivalents_range'])}, ratio per seed {_rng(ratio, 2, 'x')} (a gradient evaluation charged "
             f"{_rng(n['charge'], 2)} trials)")
     mix = {s: mixture(s) for s in seeds}
@@ -218,12 +206,12 @@ def finding(sm: Samples, per_seed: Mapping[int, Mapping[str, Any]], terms: dict[
         n["mixture_gain"] = gain
         if gain.low > 0:
             for k in specs:
-                n["rows"][k]["recovery"] = sub.interval(lambda m: _recovery(terms, m),
+                n["rows"][k]["recovery"] = sub.interval(lambda m: ds.recovery_of_means(terms, m),
                                                         {"b": row("base"), "o": row(k), "x": pick}, terms)
-            text += (f"; the mixture's gain over the base {_fmt(gain)}, R = (base − merge) / (base − mixture): per "
-                     f"vector {_fmt(v['recovery'], 2)}, {layers} {_fmt(lay['recovery'], 2)}")
+            text += (f"; the mixture's gain over the base {_iv(gain)}, R = (base − merge) / (base − mixture): per "
+                     f"vector {_iv(v['recovery'], 2)}, {layers} {_iv(lay['recovery'], 2)}")
         else:
-            text += f"; the mixture's gain over the base {_fmt(gain)} does not lie above 0, so R is not reported"
+            text += f"; the mixture's gain over the base {_iv(gain)} does not lie above 0, so R is not reported"
     else:
         text += "; no base or data-mixture row in the final stage, so R is not reported"
     if skipped:
@@ -238,6 +226,6 @@ def table_lines(n: Mapping[str, Any]) -> list[str]:
            "trial-equivalents to its best (mean, range) |", "|---|---|---|---|---|---|"]
     for k, r in n["rows"].items():
         eq = r["equivalents_range"]
-        out.append(f"| {names[k]} | {r['weights']} | {_fmt(r['dev'])} | {_fmt(r['test'])} | "
-                   f"{_fmt(r.get('recovery'), 2)} | {eq.mean:.1f} ({eq.low:.1f}–{eq.high:.1f}) |")
+        out.append(f"| {names[k]} | {r['weights']} | {_iv(r['dev'])} | {_iv(r['test'])} | "
+                   f"{_iv(r.get('recovery'), 2)} | {eq.mean:.1f} ({eq.low:.1f}–{eq.high:.1f}) |")
     return [*out, ""]
