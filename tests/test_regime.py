@@ -85,7 +85,8 @@ def test_the_default_plan_sweeps_two_orders_of_magnitude():
     no_decay = RegimeConfig(decay=0.0).plan()["bases"]
     assert [b["stable_tokens"] for b in no_decay] == [b["tokens"] for b in no_decay]
     quick = RegimeConfig.quick().plan()
-    assert quick["cpt_tokens"] == 4096 and [b["tokens"] for b in quick["bases"]] == [8 * 2048, 80 * 2048]
+    assert quick["cpt_tokens"] == 4096 and [b["tokens"] for b in quick["bases"]] == [4 * 2048, 40 * 2048]
+    assert [b["stable_tokens"] for b in quick["bases"]] == [3 * 2048, 36 * 2048] and quick["warmup_tokens"] == 4096
 
 
 def test_the_plan_reports_every_problem_at_once():

@@ -173,19 +173,19 @@ def test_regime_map_tiny(tmp_path):
     summary = run_experiments(cfg, regime_map=True)
     wd = tmp_path / "exp"
     bases = json.loads((wd / "seed-0" / "stages" / "regime-bases.json").read_text())
-    assert [b["tokens"] for b in bases["bases"]] == [16_384, 163_840] and bases["shared_across_seeds"]
+    assert [b["tokens"] for b in bases["bases"]] == [8192, 81_920] and bases["shared_across_seeds"]
     root = wd / "regime-bases" / "h32-l1-i64"  # beside the seed folders
-    branch = json.loads((root / "base-16384" / "training.json").read_text())
-    assert branch["from"] == str(root / "stable-147456" / "trajectory" / "step-000007")  # 14,336 tokens in
+    branch = json.loads((root / "base-8192" / "training.json").read_text())
+    assert branch["from"] == str(root / "stable-73728" / "trajectory" / "step-000003")  # 6,144 tokens in
     assert branch["tokens_trained"] == 2048 and branch["config"]["schedule"] == "cosine"
-    cell = json.loads((wd / "seed-0" / "stages" / "regime-r0.25-lr0.001.json").read_text())
+    cell = json.loads((wd / "seed-0" / "stages" / "regime-r0.5-lr0.001.json").read_text())
     assert set(cell["rows"]) == {"base", "OptiMer", MIXTURE}
     t = {r: v["test_objective"] for r, v in cell["rows"].items()}
     assert cell["gap"] == pytest.approx(t["OptiMer"] - t[MIXTURE])
     assert cell["recovery"] == pytest.approx((t["base"] - t["OptiMer"]) / (t["base"] - t[MIXTURE]))
-    assert 0 <= cell["residual"]["residual"] <= 1 and cell["cpt_tokens"] == 4096 and cell["base_tokens"] == 16_384
+    assert 0 <= cell["residual"]["residual"] <= 1 and cell["cpt_tokens"] == 4096 and cell["base_tokens"] == 8192
     reg = summary["findings_summary"]["regime"]
-    assert [c["ratio"] for c in reg["cells"]] == [0.25, 0.025]
+    assert [c["ratio"] for c in reg["cells"]] == [0.5, 0.05]
     assert reg["cells"][0]["recovery"]["mean"] == pytest.approx(cell["recovery"], rel=1e-6)  # R of the doc means
     assert "## Regime map: gain recovery R against the CPT/base token ratio" in (wd / "FINDINGS.md").read_text()
     assert (wd / "regime-map.svg").read_text().startswith("<svg") and (wd / "seed-0" / "regime-map.svg").is_file()

@@ -80,6 +80,24 @@ def test_trajectory_checkpoints(tmp_path, tiny_tokenizer):
     assert steps == ["step-000002", "step-000004", "step-000006"]  # the 4th is the final model itself
 
 
+def test_checkpoints_at_token_counts(tmp_path, tiny_tokenizer):
+    """``save_at``: checkpoints after given token counts (whole steps, rounded down; the run's end is the model
+    itself). At a constant lr a checkpoint is the shorter run of the same seed: the regime map's bases rely on it."""
+    from optimer_lib.checkpoints.vectors import as_state
+
+    blocks = _blocks(tiny_tokenizer)  # 64 tokens per step, 8 steps
+    train_model(make_model("llama"), tiny_tokenizer, blocks, {"a": 1.0}, tmp_path / "long",
+                _cfg(save_at=(64, 200, 512), schedule="constant", warmup=0.0), progress=False)
+    steps = sorted(p.name for p in (tmp_path / "long" / "trajectory").iterdir())
+    assert steps == ["step-000001", "step-000003"]
+    ck = tmp_path / "long" / "trajectory" / "step-000003"
+    assert json.loads((ck / "training.json").read_text())["tokens"] == 192
+    train_model(make_model("llama"), tiny_tokenizer, blocks, {"a": 1.0}, tmp_path / "short",
+                _cfg(tokens=192, schedule="constant", warmup=0.0), progress=False)
+    a, b = as_state(ck), as_state(tmp_path / "short")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_config_and_ratio_errors():
     with pytest.raises(ConfigError, match="less than one batch"):
         TrainConfig(tokens=10).validate()

@@ -69,9 +69,10 @@ class RegimeConfig:
 
     @classmethod
     def quick(cls) -> RegimeConfig:
-        """A smoke version (about a minute): a 0.3M-parameter model, two ratios, one lr, no real cells."""
-        return cls(size={"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}, ratios=(0.25, 0.025),
-                   lrs=(1e-3,), cpt_tokens=4096, cpt_batch=4, warmup_tokens=8192, trials=4, real_cells=())
+        """A smoke version (a few minutes): a 0.27M-parameter model, two ratios a decade apart (bases of 8k and 82k
+        tokens), one lr, 4-trial searches, no real cells."""
+        return cls(size={"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}, ratios=(0.5, 0.05),
+                   lrs=(1e-3,), cpt_tokens=4096, cpt_batch=4, warmup_tokens=4096, trials=4, real_cells=())
 
     def plan(self) -> dict[str, Any]:
         """Token counts, whole steps: ``cpt_tokens`` per run, per ratio (largest first) the base's ``tokens`` =
