@@ -137,7 +137,13 @@ def regime_bases(exp: Experiments) -> dict[float, Path]:
     root, step = _bases_root(exp), rc.base_batch * SEQ_LEN
     stable, total = root / f"stable-{plan['stable_tokens']}", plan["stable_tokens"]
     tok = load_tokenizer(exp.base)
-    blocks = {n: pack_tokens(load_corpus(n, "base"), tok, SEQ_LEN) for n in rc.recipe}
+    packed: dict[str, Any] = {}
+
+    def blocks() -> dict[str, Any]:  # tokenised only when something is trained (every cell calls this function)
+        if not packed:
+            packed.update({n: pack_tokens(load_corpus(n, "base"), tok, SEQ_LEN) for n in rc.recipe})
+        return packed
+
     if (stable / "training.json").exists():
         old = json.loads((stable / "training.json").read_text())
         if (old["ratios"], old["config"]["lr"], old["config"]["seed"]) != (rc.recipe, rc.base_lr, rc.base_seed):
@@ -149,7 +155,7 @@ def regime_bases(exp: Experiments) -> dict[float, Path]:
                           warmup=(rc.warmup_tokens / step + 0.5) / (total // step), schedule="constant",
                           seed=rc.base_seed, device="cpu", checkpoint_every=500,
                           save_at=tuple(b["stable_tokens"] for b in plan["bases"] if b["stable_tokens"] < total))
-        train_model(model, tok, blocks, rc.recipe, stable, cfg, meta={"stage": "regime stable run", **rc.size},
+        train_model(model, tok, blocks(), rc.recipe, stable, cfg, meta={"stage": "regime stable run", **rc.size},
                     progress=False)
     out = {}
     for b in plan["bases"]:
@@ -161,7 +167,7 @@ def regime_bases(exp: Experiments) -> dict[float, Path]:
         if not (d / "training.json").exists():
             cfg = TrainConfig(tokens=b["decay_tokens"], lr=rc.base_lr, batch_size=rc.base_batch, seq_len=SEQ_LEN,
                               warmup=0.1, schedule="cosine", seed=rc.base_seed + 1, device="cpu", checkpoint_every=0)
-            train_model(load_model(ck, dtype="float32", device="cpu"), tok, blocks, rc.recipe, d, cfg,
+            train_model(load_model(ck, dtype="float32", device="cpu"), tok, blocks(), rc.recipe, d, cfg,
                         meta={"stage": "regime decay branch", "from": str(ck), **b}, progress=False)
         out[b["ratio"]] = d
     return out
