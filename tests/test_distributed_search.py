@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 from test_search import SUITE, config, quadratic
 
 from optimer_lib.scoring.objectives import Objective
+from optimer_lib.search import trials
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import run_search
-from optimer_lib.search import trials
 from optimer_lib.search.trials import counted
 
 OBJECTIVE = '''
