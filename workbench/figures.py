@@ -58,13 +58,14 @@ def tune_chart(current: Mapping[str, float] | None, references: Mapping[str, Map
         return empty("move a slider to score a merge", title)
     keys = list(dict.fromkeys(k for m in series.values() for k in m))
     losses = [k for k in keys if k.startswith("loss:")]
-    accs = [k for k in keys if k.startswith("acc:")]
+    accs = [k for k in keys if k.startswith(("acc:", "lmeval:"))]  # lm-eval metrics: on the right, as they are
     base = series.get("base")
     delta = base is not None and all(k in base for k in losses)
     cols = 2 if accs else 1
     loss_title = "loss − base loss (lower is better)" if delta else "loss (lower is better)"
     fig = make_subplots(rows=1, cols=cols, column_widths=[0.75, 0.25] if accs else None,
-                        subplot_titles=[loss_title, *(["accuracy"] if accs else [])])
+                        subplot_titles=[loss_title, *(["accuracy" if all(k.startswith("acc:") for k in accs)
+                                                        else "accuracy, lm-eval"] if accs else [])])
     for label, metrics in series.items():
         color = COLORS.get(label, COLORS["current"] if label == current_label else "#e78ac3")
         for col, group in ((1, losses), (2, accs)):
@@ -89,8 +90,8 @@ def tune_chart(current: Mapping[str, float] | None, references: Mapping[str, Map
     fig.update_layout(barmode="group")
     if delta:
         fig.add_hline(y=0, line_color=COLORS["base"], row=1, col=1)
-    if accs:
-        fig.update_yaxes(range=[0, 1], row=1, col=2)
+    if accs and all(0 <= m[k] <= 1 for m in series.values() for k in accs if m.get(k) is not None):
+        fig.update_yaxes(range=[0, 1], row=1, col=2)  # a fraction (an lm-eval perplexity is not)
     return _layout(fig, title)
 
 

@@ -39,6 +39,7 @@ from optimer_lib.engine import BACKGROUND, INTERACTIVE, MergeState
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
 from optimer_lib.merging.export import export_merged
+from optimer_lib.scoring.objectives import LMEVAL
 from optimer_lib.scoring.tune_config import TuneScoring
 from optimer_lib.scoring.uncertainty import Interval
 from optimer_lib.search.pareto import ParetoPoint, pareto_front
@@ -74,12 +75,13 @@ class TuneResult:
     cached: bool = False
     waited_s: float = 0.0
     intervals: dict[str, Interval] = field(default_factory=dict)
+    lmeval_s: dict[str, float] = field(default_factory=dict)  # seconds per lm-eval metric (not when cached)
 
     @classmethod
     def of(cls, u: TuneUpdate, limit: int | None) -> TuneResult:
         st = u.state
         return cls(st.weight_map, st.instruction_weight, dict(u.metrics), u.objective, u.merge_s, u.score_s,
-                   limit, st.method, st.param_map, u.cached, u.waited_s, dict(u.intervals))
+                   limit, st.method, st.param_map, u.cached, u.waited_s, dict(u.intervals), dict(u.lmeval_s))
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,13 @@ class Session:
         return self._shared is not None or self.workspace.has_pool()
 
     def use_pool(self, shared: SharedPool | None = None) -> SharedPool:
-        """Switch to ``shared`` (default: the workspace's current pool); resets the Tune weights."""
+        """Switch to ``shared`` (default: the workspace's current pool); resets the Tune weights unless only the
+        dev suite changed (same engine: :meth:`Workspace.add_eval`)."""
         shared = shared or self.workspace.pool()
         if shared is not self._shared:
-            self._shared, self._state, self.last = shared, None, None
+            if self._shared is None or shared.engine is not self._shared.engine:
+                self._state = None
+            self._shared, self.last = shared, None
         return shared
 
     @property
@@ -192,10 +197,16 @@ class Session:
         return TuneScoring(docs=self.tune_limit, qa_items=self.qa_limit, seq_len=self.seq_len)
 
     def set_scoring(self, sets: Sequence[str] | None = None, docs: int | None = 8, qa_items: int | None = 8,
-                    seq_len: int = 128, batch_size: int = 16) -> TuneScoring:
-        """Choose the Tune scoring set (checked against the pool's dev suite); returns it."""
+                    seq_len: int = 128, batch_size: int = 16, lmeval: Sequence[str] = ()) -> TuneScoring:
+        """Choose the Tune scoring set (checked against the pool's dev suite); returns it.
+
+        ``lmeval``: lm-eval terms ``SOURCE[:METRIC]`` scored after the dev sets; a task YAML (or folder) must lie
+        in the workdir (it can run code), a bare name is a task shipped with lm-eval (its data in the local cache).
+        """
         try:
-            sc = TuneScoring(tuple(sets) if sets else None, docs, qa_items, seq_len, batch_size)
+            terms = tuple(checked_spec(f"{LMEVAL}:{t.strip().removeprefix(LMEVAL + ':')}", self.workspace.workdir)
+                          for t in lmeval if t.strip())
+            sc = TuneScoring(tuple(sets) if sets else None, docs, qa_items, seq_len, batch_size, lmeval=terms)
             sc.check(self.shared.suite)
         except ConfigError as exc:
             raise WorkbenchError(str(exc)) from exc
@@ -205,8 +216,12 @@ class Session:
     def scoring_cost(self, scoring: TuneScoring | None = None) -> str:
         """One line: tokens and forward FLOPs of one scoring (``scoring`` or the Tune one) on this pool."""
         sh = self.shared
+        sc = scoring or self.scoring
         n = sum(p.numel() for p in sh.model.parameters())
-        return str((scoring or self.scoring).cost(sh.tokenizer, sh.suite, n, model=sh.model))
+        tasks = [t.key.split(":")[1] for t in sc.lmeval_terms()]
+        more = (f" + lm-eval {', '.join(tasks)} on {sc.docs or 'all'} documents each (timed when scored)"
+                if tasks else "")
+        return str(sc.cost(sh.tokenizer, sh.suite, n, model=sh.model)) + more
 
     def _state_for(self, weights: Mapping[str, float], instruction_weight: float | None = None,
                    method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:

@@ -12,13 +12,18 @@ set by set. Every exact score carries its uncertainty (bootstrap over the scored
 inside it is noise. Scores are cached by the pool's engine under (merge, scoring set), so any session moving
 to a merge scored before gets it at once; the estimators (one per scoring set and merge method) are shared by
 the sessions of a pool too, and track how often their estimate fell inside the exact interval.
+
+lm-eval terms of the scoring set (``TuneScoring.lmeval``) run after the dev sets, on the same lease of the merged
+model, one "partial" step each; their metric ``lmeval:TASK:METRIC`` has no interval, and ``lmeval_s`` says what
+each cost (lm-eval cannot be cancelled mid-task: a newer move waits for the task running).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from optimer_lib.engine import INTERACTIVE, MergeState
@@ -51,6 +56,7 @@ class TuneUpdate:
     score_s: float = 0.0
     waited_s: float = 0.0
     cached: bool = False
+    lmeval_s: dict[str, float] = field(default_factory=dict)  # seconds per lm-eval metric scored in this move
 
     @property
     def objective_interval(self) -> Interval | None:
@@ -110,13 +116,18 @@ def set_names(sub: Any) -> list[str]:
     return [*sub.texts, *(f"{n} (QA)" if n in sub.texts else n for n in sub.qa)]
 
 
+def step_names(shared: SharedPool, scoring: TuneScoring) -> list[str]:
+    """What a Tune scoring reports, in order: :func:`set_names`, then each lm-eval term (``lmeval:TASK:METRIC``)."""
+    return [*set_names(scoring.select(shared.suite)), *(t.key for t in scoring.lmeval_terms())]
+
+
 def cached_update(shared: SharedPool, state: MergeState, scoring: TuneScoring) -> TuneUpdate | None:
     """The "final" update of a merge some session scored with ``scoring`` already (no forward pass), or None."""
     hit = shared.engine.cached(state, tuning_key(shared, scoring))
     if hit is None:
         return None
     metrics, scores = hit
-    names = set_names(scoring.select(shared.suite))
+    names = step_names(shared, scoring)
     objective = objective_for(shared, scoring)
     return TuneUpdate("final", state, dict(metrics), _intervals(scores, objective, True),
                       _objective(objective, metrics), names, len(names), cached=True)
@@ -135,7 +146,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     objective = objective_for(shared, scoring)
     est = estimator(shared, scoring, state)
     sub = scoring.select(shared.suite)
-    names = set_names(sub)
+    names = step_names(shared, scoring)
     hit = cached_update(shared, state, scoring)
     if hit is not None:
         yield hit
@@ -148,19 +159,26 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     metrics: dict[str, float] = {}
     scores: dict[str, SetScores] = {}
     done: list[str] = []
+    lmeval_s: dict[str, float] = {}
     with engine.lease(state, priority=priority) as lease:
         t0 = time.perf_counter()
-        for name, set_metrics, set_scores in scoring.stream(lease.model, shared.tokenizer, shared.suite,
-                                                            should_stop=stop):
-            metrics.update(set_metrics)
-            scores[set_scores.key] = set_scores
-            done.append(name if set_scores.kind == "loss" or name not in sub.texts else f"{name} (QA)")
+        sets = ((name if sc.kind == "loss" or name not in sub.texts else f"{name} (QA)", m, sc) for name, m, sc
+                in scoring.stream(lease.model, shared.tokenizer, shared.suite, should_stop=stop))
+        tasks = ((key, {key: value}, secs) for key, value, secs
+                 in scoring.score_lmeval(lease.model, shared.tokenizer, should_stop=stop))
+        for name, step_metrics, extra in itertools.chain(sets, tasks):
+            metrics.update(step_metrics)
+            if isinstance(extra, float):
+                lmeval_s[name] = extra
+            else:
+                scores[extra.key] = extra
+            done.append(name)
             complete = len(done) == len(names)
             if complete or stop():
                 break
             yield TuneUpdate("partial", state, _shown(metrics), _intervals(scores, objective, False), None, list(done),
                              len(names), estimate=guess if guess.available else None, merge_s=lease.merge_s,
-                             score_s=time.perf_counter() - t0, waited_s=lease.waited_s)
+                             score_s=time.perf_counter() - t0, waited_s=lease.waited_s, lmeval_s=dict(lmeval_s))
         score_s = time.perf_counter() - t0
     if len(done) < len(names):
         yield TuneUpdate("cancelled", state, _shown(metrics), {}, None, done, len(names), merge_s=lease.merge_s,
@@ -172,7 +190,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     est.add(coordinates(shared, state), shown, intervals=intervals, shown=guess if guess.available else None)
     yield TuneUpdate("final", state, shown, intervals, _objective(objective, shown), done, len(names),
                      estimate=guess if guess.available else None, merge_s=lease.merge_s, score_s=score_s,
-                     waited_s=lease.waited_s)
+                     waited_s=lease.waited_s, lmeval_s=lmeval_s)
 
 
 def last_update(updates: Iterator[TuneUpdate]) -> TuneUpdate | None:

@@ -6,18 +6,22 @@
     ws.build_demo_pool(quick=True)           # CPT runs + vectors of the embedded world (minutes)
     shared = ws.pool()                       # SharedPool: base model, tokenizer, vectors, dev suite
     ws.add_vector("cpt/legal")               # checkpoint dir (extracted) or vector file, inside the workdir
+    ws.add_eval("legal", "data/legal_dev.jsonl")  # one more dev set of the suite (Tune scores it too)
 
 The pool is described by ``<workdir>/workbench.json`` (``base``, ``vectors``, ``instruction``,
-``eval``); without one, a directory holding ``vectors/*.safetensors`` (the layout ``optimer demo``
-writes) is read as a pool over ``assets/base`` with ``vectors/instruct.safetensors`` as the
-instruction vector. A :class:`SharedPool` is an immutable snapshot: changing the pool makes a new
-one, and sessions still holding the old one keep working with it.
+``eval``). ``eval`` lists the dev sets: embedded corpus names and ``NAME=PATH`` user files (a relative PATH is
+relative to the workdir); absent, every embedded corpus is one. A non-empty list *replaces* that default, so
+:meth:`Workspace.add_eval` writes the default names into it before adding a file. Without a manifest, a
+directory holding ``vectors/*.safetensors`` (the layout ``optimer demo`` writes) is read as a pool over
+``assets/base`` with ``vectors/instruct.safetensors`` as the instruction vector. A :class:`SharedPool` is an
+immutable snapshot: changing the pool makes a new one, and sessions still holding the old one keep working with it.
 
 Every path a user types is resolved against the workdir and refused if it leaves it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -37,11 +41,12 @@ from optimer_lib.checkpoints.vectors import (
 )
 from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
 from optimer_lib.engine import MergeEngine
-from optimer_lib.errors import OptimerError, VectorError
+from optimer_lib.errors import ConfigError, DataError, OptimerError, VectorError
 from optimer_lib.merging.pool import load_checked
 from optimer_lib.scoring.evaluate import EvalSuite
 
 MANIFEST = "workbench.json"
+CORPUS_SUFFIXES = (".txt", ".jsonl")  # a dev corpus file, optionally compressed (.gz, .xz): optimer_lib.data
 
 
 class WorkbenchError(OptimerError):
@@ -204,14 +209,66 @@ class Workspace:
             return self._pool
 
     def _suite_for(self, eval_names: Sequence[str] | None) -> EvalSuite:
-        if self._suite is not None:
-            return self._suite
-        names = list(eval_names or embedded_corpora())
-        if not names:
-            raise WorkbenchError("no dev data: the embedded corpora are missing (build them with python -m "
-                                 "optimer_lib.assets build --out DIR, then set OPTIMER_ASSETS=DIR) and workbench.json "
-                                 "names no 'eval' corpora (NAME=PATH)")
-        return load_eval_suite(names, "dev")
+        """The dev suite: ``eval``'s corpora (every embedded one without it), plus its ``NAME=PATH`` user files
+        (also on top of a ``suite`` given to the constructor)."""
+        items = [str(i) for i in eval_names or []]
+        files = [i for i in items if "=" in i]
+        names = [i for i in items if "=" not in i] if items else embedded_corpora()
+        try:
+            if self._suite is not None:
+                base = self._suite
+            elif names:
+                base = load_eval_suite(names, "dev")
+            elif files:
+                base = EvalSuite()
+            else:
+                raise WorkbenchError("no dev data: the embedded corpora are missing (build them with python -m "
+                                     "optimer_lib.assets build --out DIR, then set OPTIMER_ASSETS=DIR) and "
+                                     "workbench.json names no 'eval' corpora (NAME=PATH)")
+            user = load_eval_suite([self._corpus_item(i) for i in files], "dev") if files else EvalSuite()
+        except (ConfigError, DataError) as exc:
+            raise WorkbenchError(f"{MANIFEST} 'eval': {exc}") from exc
+        return EvalSuite(texts={**base.texts, **user.texts}, qa={**base.qa, **user.qa}) if files else base
+
+    def _corpus_item(self, item: str) -> str:
+        name, _, path = item.partition("=")
+        return f"{name.strip()}={self._abs(path.strip())}"
+
+    def add_eval(self, name: str, user_path: str) -> SharedPool:
+        """Add the dev corpus ``NAME=PATH`` to the pool's suite (kept in workbench.json's ``eval``); the new pool.
+
+        PATH is a ``.txt`` (documents separated by blank lines) or ``.jsonl`` (a ``text`` field per line) file,
+        optionally ``.gz``/``.xz``, inside the workdir; its documents are read whole, as every split. It adds to the
+        current dev sets (a Tune scoring of every set scores it; a QA file, all ``Question: ...\nAnswer: X``,
+        also gives ``acc:NAME``). The models and the engine are kept: only the suite changes.
+        """
+        name = (name or "").strip()
+        if not name:
+            raise WorkbenchError("no name given: name the dev set, e.g. legal (it becomes the metric loss:legal)")
+        path = self.resolve(user_path)
+        kind = path.with_suffix("").suffix if path.suffix in (".gz", ".xz") else path.suffix
+        if kind not in CORPUS_SUFFIXES:
+            raise WorkbenchError(f"{user_path!r} is not a dev corpus: give a .txt or .jsonl file (optionally .gz or "
+                                 ".xz)")
+        if not path.is_file():
+            raise WorkbenchError(f"{user_path!r} does not exist in the workdir {self.workdir}")
+        with self._lock:
+            current = self.pool()
+            if name in current.suite.names():
+                raise WorkbenchError(f"the suite has a dev set {name!r} already: choose another name")
+            try:
+                extra = load_eval_suite([f"{name}={path}"], "dev")
+            except (ConfigError, DataError) as exc:
+                raise WorkbenchError(str(exc)) from exc
+            m = self.manifest() or {}
+            items = list(m.get("eval") or ([] if self._suite is not None else embedded_corpora()))
+            self.write_manifest(m.get("base") or current.base_dir, m.get("vectors") or [], m.get("instruction"),
+                                [*items, f"{name}={_rel(path, self.workdir)}"])
+            self._version += 1
+            suite = EvalSuite(texts={**current.suite.texts, **extra.texts}, qa={**current.suite.qa, **extra.qa})
+            self._pool = dataclasses.replace(current, suite=suite, version=self._version, estimators={},
+                                             lock=threading.RLock())
+            return self._pool
 
     def _open(self, m: dict[str, Any]) -> SharedPool:
         if not m.get("base"):

@@ -6,21 +6,34 @@
     for name, metrics, scores in cfg.stream(model, tokenizer, suite, should_stop=lambda: newer):
         ...                                                # each dev set as it finishes
     cfg.full()                                             # the same sets on every document ("confirm")
+    cfg = TuneScoring(lmeval=("tasks/arith_mc.yaml:acc_norm",))  # + an lm-eval task on the merged model (slow)
+    for key, value, seconds in cfg.score_lmeval(model, tokenizer): ...   # "lmeval:arith_mc:acc_norm", ...
 
 The cost counts tokens as :func:`optimer_lib.scoring.scorer.eval_tokens` does (the one place that knows what
 a scoring reads) and forward FLOPs as ≈ 2 × parameters × tokens, which is what exact scoring pays; a UI can
 divide by a measured FLOP/s to say how long a slider release takes.
+
+``lmeval`` terms (``SOURCE[:METRIC]`` as in :mod:`optimer_lib.scoring.lmeval`; the caller keeps task files
+where it trusts them) are scored after the dev sets, on the first ``docs`` documents of each task (all of them
+in :meth:`TuneScoring.full`), and reported as ``lmeval:TASK:METRIC``. lm-eval's requests are not counted in
+:meth:`TuneScoring.cost`: a UI shows their measured time instead.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optimer_lib.errors import ConfigError
+from optimer_lib.errors import ConfigError, DataError, MissingDependencyError
 from optimer_lib.scoring.evaluate import EvalSuite, SetResult, StopCheck, stream_suite
 from optimer_lib.scoring.scorer import eval_tokens
+
+if TYPE_CHECKING:
+    from optimer_lib.scoring.lmeval import LMEvalTerm
+
+_scorer: Any = None  # one LMEvalScorer per process (it keeps the HFLM wrapper of the last model it scored)
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,8 @@ class ScoringCost:
 class TuneScoring:
     """What a Tune move scores: ``docs`` documents of each text set and ``qa_items`` items of each QA set in
     ``sets`` (None: every set of the suite; ``docs``/``qa_items`` None: all of them), ``seq_len`` tokens per
-    document at most, ``batch_size`` sequences per forward, ``max_new_tokens`` generated per QA answer."""
+    document at most, ``batch_size`` sequences per forward, ``max_new_tokens`` generated per QA answer;
+    ``lmeval``: lm-eval terms ``SOURCE[:METRIC]`` scored after the sets (see the module docstring)."""
 
     sets: tuple[str, ...] | None = None
     docs: int | None = 8
@@ -50,10 +64,13 @@ class TuneScoring:
     seq_len: int = 128
     batch_size: int = 16
     max_new_tokens: int = 8
+    lmeval: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sets is not None and not isinstance(self.sets, tuple):
             object.__setattr__(self, "sets", tuple([self.sets] if isinstance(self.sets, str) else self.sets))
+        if not isinstance(self.lmeval, tuple):
+            object.__setattr__(self, "lmeval", tuple([self.lmeval] if isinstance(self.lmeval, str) else self.lmeval))
 
     def check(self, suite: EvalSuite | None = None) -> TuneScoring:
         """Raise one ConfigError listing every problem (with ``suite``: also unknown or empty sets); else self."""
@@ -79,9 +96,39 @@ class TuneScoring:
                 problems.append("the suite has no dev sets to score")
             if empty:
                 problems.append(f"dev sets with nothing to score: {', '.join(empty)}; leave them out of sets")
+        if self.lmeval:
+            try:
+                keys = [t.key for t in self.lmeval_terms()]
+            except (ConfigError, DataError, MissingDependencyError) as exc:
+                problems.append(str(exc))
+            else:
+                if len(set(keys)) < len(keys):
+                    problems.append(f"lm-eval terms name the same task metric twice: {', '.join(keys)}")
         if problems:
             raise ConfigError("bad Tune scoring set: " + "; ".join(problems))
         return self
+
+    def lmeval_terms(self) -> list[LMEvalTerm]:
+        """The lm-eval terms, tasks loaded (once per process), each ``key``-ed ``lmeval:TASK:METRIC``."""
+        from optimer_lib.scoring.lmeval import PREFIX, parse_term
+
+        terms = [parse_term(t.removeprefix(PREFIX + ":")) for t in self.lmeval]
+        return [replace(t, key=f"{PREFIX}:{t.task.name}:{t.metric}") for t in terms]
+
+    def score_lmeval(self, model: Any, tokenizer: Any, *,
+                     should_stop: StopCheck | None = None) -> Iterator[tuple[str, float, float]]:
+        """``(key, value, seconds)`` per lm-eval term on ``model``, on the first ``docs`` documents of each task."""
+        global _scorer
+        from optimer_lib.scoring.lmeval import LMEvalScorer, pick_metric
+
+        if _scorer is None:
+            _scorer = LMEvalScorer()
+        for term in self.lmeval_terms():
+            if should_stop is not None and should_stop():
+                return
+            t0 = time.perf_counter()
+            got = _scorer.evaluate(term.task, model, tokenizer, limit=self.docs, batch_size=self.batch_size)
+            yield term.key, pick_metric(got, term.metric, term.task.name), time.perf_counter() - t0
 
     def select(self, suite: EvalSuite) -> EvalSuite:
         """The part of ``suite`` this scoring reads (all of each chosen set; limits apply when scoring)."""

@@ -77,6 +77,14 @@ class PoolTab:
                                        elem_id="pool-add-path")
                 self.name = gr.Textbox(label="name (checkpoints only; default: the folder name)")
                 self.add = gr.Button("Add", elem_id="pool-add")
+        with gr.Accordion("add a dev corpus (scored in Tune)", open=False):
+            gr.Markdown("Your own dev data as one more dev set of the suite: a `.txt` file (documents separated by "
+                        "blank lines) or `.jsonl` (a `text` field per line), optionally `.gz`/`.xz`, inside the "
+                        "workdir. It is kept in `workbench.json` (`eval`) and scored as `loss:NAME` in Tune.")
+            with gr.Row():
+                self.eval_name = gr.Textbox(label="name", placeholder="legal", elem_id="pool-eval-name")
+                self.eval_path = gr.Textbox(label="path", placeholder="data/legal_dev.jsonl", elem_id="pool-eval-path")
+                self.add_eval = gr.Button("Add dev corpus", elem_id="pool-eval-add")
         with gr.Accordion("choose base, vectors and instruction vector", open=False):
             with gr.Row():
                 self.base = gr.Dropdown([], label="base checkpoint")
@@ -93,6 +101,15 @@ class PoolTab:
         except Exception as exc:
             return error_md(exc)
         return f"added; the pool is now {', '.join(shared.names)}"
+
+    def on_add_eval(self, session: Session, name: str, path: str) -> str:
+        try:
+            shared = self.ctx.workspace.add_eval(name, path)
+            session.use_pool(shared)
+        except Exception as exc:
+            return error_md(exc)
+        sets = shared.suite.names()
+        return f"added dev set **{html.escape(name.strip())}**; the suite is now {', '.join(sets)}"
 
     def on_open(self, session: Session, base: str | None, instruction: str | None, vectors: list[str]) -> str:
         try:

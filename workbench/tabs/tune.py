@@ -109,6 +109,9 @@ class TuneTab:
                         self.seq_len = gr.Number(128, label="tokens per document", precision=0, minimum=2,
                                                  elem_id="tune-seq-len")
                         self.batch = gr.Number(16, label="batch size", precision=0, minimum=1, elem_id="tune-batch")
+                    self.lmeval = gr.Textbox(label="lm-eval tasks after the dev sets (optional, slow; comma-separated)",
+                                             placeholder="tasks/arith_mc.yaml:acc_norm  or  a task shipped with "
+                                             "lm-eval", elem_id="tune-lmeval")
                     self.apply_scoring = gr.Button("use this scoring set", size="sm", elem_id="tune-scoring-apply")
                     self.cost = gr.Markdown(elem_id="tune-cost")
                 self.confirm = gr.Button("confirm: score every dev document", size="sm", elem_id="tune-confirm")
@@ -141,7 +144,8 @@ class TuneTab:
                            [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
         self.confirm.click(self.on_confirm, [ctx.state], [self.chart, self.status], show_progress="hidden",
                            concurrency_limit=None)
-        self.apply_scoring.click(self.on_scoring, [ctx.state, self.sets, self.docs, self.seq_len, self.batch],
+        self.apply_scoring.click(self.on_scoring, [ctx.state, self.sets, self.docs, self.seq_len, self.batch,
+                                                   self.lmeval],
                                  [self.cost, self.chart, self.status], show_progress="hidden", concurrency_limit=None)
         for button, name in ((self.zeros, "zeros"), (self.average, "average"), (self.best, "best")):
             button.click(self._preset_fn(name), [ctx.state, self.instruction], self.outputs,
@@ -182,6 +186,7 @@ class TuneTab:
             merge_s, score_s = (u.merge_s, u.score_s) if u else (r.merge_s, r.score_s)
             status = (f"release → chart **{total * 1000:.0f} ms**{cached} ({steps}; merge {merge_s * 1000:.0f} ms, "
                       f"score {score_s * 1000:.0f} ms)")
+            status += "".join(f" · {k} {v:.2f} s" for k, v in (u.lmeval_s if u else r.lmeval_s).items())
             status += _fmt_interval(u) if u else (f" · objective (balanced) **{r.objective:.4f}**"
                                                   if r.objective is not None else "")
             print(f"[workbench] tune: {status.replace('**', '')}", flush=True)
@@ -345,9 +350,11 @@ class TuneTab:
         except Exception as exc:
             return gr.update(), error_md(exc), gr.Timer(active=False)
 
-    def on_scoring(self, session: Session, sets: list[str], docs: float, seq_len: float, batch: float):
+    def on_scoring(self, session: Session, sets: list[str], docs: float, seq_len: float, batch: float,
+                   lmeval: str = ""):
         try:
-            sc = session.set_scoring(sets or None, int(docs), int(docs), int(seq_len), int(batch))
+            sc = session.set_scoring(sets or None, int(docs), int(docs), int(seq_len), int(batch),
+                                     lmeval=(lmeval or "").split(","))
             cost = f"one Tune score {session.scoring_cost(sc)}"
         except Exception as exc:
             yield error_md(exc), gr.update(), gr.update()
