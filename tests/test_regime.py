@@ -227,3 +227,39 @@ def test_findings_cli_writes_the_plot_only_where_told(tmp_path):
     with pytest.raises(ConfigError, match="no regime-map stages"):
         a.fn(a)
 
+
+
+def test_findings_regime_only_writes_the_section_with_a_relative_plot_link(tmp_path):
+    """``optimer findings --regime-only``: results holding the map alone (results/regime) render to the regime
+    section only, its plot linked relative to --out; results without regime stages are refused."""
+    import argparse
+    import json
+
+    from optimer_lib.experiments.cli_args import add_findings_parser
+
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "config.json").write_text(json.dumps({"seeds": [0, 1, 2]}))
+    for s, stages in _per_seed().items():
+        (res / f"seed-{s}" / "stages").mkdir(parents=True)
+        for name, v in stages.items():
+            if name != "optimer":  # the map alone: no main-set stage
+                (res / f"seed-{s}" / "stages" / f"{name}.json").write_text(json.dumps(v))
+    parser = argparse.ArgumentParser()
+    add_findings_parser(parser.add_subparsers())
+    out, plot = tmp_path / "docs" / "REGIME.md", tmp_path / "plots" / "regime.svg"
+    a = parser.parse_args(["findings", "--results", str(res), "--out", str(out), "--regime-plot", str(plot),
+                           "--regime-only"])
+    a.fn(a)
+    text = out.read_text()
+    assert text.startswith("# The regime map (seeds 0, 1, 2)\n") and "Findings at our scale" not in text
+    assert "| 0.3 | 3,333 | 0.001 | 3 | 0.50 [" in text and "not measured" not in text
+    assert "![R against the CPT/base token ratio](../plots/regime.svg)" in text
+    assert "CPT lr 0.001: R 0.500" in plot.read_text()
+    empty = tmp_path / "empty"
+    (empty / "seed-0" / "stages").mkdir(parents=True)
+    (empty / "config.json").write_text(json.dumps({"seeds": [0]}))
+    a = parser.parse_args(["findings", "--results", str(empty), "--out", str(tmp_path / "x.md"), "--regime-only"])
+    with pytest.raises(ConfigError, match="no regime-map stages"):
+        a.fn(a)
+    assert not (tmp_path / "x.md").exists()

@@ -53,13 +53,18 @@ def add_findings_parser(sub: Any) -> None:
                    "but --regime-plot")
     p.add_argument("--regime-plot", type=Path, help="also write the regime map's plot (R against the CPT/base token "
                    "ratio, SVG) here, e.g. results/experiments/regime-map.svg")
+    p.add_argument("--regime-only", action="store_true", help="write only the regime map's section to --out (for "
+                   "results holding the regime map alone, e.g. results/regime); its plot link points at --regime-plot")
     p.set_defaults(fn=cmd_findings)
 
 
 def cmd_findings(a: argparse.Namespace) -> None:
-    from optimer_lib.experiments.findings_report import write_findings
+    from optimer_lib.experiments.findings_report import write_findings, write_regime_only
 
-    summary = write_findings(a.results, a.out)
+    if getattr(a, "regime_only", False):
+        summary = write_regime_only(a.results, a.out, plot=getattr(a, "regime_plot", None))
+    else:
+        summary = write_findings(a.results, a.out)
     print(f"wrote {a.out} from {a.results}")
     if getattr(a, "regime_plot", None):
         from optimer_lib.experiments.regime_report import write_plot

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import granularity as gr
 from optimer_lib.experiments import stats as st
 from optimer_lib.experiments.findings import CRITERIA, MIN_SEEDS, summarise_results
@@ -114,6 +115,25 @@ def to_json(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [to_json(v) for v in x]
     return x
+
+
+def write_regime_only(results: str | Path, out: str | Path, *, plot: str | Path | None = None) -> dict[str, Any]:
+    """Only the regime map's section of ``results`` (e.g. ``results/regime``, which holds the map alone) to ``out``,
+    linking ``plot`` relative to ``out``'s folder; ConfigError when ``results`` has no regime stages."""
+    import os
+
+    summary = summarise_results(results)
+    if not summary["regime"]:
+        raise ConfigError(f"{results} has no regime-map stages: run `optimer experiments --regime-map --results "
+                          f"{results}` first")
+    link = Path(os.path.relpath(Path(plot).resolve(), Path(out).resolve().parent)).as_posix() if plot else None
+    cmd = f"optimer findings --results {results} --out {out} --regime-only" + (f" --regime-plot {plot}" if plot else "")
+    seeds = ", ".join(map(str, summary["seeds_configured"]))
+    text = "\n".join([f"# The regime map (seeds {seeds})", "",
+                       f"Rendered from the committed JSONs in `{results}` by `{cmd}`.", "",
+                       *render_regime(summary["regime"], plot=link)])
+    atomic_write_text(Path(out), text.rstrip("\n") + "\n")
+    return to_json(summary)
 
 
 def write_findings(results: str | Path, *outs: str | Path, command: str | None = None) -> dict[str, Any]:
