@@ -53,6 +53,17 @@ def served(tmp_path, monkeypatch):
         d.close()
 
 
+
+def test_launch_survives_gradios_one_shot_localhost_check(served, monkeypatch):
+    """On a busy machine Gradio's single 3-second probe of its new server can time out and make launch() raise
+    "localhost is not accessible" although the server is up (seen in the parallel test run); launch asks again."""
+    import gradio.networking
+
+    monkeypatch.setattr(gradio.networking, "url_ok", lambda url: False)  # the probe times out
+    demo, url = served()
+    assert httpx.get(url + "/config", timeout=30).status_code == 200
+    assert demo.local_url.rstrip("/") == url
+
 def listening_addresses(port: int) -> list[str]:
     """The local addresses of the TCP sockets listening on ``port`` (Linux: /proc/net/tcp and tcp6)."""
     found = []

@@ -255,8 +255,32 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
     release_freed_memory()
     kwargs.setdefault("preload", True)  # a served app opens its pool before the first page asks for it
     demo = build_app(workdir, **kwargs)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
-                css=CSS, run_history=False, auth=auth,
-                auth_message="OptiMer Workbench: log in with the user and password it was started with" if auth
-                else None)
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+                    css=CSS, run_history=False, auth=auth,
+                    auth_message="OptiMer Workbench: log in with the user and password it was started with" if auth
+                    else None)
+    except ValueError as exc:
+        # Gradio gives its new server one 3-second HEAD request and calls localhost inaccessible when it times out,
+        # which happens on a busy machine although the server is up: ask again, patiently, before giving up.
+        if "localhost is not accessible" not in str(exc) or not _answers(demo.local_url):
+            raise
+        if block:
+            demo.block_thread()
     return demo
+
+
+def _answers(url: str | None, seconds: float = 60.0) -> bool:
+    """Whether the server at ``url`` answers any HTTP request within ``seconds``."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while url and time.monotonic() < deadline:
+        try:
+            httpx.head(url, timeout=10)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return False
