@@ -1,6 +1,7 @@
 """A user's own dev corpus and an lm-eval task as Tune scores, in a real browser (Debian chromium, fixtures of
 test_workbench_browser): the corpus is added on the Pool tab, the task in Tune's scoring set, and the Tune chart
-draws both with the numbers a fresh session computes for the same merge. Slow set (server and browser start)."""
+draws both with the numbers a fresh session computes for the same merge; removed again on the Pool tab, the corpus
+leaves the chart and the scoring set's dev sets. Slow set (server and browser start)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,25 @@ def test_a_corpus_added_in_the_pool_tab_and_an_lmeval_task_are_scored_in_tune(pa
     assert shown["legal"] == pytest.approx(ref.metrics["loss:legal"], rel=1e-5)  # 3 documents: all of them
     page.wait_for_selector("#tune-cost >> text=+ lm-eval tiny_ll")
     page.screenshot(path=str(ARTIFACTS / "workbench-tune-sources.png"), full_page=True)
+    wait_for(lambda: "legal" in page.locator("#tune-sets").inner_text(), what="legal among the dev sets")
+
+    page.get_by_role("tab", name="Pool").click()
+    page.locator("#pool-eval-remove").click()
+    page.wait_for_selector("#pool-status >> text=choose an added dev corpus to remove")
+    page.locator("#pool-eval-added input").click()
+    page.get_by_role("option", name="legal", exact=True).click()
+    page.locator("#pool-eval-remove").click()
+    page.wait_for_selector("#pool-status >> text=removed dev set legal")
+    assert json.loads((root / "workbench.json").read_text())["eval"] is None  # as before the corpus was added
+    after = Session(Workspace(root, suite=SUITE), tune_limit=3, qa_limit=2)
+    after.set_scoring(docs=8, qa_items=8, seq_len=128, batch_size=16)  # the tab's scoring set, without lm-eval
+    ref = after.apply({"ja": 0.6})
+    page.get_by_role("tab", name="Tune").click()
+    wait_for(lambda: page.locator("#tune-sets").inner_text().split("\n")[1:] == ["en", "ja", "math"],
+             what="the dev sets without legal (the refresh after the removal)")
+    box.fill("0.6")
+    box.press("Tab")
+    shown = wait_for(lambda: (v := current_values(page)).get("ja") and abs(v["ja"] - ref.metrics["loss:ja"])
+                     <= 1e-5 * v["ja"] and v, what="bars of the merge at ja = 0.6")
+    assert "legal" not in shown and sorted(shown) == ["en", "ja", "math", "tiny_ll:perplexity"]
+    assert shown["en"] == pytest.approx(ref.metrics["loss:en"], rel=1e-5)

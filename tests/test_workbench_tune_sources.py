@@ -17,6 +17,8 @@ from optimer_lib.data import embedded_corpora
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
 from workbench.figures import tune_chart
 from workbench.session import Session
+from workbench.tabs.pool import drop_scored_set
+from workbench.tabs.tune import dev_sets_update
 from workbench.workspace import MANIFEST, WorkbenchError, Workspace
 
 LEGAL = ["the court finds for the plaintiff", "the contract is void", "a lease of land for ten years",
@@ -75,9 +77,49 @@ def test_added_corpora_keep_the_embedded_sets_and_old_manifests_replace_them(tmp
     assert manifest_eval(root) == [*embedded, "legal=data/legal.jsonl.gz", "notes=data/notes.txt"]
     assert suite.names() == [*embedded, "legal", "notes"]
     assert suite.texts["notes"] == ["first note\nstill the first", "second note", "third note"]
+    assert ws.remove_eval("legal").suite.names() == [*embedded, "notes"]
+    assert manifest_eval(root) == [*embedded, "notes=data/notes.txt"]
+    assert ws.remove_eval("notes").suite.names() == embedded and manifest_eval(root) is None  # the default again
     m = ws.manifest()  # an older manifest naming only a file: that file is the whole suite, as before
     ws.write_manifest(m["base"], m["vectors"], m["instruction"], ["legal=data/legal.jsonl.gz"])
-    assert Workspace(root).pool().suite.names() == ["legal"]
+    old = Workspace(root)
+    assert old.pool().suite.names() == ["legal"] and old.user_evals() == {"legal": "data/legal.jsonl.gz"}
+    assert old.remove_eval("legal").suite.names() == embedded and manifest_eval(root) is None  # not an empty suite
+
+
+def test_a_removed_corpus_leaves_the_suite_the_manifest_and_tune(tmp_path):
+    root = tiny_workdir(tmp_path / "wd")
+    write_corpus(root / "data" / "legal.jsonl", LEGAL)
+    ws = Workspace(root, suite=SUITE)
+    s = Session(ws, tune_limit=3, qa_limit=2)
+    engine = ws.pool().engine
+    s.use_pool(ws.add_eval("legal", "data/legal.jsonl"))
+    s.set_scoring(["ja", "legal"], docs=3, qa_items=2)
+    before = s.apply({"ja": 0.5})
+    assert sorted(before.metrics) == ["loss:ja", "loss:legal"] and ws.user_evals() == {"legal": "data/legal.jsonl"}
+    shared = ws.remove_eval("legal")
+    s.use_pool(shared)
+    drop_scored_set(s, "legal")  # what the Pool tab does for the session that removed it
+    assert shared.engine is engine and s.tune.weights == {"ja": 0.5, "math": 0.0}  # models and weights kept
+    assert shared.suite.names() == ["en", "ja", "math"] and manifest_eval(root) is None and ws.user_evals() == {}
+    assert s.scoring.sets == ("ja",) and (root / "data" / "legal.jsonl").is_file()  # the file stays
+    shown = dev_sets_update(s, ["ja", "legal"])  # the Tune tab's dev-set boxes when its scoring set opens
+    assert (shown["choices"], shown["value"]) == (["en", "ja", "math"], ["ja"])
+    after = list(s.score_stream({"ja": 0.5}))[-1]
+    assert not after.cached and after.sets_done == ["ja"]  # scored afresh, on the suite without legal
+    assert after.metrics == {"loss:ja": pytest.approx(before.metrics["loss:ja"], rel=1e-6)}
+    assert Workspace(root, suite=SUITE).pool().suite.names() == ["en", "ja", "math"]  # as workbench.json says
+
+    s.use_pool(ws.add_eval("legal", "data/legal.jsonl"))
+    s.set_scoring(["legal"])
+    s.use_pool(ws.remove_eval("legal"))
+    drop_scored_set(s, "legal")
+    assert s.scoring.sets is None and s.scoring.docs == 8  # nothing named is left: every set, the rest kept
+    for name, words in {"ja": "'ja' is a built-in dev set", "legal": "no added dev corpus 'legal'",
+                        "": "the added ones are none"}.items():
+        with pytest.raises(WorkbenchError, match=words) as info:
+            ws.remove_eval(name)
+        assert "\n" not in str(info.value)
 
 
 def test_bad_dev_corpora_are_refused_in_one_line(tmp_path):

@@ -198,6 +198,8 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
         pool.add.click(pool.on_add, [state, pool.path, pool.name], pool.status).then(refresh_all, state, outputs)
         pool.add_eval.click(pool.on_add_eval, [state, pool.eval_name, pool.eval_path], pool.status).then(
             refresh_all, state, outputs)
+        pool.remove_eval.click(pool.on_remove_eval, [state, pool.eval_added], pool.status).then(
+            refresh_all, state, outputs)
         pool.open.click(pool.on_open, [state, pool.base, pool.instruction, pool.vectors], pool.status).then(
             refresh_all, state, outputs)
     demo.queue(default_concurrency_limit=4)

@@ -7,6 +7,7 @@
     shared = ws.pool()                       # SharedPool: base model, tokenizer, vectors, dev suite
     ws.add_vector("cpt/legal")               # checkpoint dir (extracted) or vector file, inside the workdir
     ws.add_eval("legal", "data/legal_dev.jsonl")  # one more dev set of the suite (Tune scores it too)
+    ws.remove_eval("legal")                  # and gone again (the file stays); ws.user_evals() lists the added ones
 
 The pool is described by ``<workdir>/workbench.json`` (``base``, ``vectors``, ``instruction``,
 ``eval``). ``eval`` lists the dev sets: embedded corpus names and ``NAME=PATH`` user files (a relative PATH is
@@ -266,6 +267,43 @@ class Workspace:
                                 [*items, f"{name}={_rel(path, self.workdir)}"])
             self._version += 1
             suite = EvalSuite(texts={**current.suite.texts, **extra.texts}, qa={**current.suite.qa, **extra.qa})
+            self._pool = dataclasses.replace(current, suite=suite, version=self._version, estimators={},
+                                             lock=threading.RLock())
+            return self._pool
+
+    def user_evals(self) -> dict[str, str]:
+        """The dev corpora added with :meth:`add_eval` (``eval``'s ``NAME=PATH`` entries): name -> path as stored."""
+        items = [str(i).partition("=") for i in (self.manifest() or {}).get("eval") or []]
+        return {name.strip(): path.strip() for name, sep, path in items if sep}
+
+    def remove_eval(self, name: str) -> SharedPool:
+        """Remove the dev corpus ``name`` added with :meth:`add_eval` from the suite and workbench.json; the new pool.
+
+        Only added corpora (``NAME=PATH`` entries) can go: the embedded dev sets are the pool's common yardstick
+        (leave them out of Tune's scoring set instead). The file stays where it is; models, engine and Tune weights
+        are kept. When only the embedded names :meth:`add_eval` wrote remain, ``eval`` is reset to the default.
+        """
+        name = (name or "").strip()
+        with self._lock:
+            current = self.pool()
+            added = self.user_evals()
+            if name not in added:
+                if name in current.suite.names():
+                    raise WorkbenchError(f"{name!r} is a built-in dev set, not an added corpus: untick it in Tune's "
+                                         "scoring set instead")
+                raise WorkbenchError(f"no added dev corpus {name!r}: the added ones are {', '.join(added) or 'none'}")
+            m = self.manifest() or {}
+            items = [str(i) for i in m.get("eval") or [] if str(i).partition("=")[0].strip() != name]
+            if self._suite is None and items == embedded_corpora():
+                items = []  # what add_eval wrote to keep the default: the default again
+            self.write_manifest(m.get("base") or current.base_dir, m.get("vectors") or [], m.get("instruction"),
+                                items)
+            self._version += 1
+            suite = current.suite
+            suite = EvalSuite(texts={k: v for k, v in suite.texts.items() if k != name},
+                              qa={k: v for k, v in suite.qa.items() if k != name})
+            if not (suite.texts or suite.qa):  # an older manifest's only file: no list means every embedded corpus
+                suite = self._suite_for(items)
             self._pool = dataclasses.replace(current, suite=suite, version=self._version, estimators={},
                                              lock=threading.RLock())
             return self._pool

@@ -1,5 +1,6 @@
 """Pool tab: the vectors (name, source, tokens, norm), their cosine heatmap, adding a vector from a
-checkpoint directory or vector file in the workdir, and choosing the base and the instruction vector.
+checkpoint directory or vector file in the workdir, adding or removing a dev corpus of your own (scored in Tune),
+and choosing the base and the instruction vector.
 The first-start panel that builds the embedded demo pool lives here too (:class:`SetupPanel`).
 """
 
@@ -26,6 +27,14 @@ def _label(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def drop_scored_set(session: Session, name: str) -> None:
+    """Leave the dev set ``name`` out of the session's Tune scoring set if it names it (none left: every set)."""
+    sc = session.scoring
+    if sc.sets and name in sc.sets:
+        rest = [s for s in sc.sets if s != name]
+        session.set_scoring(rest or None, sc.docs, sc.qa_items, sc.seq_len, sc.batch_size, lmeval=sc.lmeval)
 
 
 class SetupPanel:
@@ -80,11 +89,15 @@ class PoolTab:
         with gr.Accordion("add a dev corpus (scored in Tune)", open=False):
             gr.Markdown("Your own dev data as one more dev set of the suite: a `.txt` file (documents separated by "
                         "blank lines) or `.jsonl` (a `text` field per line), optionally `.gz`/`.xz`, inside the "
-                        "workdir. It is kept in `workbench.json` (`eval`) and scored as `loss:NAME` in Tune.")
+                        "workdir. It is kept in `workbench.json` (`eval`) and scored as `loss:NAME` in Tune; "
+                        "removing an added one takes it out of both (the file stays).")
             with gr.Row():
                 self.eval_name = gr.Textbox(label="name", placeholder="legal", elem_id="pool-eval-name")
                 self.eval_path = gr.Textbox(label="path", placeholder="data/legal_dev.jsonl", elem_id="pool-eval-path")
                 self.add_eval = gr.Button("Add dev corpus", elem_id="pool-eval-add")
+            with gr.Row():
+                self.eval_added = gr.Dropdown([], label="added dev corpus", elem_id="pool-eval-added")
+                self.remove_eval = gr.Button("Remove dev corpus", elem_id="pool-eval-remove")
         with gr.Accordion("choose base, vectors and instruction vector", open=False):
             with gr.Row():
                 self.base = gr.Dropdown([], label="base checkpoint")
@@ -92,7 +105,8 @@ class PoolTab:
             self.vectors = gr.CheckboxGroup([], label="distribution vectors")
             self.open = gr.Button("Open this pool", elem_id="pool-open")
         self.status = gr.Markdown(elem_id="pool-status")
-        self.outputs: list[Any] = [self.table, self.heatmap, self.base, self.instruction, self.vectors]
+        self.outputs: list[Any] = [self.table, self.heatmap, self.base, self.instruction, self.vectors,
+                                   self.eval_added]
 
     def on_add(self, session: Session, path: str, name: str) -> str:
         try:
@@ -111,6 +125,18 @@ class PoolTab:
         sets = shared.suite.names()
         return f"added dev set **{html.escape(name.strip())}**; the suite is now {', '.join(sets)}"
 
+    def on_remove_eval(self, session: Session, name: str | None) -> str:
+        try:
+            if not name:
+                raise ValueError("choose an added dev corpus to remove")
+            shared = self.ctx.workspace.remove_eval(name)
+            session.use_pool(shared)
+            drop_scored_set(session, name)
+        except Exception as exc:
+            return error_md(exc)
+        return (f"removed dev set **{html.escape(name)}** (its file stays); the suite is now "
+                f"{', '.join(shared.suite.names())}")
+
     def on_open(self, session: Session, base: str | None, instruction: str | None, vectors: list[str]) -> str:
         try:
             if not base:
@@ -127,14 +153,16 @@ class PoolTab:
         root = ws.workdir
         files = [(_label(p, root), str(p)) for p in ws.vector_files()]
         bases = [(_label(p, root), str(p)) for p in ws.base_candidates()]
+        added = gr.update(choices=list(ws.user_evals()), value=None)
         if not session.has_pool:
             return [pd.DataFrame(columns=COLUMNS), empty("no pool yet"), gr.update(choices=bases),
-                    gr.update(choices=files), gr.update(choices=files)]
+                    gr.update(choices=files), gr.update(choices=files), added]
         try:
             sh = session.shared
         except Exception as exc:
             return [pd.DataFrame({"error": [str(exc)]}), empty("the pool could not be opened"),
-                    gr.update(choices=bases), gr.update(choices=[(NONE, NONE), *files]), gr.update(choices=files)]
+                    gr.update(choices=bases), gr.update(choices=[(NONE, NONE), *files]), gr.update(choices=files),
+                    added]
         rows = pd.DataFrame(sh.vector_rows(), columns=COLUMNS)
         if not rows.empty:
             rows["file"] = [_label(Path(f), root) if f != "-" else f for f in rows["file"]]
@@ -143,4 +171,4 @@ class PoolTab:
         return [rows, cosine_heatmap(*sh.cosines()),
                 gr.update(choices=bases, value=str(sh.base_dir.resolve())),
                 gr.update(choices=[(NONE, NONE), *files], value=inst),
-                gr.update(choices=files, value=chosen)]
+                gr.update(choices=files, value=chosen), added]

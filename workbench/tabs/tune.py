@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import gradio as gr
@@ -72,6 +72,12 @@ def _fmt_interval(u: TuneUpdate) -> str:
     return f" · objective (balanced) **{u.objective:.4f}**{band}"
 
 
+def dev_sets_update(session: Session, ticked: Sequence[str] | None) -> dict[str, Any]:
+    """The scoring set's dev-set choices: the session pool's, with the ``ticked`` ones that are still there."""
+    names = session.shared.suite.names()
+    return gr.update(choices=names, value=[n for n in ticked or [] if n in names])
+
+
 class TuneTab:
     """Handles of the Tune tab; :meth:`show` turns weights into slider updates + chart + status."""
 
@@ -101,7 +107,7 @@ class TuneTab:
                     self.best = gr.Button("best of last search", size="sm", elem_id="preset-best")
                 with gr.Row():
                     self.method, self.params = method_controls("tune", scale=1)
-                with gr.Accordion("scoring set", open=False):
+                with gr.Accordion("scoring set", open=False) as scoring_box:
                     self.sets = gr.CheckboxGroup([], label="dev sets (none ticked: all)", elem_id="tune-sets")
                     with gr.Row():
                         self.docs = gr.Number(8, label="documents per set", precision=0, minimum=1,
@@ -143,6 +149,9 @@ class TuneTab:
         self.params.submit(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
                            [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
         self.confirm.click(self.on_confirm, [ctx.state], [self.chart, self.status], show_progress="hidden",
+                           concurrency_limit=None)
+        # a collapsed accordion drops updates: the dev sets (a corpus added or removed on the Pool tab) again on open
+        scoring_box.expand(self.on_scoring_open, [ctx.state, self.sets], [self.sets], show_progress="hidden",
                            concurrency_limit=None)
         self.apply_scoring.click(self.on_scoring, [ctx.state, self.sets, self.docs, self.seq_len, self.batch,
                                                    self.lmeval],
@@ -350,6 +359,12 @@ class TuneTab:
         except Exception as exc:
             return gr.update(), error_md(exc), gr.Timer(active=False)
 
+    def on_scoring_open(self, session: Session, ticked: list[str] | None) -> Any:
+        try:
+            return dev_sets_update(session, ticked)
+        except Exception:  # no pool yet: nothing to offer
+            return gr.update()
+
     def on_scoring(self, session: Session, sets: list[str], docs: float, seq_len: float, batch: float,
                    lmeval: str = ""):
         try:
@@ -400,7 +415,7 @@ class TuneTab:
                 session.prefetch()
                 fig = empty("scoring the current weights in the background: move a slider or press confirm")
                 status = f"one Tune score {session.scoring_cost()}"
-            sets = gr.update(choices=session.shared.suite.names(), value=list(session.scoring.sets or []))
+            sets = dev_sets_update(session, session.scoring.sets)
             cost = f"one Tune score {session.scoring_cost()}"
         except Exception as exc:
             return [*hidden, gr.update(), gr.update(), empty("the pool could not be opened"), error_md(exc)]
