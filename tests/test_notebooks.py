@@ -73,10 +73,11 @@ CHECKS = {
     "02_search": ["best α:", "rank  trial", "merge_method: task_arithmetic", "weight:"],
     "03_findings": ["off-diagonal cosine:", "evaluations in"],
     "04_bring_your_own_model": ["merge_method: task_arithmetic", "base_model:", "weight:"],
-    "05_arena": ["vote(s) stored so far", "votes:", "best α:", "Tune merge:", "merge_method: task_arithmetic"],
+    "05_arena": ["vote(s) stored so far", "votes:", "best α:", "best estimate:", "Tune merge:",
+                 "merge_method: task_arithmetic"],
 }
-# cells showing ipywidgets (sliders, chat, search runner, arena)
-WIDGETS = {"01_quickstart": 2, "02_search": 2, "05_arena": 2}
+# cells showing ipywidgets (sliders, chat, search runner, arena; 05 shows the arena twice)
+WIDGETS = {"01_quickstart": 2, "02_search": 2, "05_arena": 3}
 
 
 @pytest.mark.slow

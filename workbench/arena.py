@@ -1,4 +1,4 @@
-"""The arena behind the Chat tab's Arena mode and the notebook :class:`workbench.widgets.ArenaWidget`.
+"""The arena behind the Chat tab's Arena mode and the notebook :class:`workbench.arena_widget.ArenaWidget`.
 
     from workbench.arena import ArenaRun
     run = ArenaRun.open(session)                         # <workdir>/arena.db, study "arena" (created or resumed)

@@ -8,6 +8,7 @@
     runner = SearchRunner(session, trials=20); runner     # objective, sampler, trials, start/stop, live history
     runner.start(); runner.wait(); runner.best_weights    # headless: block until the search ends
     ChatCompare(session).ask("What is 12 + 35?")          # two replies, also shown in the panes
+    ArenaWidget(session)                                  # vote between two merges (workbench.arena_widget)
 
 Each component keeps its ipywidgets in attributes, shows itself when it is a cell's last value
 (``.widget`` is the container) and has methods doing what its buttons do, so notebooks executed
@@ -48,6 +49,12 @@ def redraw(target: go.FigureWidget, fig: go.Figure) -> None:
         target.data = ()
         target.layout = fig.layout
         target.add_traces(list(fig.data))
+
+
+def pane_html(history: Sequence[Message], head: str = "") -> str:
+    """One chat pane: ``head`` (HTML) above the conversation's turns in a scrolling box."""
+    turns = "".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}\n" for m in history)
+    return f"{head}<div style='{PANE_STYLE}'>{turns or '<i>no messages yet</i>'}</div>"
 
 
 def _error(exc: BaseException) -> str:
@@ -339,75 +346,14 @@ class ChatCompare(_Component):
 
     def _render(self, histories: Sequence[list[Message]] | None = None) -> None:
         for pane, hist in zip(self.panes, histories or self.histories, strict=True):
-            turns = "".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}\n" for m in hist)
-            pane.value = f"<div style='{PANE_STYLE}'>{turns or '<i>no messages yet</i>'}</div>"
+            pane.value = pane_html(hist)
 
 
-class ArenaWidget(_Component):
-    """The Chat tab's Arena in a notebook: two anonymous merges answer one prompt; vote; the next pair answers.
+def __getattr__(name: str) -> Any:
+    """``from workbench.widgets import ArenaWidget`` still works: the widget lives in :mod:`workbench.arena_widget`
+    (imported on first use: it needs the ``arena`` extra, and it imports this module)."""
+    if name == "ArenaWidget":
+        from workbench.arena_widget import ArenaWidget
 
-    :meth:`ask` sends a prompt to both (replies in ``panes``), :meth:`vote` ("left", "right", "tie") records a
-    vote in the arena study (``storage``/``study``: default ``arena.db`` in the workdir; resumed if it exists)
-    and asks the next pair the same prompt; :meth:`to_tune` makes the best estimate the session's Tune merge
-    (then ``session.export(name)`` writes it). Needs the ``arena`` extra.
-    """
-
-    def __init__(self, session: Session, *, storage: str | None = None, study: str = "arena", sampler: str = "gp",
-                 seed: int = 0, settings: GenSettings | None = None) -> None:
-        from workbench.arena import ArenaRun
-
-        self.session, self.settings = session, settings or GenSettings()
-        self.run = ArenaRun.open(session, storage, study, sampler, seed)
-        self.panes = [widgets.HTML(layout={"width": "50%"}) for _ in range(2)]
-        self.prompt = widgets.Text(placeholder="one prompt, answered by both", layout={"width": "60%"})
-        self.send_button = widgets.Button(description="ask both", button_style="primary")
-        self.send_button.on_click(lambda _b: self._guard(lambda: self.ask(self.prompt.value)))
-        self.vote_buttons = {c: widgets.Button(description=d) for c, d in
-                             (("left", "A is better"), ("tie", "tie"), ("right", "B is better"))}
-        for choice, button in self.vote_buttons.items():
-            button.on_click(lambda _b, c=choice: self._guard(lambda: self.vote(c)))
-        self.tune_button = widgets.Button(description="best to Tune")
-        self.tune_button.on_click(lambda _b: self._guard(self.to_tune))
-        self.best_label, self.status = widgets.HTML(), widgets.HTML()
-        self.widget = widgets.VBox([widgets.HBox(self.panes), widgets.HBox([self.prompt, self.send_button]),
-                                    widgets.HBox([*self.vote_buttons.values(), self.tune_button]),
-                                    self.best_label, self.status])
-        self._render()
-
-    @property
-    def best_weights(self) -> dict[str, float] | None:
-        """The arena's current best estimate (None before the first decisive vote)."""
-        return self.run.best_weights
-
-    def ask(self, prompt: str) -> list[str]:
-        """Both merges answer ``prompt`` (generated at the same time); returns the two replies (A, B)."""
-        if not (prompt or "").strip():
-            raise WorkbenchError("type a prompt first")
-        shown = 0.0
-        for hist in self.run.ask(self.session, prompt, self.settings):
-            if time.perf_counter() - shown > 0.2:
-                self._render(hist)
-                shown = time.perf_counter()
-        self._render()
-        return [h[-1]["content"] for h in self.run.histories]
-
-    def vote(self, choice: str) -> list[str]:
-        """Record ``choice`` on the pair shown; the next pair answers the last prompt; returns its replies."""
-        if not self.run.prompt:
-            raise WorkbenchError("ask both merges a prompt first")
-        self.run.vote(choice)
-        self.status.value = html.escape(f"vote recorded ({self.run.revealed})")
-        return self.ask(self.run.prompt)
-
-    def to_tune(self) -> TuneResult:
-        """Make the best estimate the session's Tune merge and score it."""
-        best = self.best_weights
-        if best is None:
-            raise WorkbenchError("no best merge yet: vote on a pair first")
-        return self.session.apply(best, self.run.instruction_weight)
-
-    def _render(self, histories: Sequence[list[Message]] | None = None) -> None:
-        for side, pane, hist in zip("AB", self.panes, histories or self.run.histories, strict=True):
-            turns = "".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}\n" for m in hist)
-            pane.value = f"<b>{side}</b><div style='{PANE_STYLE}'>{turns or '<i>no messages yet</i>'}</div>"
-        self.best_label.value = html.escape(self.run.summary()).replace("**", "")
+        return ArenaWidget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
