@@ -8,7 +8,7 @@
     s.apply(s.tune.weights, method="ties", params={"density": 0.2})    # any registered merge method
     with s.merged() as model: ...                                      # the Tune merge, lent for the block
     run = s.start_search(SearchSpec(trials=20))                        # background thread
-    for panes in s.chat("Hello", ["base", "Tune merge"]): ...          # streaming, pane by pane
+    for panes in s.chat("Hello", ["base", "Tune merge"]): ...          # streaming, all panes at once
     s.export("my-merge")                                               # HF dir + card + YAML, and a zip
     res = s.rerank("loss:ja=1,acc:math=2")                             # the watched study, from storage
     s.apply(s.reranked_best())                                         # its best stored trial into Tune
@@ -41,7 +41,7 @@ from optimer_lib.scoring.objectives import LMEVAL
 from optimer_lib.scoring.tune_config import TuneScoring
 from optimer_lib.scoring.uncertainty import Interval
 from optimer_lib.search.rerank import RerankResult
-from workbench.chatting import GenSettings, Message, stream_reply
+from workbench.chatting import GenSettings, Message, stream_many
 from workbench.searching import ParetoRun, SearchRun, best_params, checked_spec, load_study
 from workbench.session_studies import StudyMethods
 from workbench.tuning import TuneUpdate, cached_update, last_update, score_stream, tuning_key
@@ -383,9 +383,12 @@ class Session(StudyMethods):
 
     def chat(self, prompt: str, choices: Sequence[str], histories: Sequence[list[Message]] | None = None,
              settings: GenSettings | None = None) -> Iterator[list[list[Message]]]:
-        """Send ``prompt`` to every pane in turn; yields all panes' histories as replies stream in.
+        """Send ``prompt`` to every pane at once; yields all panes' histories as replies stream in.
 
-        Each pane's whole reply is generated on one engine lease (never a re-merge per token).
+        Panes of different merges generate in parallel (up to the engine's concurrency), panes of the same merge
+        in one batch with other sessions' replies to it (:mod:`optimer_lib.engine.batching`); each reply is
+        generated on one engine lease (never a re-merge per token). A failing pane says why and never stops the
+        others.
         """
         settings = settings or GenSettings()
         hist = [list(h) for h in (histories or [[] for _ in choices])]
@@ -396,15 +399,25 @@ class Session(StudyMethods):
             h.append({"role": "user", "content": prompt})
             h.append({"role": "assistant", "content": ""})
         yield hist
+        live: list[tuple[int, MergeState]] = []
         for i, choice in enumerate(choices):
             try:
-                state = self.pane_state(choice)
-                for text in stream_reply(self.shared.engine, state, hist[i][:-2], prompt, settings):
-                    hist[i][-1] = {"role": "assistant", "content": text}
-                    yield hist
+                live.append((i, self.pane_state(choice)))
             except Exception as exc:  # one failing pane must not hide the others
                 hist[i][-1] = {"role": "assistant", "content": f"[{type(exc).__name__}: {exc}]"}
+        if len(live) < len(choices):
+            yield hist
+        if not live:
+            return
+        replies = stream_many(self.shared.engine, [st for _, st in live], [hist[i][:-2] for i, _ in live], prompt,
+                              settings)
+        try:
+            for texts in replies:
+                for (i, _), text in zip(live, texts, strict=True):
+                    hist[i][-1] = {"role": "assistant", "content": text}
                 yield hist
+        finally:
+            replies.close()  # the reader left (a closed tab): every reply stops at its next token
 
     # -- export --------------------------------------------------------------------------------
     def export(self, name: str, overwrite: bool = False) -> ExportResult:

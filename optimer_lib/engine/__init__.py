@@ -6,6 +6,8 @@
         out = lease.model.generate(...)                       # nobody re-merges it until the block ends
     engine.run({"ja": 0.3, "code": 0.1}, score_fn, key="dev8")  # a job on the merged model, result cached
     merger = engine.merger(priority=SEARCH)                   # a Merger for run_search: one lease per trial
+    from optimer_lib.engine.batching import Sampling, batcher  # chat replies to one merge: one batched generate
+    reply = batcher(engine).submit(engine.state({}, 1.0), prompt_ids, Sampling(48, temperature=0.8, seed=1))
 
 Front ends (browser sessions, notebook widgets, searches, chat) hold weights and results, never models, so
 memory is base + slots x model whatever the number of users (see :mod:`optimer_lib.engine.engine`).

@@ -96,6 +96,7 @@ class EngineStats:
     bytes_base: int
     bytes_per_slot: int
     merges_by_slot: list[int] = field(default_factory=list)
+    leases: int = 0  # leases granted (each one job: a score, a trial, a batch of chat replies)
 
 
 def default_slots(device: torch.device) -> int:
@@ -164,7 +165,7 @@ class MergeEngine:
         self.preemptions = 0
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
-        self._merges = self._reused = self._hits = 0
+        self._merges = self._reused = self._hits = self._leases = 0
 
     @classmethod
     def open(cls, base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
@@ -208,7 +209,7 @@ class MergeEngine:
             per_slot = module_bytes(self._slots[0].model) if self._slots else module_bytes(self.base)
             return EngineStats(len(self._slots), self.max_slots, self._merges, self._reused, self._hits,
                                len(self._cache), len(self._waiting), module_bytes(self.base), per_slot,
-                               [s.merges for s in self._slots])
+                               [s.merges for s in self._slots], self._leases)
 
     # -- leases --------------------------------------------------------------------------------
     @contextmanager
@@ -290,7 +291,9 @@ class MergeEngine:
                 self._cond.wait()
             heapq.heappop(self._waiting)
             self._active += 1
-            if slot is not None:
+            if slot is None:  # a new lease (a preempted one taking its slot back is not counted again)
+                self._leases += 1
+            else:
                 self._busy.add(slot.index)
             self._cond.notify_all()  # the next waiter may fit too
             return time.perf_counter() - t0
