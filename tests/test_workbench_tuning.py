@@ -129,3 +129,36 @@ def test_a_search_says_what_it_costs_and_stops_at_its_time_budget(ws):
     assert "10 trials" in before and "time budget" not in before
     with pytest.raises(WorkbenchError, match="time budget works for single-objective"):
         s.start_pareto(SearchSpec(objectives=("loss:en", "loss:ja"), trials=4, time_budget="1m"))
+
+
+def test_sessions_waiting_for_the_same_merge_score_it_once(tmp_path, monkeypatch):
+    """Sessions opened together ask for the same (reference) merge at once: it is scored once, the others wait for
+    the lease and take the cached result."""
+    import threading
+    import time
+
+    from optimer_lib.scoring.tune_config import TuneScoring
+
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE, slots=1)
+    sessions = [Session(ws, tune_limit=4, qa_limit=2) for _ in range(3)]
+    engine = ws.pool().engine
+    scored, real = [], TuneScoring.stream
+
+    def counting(self, *a, **kw):
+        scored.append(1)  # on the first step: a scoring that really runs
+        yield from real(self, *a, **kw)
+
+    monkeypatch.setattr(TuneScoring, "stream", counting)
+    results = []
+    with engine.lease(engine.state({"ja": 0.9})):  # the only slot: every session queues behind it
+        threads = [threading.Thread(target=lambda s=s: results.append(s.apply({"ja": 0.3}))) for s in sessions]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while engine.stats().waiting < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats().waiting == 3
+    for t in threads:
+        t.join(60)
+    assert len(scored) == 1 and sorted(r.cached for r in results) == [False, True, True]
+    assert results[0].metrics == results[1].metrics == results[2].metrics

@@ -162,11 +162,14 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     lmeval_s: dict[str, float] = {}
     with engine.lease(state, priority=priority) as lease:
         t0 = time.perf_counter()
+        # Sessions opened together ask for the same reference bars at once: whoever waited for the lease while
+        # another scored this merge takes that result instead of scoring it again.
+        hit = cached_update(shared, state, scoring)
         sets = ((name if sc.kind == "loss" or name not in sub.texts else f"{name} (QA)", m, sc) for name, m, sc
                 in scoring.stream(lease.model, shared.tokenizer, shared.suite, should_stop=stop))
         tasks = ((key, {key: value}, secs) for key, value, secs
                  in scoring.score_lmeval(lease.model, shared.tokenizer, should_stop=stop))
-        for name, step_metrics, extra in itertools.chain(sets, tasks):
+        for name, step_metrics, extra in itertools.chain(sets, tasks) if hit is None else ():
             metrics.update(step_metrics)
             if isinstance(extra, float):
                 lmeval_s[name] = extra
@@ -180,13 +183,17 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
                              len(names), estimate=guess if guess.available else None, merge_s=lease.merge_s,
                              score_s=time.perf_counter() - t0, waited_s=lease.waited_s, lmeval_s=dict(lmeval_s))
         score_s = time.perf_counter() - t0
+        if hit is None and len(done) == len(names):  # cached before the lease ends, so its next holder finds it
+            engine.remember(state, key, (_shown(metrics), scores))
+    if hit is not None:
+        yield hit
+        return
     if len(done) < len(names):
         yield TuneUpdate("cancelled", state, _shown(metrics), {}, None, done, len(names), merge_s=lease.merge_s,
                          score_s=score_s, waited_s=lease.waited_s)
         return
     shown = _shown(metrics)
     intervals = _intervals(scores, objective, True)
-    engine.remember(state, key, (shown, scores))
     est.add(coordinates(shared, state), shown, intervals=intervals, shown=guess if guess.available else None)
     yield TuneUpdate("final", state, shown, intervals, _objective(objective, shown), done, len(names),
                      estimate=guess if guess.available else None, merge_s=lease.merge_s, score_s=score_s,
