@@ -125,18 +125,18 @@ def test_a_failing_or_abandoned_row_leaves_the_others(engine: MergeEngine, monke
     prompts = PROMPTS[:5]
     alone = _alone(engine, state, prompts, samplings)
     replies: list[Reply] = []
-    real, calls = sampling_mod.pick, {"n": 0}
+    real, calls = sampling_mod.draw, {"n": 0}
 
-    def pick(scores, s, generator):
+    def draw(probs, ids, s, generator):
         if s.seed == 13:
             raise RuntimeError("row 13 cannot sample")
         if s.seed == 11:
             calls["n"] += 1
             if calls["n"] == 3:
                 replies[0].cancel()  # its reader leaves mid-generation
-        return real(scores, s, generator)
+        return real(probs, ids, s, generator)
 
-    monkeypatch.setattr(sampling_mod, "pick", pick)
+    monkeypatch.setattr(sampling_mod, "draw", draw)
     replies += _batched(engine, state, prompts, samplings)
     gone = iter(replies[4])
     next(gone)
@@ -161,16 +161,16 @@ def test_a_batch_ends_when_its_last_row_is_done(engine: MergeEngine, monkeypatch
     that step when both left, at the second row's 6th token when only the first left (not one pass later)."""
     state = engine.state({}, 1.0)
     replies: list[Reply] = []
-    real, calls = sampling_mod.pick, {"n": 0}
+    real, calls = sampling_mod.draw, {"n": 0}
 
-    def pick(scores, s, generator):
+    def draw(probs, ids, s, generator):  # the first row's draws (the second is greedy)
         calls["n"] += 1
-        if calls["n"] == 5:  # calls 1-4: both rows' first two steps
+        if calls["n"] == 3:
             for i in leave:
                 replies[i].cancel()
-        return real(scores, s, generator)
+        return real(probs, ids, s, generator)
 
-    monkeypatch.setattr(sampling_mod, "pick", pick)
+    monkeypatch.setattr(sampling_mod, "draw", draw)
     forwards = _forwards(monkeypatch)
     replies += _batched(engine, state, PROMPTS[:2], [Sampling(40, 0.8, 0.95, seed=1), Sampling(6)])
     got = [_read(r)[1] for r in replies]
@@ -282,3 +282,24 @@ def test_a_slow_reader_of_several_replies_gets_merged_updates(engine: MergeEngin
     fast, slow = frames(0.0), frames(0.5)
     assert slow[-1] == fast[-1] and all(slow[-1])
     assert len(fast) >= 12 and len(slow) * 3 <= len(fast), (len(slow), len(fast))
+
+
+def test_row_sampling_is_transformers_temperature_top_k_top_p():
+    """Each row's candidate distribution equals transformers' own warpers on that row (temperature, top-k, top-p)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.randn(3, 8192, generator=torch.Generator().manual_seed(0)) * 3
+    rows = [Sampling(temperature=0.8, top_p=0.95), Sampling(temperature=1.5, top_p=0.5), Sampling(temperature=0.3)]
+    probs, ids = sampling_mod.candidates(scores, rows)
+    for i, s in enumerate(rows):
+        ref = TemperatureLogitsWarper(s.temperature)(None, scores[i:i + 1].clone())
+        ref = TopKLogitsWarper(s.top_k)(None, ref)
+        if s.top_p < 1:
+            ref = TopPLogitsWarper(s.top_p)(None, ref)
+        ref = ref.softmax(-1)[0]
+        torch.testing.assert_close(probs[i], ref[ids[i]], rtol=1e-5, atol=1e-7)
+        assert float(ref[ids[i]].sum()) == pytest.approx(1.0, abs=1e-6)  # no mass outside the candidates
+    kept = (probs > 0).sum(-1).tolist()
+    assert kept[2] == 50 and kept[0] < 50 and kept[1] < kept[0]  # top-p 0.5 keeps fewer than 0.95
+    g = torch.Generator().manual_seed(3)
+    assert sampling_mod.pick(scores[1], rows[1], g) in ids[1][probs[1] > 0].tolist()

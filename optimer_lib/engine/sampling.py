@@ -38,30 +38,45 @@ class Sampling:
         return self.temperature <= 0
 
 
-def pick(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """The token one row takes from its next-token ``scores`` (1-D): argmax when greedy, else one seeded draw.
+def candidates(scores: torch.Tensor, rows: Sequence[Sampling]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token probabilities over each row's top-k candidates after temperature and top-p, and the candidates'
+    token ids: ``(probs, ids)``, both ``[len(rows), k]`` (rows must share ``top_k``).
 
-    The draw is over the top-k candidates only (top-p applied to them): the same distribution as filtering the
-    whole vocabulary, at a fraction of the cost (sorting 50 scores, not 8192, for every row at every step).
+    The same distribution as filtering the whole vocabulary, at a fraction of the cost: top-p sorts k scores, not
+    the vocabulary. Every operation works row by row, so a row's result does not depend on the other rows.
     """
+    logits = scores.detach().to("cpu", torch.float32)
+    logits = logits / torch.tensor([s.temperature for s in rows])[:, None]
+    k = rows[0].top_k if 0 < rows[0].top_k < logits.shape[-1] else logits.shape[-1]
+    best, ids = torch.topk(logits, k)  # descending
+    top_p = torch.tensor([s.top_p for s in rows])[:, None]
+    # drop the least likely tokens whose total probability is at most 1 - top_p (transformers' rule); keep one
+    drop = best.flip(-1).softmax(-1).cumsum(-1).flip(-1) <= 1 - top_p
+    drop[:, 0] = False
+    return best.masked_fill(drop & (top_p < 1), -float("inf")).softmax(-1), ids
+
+
+def draw(probs: torch.Tensor, ids: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """One row's token: a draw from its candidates' ``probs`` with its own ``generator``."""
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+
+
+def pick(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """The token one row takes from its next-token ``scores`` (1-D): argmax when greedy, else one seeded draw
+    (what :class:`RowSampler` does for that row in any batch)."""
     if s.greedy or generator is None:
         return int(torch.argmax(scores))
-    logits = scores.detach().to("cpu", torch.float32) / s.temperature
-    k = s.top_k if 0 < s.top_k < logits.numel() else logits.numel()
-    best, index = torch.topk(logits, k)  # descending
-    if s.top_p < 1.0:  # drop the least likely tokens whose total probability is at most 1 - top_p; keep one
-        drop = best.flip(0).softmax(-1).cumsum(-1).flip(0) <= 1 - s.top_p
-        drop[0] = False
-        best = best.masked_fill(drop, -float("inf"))
-    return int(index[torch.multinomial(best.softmax(-1), 1, generator=generator)])
+    probs, ids = candidates(scores[None], [s])
+    return draw(probs[0], ids[0], s, generator)
 
 
 class RowSampler(LogitsProcessor):
     """Pick every row's next token by its own :class:`Sampling` and force it (see the module docstring).
 
     ``skip(i)``: row ``i`` is finished (its reader is gone, or it hit its own length or end-of-text): no draw,
-    the argmax stands in for a token nobody reads. ``on_error(i, exc)``: picking row ``i``'s token failed; that
-    row gets the argmax too (the caller ends it) and the other rows go on.
+    the argmax stands in for a token nobody reads. ``on_error(i, exc)``: drawing row ``i``'s token failed; that
+    row gets the argmax too (the caller ends it) and the other rows go on. Filtering runs on all sampled rows at
+    once (per top-k), the draws row by row, each from the row's own generator.
     """
 
     def __init__(self, rows: Sequence[Sampling], skip: Callable[[int], bool] | None = None,
@@ -72,17 +87,18 @@ class RowSampler(LogitsProcessor):
         self.on_error = on_error
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        forced = torch.full_like(scores, -float("inf"))
-        for i, (s, g) in enumerate(zip(self.rows, self.generators, strict=True)):
-            if self.skip(i):
-                tok = int(torch.argmax(scores[i]))
-            else:
+        tokens = scores.argmax(-1).tolist()  # greedy rows and finished ones
+        sampled = [i for i, s in enumerate(self.rows) if not s.greedy and not self.skip(i)]
+        for k in sorted({self.rows[i].top_k for i in sampled}):
+            group = [i for i in sampled if self.rows[i].top_k == k]
+            probs, ids = candidates(scores[group], [self.rows[i] for i in group])
+            for j, i in enumerate(group):
                 try:
-                    tok = pick(scores[i], s, g)
+                    tokens[i] = draw(probs[j], ids[j], self.rows[i], self.generators[i])
                 except Exception as exc:  # this row's failure, not the batch's
                     if self.on_error is None:
                         raise
                     self.on_error(i, exc)
-                    tok = int(torch.argmax(scores[i]))
-            forced[i, tok] = 0.0
+        forced = torch.full_like(scores, -float("inf"))
+        forced[torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
         return forced
