@@ -160,9 +160,13 @@ class ChatTab:
         if any(not c for c in choices):
             yield [*(gr.skip() for _ in range(PANES)), gr.skip(), "choose a model for every pane"]
             return
+        # hidden panes go back unchanged: a gr.skip() makes Gradio build a new Chatbot at every streamed update
+        hidden = [list(h or []) for h in rest[PANES + n:]]
+        shown = [*histories, *hidden]
         for hist in session.chat(prompt, choices, histories, settings):
-            yield [*hist, *(gr.skip() for _ in range(PANES - n)), "", "generating…"]
-        yield [*(gr.skip() for _ in range(PANES)), "", ""]
+            shown = [*hist, *hidden]
+            yield [*shown, "", "generating…"]
+        yield [*shown, "", ""]
 
     def on_chat_best(self, session: Session) -> list[Any]:
         tune, keep = self.ctx.tune, [gr.skip()] * 5
