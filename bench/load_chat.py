@@ -127,7 +127,8 @@ def client_loop(url: str, auth: tuple[str, str] | None, idx: int, start: threadi
     from gradio_client import Client
 
     try:
-        client = Client(url, auth=auth, verbose=False)
+        # connecting reads the config and API with httpx's 5 s default: too short for a server under load
+        client = Client(url, auth=auth, verbose=False, httpx_kwargs={"timeout": 120})
         endpoint, _ = chat_endpoint(client)
         t0 = time.perf_counter()
         client.predict(api_name="/refresh_all")  # the page-load event: fills this session's model menus
@@ -154,6 +155,7 @@ def client_loop(url: str, auth: tuple[str, str] | None, idx: int, start: threadi
                                 *models, [], [], [], [], api_name=endpoint)
             job.result(timeout=args.timeout)
             panes = _panes(job.outputs())
+            panes = panes[:args.panes] if panes else panes  # the hidden panes come back too, unchanged
             latency = time.perf_counter() - t0
             replies = [_text(h[-1]) if h and h[-1].get("role") == "assistant" else None for h in (panes or [])]
             bad = [r for r in replies if r is None or FAILED_PANE.match(r)]
