@@ -328,3 +328,19 @@ def test_chat_tab_streams_without_skips_for_hidden_panes(tmp_path: Path):
     final = frames[-1]
     assert [m["role"] for m in final[0]] == ["user", "assistant"]
     assert final[0][-1]["content"] and final[1][-1]["content"]
+
+
+def test_the_micro_benchmark_runs_and_compares_equal_replies(tmp_path: Path):
+    """bench/chat_batching.py on 4 requests of 6 tokens: both modes measured, the same replies, one batch a round."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import chat_batching
+
+    out = tmp_path / "cb.json"
+    res = chat_batching.main(["--requests", "4", "--repeats", "1", "--max-new-tokens", "6", "--window-ms", "500",
+                              "--json", str(out)])  # a long window: the 4 surely meet on a busy machine
+    assert json.loads(out.read_text()) == res
+    assert res["replies_equal"] == "4/4" and res["batches_per_round"] == 1.0 and res["largest_batch"] == 4
+    assert res["speedup"] == pytest.approx(res["one per lease"]["wall_s"] / res["batched"]["wall_s"], rel=0.02)
