@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
-from optimer_lib.cli import _ratio_spec
+from optimer_lib.cli_models import _ratio_spec
 from optimer_lib.errors import ConfigError, VectorError
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.search.specs import parse_bounds, parse_vector_spec

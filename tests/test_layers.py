@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = {"base": 0, "checkpoints": 1, "training": 2, "merging": 2, "scoring": 3, "search": 4, "engine": 4, "assets": 5,
-        "experiments": 6, "demo": 7, "workbench": 8, "cli_search": 9, "cli": 10, "__init__": 10}
+        "experiments": 6, "demo": 7, "workbench": 8, "cli_search": 9, "cli_models": 9.5, "cli": 10, "__init__": 10}
 BASE = ("errors", "fileio", "data")
 
 

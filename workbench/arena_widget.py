@@ -25,13 +25,13 @@ from optimer_lib.engine import MergeState
 from workbench.arena import ArenaRun, fmt_weights
 from workbench.chatting import GenSettings, Message, stream_reply
 from workbench.session import ExportResult, Session, TuneResult
-from workbench.widgets import _Component, pane_html
+from workbench.widget_parts import Component, pane_html
 from workbench.workspace import WorkbenchError
 
 NO_GGUF = "no"
 
 
-class ArenaWidget(_Component):
+class ArenaWidget(Component):
     """The Chat tab's Arena in a notebook: two anonymous merges answer one prompt; vote; the next pair answers.
 
     :meth:`ask` sends a prompt to both (replies in ``panes``), :meth:`vote` ("left", "right", "tie") records a

@@ -38,46 +38,11 @@ from workbench.chatting import GenSettings, Message
 from workbench.figures import HEIGHT, empty, tune_chart
 from workbench.searching import SearchRun, SearchSpec, load_study
 from workbench.session import BASE, BASE_IT, TUNE, Session, TuneResult
+from workbench.widget_parts import Component, pane_html, redraw
 from workbench.workspace import WorkbenchError
 
-PANE_STYLE = "border:1px solid #ddd;border-radius:4px;padding:6px;height:240px;overflow:auto;white-space:pre-wrap"
 
-
-def redraw(target: go.FigureWidget, fig: go.Figure) -> None:
-    """Replace the traces and layout of a live ``FigureWidget`` with those of ``fig``."""
-    with target.batch_update():
-        target.data = ()
-        target.layout = fig.layout
-        target.add_traces(list(fig.data))
-
-
-def pane_html(history: Sequence[Message], head: str = "") -> str:
-    """One chat pane: ``head`` (HTML) above the conversation's turns in a scrolling box."""
-    turns = "".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}\n" for m in history)
-    return f"{head}<div style='{PANE_STYLE}'>{turns or '<i>no messages yet</i>'}</div>"
-
-
-def _error(exc: BaseException) -> str:
-    return f"<span style='color:#b00020'>{html.escape(f'{type(exc).__name__}: {exc}')}</span>"
-
-
-class _Component:
-    """Shows ``self.widget`` when the component is a cell's last value; ``status`` shows callback errors."""
-
-    widget: widgets.Widget
-    status: widgets.HTML
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
-
-    def _guard(self, fn: Any) -> None:
-        try:
-            fn()
-        except Exception as exc:  # a widget callback has nowhere to raise to: show it
-            self.status.value = _error(exc)
-
-
-class WeightSliders(_Component):
+class WeightSliders(Component):
     """One slider per vector (+ the instruction weight) bound to the session's Tune merger.
 
     Releasing a slider (``continuous_update=False``) or setting ``sliders[name].value`` from code
@@ -181,7 +146,7 @@ def history_figure(trials: Sequence[Any], title: str = "objective per trial (low
     return fig
 
 
-class SearchRunner(_Component):
+class SearchRunner(Component):
     """Objective (preset, or a weighted/callable spec typed in ``custom``), sampler, trials, start and stop.
 
     :meth:`start` launches ``session.start_search`` (a background thread); ``figure`` redraws as
@@ -281,7 +246,7 @@ class SearchRunner(_Component):
                 self.status.value = html.escape(self.run.status()).replace("`", "")
 
 
-class ChatCompare(_Component):
+class ChatCompare(Component):
     """Two chat panes, each a model of the session (``session.pane_choices()``), one prompt to both.
 
     :meth:`ask` sends a prompt to both panes (streamed into them) and returns the two replies;
