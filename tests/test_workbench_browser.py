@@ -7,6 +7,7 @@ Screenshots go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,9 +238,14 @@ def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):
     src = tiny_workdir(tmp_path / "assets")
     monkeypatch.setenv("OPTIMER_ASSETS", str(src))  # its base/ plays assets/base
 
+    bar_seen = threading.Event()
+
     def fake_build_pool(cfg):
-        for _ in tqdm(range(10), desc="train ja"):  # the page shows this bar (gr.Progress(track_tqdm=True))
-            time.sleep(0.1)
+        # the page shows this bar (gr.Progress(track_tqdm=True)); it stays until the test has seen it (a fixed
+        # 1 s bar was missed by the page's polling on a loaded machine)
+        for _ in tqdm(range(600), desc="train ja"):
+            if bar_seen.wait(0.1):
+                break
         vecs = src / "vectors"
         return [vecs / "ja.safetensors", vecs / "math.safetensors"], vecs / "instruct.safetensors"
 
@@ -253,6 +259,7 @@ def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):
         pg.locator("#setup-build").click()
         pg.wait_for_selector("#setup-status >> text=train ja")  # the progress bar
         pg.screenshot(path=str(ARTIFACTS / "workbench-build.png"))
+        bar_seen.set()
         pg.wait_for_selector("#pool-table >> text=math")
         assert not pg.locator("#setup-build").is_visible()
         pg.get_by_role("tab", name="Tune").click()
