@@ -10,6 +10,7 @@ Benchmarks count "trials to reach" and "cost to reach" with the library's tested
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def emit_json(result: dict[str, Any], path: Path | None) -> None:
+    """Print a benchmark's result as JSON and, when ``path`` (``--json``) is given, also write it there."""
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    print(text)
+    if path:
+        path.write_text(text)
 
 
 def within(target: float, tol: float) -> float:

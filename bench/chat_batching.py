@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import emit_json
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg": [round(x, 1) for x in os.getloadavg()],
         "command": "python bench/chat_batching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    emit_json(result, args.json)
     return result
 
 

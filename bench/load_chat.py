@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -33,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import free_port
+from _common import emit_json, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hello! What can you do?", "Write a short poem about the sea.", "What is 12 + 35?",
@@ -254,9 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         "url": url if args.url else "started", "cpus": os.cpu_count(), "machine": platform.machine(),
         "command": "python bench/load_chat.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    emit_json(result, args.json)
     return result
 
 
