@@ -8,9 +8,11 @@ Unless ``--url`` is given it starts ``optimer workbench`` on ``--workdir`` (defa
 runs/wb-demo, runs/quick, runs/demo holding a pool; else the quick demo pool is built in runs/wb-demo,
 ~3-6 min of CPT on 2 cores) on a free port, and stops it at the end.
 
-Each client is its own browser-like session: it first runs the page-load event (``refresh_all``, which
-fills the chat model menus of that session, as a browser tab does; timed separately as *page load*),
-then, closed loop until the time is up, sends one prompt to the Chat tab with the UI's defaults (2 panes:
+Each client is its own browser-like session. Once every client has connected (gradio_client's handshake, which
+reads /config and the API description, timed as *connect*; a browser does not do it), all of them load the page
+at the same moment as a browser tab does: GET the page (HTML with the config and API description inline), then
+the page-load event (``refresh_all``, which fills the session's model menus); the two together are timed as
+*page load*. Then, closed loop until the time is up, sends one prompt to the Chat tab with the UI's defaults (2 panes:
 base + instruction and the Tune merge, 48 new tokens sampled at temperature 0.8) and waits for both
 streamed replies. A request counts as an error if the call fails or a pane ends empty or with an error
 message. Latency: from submit to the last streamed reply. Requests started before the deadline finish.
@@ -45,6 +47,7 @@ PROMPTS = ["Hello! What can you do?", "Write a short poem about the sea.", "What
 class Stats:
     latencies: list[float] = field(default_factory=list)
     page_loads: list[float] = field(default_factory=list)
+    connects: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     replies_chars: int = 0
     empty_replies: int = 0  # a tiny model may sample end-of-text first: an empty reply, not a failure
@@ -121,21 +124,30 @@ def _panes(outputs: list) -> list[list[dict]] | None:
     return None
 
 
-def client_loop(url: str, auth: tuple[str, str] | None, idx: int, start: threading.Barrier, deadline_box: list,
-                stats: Stats, args: argparse.Namespace) -> None:
+def client_loop(url: str, auth: tuple[str, str] | None, idx: int, barriers: tuple[threading.Barrier, ...],
+                deadline_box: list, stats: Stats, args: argparse.Namespace) -> None:
+    import httpx
     from gradio_client import Client
 
+    connected, start = barriers
     try:
+        t0 = time.perf_counter()
         # connecting reads the config and API with httpx's 5 s default: too short for a server under load
         client = Client(url, auth=auth, verbose=False, httpx_kwargs={"timeout": 120})
         endpoint, _ = chat_endpoint(client)
+        with stats.lock:
+            stats.connects.append(time.perf_counter() - t0)
+        connected.wait(timeout=900)  # every page loads at once
         t0 = time.perf_counter()
+        page = httpx.get(url, cookies=getattr(client, "cookies", None), timeout=120)  # the page, as a browser gets it
+        page.raise_for_status()
         client.predict(api_name="/refresh_all")  # the page-load event: fills this session's model menus
         with stats.lock:
             stats.page_loads.append(time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - every failure is a result here
         with stats.lock:
             stats.errors.append(f"client {idx} setup: {type(exc).__name__}: {exc}")
+        connected.abort()
         start.abort()
         return
     try:
@@ -212,8 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"workbench on {url} (workdir {workdir}) up in {time.perf_counter() - t0:.1f} s", flush=True)
     stats = Stats()
     deadline_box = [0.0]
-    start = threading.Barrier(clients + 1)
-    threads = [threading.Thread(target=client_loop, args=(url, auth, i, start, deadline_box, stats, args),
+    barriers = threading.Barrier(clients), threading.Barrier(clients + 1)  # all connected; all loaded the page
+    start = barriers[1]
+    threads = [threading.Thread(target=client_loop, args=(url, auth, i, barriers, deadline_box, stats, args),
                                 daemon=True) for i in range(clients)]
     try:
         t_setup = time.perf_counter()
@@ -249,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "empty_replies": stats.empty_replies,
         "page_load_p50_s": round(percentile(stats.page_loads, 0.5), 2),
         "page_load_max_s": round(max(stats.page_loads), 2) if stats.page_loads else None,
+        "connect_p50_s": round(percentile(stats.connects, 0.5), 2),
         "panes": args.panes, "max_new_tokens": args.max_new_tokens, "workdir": str(workdir or "-"),
         "url": url if args.url else "started", "cpus": os.cpu_count(), "machine": platform.machine(),
         "command": "python bench/load_chat.py " + " ".join(argv if argv is not None else sys.argv[1:]),

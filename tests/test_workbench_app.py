@@ -105,3 +105,21 @@ def test_freed_memory_goes_back_to_the_os_on_glibc():
     kept = {mode: int(subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
                                      check=True).stdout) for mode in ("default", "fixed")}
     assert kept["fixed"] < 32 and kept["default"] > kept["fixed"] + 50, kept
+
+
+def test_only_the_chat_and_page_load_are_described_and_first_pages_find_norms_computed(tmp_path: Path):
+    """Gradio puts the API description in every page it serves: the ~140 UI events stay callable but undescribed,
+    and the preloaded pool has its norms and cosines ready before any page asks."""
+    from test_workbench_session import SUITE, tiny_workdir
+
+    root = tiny_workdir(tmp_path / "wd")
+    demo = app.build_app(root, suite=SUITE, preload=True)
+    described = set(demo.get_api_info()["named_endpoints"])
+    assert described == {f"/{name}" for name in app.PUBLIC_API}
+    hidden = [fn for fn in demo.fns.values() if fn.api_visibility == "undocumented"]
+    assert len(hidden) > 100 and all(fn.fn is not None for fn in hidden)  # still served (not "private")
+    chat = next(fn for fn in demo.fns.values() if fn.api_name == "chat")
+    assert chat.fn.__name__ == "on_send" and chat.api_visibility == "public"
+    session = next(b for b in demo.blocks.values() if isinstance(b, gr.State)).value()  # a new page's Session
+    pool = session.shared  # the pool build_app opened (one per workspace), before any page refreshed
+    assert pool._cos is not None and set(pool._norms) == {"ja", "math", "instruct"}

@@ -245,3 +245,30 @@ def test_build_demo_pool_opens_and_saves_the_pool(tmp_path: Path, monkeypatch):
     assert seen["tokens"] == optimer_lib.demo.DemoConfig.quick().cpt_tokens
     assert shared.names == ["ja", "math"] and shared.instruction.name == "instruct"
     assert ws.has_pool() and json.loads((tmp_path / "fresh" / "workbench.json").read_text())["instruction"]
+
+
+def test_norms_and_scoring_cost_are_computed_once_per_pool_and_suite(session: Session, monkeypatch):
+    """A page load shows both: computing them per page made 20 simultaneous first pages take seconds."""
+    from optimer_lib.checkpoints.vectors import DistributionVector
+    from optimer_lib.scoring.tune_config import TuneScoring
+
+    calls = {"norm": 0, "tokens": 0}
+    norm, tokens = DistributionVector.norm, TuneScoring.tokens
+    monkeypatch.setattr(DistributionVector, "norm", lambda v: calls.__setitem__("norm", calls["norm"] + 1) or norm(v))
+    monkeypatch.setattr(TuneScoring, "tokens",
+                        lambda sc, *a, **k: calls.__setitem__("tokens", calls["tokens"] + 1) or tokens(sc, *a, **k))
+    sh = session.shared
+    first = sh.vector_rows()
+    assert sh.vector_rows() == first and calls["norm"] == 3  # ja, math, instruct: once each
+    line = session.scoring_cost()
+    other = Session(session.workspace, tune_limit=3, qa_limit=2)
+    assert other.scoring_cost() == line and calls["tokens"] == 1  # the same set on the same suite: read once
+    session.set_scoring(docs=1, qa_items=1)
+    fewer = session.scoring_cost()
+    assert calls["tokens"] == 2 and fewer != line
+    extra = session.workspace.workdir / "legal.txt"
+    extra.write_text("a contract between the parties shall be binding\n" * 4)
+    session.workspace.add_eval("legal", extra)  # a new suite: the same scoring set reads more tokens
+    session.use_pool(session.workspace.pool())
+    other.use_pool(session.workspace.pool())
+    assert other.scoring_cost() != line and calls["tokens"] == 3

@@ -145,11 +145,12 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
     ``suite`` replaces the dev suite (default: every embedded corpus, dev split); ``tune_limit``/``qa_limit``
     are the documents / QA pairs per dev set scored on each Tune change; ``poll_s`` is the Search tab's
     refresh period; ``slots`` the merged models the pool's engine may hold (default 2 on CPU, 1 on a GPU);
-    ``preload`` opens the pool now, so the first page does not wait for the model to load.
+    ``preload`` opens the pool (and computes the vectors' norms and cosines) now, so the first page does not wait.
     """
     ws = Workspace(workdir, suite=suite, device=device, dtype=dtype, slots=slots)
     if preload and ws.has_pool():
-        ws.pool()
+        sh = ws.pool()
+        sh.cosines(), sh.vector_rows()  # every first page shows them: computed now, not by the first pages at once
     key = "optimer-wb-" + hashlib.sha1(str(ws.workdir).encode()).hexdigest()[:10]  # one per workdir
     secret = browser_secret(ws.workdir)
     with gr.Blocks(title="OptiMer Workbench", analytics_enabled=False) as demo:
@@ -202,8 +203,26 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             refresh_all, state, outputs)
         pool.open.click(pool.on_open, [state, pool.base, pool.instruction, pool.vectors], pool.status).then(
             refresh_all, state, outputs)
+        hide_internal_api(demo)  # before the context closes: the page config says so too
+    hide_internal_api(demo)  # and the State's initial-value event, which gradio adds as the context closes
     demo.queue(default_concurrency_limit=4)
     return demo
+
+
+# The endpoints gradio_client users see: the chat and the page-load refresh (bench/load_chat.py drives both).
+PUBLIC_API = ("chat", "refresh_all")
+
+
+def hide_internal_api(demo: gr.Blocks) -> None:
+    """Mark every event but :data:`PUBLIC_API` "undocumented" (still callable, not described).
+
+    Gradio embeds the API description in every page it serves and builds code snippets for each endpoint per
+    request: with the ~140 UI events public that was 1.7 MB of HTML and most of the server's time per page load.
+    Call inside the ``gr.Blocks`` context, before it closes (the page config is taken then), and after it.
+    """
+    for fn in demo.fns.values():
+        if fn.api_visibility == "public" and fn.api_name not in PUBLIC_API:
+            fn.api_visibility = "undocumented"
 
 
 def parse_auth(spec: str) -> tuple[str, str]:

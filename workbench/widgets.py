@@ -35,7 +35,7 @@ from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.samplers import SAMPLERS
 from optimer_lib.search.study import SearchResult
 from workbench.chatting import GenSettings, Message
-from workbench.figures import HEIGHT, empty, tune_chart
+from workbench.figures import HEIGHT, TEMPLATE, empty, tune_chart
 from workbench.searching import SearchRun, SearchSpec, load_study
 from workbench.session import BASE, BASE_IT, TUNE, Session, TuneResult
 from workbench.widget_parts import Component, pane_html, redraw
@@ -141,7 +141,7 @@ def history_figure(trials: Sequence[Any], title: str = "objective per trial (low
     best = [min(ys[: i + 1]) for i in range(len(ys))]
     fig = go.Figure([go.Scatter(x=xs, y=ys, mode="markers", name="trial"),
                      go.Scatter(x=xs, y=best, mode="lines", name="best so far", line={"shape": "hv"})])
-    fig.update_layout(title=title, height=HEIGHT, template="plotly_white", xaxis_title="trial",
+    fig.update_layout(title=title, height=HEIGHT, template=TEMPLATE, xaxis_title="trial",
                       yaxis_title="objective", margin={"l": 50, "r": 20, "t": 40, "b": 40})
     return fig
 

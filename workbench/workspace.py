@@ -72,6 +72,8 @@ class SharedPool:
     estimators: dict[tuple, Any] = field(default_factory=dict, repr=False)  # workbench.tuning, per scoring set
     _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
+    # scoring-cost lines by (scoring set, id(suite)); the suite is kept in the value so its id is not reused
+    costs: dict[tuple, tuple[EvalSuite, str]] = field(default_factory=dict, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -95,8 +97,10 @@ class SharedPool:
         for role, vecs in (("distribution", self.vectors), ("instruction", [self.instruction])):
             for v in vecs:
                 if v is not None:
-                    with self.lock:
-                        norm = self._norms.setdefault(v.name, v.norm())
+                    with self.lock:  # not setdefault(name, v.norm()): that computes the norm on every call
+                        if v.name not in self._norms:
+                            self._norms[v.name] = v.norm()
+                        norm = self._norms[v.name]
                     rows.append({"name": v.name, "role": role, "source": v.source or "-",
                                  "tokens": v.tokens_trained or "-", "norm": round(norm, 4),
                                  "file": str(v.path or "-")})

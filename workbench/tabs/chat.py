@@ -126,8 +126,8 @@ class ChatTab:
                                       self.columns, show_progress="hidden")]
         inputs = [ctx.state, self.prompt, self.n, self.max_new, self.max_prompt, self.temperature, self.top_p,
                   self.greedy, self.seed, *self.models, *self.bots]
-        for trigger in (self.send.click, self.prompt.submit):
-            self.changed.append(trigger(self.on_send, inputs, [*self.bots, self.prompt, self.status],
+        for trigger, api in ((self.send.click, "chat"), (self.prompt.submit, None)):  # "chat": the public API
+            self.changed.append(trigger(self.on_send, inputs, [*self.bots, self.prompt, self.status], api_name=api,
                                         concurrency_limit=None, show_progress="minimal"))
         self.changed.append(self.clear.click(lambda: [[] for _ in range(PANES)], None, self.bots,
                                              show_progress="hidden"))

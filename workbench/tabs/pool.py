@@ -71,6 +71,7 @@ class PoolTab:
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
+        self._cosine: tuple[Any, Any] | None = None  # (pool, its heat-map): the same for every page of a pool
         root = ctx.workspace.workdir
         with gr.Row():
             with gr.Column(scale=3):
@@ -168,7 +169,9 @@ class PoolTab:
             rows["file"] = [_label(Path(f), root) if f != "-" else f for f in rows["file"]]
         chosen = [str(Path(v.path).resolve()) for v in sh.vectors if v.path]
         inst = str(Path(sh.instruction.path).resolve()) if sh.instruction and sh.instruction.path else NONE
-        return [rows, cosine_heatmap(*sh.cosines()),
+        if self._cosine is None or self._cosine[0] is not sh:
+            self._cosine = (sh, cosine_heatmap(*sh.cosines()))
+        return [rows, self._cosine[1],
                 gr.update(choices=bases, value=str(sh.base_dir.resolve())),
                 gr.update(choices=[(NONE, NONE), *files], value=inst),
                 gr.update(choices=files, value=chosen), added]
