@@ -212,3 +212,41 @@ def test_experiments_seed_and_results_flags(tmp_path):
     for bad in ("0,0", "a,b", ""):
         with pytest.raises(ConfigError, match="--seeds"):
             parse_seeds(bad)
+
+
+def test_the_readme_headline_block_is_rendered_from_the_results(tmp_path):
+    from optimer_lib.cli import main
+    from optimer_lib.errors import ConfigError
+    from optimer_lib.experiments.findings_report import README_END, README_START, render_headline
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# front\n\nbefore\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    assert main(["findings", "--results", str(FIXTURE), "--out", str(tmp_path / "F.md"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# front\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "old table" not in text
+    summary = summarise_results(FIXTURE)
+    assert render_headline(summary) in text
+    rows = dict((c.strip() for c in line.strip("|").split(" | ")) for line in text.splitlines()
+                if line.startswith("| ") and "---" not in line)
+    ours = summary["test_table"]["OptiMer"]
+    assert rows["**OptiMer** (TPE search of α)"] == f"{ours.mean:.4f} [{ours.low:.4f}, {ours.high:.4f}]"
+    assert rows["base"].startswith(f"{summary['test_table']['base'].mean:.4f} ")
+    assert "over 2 seed(s) (0, 1)" in text and "Provisional: 2 of 3 seeds" in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(ConfigError, match="no headline block"):
+        write_findings(FIXTURE, tmp_path / "G.md", readme=bare)
+    assert not (tmp_path / "G.md").exists() and bare.read_text() == "no markers\n"  # nothing written
+
+
+def test_published_readme_headline_is_what_the_committed_results_render_to():
+    """Like FINDINGS.md: until the multi-seed JSONs are committed, the block must say it is pending."""
+    from optimer_lib.experiments.findings_report import README_END, README_START, render_headline
+
+    results = ROOT / "results" / "experiments"
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(README_START):readme.index(README_END) + len(README_END)]
+    if not (results / "config.json").is_file():
+        assert "Pending regeneration" in block
+        return
+    assert block == render_headline(summarise_results(results))

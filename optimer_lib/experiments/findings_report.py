@@ -1,6 +1,7 @@
 """FINDINGS.md from a results directory: the verdict table, each finding's criterion before its numbers, the CLI.
 
     optimer findings --results results/experiments --out FINDINGS.md     # writes only --out (cli_args.py)
+    optimer findings --results results/experiments --out FINDINGS.md --readme README.md   # + the headline block
 
     from optimer_lib.experiments.findings_report import write_findings
     write_findings(Path("results/experiments"), Path("FINDINGS.md"))   # returns the summary as JSON
@@ -136,10 +137,51 @@ def write_regime_only(results: str | Path, out: str | Path, *, plot: str | Path 
     return to_json(summary)
 
 
-def write_findings(results: str | Path, *outs: str | Path, command: str | None = None) -> dict[str, Any]:
-    """Render the findings of ``results`` and write them to each of ``outs`` (explicit paths only)."""
+# The README's headline table: these final-stage rows, in this order, under these labels (absent rows are left out).
+HEADLINE = (("base", "base"), ("baseline: uniform", "uniform average of the CPT models"),
+            ("baseline: task_arithmetic", "task arithmetic (searched, same budget)"),
+            ("baseline: ties", "TIES (searched, same budget)"), ("baseline: dare", "DARE (searched, same budget)"),
+            ("OptiMer", "**OptiMer** (TPE search of α)"),
+            ("OptiMer + τ_IT (α searched with it)", "OptiMer + instruction vector (the paper's recipe)"),
+            ("data mixture (per_run) best", "data mixture, one CPT run's tokens per candidate"),
+            ("data mixture (equal_total) best", "data mixture, equal total tokens"),
+            ("α-ratio mixture (normalised)", "data mixture retrained with OptiMer's α as ratios"))
+README_START, README_END = "<!-- headline-table: start -->", "<!-- headline-table: end -->"
+
+
+def render_headline(summary: dict[str, Any]) -> str:
+    """The README's headline table: test objective per method, mean and 95% interval over seeds and documents."""
+    seeds = summary["seeds"]
+    table = summary["test_table"]
+    note = (f"Test objective `{summary['objective']}` (lower is better), mean [95% paired-bootstrap interval] over "
+            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}) and the test documents; every choice made on dev. "
+            + (f"**Provisional: {len(seeds)} of {MIN_SEEDS} seeds.** " if summary.get("provisional") else "")
+            + "The differences between rows, paired over the same documents, have much narrower intervals: see "
+            "FINDINGS.md. Rendered by `optimer findings --results results/experiments --out FINDINGS.md "
+            "--readme README.md`.")
+    rows = [f"| {label} | {_iv(table[row])} |" for row, label in HEADLINE if row in table]
+    return "\n".join([README_START, note, "", "| model | test objective |", "|---|---|", *rows, README_END])
+
+
+def replace_headline(readme: str, block: str) -> str:
+    """``readme`` with the text between the headline markers (markers included) replaced by ``block``."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ConfigError(f"the README has no headline block: put the lines {README_START!r} and {README_END!r} "
+                          "where the table goes")
+    return readme[:start] + block + readme[end + len(README_END):]
+
+
+def write_findings(results: str | Path, *outs: str | Path, command: str | None = None,
+                   readme: str | Path | None = None) -> dict[str, Any]:
+    """Render the findings of ``results`` and write them to each of ``outs`` (explicit paths only); with
+    ``readme``, also replace that file's headline block (:func:`render_headline`)."""
     summary = summarise_results(results)
     text = render_findings(summary, command=command)
+    if readme is not None:  # checked before anything is written: a README without markers changes nothing
+        new_readme = replace_headline(Path(readme).read_text(), render_headline(summary))
     for out in outs:
         atomic_write_text(Path(out), text)
+    if readme is not None:
+        atomic_write_text(Path(readme), new_readme)
     return to_json(summary)
