@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -107,10 +108,12 @@ def test_freed_memory_goes_back_to_the_os_on_glibc():
     assert kept["fixed"] < 32 and kept["default"] > kept["fixed"] + 50, kept
 
 
-def test_only_the_chat_and_page_load_are_described_and_first_pages_find_norms_computed(tmp_path: Path):
+def test_only_the_chat_and_page_load_are_described_and_first_pages_find_their_numbers_ready(tmp_path: Path):
     """Gradio puts the API description in every page it serves: the ~140 UI events stay callable but undescribed,
-    and the preloaded pool has its norms and cosines ready before any page asks."""
+    and the preloaded pool has its norms, cosines and first chart bars ready (or on the way) before any page asks."""
     from test_workbench_session import SUITE, tiny_workdir
+
+    from workbench.tuning import tuning_key
 
     root = tiny_workdir(tmp_path / "wd")
     demo = app.build_app(root, suite=SUITE, preload=True)
@@ -123,3 +126,12 @@ def test_only_the_chat_and_page_load_are_described_and_first_pages_find_norms_co
     session = next(b for b in demo.blocks.values() if isinstance(b, gr.State)).value()  # a new page's Session
     pool = session.shared  # the pool build_app opened (one per workspace), before any page refreshed
     assert pool._cos is not None and set(pool._norms) == {"ja", "math", "instruct"}
+    # The bars a first page draws (its Tune merge, base and average) were started at launch, in the background:
+    # look them up without starting anything.
+    iw = session.tune.instruction_weight
+    key = tuning_key(pool, session.scoring)
+    states = [session.state, *(pool.engine.state(session.preset(p), iw) for p in ("zeros", "average"))]
+    deadline = time.monotonic() + 60
+    while any(pool.engine.cached(s, key) is None for s in states) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(pool.engine.cached(s, key) is not None for s in states)

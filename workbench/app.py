@@ -151,6 +151,7 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
     if preload and ws.has_pool():
         sh = ws.pool()
         sh.cosines(), sh.vector_rows()  # every first page shows them: computed now, not by the first pages at once
+        Session(ws, tune_limit=tune_limit, qa_limit=qa_limit).warm()  # its chart's bars, scored in the background
     key = "optimer-wb-" + hashlib.sha1(str(ws.workdir).encode()).hexdigest()[:10]  # one per workdir
     secret = browser_secret(ws.workdir)
     with gr.Blocks(title="OptiMer Workbench", analytics_enabled=False) as demo:

@@ -296,6 +296,14 @@ class Session(StudyMethods):
         self._pending.add((state, scoring))
         threading.Thread(target=self._compute_reference, args=(state, scoring), daemon=True, name="prefetch").start()
 
+    def warm(self) -> None:
+        """Start scoring, in the background, what a first page of this pool shows: the Tune merge and the base and
+        average reference bars (cached by the pool's engine, so every later session finds them)."""
+        iw = self.tune.instruction_weight
+        self.prefetch()
+        for kind in ("base", "average"):
+            self.reference(kind, iw, wait=False)
+
     def preset(self, name: str) -> dict[str, float]:
         """Weights of a preset: ``zeros``, ``average`` (1/K each) or ``best`` (of the last search)."""
         if name == "zeros":
