@@ -17,7 +17,6 @@ from optimer_lib.data import embedded_corpora
 from optimer_lib.scoring.evaluate import EvalSuite, evaluate_suite
 from workbench.figures import tune_chart
 from workbench.session import Session
-from workbench.tabs.pool import drop_scored_set
 from workbench.tabs.tune import dev_sets_update
 from workbench.workspace import MANIFEST, WorkbenchError, Workspace
 
@@ -98,8 +97,7 @@ def test_a_removed_corpus_leaves_the_suite_the_manifest_and_tune(tmp_path):
     before = s.apply({"ja": 0.5})
     assert sorted(before.metrics) == ["loss:ja", "loss:legal"] and ws.user_evals() == {"legal": "data/legal.jsonl"}
     shared = ws.remove_eval("legal")
-    s.use_pool(shared)
-    drop_scored_set(s, "legal")  # what the Pool tab does for the session that removed it
+    s.use_pool(shared)  # the removed set leaves the scoring set (a notebook's Session, or any page's)
     assert shared.engine is engine and s.tune.weights == {"ja": 0.5, "math": 0.0}  # models and weights kept
     assert shared.suite.names() == ["en", "ja", "math"] and manifest_eval(root) is None and ws.user_evals() == {}
     assert s.scoring.sets == ("ja",) and (root / "data" / "legal.jsonl").is_file()  # the file stays
@@ -113,7 +111,6 @@ def test_a_removed_corpus_leaves_the_suite_the_manifest_and_tune(tmp_path):
     s.use_pool(ws.add_eval("legal", "data/legal.jsonl"))
     s.set_scoring(["legal"])
     s.use_pool(ws.remove_eval("legal"))
-    drop_scored_set(s, "legal")
     assert s.scoring.sets is None and s.scoring.docs == 8  # nothing named is left: every set, the rest kept
     for name, words in {"ja": "'ja' is a built-in dev set", "legal": "no added dev corpus 'legal'",
                         "": "the added ones are none"}.items():

@@ -29,7 +29,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +140,17 @@ class Session(StudyMethods):
 
     def use_pool(self, shared: SharedPool | None = None) -> SharedPool:
         """Switch to ``shared`` (default: the workspace's current pool); resets the Tune weights unless only the
-        dev suite changed (same engine: :meth:`Workspace.add_eval`)."""
+        dev suite changed (same engine: :meth:`Workspace.add_eval` / :meth:`Workspace.remove_eval`). Dev sets the
+        new suite lacks leave the Tune scoring set (none left: every set; the rest of the scoring set is kept)."""
         shared = shared or self.workspace.pool()
         if shared is not self._shared:
             if self._shared is None or shared.engine is not self._shared.engine:
                 self._state = None
             self._shared, self.last = shared, None
+            sc = self._scoring
+            if sc is not None and sc.sets and not set(sc.sets) <= set(shared.suite.names()):
+                self._scoring = replace(sc, sets=tuple(n for n in sc.sets if n in shared.suite.names())
+                                                    or None)
         return shared
 
     @property

@@ -29,14 +29,6 @@ def _label(path: Path, root: Path) -> str:
         return str(path)
 
 
-def drop_scored_set(session: Session, name: str) -> None:
-    """Leave the dev set ``name`` out of the session's Tune scoring set if it names it (none left: every set)."""
-    sc = session.scoring
-    if sc.sets and name in sc.sets:
-        rest = [s for s in sc.sets if s != name]
-        session.set_scoring(rest or None, sc.docs, sc.qa_items, sc.seq_len, sc.batch_size, lmeval=sc.lmeval)
-
-
 class SetupPanel:
     """Shown while the workdir has no pool: builds the embedded demo pool, with a progress bar."""
 
@@ -131,8 +123,7 @@ class PoolTab:
             if not name:
                 raise ValueError("choose an added dev corpus to remove")
             shared = self.ctx.workspace.remove_eval(name)
-            session.use_pool(shared)
-            drop_scored_set(session, name)
+            session.use_pool(shared)  # leaves the removed set out of this session's scoring set
         except Exception as exc:
             return error_md(exc)
         return (f"removed dev set **{html.escape(name)}** (its file stays); the suite is now "
