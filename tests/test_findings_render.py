@@ -250,3 +250,14 @@ def test_published_readme_headline_is_what_the_committed_results_render_to():
         assert "Pending regeneration" in block
         return
     assert block == render_headline(summarise_results(results))
+
+
+def test_a_seed_still_running_is_named_but_not_counted(tmp_path):
+    res = tmp_path / "res"
+    shutil.copytree(FIXTURE, res)
+    (res / "seed-1" / "stages" / "final.json").unlink()  # seed 1 has not reached its final stage yet
+    summary = summarise_results(res)
+    assert summary["seeds"] == [0] and summary["provisional"]
+    text = render_findings(summary)
+    assert "Seeds: 0 (" in text and "seed 1 " in text and "min (incomplete: not counted)" in text
+    assert "seed 0 " in text and text.count("(incomplete: not counted)") == 1

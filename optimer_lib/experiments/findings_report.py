@@ -49,7 +49,8 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
              + ("; uniform averaging is one point" if "uniform" in b else "")
              + ". Intervals: 95%, paired bootstrap over test documents and seeds (2000 resamples); a verdict reads "
              "the interval, never the point. Stage "
-             "time per seed: " + ", ".join(f"seed {s} {m} min" for s, m in summary["stage_minutes"].items()) + ".",
+             "time per seed: " + ", ".join(f"seed {s} {m} min" + ("" if s in seeds else " (incomplete: not counted)")
+                                           for s, m in summary["stage_minutes"].items()) + ".",
              ""]
     # Fewer seeds than the protocol's: every verdict says so where it is read (table and section).
     tag = f" (provisional: {len(seeds)} of {MIN_SEEDS} seeds)" if summary.get("provisional") else ""
