@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-prompts", action="append", metavar="FILE|TEXT", help="store each trial's greedy "
                    "generations on these prompts (a file: one per line; repeat for more), shown in the workbench")
     s.add_argument("--sample-tokens", type=int, default=32, help="tokens generated per sample prompt (default 32)")
-    add_compute_args(s)
+    add_compute_args(s, base_on=True)
     _add_trust_arg(s)
     s.set_defaults(fn=cmd_search)
 
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port to listen on")
     w.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    add_compute_args(w)
+    add_compute_args(w, base_on=True)
     w.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPUs with <= 4 cores)")
     w.add_argument("--slots", type=int, help="merged models the engine keeps (default 2 on CPU, 1 on a GPU): memory "
                    "is base + slots x model whatever the number of browser sessions")
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sizes", action="store_true", help="instead: the table for 135M, 1.7B, 7B and 27B models on a "
                     "24 GiB CPU and an 80 GiB GPU (assumed bandwidths; docs/performance.md)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
-    add_compute_args(pl, device="auto")
+    add_compute_args(pl, device="auto", base_on=True)
     pl.set_defaults(fn=cmd_plan)
     return p
 

@@ -24,13 +24,19 @@ KEEP = (None, "auto", "keep")  # --dtype of merge/extract: keep the checkpoint's
 
 
 def add_compute_args(p: argparse.ArgumentParser, *, device: str | None = "cpu", dtype_help: str | None = None,
-                      dtype: bool = True) -> None:
-    """``--device`` and ``--dtype``, the same flags wherever a model is loaded (checked by ``compute_args``)."""
+                      dtype: bool = True, base_on: bool = False) -> None:
+    """``--device`` and ``--dtype``, the same flags wherever a model is loaded (checked by ``compute_args``), and
+    with ``base_on`` the ``--base-on`` of commands that keep a base beside merged models."""
     p.add_argument("--device", default=device, help=f"where models are loaded and computed: cpu, cuda, cuda:N or auto "
                    f"(CUDA when present; default {device or 'cpu'})")
     if dtype:
         p.add_argument("--dtype", default=None, help=dtype_help or "float32, bfloat16 or float16 (default auto: "
                        "bfloat16 on CUDA, float32 on CPU)")
+    if base_on:
+        p.add_argument("--base-on", default="auto", choices=("auto", "host", "device"), help="where the base model "
+                       "stays: host (memory-mapped in host memory, merges stream it to the device), device (beside "
+                       "the merged models) or auto (default: host when a GPU cannot hold base + slots, as optimer plan "
+                       "shows)")
 
 
 def cmd_workbench(a: argparse.Namespace) -> None:
@@ -40,7 +46,8 @@ def cmd_workbench(a: argparse.Namespace) -> None:
     slots = getattr(a, "slots", None)
     if slots is not None and slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {slots}): one merged model is the least the engine needs")
-    check_workbench_pool(a.workdir, device, dtype, slots or 1)  # refuse a pool that cannot fit before any model loads
+    base_on = getattr(a, "base_on", "auto")
+    check_workbench_pool(a.workdir, device, dtype, slots or 1, base_on)  # refuse a pool that cannot fit: before loading
     auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
     extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
     if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
@@ -52,6 +59,8 @@ def cmd_workbench(a: argparse.Namespace) -> None:
         extra["dtype"] = dtype
     if slots:
         extra["slots"] = slots
+    if base_on != "auto":
+        extra["base_on"] = base_on
     launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)
 
 
@@ -84,13 +93,13 @@ def cmd_plan(a: argparse.Namespace) -> None:
     device, dtype = compute_args(a)
     inst = parse_vector_spec(a.instruction)[0] if a.instruction else None
     plan = plan_pool(a.base, [parse_vector_spec(v)[0] for v in a.vector or []], instruction=inst, device=device,
-                     dtype=dtype, slots=a.slots, bandwidth=bandwidth)
+                     dtype=dtype, slots=a.slots, bandwidth=bandwidth, base_on=getattr(a, "base_on", None))
     print(json.dumps(plan.to_dict(), indent=2) if a.json else plan.table())
 
 
-def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1) -> None:
-    """Refuse (PlanError, one line) a workbench whose pool cannot fit base + ``slots`` slots on ``device``; no pool
-    yet: ok."""
+def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1, base_on: str = "auto") -> None:
+    """Refuse (PlanError, one line) a workbench whose pool cannot fit base (unless ``base_on`` keeps it on the host)
+    + ``slots`` slots on ``device``; no pool yet: ok."""
     from optimer_lib.engine.plan import plan_pool
     from workbench.workspace import Workspace
 
@@ -104,12 +113,13 @@ def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1)
 
     plan = plan_pool(full(m["base"]), [full(v) for v in m["vectors"]],
                      instruction=full(m["instruction"]) if m.get("instruction") else None, device=device,
-                     dtype=dtype, slots=slots, seconds=0.05)
+                     dtype=dtype, slots=slots, seconds=0.05, base_on=base_on)
     plan.check()
 
 
 def cmd_search(a: argparse.Namespace) -> None:
     from optimer_lib.data import load_eval_suite
+    from optimer_lib.engine.host_base import pool_base_on
     from optimer_lib.merging.pool import open_pool
     from optimer_lib.scoring.objectives import parse_objective
     from optimer_lib.search.pruning import parse_fidelities
@@ -137,7 +147,8 @@ def cmd_search(a: argparse.Namespace) -> None:
     if not a.estimate_only:
         _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
                          archive=bool(a.warm_start_from))
-    pool = open_pool(a.base, files, instruction=inst, device=device, dtype=dtype,
+    base_on = pool_base_on(getattr(a, "base_on", None), a.base, files, inst, device=device, dtype=dtype, slots=1)
+    pool = open_pool(a.base, files, instruction=inst, device=device, dtype=dtype, base_on=base_on,
                      allow_fingerprint_mismatch=a.allow_base_mismatch, trust_remote_code=a.trust_remote_code)
     if inst:
         pool.merger.instruction_weight = 1.0 if inst_w is None else inst_w

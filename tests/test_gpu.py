@@ -194,3 +194,33 @@ def test_engine_slots_match_cpu_and_a_fresh_merge(world, device: str, dtype: str
             fresh = {k: v.detach().to("cpu") for k, v in engine.exact(st).items()}
             assert_states_close({k: states[side][k] for k in fresh}, fresh, 1e-6 if dtype == "fp32" else 1e-2)
         assert_states_close(states["dev"], states["ref"], MERGE_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_host_base_engine_merges_on_the_device_and_matches_cpu(world, device: str, dtype: str):
+    """``base_on="host"``: the base stays on the CPU (every slot's merger reads it there), the slots live on the
+    device, and incremental, full and non-linear re-merges equal the CPU engine's (a device base is not needed)."""
+    from optimer_lib.engine import MergeEngine
+
+    base, vecs, inst, _ = world
+    host = MergeEngine(on(base, "cpu", DTYPES[dtype]), None, vecs, instruction=inst, max_slots=1, base_on="host",
+                       device=device)
+    ref = MergeEngine(on(base, "cpu", DTYPES[dtype]), None, vecs, instruction=inst, max_slots=1)
+    assert (host.base_on, host.device.type, host.stats().base_on) == ("host", device, "host")
+    requests = [({"v0": 0.3}, 1.0, "optimer", {}), ({"v0": 0.3, "v1": 0.8}, 1.0, "optimer", {}),
+                ({"v0": -0.2, "v1": 0.8, "v2": 0.5}, 0.4, "optimer", {}),
+                ({"v0": 0.6, "v1": 0.3, "v2": 0.9}, 0.5, "ties", PARAMS["ties"]),
+                ({"v2": 1.0}, 0.0, "optimer", {})]
+    for weights, iw, method, params in requests:
+        states = {}
+        for side, engine in (("dev", host), ("ref", ref)):
+            with engine.lease(weights, iw, method=method, params=params) as lease:
+                assert all(p.device.type == (device if side == "dev" else "cpu") for p in lease.model.parameters())
+                states[side] = cpu_state(lease.model)
+        assert_states_close(states["dev"], states["ref"], MERGE_RTOL[dtype])
+        fresh = {k: v.detach().to("cpu") for k, v in host.exact(host.state(weights, iw, method=method,
+                                                                            params=params)).items()}
+        assert_states_close({k: states["dev"][k] for k in fresh}, fresh, MERGE_RTOL[dtype])
+    assert all(t.device.type == "cpu" for t in [*host.base.parameters(), *host.base.buffers()])
+    assert all(t.base.device.type == "cpu" for t in host._slots[0].merger._targets)

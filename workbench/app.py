@@ -139,15 +139,17 @@ def restore(session: Session, tune: Any, chat: Any, study: Any) -> str:
 
 def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | None = None, device: str = "cpu",
               dtype: str = "float32", tune_limit: int = 8, qa_limit: int = 8, max_vectors: int = 8,
-              poll_s: float = 2.0, slots: int | None = None, preload: bool = False) -> gr.Blocks:
+              poll_s: float = 2.0, slots: int | None = None, preload: bool = False,
+              base_on: str | None = None) -> gr.Blocks:
     """Build (not launch) the workbench over ``workdir``.
 
     ``suite`` replaces the dev suite (default: every embedded corpus, dev split); ``tune_limit``/``qa_limit``
     are the documents / QA pairs per dev set scored on each Tune change; ``poll_s`` is the Search tab's
     refresh period; ``slots`` the merged models the pool's engine may hold (default 2 on CPU, 1 on a GPU);
+    ``base_on`` where it keeps the base ("host": memory-mapped in host memory, "device", None: automatic);
     ``preload`` opens the pool (and computes the vectors' norms and cosines) now, so the first page does not wait.
     """
-    ws = Workspace(workdir, suite=suite, device=device, dtype=dtype, slots=slots)
+    ws = Workspace(workdir, suite=suite, device=device, dtype=dtype, slots=slots, base_on=base_on)
     if preload and ws.has_pool():
         sh = ws.pool()
         sh.cosines(), sh.vector_rows()  # every first page shows them: computed now, not by the first pages at once

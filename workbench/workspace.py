@@ -42,6 +42,7 @@ from optimer_lib.checkpoints.vectors import (
 )
 from optimer_lib.data import assets_dir, embedded_corpora, load_eval_suite
 from optimer_lib.engine import MergeEngine
+from optimer_lib.engine.host_base import pool_base_on
 from optimer_lib.errors import ConfigError, DataError, OptimerError, VectorError
 from optimer_lib.merging.pool import load_checked
 from optimer_lib.scoring.evaluate import EvalSuite
@@ -119,14 +120,15 @@ class Workspace:
 
     ``suite`` overrides the dev suite (tests pass a tiny one); otherwise the manifest's ``eval`` names
     or every embedded corpus are loaded (``dev`` split). ``device``/``dtype`` apply to every model; ``slots`` is
-    the number of merged models the pool's engine may hold (default: 2 on CPU, 1 on an accelerator).
+    the number of merged models the pool's engine may hold (default: 2 on CPU, 1 on an accelerator); ``base_on``
+    where the engine keeps the base ("host", "device", None: automatic; :mod:`optimer_lib.engine.host_base`).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, suite: EvalSuite | None = None, device: str = "cpu",
-                 dtype: str = "float32", slots: int | None = None) -> None:
+                 dtype: str = "float32", slots: int | None = None, base_on: str | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.device, self.dtype, self.slots = device, dtype, slots
+        self.device, self.dtype, self.slots, self.base_on = device, dtype, slots, base_on
         self._suite = suite
         self._pool: SharedPool | None = None
         self._version = 0
@@ -319,13 +321,17 @@ class Workspace:
             raise WorkbenchError("cannot open the pool: the pool has no distribution vector: add one in the Pool tab")
         base_dir = self._abs(m["base"])
         inst = self._abs(m["instruction"]) if m.get("instruction") else None
-        try:
+        files = [self._abs(p) for p in m["vectors"]]
+        try:  # a host base is loaded on the CPU (memory-mapped) and only the engine's slots go to the device
+            base_on = pool_base_on(self.base_on, base_dir, files, inst, device=self.device, dtype=self.dtype,
+                                   slots=self.slots)
             model, tokenizer, vectors, instruction = load_checked(
-                base_dir, [self._abs(p) for p in m["vectors"]], instruction=inst, device=self.device, dtype=self.dtype)
+                base_dir, files, instruction=inst, device="cpu" if base_on == "host" else self.device, dtype=self.dtype)
         except VectorError as exc:
             raise WorkbenchError(str(exc)) from exc
         self._version += 1
-        engine = MergeEngine(model, tokenizer, vectors, instruction=instruction, max_slots=self.slots)
+        engine = MergeEngine(model, tokenizer, vectors, instruction=instruction, max_slots=self.slots, base_on=base_on,
+                             device=self.device)
         return SharedPool(base_dir, model, tokenizer, vectors, instruction, self._suite_for(m.get("eval")),
                           engine, version=self._version)
 

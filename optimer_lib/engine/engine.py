@@ -13,7 +13,9 @@ files, so they are page cache, not process memory) and at most ``max_slots`` mer
 reads the engine's base tensors instead of keeping its own copy, and reads the vectors where the engine keeps
 them: on the host (memory-mapped; each tensor moved to the device when a merge reads it) or, on an accelerator
 with room for them, one device copy in the model's dtype shared by every slot. So memory is base + slots x
-model (+ the vectors' device copy), the same for 1 or 100 callers.
+model (+ the vectors' device copy), the same for 1 or 100 callers. With ``base_on="host"`` (automatic on a GPU
+that cannot hold base + slots) the base stays memory-mapped on the host and only the slots use the device
+(:mod:`optimer_lib.engine.host_base`); ``stats()`` says where the base is and how much of it is file-backed.
 
 Scheduling. Up to ``concurrency`` leases are active at once, each on its own slot (default: on a CPU as many as
 the cores allow at torch's intra-op thread count, at most ``max_slots``; on an accelerator 1, where two jobs
@@ -32,10 +34,10 @@ every tensor.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import heapq
 import itertools
+import logging
 import os
 import threading
 import time
@@ -47,7 +49,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from optimer_lib.checkpoints.mapped import copy_to, mapping_of
 from optimer_lib.checkpoints.vectors import DistributionVector
+from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
 from optimer_lib.engine.state import MergeState
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.resident import ResidentMerger
@@ -56,6 +60,7 @@ INTERACTIVE = 0  # a slider move, a chat message, a "confirm" score
 BACKGROUND = 5  # work nobody is waiting for yet (reference bars, prefetching): after users, before trials
 SEARCH = 10  # a search trial: waits behind every interactive request
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,11 +102,8 @@ class EngineStats:
     bytes_per_slot: int
     merges_by_slot: list[int] = field(default_factory=list)
     leases: int = 0  # leases granted (each one job: a score, a trial, a batch of chat replies)
-
-
-def default_slots(device: torch.device) -> int:
-    """2 on CPU (two chat panes or two sessions alternate without re-merging), 1 on an accelerator."""
-    return 2 if device.type == "cpu" else 1
+    base_on: str = "device"  # "host": the base stays (memory-mapped) in host memory, the slots on the device
+    bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
 
 
 def _to(vec: DistributionVector, device: torch.device, dtype: torch.dtype) -> DistributionVector:
@@ -110,20 +112,14 @@ def _to(vec: DistributionVector, device: torch.device, dtype: torch.dtype) -> Di
                                              for k, t in vec.tensors.items()})
 
 
-def module_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's distinct parameter and buffer storages (tied tensors counted once)."""
-    seen: dict[int, int] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
 class MergeEngine:
     """Owns the base, the vectors and the merged slots of one pool; see the module docstring.
 
     ``model`` must hold the base weights and is never modified (keep no other reference that writes to it).
-    ``max_slots`` defaults to :func:`default_slots` for the model's device. ``vectors_on`` is ``"host"`` (stream
+    ``device`` is where slots are merged and run (default: the model's device); ``base_on`` is ``"device"`` (the
+    base beside the slots, moved there if needed), ``"host"`` (the base stays on the CPU, memory-mapped when loaded
+    by ``load_model_mapped``/``load_model``) or None (see :mod:`optimer_lib.engine.host_base`).
+    ``max_slots`` defaults to ``host_base.default_slots`` for ``device``. ``vectors_on`` is ``"host"`` (stream
     them tensor by tensor to the device), ``"device"`` (one copy there, in the model's dtype) or None: the device
     when the model is on an accelerator with room for the vectors beside the slots, else the host.
     ``cache_size`` results are kept by :meth:`run`; ``concurrency`` leases run at once (see the module docstring).
@@ -131,18 +127,20 @@ class MergeEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Sequence[DistributionVector], *,
                  instruction: DistributionVector | None = None, max_slots: int | None = None,
-                 vectors_on: str | None = None, cache_size: int = 512, concurrency: int | None = None) -> None:
+                 vectors_on: str | None = None, cache_size: int = 512, concurrency: int | None = None,
+                 base_on: str | None = None, device: str | torch.device | None = None) -> None:
         if not vectors:
             raise ConfigError("an engine needs at least one distribution vector")
+        self.base_on, self.device, model, self.max_slots = place_base(model, base_on, device, max_slots)
         self.base = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.vectors = list(vectors)
         self.instruction = instruction
-        self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.max_slots = default_slots(self.device) if max_slots is None else int(max_slots)
-        if self.max_slots < 1:
-            raise ConfigError(f"max_slots must be at least 1, got {max_slots}")
+        mapped = mapping_of(model)  # measured once: the base is never written, so its pages stay file-backed
+        self._base_mapped, self.base_note = mapped.mapped_bytes, mapped.note if self.base_on == "host" else ""
+        if self.base_note:  # the user asked for a mapped base and got process memory: say why, once
+            log.warning("base_on='host': %s", self.base_note)
         if vectors_on not in (None, "host", "device"):
             raise ConfigError(f"vectors_on must be 'host', 'device' or None (automatic), got {vectors_on!r}")
         self.vectors_on = vectors_on or self._auto_vectors_on()
@@ -171,14 +169,20 @@ class MergeEngine:
     def open(cls, base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
              instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
              allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False,
-             **kwargs: Any) -> MergeEngine:
-        """Load the base and check every vector against it (all problems at once), then build the engine."""
+             base_on: str | None = None, **kwargs: Any) -> MergeEngine:
+        """Load the base and check every vector against it (all problems at once), then build the engine.
+
+        ``base_on`` (None: decided as ``optimer plan`` decides, from the headers and the GPU's free memory): with
+        "host" the base is loaded on the CPU, memory-mapped, and only the slots go to ``device``."""
         from optimer_lib.merging.pool import load_checked
 
-        model, tok, vecs, inst = load_checked(base, vectors, instruction=instruction, device=device, dtype=dtype,
+        mode = pool_base_on(base_on, base, vectors, instruction, device=device, dtype=dtype,
+                            slots=kwargs.get("max_slots"))
+        model, tok, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dtype,
+                                              device="cpu" if mode == "host" else device,  # on the host: mapped
                                               allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                               trust_remote_code=trust_remote_code)
-        return cls(model, tok, vecs, instruction=inst, **kwargs)
+        return cls(model, tok, vecs, instruction=inst, base_on=mode, device=device, **kwargs)
 
     def _auto_vectors_on(self) -> str:
         """The device when it is an accelerator with room for the vectors (in the model's dtype) beside the base's
@@ -209,7 +213,7 @@ class MergeEngine:
             per_slot = module_bytes(self._slots[0].model) if self._slots else module_bytes(self.base)
             return EngineStats(len(self._slots), self.max_slots, self._merges, self._reused, self._hits,
                                len(self._cache), len(self._waiting), module_bytes(self.base), per_slot,
-                               [s.merges for s in self._slots], self._leases)
+                               [s.merges for s in self._slots], self._leases, self.base_on, self._base_mapped)
 
     # -- leases --------------------------------------------------------------------------------
     @contextmanager
@@ -329,8 +333,7 @@ class MergeEngine:
         slot.last_used = time.monotonic()
 
     def _new_slot(self, state: MergeState) -> Slot:
-        with torch.no_grad():
-            model = copy.deepcopy(self.base)
+        model = copy_to(self.base, self.device)  # tensor by tensor: no second host copy of a host base
         merger = ResidentMerger(model, self.vectors, instruction=self.instruction, instruction_weight=0.0,
                                 method=state.method, base=self._base_state, stream_deltas=True,
                                 **state.param_map)

@@ -243,7 +243,8 @@ class CapacityPlan:
 
     def table(self) -> str:
         """The plan as a human-readable block (``optimer plan``)."""
-        where = "host (memory-mapped), streamed to the device per full re-merge" if self.base_on_host else self.device
+        where = (self.device if not self.base_on_host else "host (memory-mapped: page cache, not process memory)"
+                 if self.device == "cpu" else "host (memory-mapped), streamed to the device per full re-merge")
         vec_where = ("resident on the device" if self.device != "cpu" else "in the page cache") if \
             self.vectors_resident else ("streamed from host memory" if self.device != "cpu" else
                                         "streamed from disk (they do not fit the page cache)")
@@ -270,10 +271,18 @@ def work_bytes(vocab_size: int | None, *, batch_size: int = 16, seq_len: int = 1
     return RUNTIME_BYTES + 2 * batch_size * seq_len * (vocab_size or 32_000) * 4
 
 
+def base_stays_on_host(model_bytes: int, slots: int, work: int, available: int, *, gpu: bool) -> bool:
+    """The rule :func:`make_plan` and the merge engine (``base_on=None``) share: the base stays memory-mapped on the
+    host when the compute device is a GPU whose ``available`` bytes cannot hold it beside ``slots`` merged models
+    and the working memory. On a CPU the host is the device: the base stays where it is."""
+    return gpu and model_bytes * (1 + slots) + work > available
+
+
 def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | None = None, slots: int | None = None,
-              batch_size: int = 16, seq_len: int = 128) -> CapacityPlan:
+              batch_size: int = 16, seq_len: int = 128, base_on: str | None = None) -> CapacityPlan:
     """The plan for ``size`` on ``machine`` (``dtype``: None/"auto" = bf16 on CUDA, fp32 on CPU; ``slots``: None =
-    1 on CUDA, 2 on CPU)."""
+    1 on CUDA, 2 on CPU; ``base_on``: "host"/"device" as forced by ``--base-on``, None/"auto" = the engine's rule,
+    :func:`base_stays_on_host`)."""
     dev = torch.device(machine.device)
     dt = resolve_dtype(dtype, dev)
     gpu = dev.type == "cuda"
@@ -284,11 +293,15 @@ def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | No
     vec_total = sum(size.vector_bytes)
     work = work_bytes(size.vocab_size, batch_size=batch_size, seq_len=seq_len)
     avail = machine.device_bytes if gpu and machine.device_bytes is not None else machine.host_bytes
-    base_on_host = gpu and model * (1 + slots) + work > avail
+    if base_on not in (None, "auto", "host", "device"):
+        raise ConfigError(f"--base-on must be auto, host or device, got {base_on!r}")
+    base_on_host = (base_on == "host" if base_on in ("host", "device") else
+                    base_stays_on_host(model, slots, work, avail, gpu=gpu))
     resident_base = 0 if base_on_host else model
     slots_fit = max(0, (avail - resident_base - work) // model) if model else 0
     left = avail - resident_base - slots * model - work
-    resident = vec_total <= left  # on the device (GPU); in what anonymous memory leaves to the page cache (CPU)
+    # on the device (GPU); in what anonymous memory leaves to the page cache (CPU), which a host base shares there
+    resident = vec_total + (0 if gpu or not base_on_host else size.base_stored_bytes) <= left
     if gpu:  # what is not on the device comes from the host's page cache if it holds it, else from disk
         cached = vec_total + (size.base_stored_bytes if base_on_host else 0) <= machine.host_bytes - RUNTIME_BYTES
         host_bw = min(machine.host_to_device or machine.bandwidth, machine.bandwidth if cached else machine.disk)
@@ -333,14 +346,14 @@ def plan_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = ()
               instruction: str | os.PathLike | None = None, device: str | None = "auto", dtype: str | None = None,
               slots: int | None = None, bandwidth: float | None = None, host_bytes: int | None = None,
               device_bytes: int | None = None, host_to_device: float | None = None,
-              seconds: float = 0.2) -> CapacityPlan:
+              seconds: float = 0.2, base_on: str | None = None) -> CapacityPlan:
     """:func:`make_plan` for a pool on disk and this machine (``host_bytes``/``device_bytes``/``bandwidth`` override
-    what is read or measured: tests, what-ifs)."""
+    what is read or measured: tests, what-ifs; ``base_on`` as in :func:`make_plan`)."""
     dev, dt = resolve_compute(device, dtype)
     size = pool_size(base, vectors, instruction)
     machine = this_machine(str(dev), bandwidth=bandwidth, host_bytes=host_bytes, device_bytes=device_bytes,
                            host_to_device=host_to_device, seconds=seconds)
-    return make_plan(size, machine, dtype=dt, slots=slots)
+    return make_plan(size, machine, dtype=dt, slots=slots, base_on=base_on)
 
 
 # ---- hypothetical models and machines (docs/performance.md, BENCHMARKS.md: ``optimer plan --sizes``) ---------

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimer_lib.checkpoints.models import load_model, load_tokenizer
+from optimer_lib.checkpoints.mapped import copy_to
+from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_device
 from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, load_vector, state_fingerprint
-from optimer_lib.errors import VectorError
+from optimer_lib.errors import ConfigError, VectorError
 from optimer_lib.merging.resident import ResidentMerger
 
 
@@ -94,11 +95,25 @@ def load_checked(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], 
 
 def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
               instruction: str | os.PathLike | None = None, device: str = "cpu", dtype: str = "float32",
-              allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False) -> Pool:
+              allow_fingerprint_mismatch: bool = False, trust_remote_code: bool = False,
+              base_on: str = "device") -> Pool:
     """Read the vectors, load the base, validate the vectors against it (:func:`load_checked`), and wrap it in a
-    ResidentMerger."""
-    model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, device=device, dtype=dtype,
+    ResidentMerger.
+
+    ``base_on="host"``: the base stays on the CPU, memory-mapped, and ``pool.model`` is a copy of it on ``device``
+    that the merger rewrites reading the host base and streaming the vectors; the device then holds one model
+    instead of the model plus a copy of every merged tensor's base (``"device"``, the default)."""
+    if base_on not in ("host", "device"):
+        raise ConfigError(f"base_on must be 'host' or 'device', got {base_on!r}")
+    host = base_on == "host"
+    model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dtype,
+                                                device="cpu" if host else device,
                                                 allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                                 trust_remote_code=trust_remote_code)
-    merger = ResidentMerger(model, vecs, instruction=inst)
+    if host:
+        base_state = dict(model.state_dict())
+        model = copy_to(model, resolve_device(device))
+        merger = ResidentMerger(model, vecs, instruction=inst, base=base_state, stream_deltas=True)
+    else:
+        merger = ResidentMerger(model, vecs, instruction=inst)
     return Pool(Path(base), model, tokenizer, vecs, inst, merger)

@@ -169,9 +169,9 @@ class ResidentMerger:
                     self._add_linear(t, diff)
                 elif linear:
                     self._write_linear(t, wt, iw)
-                else:
-                    t.param.copy_(merge_tensor(t.name, t.base, t.deltas, wt, self.method, self.params,
-                                                t.instr, iw))
+                else:  # on the parameter's device, also when the base is kept on the host (MergeEngine base_on)
+                    t.param.copy_(merge_tensor(t.name, _on(t.base, t.param), t.deltas, wt, self.method, self.params,
+                                               t.instr, iw))
             self._since_rebuild = self._since_rebuild + 1 if stepped else 0
             self._incremental_ok = linear
             self._weights = dict(zip(self.names, ws, strict=True))
