@@ -24,6 +24,7 @@ from optimer_lib.experiments.regime_report import render_regime
 from optimer_lib.experiments.report import PAPER
 from optimer_lib.fileio import atomic_write_text
 
+REGIME_ALONE = "results/regime/REGIME.md"  # `optimer findings --results results/regime --regime-only` writes it
 REGIME_PLOT = "results/experiments/regime-map.svg"  # written by `optimer experiments --regime-map --results ...`
 CLAIMS = {"1": PAPER[1], "1b": "OptiMer beats every other merge method searched with the same budget",
           **{str(i): PAPER[i] for i in range(2, 8)},
@@ -88,7 +89,11 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
         lines += [f"| {m} | {summary['costs'][m]['search']:,.0f} | {summary['costs'][m]['first_model']:,.0f} | "
                   f"{summary['costs'][m]['further_objective']:,.0f} |" for m in order]
         lines.append("")
-    lines += render_regime(summary["regime"], plot=REGIME_PLOT)  # nothing without regime stages
+    if summary["regime"]:
+        lines += render_regime(summary["regime"], plot=REGIME_PLOT)
+    else:  # the map ran apart (its own seeds and results directory): say where it is
+        lines += ["## Regime map", "", "Not in these results: the regime map (gain recovery R against the CPT/base "
+                  f"token ratio) is rendered from its own results to [{REGIME_ALONE}]({REGIME_ALONE}).", ""]
     return "\n".join(lines)
 
 
