@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer, perturbed
 
-from optimer_lib.checkpoints.mapped import copy_to, load_model_mapped
+from optimer_lib.checkpoints.mapped import copy_to, file_backed_bytes, load_model_mapped
 from optimer_lib.checkpoints.models import load_model
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.engine import MergeEngine
@@ -139,7 +139,9 @@ def test_the_base_on_flag_reaches_the_search_the_workbench_and_the_plan(tmp_path
                 "--sampler", "random", "--base-on", "host")
     (mode, pool), = opened
     assert mode == "host" and json.loads(r.stdout)["objective"] > 0
-    assert pool.model is not pool.merger._targets[0].base  # the search merges into a copy, the base stays mapped
+    mapped, total = file_backed_bytes(t.base for t in pool.merger._targets)
+    assert mapped == total > 0  # the merger reads the memory-mapped base (a device-mode pool clones it: 0 mapped)...
+    assert file_backed_bytes(pool.model.parameters())[0] == 0  # ...and merges into a copy in process memory
     assert optimer("search", "--base", base_dir, "--vector", files[0], "--base-on", "gpu", ok=False).returncode == 2
 
     pytest.importorskip("gradio", reason="gradio is an optional dependency (pip install -e '.[workbench]')")
@@ -160,6 +162,57 @@ def test_the_base_on_flag_reaches_the_search_the_workbench_and_the_plan(tmp_path
                               "--json").stdout)
     assert (plan["base_on_host"], auto["base_on_host"]) == (True, False)  # CPU, automatic: the engine's "device"
     assert plan["need_bytes"] == auto["need_bytes"] - auto["base_bytes"]
+
+
+# ---- the automatic choice on a GPU, with torch.cuda's memory queries faked (no GPU needed) ----------------------
+def _fake_gpu(monkeypatch, free: int, reserved: int = 0, allocated: int = 0) -> None:
+    """A visible ``cuda:0`` whose driver reports ``free`` bytes and whose caching allocator holds ``reserved``
+    bytes, ``allocated`` of them in use (only memory queries work: nothing may be put on it)."""
+    for name, fn in {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+                     "mem_get_info": lambda device=None: (free, 80 * 2**30),
+                     "memory_reserved": lambda device=None: reserved,
+                     "memory_allocated": lambda device=None: allocated}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_automatic_base_on_is_the_plans_choice_and_counts_the_allocators_cache_as_free(tiny_vectors, monkeypatch):
+    from optimer_lib.engine.host_base import pool_base_on
+    from optimer_lib.engine.plan import plan_pool, pool_size, work_bytes
+
+    base_dir, files = tiny_vectors(names=("v0", "v1"))
+    size = pool_size(base_dir, files)
+    need = size.parameters * 2 * 2 + work_bytes(size.vocab_size)  # bf16 base + one slot + working memory
+
+    def both(free: int, reserved: int = 0, allocated: int = 0) -> tuple[str, str]:
+        _fake_gpu(monkeypatch, free, reserved, allocated)
+        plan = plan_pool(base_dir, files, device="cuda:0", dtype="bfloat16", bandwidth=1e9, host_to_device=1e9)
+        return pool_base_on(None, base_dir, files, device="cuda", dtype="bfloat16"), \
+            "host" if plan.base_on_host else "device"
+
+    assert both(need) == ("device", "device")  # base + slot + work fit exactly
+    assert both(need - 1) == ("host", "host")
+    # 1 kB short by the driver's count, but torch holds 3 kB of freed blocks it will reuse: the base fits
+    assert both(need - 1000, reserved=5000, allocated=2000) == ("device", "device")
+    assert both(need - 1000, reserved=2000, allocated=2000) == ("host", "host")  # held and in use: it does not
+    assert pool_base_on("device", base_dir, files, device="cuda") == "device"  # asked: no measuring
+
+
+def test_a_bare_cuda_device_is_the_tensors_device_and_auto_dtype_is_the_gpus(tiny_vectors, monkeypatch):
+    from optimer_lib.engine.host_base import place_base
+
+    base_dir, files = tiny_vectors(names=("v0", "v1"))
+    model = load_model(base_dir)
+    _fake_gpu(monkeypatch, free=1000)  # far too small: the base stays on the host
+    mode, dev, kept, slots = place_base(model, None, "cuda", None)
+    # cuda:0, as the slots' tensors will be: a base already on cuda:0 compares equal to it and is not moved
+    assert (mode, dev, kept, slots) == ("host", torch.device("cuda", 0), model, 1)
+    # dtype "auto" for a GPU is bfloat16 even though the host base is loaded on the CPU (whose auto is float32)
+    engine = MergeEngine.open(base_dir, files, device="cuda", dtype="auto", base_on="host", vectors_on="host")
+    assert (engine.dtype, engine.device, next(engine.base.parameters()).device.type) == \
+        (torch.bfloat16, torch.device("cuda", 0), "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is visible: use device='cpu'"):
+        place_base(model, "host", "cuda", None)
 
 
 # ---- process memory, measured in fresh processes -------------------------------------------------------------

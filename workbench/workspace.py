@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from optimer_lib.checkpoints.mapped import host_load_args
 from optimer_lib.checkpoints.vectors import (
     DistributionVector,
     cosine_matrix,
@@ -325,8 +326,9 @@ class Workspace:
         try:  # a host base is loaded on the CPU (memory-mapped) and only the engine's slots go to the device
             base_on = pool_base_on(self.base_on, base_dir, files, inst, device=self.device, dtype=self.dtype,
                                    slots=self.slots)
-            model, tokenizer, vectors, instruction = load_checked(
-                base_dir, files, instruction=inst, device="cpu" if base_on == "host" else self.device, dtype=self.dtype)
+            where, dt = host_load_args(self.device, self.dtype) if base_on == "host" else (self.device, self.dtype)
+            model, tokenizer, vectors, instruction = load_checked(base_dir, files, instruction=inst, device=where,
+                                                                  dtype=dt)
         except VectorError as exc:
             raise WorkbenchError(str(exc)) from exc
         self._version += 1

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from optimer_lib.checkpoints.models import load_model
+from optimer_lib.checkpoints.models import load_model, resolve_device, resolve_dtype
 from optimer_lib.errors import ModelError
 
 
@@ -140,6 +140,14 @@ def load_model_mapped(path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     be memory-mapped (see the module docstring); ``info.note`` says what is not mapped and why."""
     model = load_model(path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     return model, mapping_of(model)
+
+
+def host_load_args(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """``(device, dtype)`` to load a base kept on the host for slots on ``device``: the CPU, and ``dtype`` as the
+    *compute* device resolves it (None/"auto": bfloat16 on CUDA), not as the CPU would (float32)."""
+    if dtype is None or dtype == "auto":
+        dtype = str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+    return "cpu", dtype
 
 
 def copy_to(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:

@@ -32,6 +32,7 @@ from optimer_lib.engine.plan import (
     Machine,
     available_host_memory,
     base_stays_on_host,
+    free_device_memory,
     make_plan,
     pool_size,
     resolve_compute,
@@ -66,8 +67,13 @@ def module_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def _free(device: torch.device) -> int:
-    return int(torch.cuda.mem_get_info(device)[0])
+def compute_device(device: str | torch.device | None) -> torch.device:
+    """``device`` resolved; a bare ``cuda`` gets its index (``cuda:0``), so it equals the device of tensors on it
+    (``torch.device("cuda") != torch.device("cuda:0")``: a base already there would be taken for one elsewhere)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but no CUDA device is visible: use device='cpu' (or 'auto')")
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 def place_base(model: torch.nn.Module, base_on: str | None, device: str | torch.device | None,
@@ -79,7 +85,7 @@ def place_base(model: torch.nn.Module, base_on: str | None, device: str | torch.
     than copied back behind the caller's back).
     """
     here = next(model.parameters()).device
-    dev = here if device is None else resolve_device(device)
+    dev = here if device is None else compute_device(device)
     slots = default_slots(dev) if max_slots is None else int(max_slots)
     if slots < 1:
         raise ConfigError(f"max_slots must be at least 1, got {max_slots}")
@@ -89,7 +95,8 @@ def place_base(model: torch.nn.Module, base_on: str | None, device: str | torch.
             mode = "device"
         else:
             vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            host = base_stays_on_host(module_bytes(model), slots, work_bytes(vocab), _free(dev), gpu=True)
+            host = base_stays_on_host(module_bytes(model), slots, work_bytes(vocab), free_device_memory(dev),
+                                      gpu=True)
             mode = "host" if host else "device"
     if mode == "host" and here.type != "cpu":
         raise ConfigError(f"base_on='host' keeps the base in host memory, but this one is on {here}: load it on the "
@@ -114,5 +121,5 @@ def pool_base_on(base_on: str | None, base: str | os.PathLike, vectors: Sequence
         size = pool_size(base, vectors, instruction)
     except ModelError:  # not safetensors: no headers to size it from; the base goes where it always went
         return "device"
-    machine = Machine("this machine", str(dev), available_host_memory(), _free(dev), bandwidth=1.0)
+    machine = Machine("this machine", str(dev), available_host_memory(), free_device_memory(dev), bandwidth=1.0)
     return "host" if make_plan(size, machine, dtype=dt, slots=slots).base_on_host else "device"

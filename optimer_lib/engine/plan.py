@@ -120,6 +120,13 @@ def available_host_memory() -> int:
     raise ConfigError("cannot read the available memory (no psutil, no /proc/meminfo): pip install psutil")
 
 
+def free_device_memory(device: str | torch.device) -> int:
+    """Bytes a new tensor on the CUDA ``device`` can use: the driver's free memory plus what torch's caching
+    allocator holds unused (freed tensors stay reserved, and the allocator reuses them before asking for more)."""
+    free = int(torch.cuda.mem_get_info(device)[0])
+    return free + max(0, int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device)))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -185,7 +192,7 @@ def this_machine(device: str | None = "auto", *, bandwidth: float | None = None,
     host = available_host_memory() if host_bytes is None else int(host_bytes)
     free, h2d = None, None
     if dev.type == "cuda":
-        free = int(torch.cuda.mem_get_info(dev)[0]) if device_bytes is None else int(device_bytes)
+        free = free_device_memory(dev) if device_bytes is None else int(device_bytes)
         h2d = measure_host_to_device(dev, seconds=seconds) if host_to_device is None else float(host_to_device)
     bw = measure_bandwidth(dev, seconds=seconds) if bandwidth is None else float(bandwidth)
     return Machine("this machine", str(dev), host, free, bw, h2d)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimer_lib.checkpoints.mapped import copy_to
+from optimer_lib.checkpoints.mapped import copy_to, host_load_args
 from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_device
 from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, load_vector, state_fingerprint
 from optimer_lib.errors import ConfigError, VectorError
@@ -106,8 +106,8 @@ def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
     if base_on not in ("host", "device"):
         raise ConfigError(f"base_on must be 'host' or 'device', got {base_on!r}")
     host = base_on == "host"
-    model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dtype,
-                                                device="cpu" if host else device,
+    where, dt = host_load_args(device, dtype) if host else (device, dtype)
+    model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dt, device=where,
                                                 allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                                 trust_remote_code=trust_remote_code)
     if host:
