@@ -261,3 +261,7 @@ def test_a_seed_still_running_is_named_but_not_counted(tmp_path):
     text = render_findings(summary)
     assert "Seeds: 0 (" in text and "seed 1 " in text and "min (incomplete: not counted)" in text
     assert "seed 0 " in text and text.count("(incomplete: not counted)") == 1
+    # seed 1's finished stages still count where a finding reads only them, and its tag says how many seeds it read
+    assert summary["findings"]["2"]["seeds"] == [0, 1] and summary["findings"]["4"]["seeds"] == [0, 1]
+    row = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert row["2"].endswith("(provisional: 2 of 3 seeds) |") and row["1"].endswith("(provisional: 1 of 3 seeds) |")

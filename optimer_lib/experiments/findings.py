@@ -217,14 +217,15 @@ def budgets(per_seed: dict[int, dict[str, Any]]) -> dict[str, str]:
 
 
 def _f2(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    cos = [per_seed[s]["cosine"]["off_diagonal"] for s in per_seed if per_seed[s].get("cosine", {}).get("off_diagonal")]
+    seeds = [s for s in per_seed if per_seed[s].get("cosine", {}).get("off_diagonal")]
+    cos = [per_seed[s]["cosine"]["off_diagonal"] for s in seeds]
     if not cos:
         return None
     worst = st.seed_range([max(abs(o["min"]), abs(o["max"])) for o in cos])
     lo, hi = min(o["min"] for o in cos), max(o["max"] for o in cos)
     return _finding([st.Criterion("largest |cosine|", "below", COSINE_MAX).verdict(_le(worst, COSINE_MAX))],
                     f"pairwise cosine {lo:.3f} to {hi:.3f} across seeds; largest |cosine| per seed: {_rng(worst)}",
-                    numbers={"largest_abs": worst})
+                    numbers={"largest_abs": worst}, seeds=seeds)
 
 
 def _le(iv: st.Interval, threshold: float) -> st.Interval:
@@ -249,16 +250,17 @@ def _f3(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     text = f"{pts} (one value per seed); lowest cosine per seed: {_rng(cos)}; largest |t − fraction|: {_rng(dev, 2)}"
     return _finding([st.Criterion("cosine", "above", LINE_MIN_COS).verdict(cos),
                      st.Criterion("|t − fraction|", "below", LINE_T_TOL).verdict(_le(dev, LINE_T_TOL))], text,
-                    numbers={"min_cosine": cos, "max_t_deviation": dev})
+                    numbers={"min_cosine": cos, "max_t_deviation": dev}, seeds=list(rows))
 
 
 def _f4(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     from optimer_lib.experiments.analysis import trials_to_reach
 
-    margin, tols, shares = [], [], []
-    for stages in per_seed.values():
+    margin, tols, shares, seeds = [], [], [], []
+    for seed, stages in per_seed.items():
         if not {"grid", "landscape", "optimer"} <= set(stages) or "base_objective" not in stages["optimer"]:
             continue
+        seeds.append(seed)
         tol = max(0.0, GAIN_SHARE * (stages["optimer"]["base_objective"] - stages["optimer"]["objective"]))
         runs = stages["grid"]["values"]
         best = min(v for vs in runs.values() for v in vs if v is not None and math.isfinite(v))
@@ -273,7 +275,8 @@ def _f4(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     text = (f"tolerance {_rng(st.seed_range(tols), 4)} (10% of OptiMer's dev gain over the base); trials grid − TPE "
             f"to come within it: {_rng(m, 1)}; share of the 2-D slice within the tolerance of its best: "
             f"{_rng(st.seed_range(shares), 2)}")
-    return _finding([st.Criterion("grid − TPE trials", "above", 0.0).verdict(m)], text, numbers={"margin": m})
+    return _finding([st.Criterion("grid − TPE trials", "above", 0.0).verdict(m)], text, numbers={"margin": m},
+                    seeds=seeds)
 
 
 def _f5(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
@@ -307,18 +310,20 @@ def _f6(sm: Samples) -> dict[str, Any] | None:
 
 def _f7(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
     ratios: dict[str, list[float]] = {}
-    for stages in per_seed.values():
+    seeds = []
+    for seed, stages in per_seed.items():
         if "optimer" not in stages:
             continue
         for mode, r in cost_ratios(stages, ledger_of(stages)).items():
             ratios.setdefault(mode, []).append(r["seconds"]["ratio"] or 0.0)
+            seeds += [] if seed in seeds else [seed]
     if not ratios:
         return None
     ivs = {m: st.seed_range(v) for m, v in ratios.items()}
     text = "; ".join(f"({m}) {_rng(iv, 1, 'x')}" + (" (OptiMer never reached the mixture's best in some seed: 0x)"
                                                  if iv.low == 0 else "") for m, iv in ivs.items())
     return _finding([st.Criterion(m, "above", PAPER_COST_RATIO).verdict(_ge(iv, PAPER_COST_RATIO))
-                     for m, iv in ivs.items()], text, numbers=ivs)
+                     for m, iv in ivs.items()], text, numbers=ivs, seeds=seeds)
 
 
 def _ge(iv: st.Interval, threshold: float) -> st.Interval:
