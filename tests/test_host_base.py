@@ -117,6 +117,10 @@ def test_a_wrong_base_on_is_a_config_error(tiny_vectors):
     with pytest.raises(ConfigError, match="load it on the CPU"):
         MergeEngine(meta, None, vecs, base_on="host", device="cpu")
     assert MergeEngine(model, None, vecs).base_on == "device"  # CPU, automatic: the base stays where it is
+    from optimer_lib.merging.pool import open_pool  # the search pool decides nothing itself: it says who does
+
+    with pytest.raises(ConfigError, match="for the automatic choice, pass optimer_lib.engine.host_base.pool_base_on"):
+        open_pool(base_dir, files, base_on=None)
 
 
 def test_the_base_on_flag_reaches_the_search_the_workbench_and_the_plan(tmp_path, tiny_vectors, monkeypatch, optimer):

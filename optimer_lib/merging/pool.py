@@ -104,7 +104,9 @@ def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
     that the merger rewrites reading the host base and streaming the vectors; the device then holds one model
     instead of the model plus a copy of every merged tensor's base (``"device"``, the default)."""
     if base_on not in ("host", "device"):
-        raise ConfigError(f"base_on must be 'host' or 'device', got {base_on!r}")
+        raise ConfigError(f"base_on must be 'host' or 'device', got {base_on!r}: for the automatic choice, pass "
+                          "optimer_lib.engine.host_base.pool_base_on(None, base, vectors, device=...) (what "
+                          "`optimer search --base-on auto` does)")
     host = base_on == "host"
     where, dt = host_load_args(device, dtype) if host else (device, dtype)
     model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dt, device=where,
