@@ -47,7 +47,11 @@ def cmd_workbench(a: argparse.Namespace) -> None:
     if slots is not None and slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {slots}): one merged model is the least the engine needs")
     base_on = getattr(a, "base_on", "auto")
-    check_workbench_pool(a.workdir, device, dtype, slots or 1, base_on)  # refuse a pool that cannot fit: before loading
+    from optimer_lib.checkpoints.models import resolve_device
+    from optimer_lib.engine.host_base import default_slots
+
+    # refuse a pool that cannot fit, before loading it, with the slots the engine will hold (2 on a CPU, 1 on a GPU)
+    check_workbench_pool(a.workdir, device, dtype, slots or default_slots(resolve_device(device)), base_on)
     auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
     extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
     if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:

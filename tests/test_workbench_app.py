@@ -39,6 +39,17 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "0"]) == 2  # one-line error, no launch
 
 
+def test_the_capacity_check_plans_the_slots_the_engine_will_hold(monkeypatch, tmp_path: Path):
+    from optimer_lib import cli_search
+
+    seen = []
+    monkeypatch.setattr(app, "launch", lambda workdir, **kw: None)
+    monkeypatch.setattr(cli_search, "check_workbench_pool", lambda wd, dev, dt, slots, base_on: seen.append(slots))
+    assert main(["workbench", "--workdir", str(tmp_path)]) == 0
+    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3"]) == 0
+    assert seen == [2, 3]  # the engine's default on a CPU is 2 slots: the plan must count both
+
+
 def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):
     from test_workbench_session import SUITE, tiny_workdir
 
