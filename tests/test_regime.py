@@ -263,3 +263,31 @@ def test_findings_regime_only_writes_the_section_with_a_relative_plot_link(tmp_p
     with pytest.raises(ConfigError, match="no regime-map stages"):
         a.fn(a)
     assert not (tmp_path / "x.md").exists()
+
+
+def test_findings_read_the_regime_map_from_its_own_results(tmp_path, monkeypatch):
+    """``optimer findings --regime results/regime``: the main set's findings with the map that ran apart (its own
+    seeds) as their last section, the plot linked inside that directory; without it, a pointer to the map."""
+    import json
+    from pathlib import Path
+
+    from optimer_lib.cli import main
+
+    main_set = Path(__file__).resolve().parent / "fixtures" / "experiments-tiny"
+    monkeypatch.chdir(tmp_path)
+    reg = Path("res") / "regime"
+    reg.mkdir(parents=True)
+    (reg / "config.json").write_text(json.dumps({"seeds": [0, 1, 2]}))
+    for s, stages in _per_seed().items():
+        (reg / f"seed-{s}" / "stages").mkdir(parents=True)
+        for name, v in stages.items():
+            if name != "optimer":
+                (reg / f"seed-{s}" / "stages" / f"{name}.json").write_text(json.dumps(v))
+    assert main(["findings", "--results", str(main_set), "--out", "F.md", "--regime", str(reg)]) == 0
+    text = Path("F.md").read_text()
+    assert "## Regime map: gain recovery R" in text and "read from `res/regime`" in text
+    assert "| 0.3 | 3,333 | 0.001 | 3 | 0.50 [" in text  # the map's 3 seeds, not the main set's 2
+    assert "![R against the CPT/base token ratio](res/regime/regime-map.svg)" in text
+    assert text.startswith("# Findings at our scale") and "| 1 | " in text
+    assert main(["findings", "--results", str(main_set), "--out", "G.md"]) == 0
+    assert "Not in these results: the regime map" in Path("G.md").read_text()

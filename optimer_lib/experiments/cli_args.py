@@ -55,6 +55,8 @@ def add_findings_parser(sub: Any) -> None:
                    "ratio, SVG) here, e.g. results/experiments/regime-map.svg")
     p.add_argument("--readme", type=Path, help="also replace the headline table between the markers "
                    "'<!-- headline-table: start -->' and '<!-- headline-table: end -->' in this file (e.g. README.md)")
+    p.add_argument("--regime", type=Path, help="read the regime map from this results directory (e.g. "
+                   "results/regime, where it runs with its own seeds) instead of --results")
     p.add_argument("--regime-only", action="store_true", help="write only the regime map's section to --out (for "
                    "results holding the regime map alone, e.g. results/regime); its plot link points at --regime-plot")
     p.set_defaults(fn=cmd_findings)
@@ -66,7 +68,7 @@ def cmd_findings(a: argparse.Namespace) -> None:
     if getattr(a, "regime_only", False):
         summary = write_regime_only(a.results, a.out, plot=getattr(a, "regime_plot", None))
     else:
-        summary = write_findings(a.results, a.out, readme=getattr(a, "readme", None))
+        summary = write_findings(a.results, a.out, readme=getattr(a, "readme", None), regime=getattr(a, "regime", None))
     print(f"wrote {a.out}" + (f" and the headline table of {a.readme}" if getattr(a, "readme", None) else "")
           + f" from {a.results}")
     if getattr(a, "regime_plot", None):

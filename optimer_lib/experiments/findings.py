@@ -378,8 +378,10 @@ def cost_accounting(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 # -- summary and rendering ------------------------------------------------------------------------------------
-def summarise_results(d: str | Path) -> dict[str, Any]:
-    """Every finding's criterion, numbers and verdict from a results directory (JSON-able via :func:`to_json`)."""
+def summarise_results(d: str | Path, regime: str | Path | None = None) -> dict[str, Any]:
+    """Every finding's criterion, numbers and verdict from a results directory (JSON-able via :func:`to_json`);
+    ``regime``: a results directory holding the regime map alone (e.g. ``results/regime``, run with its own seeds)
+    to read the map from instead of ``d``."""
     cfg, per_seed = load_results(d)
     sm = Samples(per_seed)
     terms = sm.terms.get(sm.objective, {})
@@ -401,7 +403,8 @@ def summarise_results(d: str | Path) -> dict[str, Any]:
     return {"config": cfg, "seeds": sm.seeds, "seeds_configured": cfg.get("seeds", []), "objective": sm.objective,
             "provisional": len(sm.seeds) < MIN_SEEDS,
             "findings": f, "test_table": table, "budgets": budgets(per_seed), "costs": cost_accounting(per_seed),
-            "regime": summarise_regime(per_seed),
+            "regime": summarise_regime(load_results(regime)[1] if regime is not None else per_seed),
+            "regime_dir": None if regime is None else Path(regime).as_posix(),
             "stage_minutes": {s: round(sum(v.get("stage_seconds") or 0 for k, v in stages.items()  # regime: its own
                                            if not k.startswith("regime-")) / 60, 1)
                               for s, stages in per_seed.items()}}

@@ -42,7 +42,9 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
     b = summary["budgets"]
     lines = ["# Findings at our scale", "",
              f"Measured by `{command}` on the embedded world; rendered from the committed JSONs by `optimer findings "
-             "--results results/experiments --out FINDINGS.md`. Dev splits for every search and every selection, "
+             "--results results/experiments --out FINDINGS.md"
+             + (f" --regime {summary['regime_dir']}" if summary.get("regime_dir") else "")
+             + "`. Dev splits for every search and every selection, "
              f"test splits for the numbers (first {cfg.get('final_limit')} documents per distribution); objective "
              f"`{summary['objective']}`, lower is better. Seeds: {', '.join(map(str, seeds)) or 'none'} (each seed "
              "is the CPT seed and every search's sampler seed). Trials per merge method (TPE, one code path): "
@@ -89,7 +91,12 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
         lines += [f"| {m} | {summary['costs'][m]['search']:,.0f} | {summary['costs'][m]['first_model']:,.0f} | "
                   f"{summary['costs'][m]['further_objective']:,.0f} |" for m in order]
         lines.append("")
-    if summary["regime"]:
+    if summary["regime"] and summary.get("regime_dir"):  # the map's own results (its own seeds)
+        d = summary["regime_dir"]
+        reg = render_regime(summary["regime"], plot=f"{d}/regime-map.svg")
+        lines += [*reg[:2], f"The map ran apart from the set above, with its own seeds; read from `{d}`.", "",
+                  *reg[2:]]
+    elif summary["regime"]:
         lines += render_regime(summary["regime"], plot=REGIME_PLOT)
     else:  # the map ran apart (its own seeds and results directory): say where it is
         lines += ["## Regime map", "", "Not in these results: the regime map (gain recovery R against the CPT/base "
@@ -164,7 +171,7 @@ def render_headline(summary: dict[str, Any]) -> str:
             + (f"**Provisional: {len(seeds)} of {MIN_SEEDS} seeds.** " if summary.get("provisional") else "")
             + "The differences between rows, paired over the same documents, have much narrower intervals: see "
             "FINDINGS.md. Rendered by `optimer findings --results results/experiments --out FINDINGS.md "
-            "--readme README.md`.")
+            "--readme README.md --regime results/regime`.")
     rows = [f"| {label} | {_iv(table[row])} |" for row, label in HEADLINE if row in table]
     return "\n".join([README_START, note, "", "| model | test objective |", "|---|---|", *rows, README_END])
 
@@ -179,10 +186,11 @@ def replace_headline(readme: str, block: str) -> str:
 
 
 def write_findings(results: str | Path, *outs: str | Path, command: str | None = None,
-                   readme: str | Path | None = None) -> dict[str, Any]:
+                   readme: str | Path | None = None, regime: str | Path | None = None) -> dict[str, Any]:
     """Render the findings of ``results`` and write them to each of ``outs`` (explicit paths only); with
-    ``readme``, also replace that file's headline block (:func:`render_headline`)."""
-    summary = summarise_results(results)
+    ``readme``, also replace that file's headline block (:func:`render_headline`); with ``regime``, read the regime
+    map from that results directory (see :func:`~optimer_lib.experiments.findings.summarise_results`)."""
+    summary = summarise_results(results, regime=regime)
     text = render_findings(summary, command=command)
     if readme is not None:  # checked before anything is written: a README without markers changes nothing
         new_readme = replace_headline(Path(readme).read_text(), render_headline(summary))
