@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from optimer_lib.checkpoints.mapped import host_load_args
+from optimer_lib.checkpoints.mapped import base_load_args
 from optimer_lib.checkpoints.vectors import (
     DistributionVector,
     cosine_matrix,
@@ -326,7 +326,7 @@ class Workspace:
         try:  # a host base is loaded on the CPU (memory-mapped) and only the engine's slots go to the device
             base_on = pool_base_on(self.base_on, base_dir, files, inst, device=self.device, dtype=self.dtype,
                                    slots=self.slots)
-            where, dt = host_load_args(self.device, self.dtype) if base_on == "host" else (self.device, self.dtype)
+            where, dt = base_load_args(base_on, self.device, self.dtype)
             model, tokenizer, vectors, instruction = load_checked(base_dir, files, instruction=inst, device=where,
                                                                   dtype=dt)
         except VectorError as exc:

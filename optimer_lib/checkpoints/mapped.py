@@ -142,9 +142,12 @@ def load_model_mapped(path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     return model, mapping_of(model)
 
 
-def host_load_args(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """``(device, dtype)`` to load a base kept on the host for slots on ``device``: the CPU, and ``dtype`` as the
-    *compute* device resolves it (None/"auto": bfloat16 on CUDA), not as the CPU would (float32)."""
+def base_load_args(base_on: str, device: str | None, dtype: str | None) -> tuple[str | None, str | None]:
+    """``(device, dtype)`` to load a base for slots on ``device``: as given when ``base_on`` is "device"; for a base
+    kept on the host ("host"), the CPU, and ``dtype`` as the *compute* device resolves it (None/"auto": bfloat16
+    on CUDA), not as the CPU would (float32)."""
+    if base_on != "host":
+        return device, dtype
     if dtype is None or dtype == "auto":
         dtype = str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
     return "cpu", dtype

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from optimer_lib.checkpoints.mapped import copy_to, host_load_args, mapping_of
+from optimer_lib.checkpoints.mapped import base_load_args, copy_to, mapping_of
 from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
 from optimer_lib.engine.state import MergeState
@@ -178,7 +178,7 @@ class MergeEngine:
 
         mode = pool_base_on(base_on, base, vectors, instruction, device=device, dtype=dtype,
                             slots=kwargs.get("max_slots"))
-        where, dt = host_load_args(device, dtype) if mode == "host" else (device, dtype)  # on the host: mapped
+        where, dt = base_load_args(mode, device, dtype)  # on the host: mapped
         model, tok, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dt, device=where,
                                               allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                               trust_remote_code=trust_remote_code)

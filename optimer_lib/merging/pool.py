@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimer_lib.checkpoints.mapped import copy_to, host_load_args
+from optimer_lib.checkpoints.mapped import base_load_args, copy_to
 from optimer_lib.checkpoints.models import load_model, load_tokenizer, resolve_device
 from optimer_lib.checkpoints.vectors import DistributionVector, check_compatible, load_vector, state_fingerprint
 from optimer_lib.errors import ConfigError, VectorError
@@ -108,7 +108,7 @@ def open_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
                           "optimer_lib.engine.host_base.pool_base_on(None, base, vectors, device=...) (what "
                           "`optimer search --base-on auto` does)")
     host = base_on == "host"
-    where, dt = host_load_args(device, dtype) if host else (device, dtype)
+    where, dt = base_load_args(base_on, device, dtype)
     model, tokenizer, vecs, inst = load_checked(base, vectors, instruction=instruction, dtype=dt, device=where,
                                                 allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                                 trust_remote_code=trust_remote_code)
