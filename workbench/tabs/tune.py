@@ -408,15 +408,15 @@ class TuneTab:
             iw = session.tune.instruction_weight
             t0 = time.perf_counter()
             r = session.cached_result()
+            cost = f"one Tune score {session.scoring_cost()}"
             if r is not None:
                 fig, status = self.render(session, r, t0)
             else:
                 session.ui["tune_shown"] = False
                 session.prefetch()
                 fig = empty("scoring the current weights in the background: move a slider or press confirm")
-                status = f"one Tune score {session.scoring_cost()}"
+                status = cost
             sets = dev_sets_update(session, session.scoring.sets)
-            cost = f"one Tune score {session.scoring_cost()}"
         except Exception as exc:
             return [*hidden, gr.update(), gr.update(), empty("the pool could not be opened"), error_md(exc)]
         sliders = [gr.update(visible=True, label=f"α {names[i]}", value=current[names[i]]) if i < len(names)
