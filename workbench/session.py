@@ -41,16 +41,15 @@ from optimer_lib.scoring.objectives import LMEVAL
 from optimer_lib.scoring.tune_config import TuneScoring
 from optimer_lib.scoring.uncertainty import Interval
 from optimer_lib.search.rerank import RerankResult
-from workbench.chatting import GenSettings, Message, stream_many
 from workbench.searching import ParetoRun, SearchRun, best_params, checked_spec, load_study
+from workbench.session_chat import BASE, BASE_IT, BEST, TUNE, ChatMethods
 from workbench.session_studies import StudyMethods
 from workbench.tuning import TuneUpdate, cached_update, last_update, score_stream, tuning_key
 from workbench.workspace import SharedPool, WorkbenchError, Workspace
 
-TUNE = "Tune merge"
-BEST = "best merge"
-BASE = "base"
-BASE_IT = "base + instruction"
+# the pane names live with the chat methods; importers keep reading them here
+__all__ = ["BASE", "BASE_IT", "BEST", "TUNE", "ExportResult", "Session", "TuneResult", "TuneView"]
+
 
 
 @dataclass
@@ -100,7 +99,7 @@ class ExportResult:
 
 
 @dataclass
-class Session(StudyMethods):
+class Session(ChatMethods, StudyMethods):
     """Per-browser state over a :class:`Workspace`: weights, results and runs; models come from the engine.
 
     ``tune_limit`` documents (``qa_limit`` QA pairs) per dev set are scored on each Tune change, unless
@@ -147,10 +146,9 @@ class Session(StudyMethods):
             if self._shared is None or shared.engine is not self._shared.engine:
                 self._state = None
             self._shared, self.last = shared, None
-            sc = self._scoring
-            if sc is not None and sc.sets and not set(sc.sets) <= set(shared.suite.names()):
-                self._scoring = replace(sc, sets=tuple(n for n in sc.sets if n in shared.suite.names())
-                                                    or None)
+            sc, have = self._scoring, set(shared.suite.names())
+            if sc is not None and sc.sets and not set(sc.sets) <= have:
+                self._scoring = replace(sc, sets=tuple(n for n in sc.sets if n in have) or None)
         return shared
 
     @property
@@ -370,73 +368,6 @@ class Session(StudyMethods):
             return dict(last.metrics) if last is not None and last.phase == "final" else None
         finally:
             self._pending.discard((state, scoring))
-
-    # -- chat ----------------------------------------------------------------------------------
-    def pane_choices(self) -> list[str]:
-        """Models a chat pane can show."""
-        out = [BASE]
-        if self.shared.instruction is not None:
-            out.append(BASE_IT)
-        return [*out, *(f"CPT {n}" for n in self.names), TUNE, BEST]
-
-    def pane_state(self, choice: str) -> MergeState:
-        """The merge a chat pane shows; Tune/best use Tune's instruction weight, Tune also its method."""
-        zeros = dict.fromkeys(self.names, 0.0)
-        engine, tune = self.shared.engine, self.state
-        if choice == BASE:
-            return engine.state(zeros)
-        if choice == BASE_IT:
-            return engine.state(zeros, 1.0)
-        if choice.startswith("CPT ") and choice[4:] in self.names:
-            return engine.state({**zeros, choice[4:]: 1.0})
-        if choice == TUNE:
-            return tune
-        if choice == BEST:
-            return engine.state(self.preset("best"), tune.instruction_weight)
-        raise WorkbenchError(f"unknown chat model {choice!r}: choose one of {self.pane_choices()}")
-
-    def pane_weights(self, choice: str) -> tuple[dict[str, float], float]:
-        """``(weights, instruction weight)`` of a pane."""
-        st = self.pane_state(choice)
-        return st.weight_map, st.instruction_weight
-
-    def chat(self, prompt: str, choices: Sequence[str], histories: Sequence[list[Message]] | None = None,
-             settings: GenSettings | None = None) -> Iterator[list[list[Message]]]:
-        """Send ``prompt`` to every pane at once; yields all panes' histories as replies stream in.
-
-        Panes of different merges generate in parallel (up to the engine's concurrency), panes of the same merge
-        in one batch with other sessions' replies to it (:mod:`optimer_lib.engine.batching`); each reply is
-        generated on one engine lease (never a re-merge per token). A failing pane says why and never stops the
-        others.
-        """
-        settings = settings or GenSettings()
-        hist = [list(h) for h in (histories or [[] for _ in choices])]
-        prompt = prompt.strip()
-        if not prompt:
-            raise WorkbenchError("type a prompt first")
-        for h in hist:
-            h.append({"role": "user", "content": prompt})
-            h.append({"role": "assistant", "content": ""})
-        yield hist
-        live: list[tuple[int, MergeState]] = []
-        for i, choice in enumerate(choices):
-            try:
-                live.append((i, self.pane_state(choice)))
-            except Exception as exc:  # one failing pane must not hide the others
-                hist[i][-1] = {"role": "assistant", "content": f"[{type(exc).__name__}: {exc}]"}
-        if len(live) < len(choices):
-            yield hist
-        if not live:
-            return
-        replies = stream_many(self.shared.engine, [st for _, st in live], [hist[i][:-2] for i, _ in live], prompt,
-                              settings)
-        try:
-            for texts in replies:
-                for (i, _), text in zip(live, texts, strict=True):
-                    hist[i][-1] = {"role": "assistant", "content": text}
-                yield hist
-        finally:
-            replies.close()  # the reader left (a closed tab): every reply stops at its next token
 
     # -- export --------------------------------------------------------------------------------
     def export(self, name: str, overwrite: bool = False) -> ExportResult:
