@@ -11,10 +11,10 @@ import torch
 from test_workbench_session import SUITE, tiny_workdir
 
 from optimer_lib.merging import groups
-from workbench.figures import layer_heatmap
+from workbench.figures import FigureCache, layer_heatmap, tune_chart
 from workbench.session import Session
 from workbench.tabs import Ctx
-from workbench.tabs.tune import TuneTab, on_one_thread
+from workbench.tabs.tune import VECTOR_VIEW, TuneTab, on_one_thread
 from workbench.workspace import Workspace
 
 torch.set_num_threads(1)
@@ -37,6 +37,20 @@ def test_layer_heatmap_z_is_each_vectors_weight_per_layer():
     assert layer_heatmap({}).data == ()  # nothing to draw: an empty figure with a note
 
 
+def test_a_figure_cache_draws_equal_arguments_once_and_keeps_the_most_recent():
+    calls = []
+    chart = FigureCache(lambda *a, **k: calls.append((a, k)) or tune_chart(*a, **k), size=2)
+    m, refs = {"loss:ja": 3.25, "acc:math": 0.5}, {"base": {"loss:ja": 3.5, "acc:math": 0.25}}
+    fig = chart(m, refs, title="t", intervals={"loss:ja": (3.0, 3.5)})
+    assert chart(dict(m), {"base": dict(refs["base"])}, intervals={"loss:ja": [3.0, 3.5]}, title="t") is fig
+    current = [round(y, 6) for t in fig.data if t.name == "current" for y in t.y]
+    assert len(calls) == 1 and current == [-0.25, 0.5]  # drawn once, and the real chart (loss − base, accuracy)
+    other = chart({"loss:ja": 3.25 + 1e-12, "acc:math": 0.5}, refs, title="t", intervals={"loss:ja": (3.0, 3.5)})
+    assert other is not fig and len(calls) == 2  # floats are keyed exactly
+    chart(m, refs, title="u")  # a third figure: the least recently used (fig) goes
+    assert chart(m, refs, title="t", intervals={"loss:ja": (3.0, 3.5)}) is not fig and len(calls) == 4
+
+
 @pytest.fixture(scope="module")
 def tab_and_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[TuneTab, Session]:
     root = tiny_workdir(tmp_path_factory.mktemp("groups") / "wd")
@@ -49,17 +63,20 @@ def tab_and_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[TuneTab, 
 
 def release(tab: TuneTab, session: Session, move: tuple[str, int], granularity: str, plain: list[float],
             group_value: float = 0.0) -> list:
-    """Run a move's handler as Gradio would (all its yields) with what its event sends; the last yield."""
+    """Run a move's handler as Gradio would (all its yields) with what its event sends: the first yield, the one
+    that carries the heat-map and the group view (later yields skip them: Gradio rebuilds a component per update)."""
     values = [group_value] if move[0] == "group" else [*plain, *[0.0] * (tab.ctx.max_vectors - len(plain))]
     assert len(tab.inputs(move)) == 2 + len(values)
-    *_, last = tab._release_fn(move)(session, granularity, *values)
-    return list(last)
+    first, *later = (list(y) for y in tab._release_fn(move)(session, granularity, *values))
+    assert all(u == gr.skip() for y in later for u in y[2:])
+    return first
 
 
 def test_release_reads_only_the_moved_group_slider(tab_and_session):
     tab, session = tab_and_session
-    release(tab, session, ("vector", 0), "vector", [0.4, 0.0], [])
+    out = release(tab, session, ("vector", 0), "vector", [0.4, 0.0], [])
     assert session.tune.weights == {"ja": 0.4, "math": 0.0}
+    assert out[3] == VECTOR_VIEW == tab.group_view.value  # one α per vector: the page's view, no controls sent
     assert tab.group_sliders[7] not in tab.inputs(("group", 6)) and tab.inputs(("group", 6))[-1] is \
         tab.group_sliders[6]  # a group move sends only its own slider (a collapsed one may send nothing)
     layout = session.group_layout("layer-groups:2")
@@ -68,18 +85,23 @@ def test_release_reads_only_the_moved_group_slider(tab_and_session):
         out = release(tab, session, ("granularity", 0), "layer-groups:2", [0.4, 0.0])
         assert groups.expand(session.tune.weights, session.names, layout) == {
             **{f"ja@{g}": 0.4 for g in layout}, **{f"math@{g}": 0.0 for g in layout}}
-    start = 3 + len(tab.accordions)  # chart, status, granularity, accordions, then the group sliders
-    assert out[2]["value"] == "layer-groups:2" and out[3]["visible"] is True
-    sliders = out[start:start + len(tab.group_sliders)]
-    assert [u["value"] for u in sliders[:4]] == [0.4] * 4 and sliders[4]["visible"] is False
     assert "error" not in str(out[1]).lower()
+    view = out[3]  # its change draws the controls: granularity, accordions, then the group sliders
+    assert tab.group_controls == [tab.granularity, *tab.accordions, *tab.group_sliders]
+    controls = tab.on_group_view(view)
+    assert controls[0]["value"] == "layer-groups:2" and controls[1]["visible"] is True
+    sliders = controls[1 + len(tab.accordions):]
+    assert [u["value"] for u in sliders[:4]] == [0.4] * 4 and sliders[4]["visible"] is False
+    assert [u["label"] for u in sliders[:2]] == ["α ja@embed", "α ja@blocks0-0"]
+    assert not any(u.get("visible") for u in tab.on_group_view(VECTOR_VIEW)[1:])  # back to vector: all hidden
 
     release(tab, session, ("group", 2), "layer-groups:2", [0.4, 0.0], 1.2)  # vector 0, group 2: blocks1-1
     got = groups.expand(session.tune.weights, session.names, layout)
     assert [got[f"ja@{g}"] for g in layout] == [0.4, 0.4, 1.2, 0.4]
     assert [got[f"math@{g}"] for g in layout] == [0.0] * 4
-    heat = release(tab, session, ("vector", 1), "layer-groups:2", [0.4, 0.7])[-1]  # math: every group
+    heat, view = release(tab, session, ("vector", 1), "layer-groups:2", [0.4, 0.7])[2:]  # math: every group
     assert [list(r) for r in heat.data[0].z] == [[0.4, 0.4, 1.2, 0.4], [0.7, 0.7, 0.7, 0.7]]
+    assert view["values"]["math@head"] == 0.7 and view["values"]["ja@blocks1-1"] == 1.2
 
 
 def test_streams_are_drained_on_one_thread():

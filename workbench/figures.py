@@ -11,9 +11,12 @@ nothing to show yet), sized for a dashboard cell.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 
 import optuna
 import plotly.graph_objects as go
@@ -29,6 +32,38 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 _WHITE = pio.templates["plotly_white"]
 TEMPLATE = go.layout.Template(layout=_WHITE.layout,
                               data={k: _WHITE.data[k] for k in ("bar", "scatter", "heatmap", "contour")})
+
+
+class FigureCache:
+    """``fn``'s figures by their arguments: the same chart asked for by several sessions is drawn once.
+
+        chart = FigureCache(tune_chart)
+        fig = chart(metrics, refs, title="dev metrics")   # a second call with equal arguments returns ``fig``
+
+    Why: building a plotly figure validates every property (~50 ms for the Tune chart on 2 cores), and every
+    page load draws the same chart of the same default weights. Arguments are keyed by their JSON (floats
+    exactly); the ``size`` most recently used figures are kept. A returned figure is shared: serialise it,
+    never change it in place.
+    """
+
+    def __init__(self, fn: Callable[..., go.Figure], size: int = 64) -> None:
+        self.fn, self.size = fn, size
+        self._figures: OrderedDict[str, go.Figure] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: object, **kwargs: object) -> go.Figure:
+        key = json.dumps([args, kwargs], sort_keys=True, default=repr)
+        with self._lock:
+            fig = self._figures.get(key)
+            if fig is not None:
+                self._figures.move_to_end(key)
+                return fig
+        fig = self.fn(*args, **kwargs)  # outside the lock: two sessions may draw one chart at once, not serially
+        with self._lock:
+            self._figures[key] = fig
+            while len(self._figures) > self.size:
+                self._figures.popitem(last=False)
+        return fig
 
 
 def _layout(fig: go.Figure, title: str) -> go.Figure:

@@ -22,7 +22,7 @@ import gradio as gr
 
 from optimer_lib.merging import groups
 from optimer_lib.merging.methods import parse_method_params
-from workbench.figures import empty, layer_heatmap, tune_chart
+from workbench.figures import FigureCache, empty, layer_heatmap, tune_chart
 from workbench.session import Session, TuneResult
 from workbench.tabs import Ctx, error_md, method_controls
 from workbench.tuning import TuneUpdate
@@ -30,6 +30,7 @@ from workbench.tuning import TuneUpdate
 SLIDER_MAX = 1.5
 MAX_GROUPS = 6  # embed + up to 4 block slices + head
 GRANULARITIES = ["vector", "layer-groups:1", "layer-groups:2", "layer-groups:4"]
+VECTOR_VIEW: dict[str, Any] = {"granularity": "vector"}  # the group view of one α per vector: no group controls
 
 
 T = TypeVar("T")
@@ -83,6 +84,7 @@ class TuneTab:
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
+        self._chart, self._heat = FigureCache(tune_chart), FigureCache(layer_heatmap)  # shared by the sessions
         gr.Markdown("Drag a slider and release it: the model is re-merged in place "
                     "(θ = θ_base + Σ α_i τ_i + w·τ_instruction) and scored on the first few documents "
                     "of each dev set.")
@@ -129,7 +131,13 @@ class TuneTab:
         self.poll = gr.Timer(1.0, active=True)
         self.poll.tick(self.on_poll, [ctx.state], [self.chart, self.status, self.poll], show_progress="hidden",
                        concurrency_limit=None)
-        self.group_outputs: list[Any] = [self.granularity, *self.accordions, *self.group_sliders, self.heat]
+        # What the per-group controls show (see group_view): a change of it, not every release or page load,
+        # sends their 1 + 7 × max_vectors updates (Gradio rebuilds a component for each update, even an empty one).
+        self.group_view = gr.State(dict(VECTOR_VIEW))
+        self.group_controls: list[Any] = [self.granularity, *self.accordions, *self.group_sliders]
+        self.group_view.change(self.on_group_view, [self.group_view], self.group_controls, show_progress="hidden",
+                               concurrency_limit=None)
+        self.group_outputs: list[Any] = [self.heat, self.group_view]
         self.outputs: list[Any] = [*self.sliders, self.instruction, *self.group_outputs, self.sets, self.cost,
                                    self.chart, self.status]
         moved = [self.chart, self.status, *self.group_outputs]
@@ -177,7 +185,7 @@ class TuneTab:
         intervals = {k: (v.low, v.high) for k, v in (u.intervals if u else r.intervals).items()}
         sc = session.scoring
         what = f"first {sc.docs} documents per set" if sc.docs else "every document"
-        fig = tune_chart(r.metrics, refs, title=f"dev metrics, {what}"
+        fig = self._chart(r.metrics, refs, title=f"dev metrics, {what}"
                          + (f" (instruction weight {iw:g} in every bar)" if iw else ""),
                          intervals=intervals, estimate=bool(u and u.phase == "estimate"))
         total = time.perf_counter() - t0
@@ -225,9 +233,18 @@ class TuneTab:
 
     # -- per layer group ----------------------------------------------------------------------
     def group_updates(self, session: Session, weights: dict[str, float], granularity: str | None = None) -> list[Any]:
-        """Updates of ``group_outputs`` for ``weights``: the granularity (taken from grouped weights when not
-        given), each vector's accordion and group sliders (labels, values), and the heat-map."""
+        """Updates of ``group_outputs`` for ``weights``: the heat-map and the group view (:meth:`group_view_of`),
+        whose change redraws the per-group controls (:meth:`on_group_view`)."""
         names, layers = session.names, session.layers
+        heat = self._heat(groups.per_layer(weights, names, layers), zmax=SLIDER_MAX)
+        return [heat, self.group_view_of(session, weights, granularity)]
+
+    def group_view_of(self, session: Session, weights: dict[str, float], granularity: str | None = None
+                      ) -> dict[str, Any]:
+        """What the per-group controls show for ``weights``: ``VECTOR_VIEW`` (one α per vector), else the
+        granularity (taken from grouped weights when not given), the vector names, the group layout and every
+        (vector, group) weight. Records the layout as the session's shown one (a release reads it)."""
+        names = session.names
         layout = session.group_layout(granularity) if granularity else []
         if granularity is None and groups.is_grouped(weights):
             for g in GRANULARITIES[1:]:  # the choice whose layout the weights use, else the finest that fits
@@ -238,8 +255,17 @@ class TuneTab:
                 granularity = g
                 if set(groups.groups_in(weights)) == set(layout):
                     break
-        full = groups.expand(weights, names, layout) if layout else {}
         session.ui["tune_layout"] = layout  # what the group sliders show: a release reads them as this layout
+        if not layout:
+            return dict(VECTOR_VIEW)
+        return {"granularity": granularity, "names": list(names), "layout": list(layout),
+                "values": groups.expand(weights, names, layout)}
+
+    def on_group_view(self, view: dict[str, Any] | None) -> list[Any]:
+        """Updates of ``group_controls`` for a group view: the granularity, each vector's accordion and its
+        group sliders (labels, values)."""
+        view = view or VECTOR_VIEW
+        names, layout, full = view.get("names", []), view.get("layout", []), view.get("values", {})
         accs = [gr.update(visible=bool(layout) and i < len(names)) for i in range(self.ctx.max_vectors)]
         sliders = []
         for i in range(self.ctx.max_vectors):
@@ -249,8 +275,7 @@ class TuneTab:
                     sliders.append(gr.update(visible=True, label=f"α {key}", value=full[key]))
                 else:
                     sliders.append(gr.update(visible=False))
-        heat = layer_heatmap(groups.per_layer(weights, names, layers), zmax=SLIDER_MAX)
-        return [gr.update(value=granularity or "vector"), *accs, *sliders, heat]
+        return [gr.update(value=view.get("granularity") or "vector"), *accs, *sliders]
 
     def read_weights(self, session: Session, granularity: str, values: tuple[float, ...],
                      moved: tuple[str, int]) -> tuple[dict[str, float], float, list[str]]:
@@ -317,6 +342,7 @@ class TuneTab:
                 extra = self.group_updates(session, weights, granularity)
                 for fig, status in self.stream(session, session.score_stream(weights, iw), t0):
                     yield fig, status, *extra
+                    extra = [gr.skip() for _ in extra]  # sent with the first update: each costs a rebuild
             except Exception as exc:
                 yield gr.update(), error_md(exc), *(gr.update() for _ in self.group_outputs)
 
