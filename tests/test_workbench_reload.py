@@ -100,13 +100,14 @@ def test_chat_panes_come_back_through_refresh(workspace: Workspace):
 
     tab = _chat_tab(workspace)
     ups = tab.refresh(s)
-    assert len(ups) == len(tab.outputs) == 1 + 2 * PANES
-    n, models, bots = ups[0], ups[1:1 + PANES], ups[1 + PANES:]
-    assert n["value"] == 3
+    assert len(ups) == len(tab.outputs) == PANES + 1 and tab.outputs[-1] is tab.restored
+    models, restored = ups[:PANES], ups[PANES]
     assert [m["value"] for m in models[:3]] == [BASE_IT, TUNE, "CPT math"]
+    n, *bots = tab.on_restored(restored)  # the State's change sends the pane count and histories
+    assert n["value"] == 3
     assert bots[0]["value"] == snap["histories"][0] and bots[1]["value"] == [] and bots[2]["value"] == bots[0]["value"]
     again = tab.refresh(s)  # consumed: a later refresh (pool change) leaves the panes' histories alone
-    assert all(isinstance(b, type(gr.skip())) and b == gr.skip() for b in again[1 + PANES:])
+    assert again[PANES] == gr.skip() and tab.on_restored(None) == [gr.skip()] * (1 + PANES)
 
 
 def test_chat_pane_of_a_model_the_pool_lost_starts_afresh(workspace: Workspace):

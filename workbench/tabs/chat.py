@@ -118,7 +118,12 @@ class ChatTab:
             self.arena = ArenaPanel(ctx, [self.max_new, self.max_prompt, self.temperature, self.top_p, self.greedy,
                                           self.seed])
         self.status = gr.Markdown(elem_id="chat-status")
-        self.outputs: list[Any] = [self.n, *self.models, *self.bots]
+        # Panes restored from the browser (restore_chat) reach the page through a change of this State, not as
+        # updates on every refresh: Gradio rebuilds a Chatbot for each update, even an empty one (~3 ms each).
+        self.restored = gr.State(None)
+        self.restored.change(self.on_restored, [self.restored], [self.n, *self.bots], show_progress="hidden",
+                             concurrency_limit=None)
+        self.outputs: list[Any] = [*self.models, self.restored]
         self.mode.change(lambda m: [gr.update(visible=m == MODES[0]), gr.update(visible=m == MODES[1])], self.mode,
                          [self.panes_box, self.arena_box], show_progress="hidden")
 
@@ -180,16 +185,22 @@ class ChatTab:
         return [*out[:-1], MODES[0], TUNE, other, [], [], "the best merge is in Tune and in pane 1: chat with it"]
 
     def refresh(self, session: Session) -> list[Any]:
-        """Model choices of the pool; panes restored by :func:`restore_chat` get their models and histories."""
-        keep = [gr.skip() for _ in self.bots]
+        """Model choices of the pool; panes restored by :func:`restore_chat` get their models, and their pane count
+        and histories through :meth:`on_restored`."""
         if not session.has_pool:
-            return [gr.skip(), *(gr.update(choices=[], value=None) for _ in self.models), *keep]
+            return [*(gr.update(choices=[], value=None) for _ in self.models), gr.skip()]
         try:
             choices = session.pane_choices()
         except Exception:
-            return [gr.skip(), *(gr.update(choices=[], value=None) for _ in self.models), *keep]
+            return [*(gr.update(choices=[], value=None) for _ in self.models), gr.skip()]
         saved = session.ui.pop(RESTORE_KEY, None)
         if saved is None:
-            return [gr.skip(), *(gr.update(choices=choices, value=v) for v in default_choices(choices)), *keep]
-        return [gr.update(value=saved["n"]), *(gr.update(choices=choices, value=v) for v in saved["choices"]),
-                *(gr.update(value=h) for h in saved["histories"])]
+            return [*(gr.update(choices=choices, value=v) for v in default_choices(choices)), gr.skip()]
+        return [*(gr.update(choices=choices, value=v) for v in saved["choices"]),
+                {"n": saved["n"], "histories": saved["histories"]}]
+
+    def on_restored(self, saved: dict[str, Any] | None) -> list[Any]:
+        """The pane count and histories of a restored chat (``refresh``'s last output), else nothing."""
+        if not saved:
+            return [gr.skip() for _ in [self.n, *self.bots]]
+        return [gr.update(value=saved["n"]), *(gr.update(value=h) for h in saved["histories"])]
