@@ -73,13 +73,14 @@ def ensure_pool(workdir: Path | None) -> Path:
     return wd
 
 
-def start_server(workdir: Path, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(workdir: Path, port: int, threads: int | None, root: Path = ROOT) -> subprocess.Popen:
+    """``optimer workbench`` of the checkout ``root`` on ``workdir``, once it answers on ``port``."""
     cmd = [sys.executable, "-m", "optimer_lib.cli", "workbench", "--workdir", str(workdir), "--port", str(port)]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("OPTIMER_AUTH", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

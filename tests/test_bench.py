@@ -121,3 +121,17 @@ def test_estimate_hits_moves_one_slider_and_counts_every_checked_estimate(tmp_pa
     assert [r["inside"], r["checked"]] == [sum(v[i] for v in r["by_kind"].values()) for i in (0, 1)]
     assert r["mean_half_width"] > 0 and r["exact_s_median"] > 0
     assert r["previous_score"]["checked"] == r["checked"]  # the same moves: every estimated one has a previous score
+
+
+@pytest.mark.slow  # starts a workbench server on the tiny pool
+def test_page_cost_measures_the_servers_cpu_per_page_and_pages_loaded_at_once(tmp_path):
+    from test_workbench_session import tiny_workdir
+
+    import page_cost
+
+    out = tmp_path / "pc.json"
+    r = page_cost.main(["--workdir", str(tiny_workdir(tmp_path / "wd")), "--pages", "2", "--warm", "1",
+                        "--together", "3", "--json", str(out)])
+    assert 0 < r["server_cpu_per_page_median_s"] and 0 < r["server_cpu_per_page_s"] < 30  # a page costs CPU
+    assert r["page_bytes"] > 10_000 and r["together"] == 3 and 0 < r["together_p50_s"] <= r["together_max_s"]
+    assert json.loads(out.read_text()) == r

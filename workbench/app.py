@@ -189,8 +189,12 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             return restore(session, tune_saved, chat_saved, study_saved), session
 
         # restore what this browser saved before the tabs draw, so they show it; then keep saving it
+        # One page-load refresh at a time: pages opened together then finish one after another (first-come,
+        # first-served) instead of all sharing the cores and finishing together at the end; 20 pages at once:
+        # median page load ~2.0 s against ~2.85 s unlimited (bench/page_cost.py's server, BENCHMARKS.md).
         demo.load(on_load, [state, saved_tune, saved_chat, saved_study], [restored, state],
-                  concurrency_limit=None).then(refresh_all, state, outputs, concurrency_limit=None)
+                  concurrency_limit=None).then(refresh_all, state, outputs, concurrency_limit=1,
+                                               concurrency_id="page-load")
         tune.chart.change(lambda s: tune_snapshot(s) or gr.skip(), state, saved_tune, show_progress="hidden",
                           concurrency_limit=None)
         search.study.change(lambda url, name: {"storage": url, "study": name} if name else None,
