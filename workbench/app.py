@@ -191,7 +191,7 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
         # restore what this browser saved before the tabs draw, so they show it; then keep saving it
         # One page-load refresh at a time: pages opened together then finish one after another (first-come,
         # first-served) instead of all sharing the cores and finishing together at the end; 20 pages at once:
-        # median page load ~2.0 s against ~2.85 s unlimited (bench/page_cost.py's server, BENCHMARKS.md).
+        # median page load 2.3-2.8 s against 3.3-3.4 s unlimited (BENCHMARKS.md, "Page load, second pass").
         demo.load(on_load, [state, saved_tune, saved_chat, saved_study], [restored, state],
                   concurrency_limit=None).then(refresh_all, state, outputs, concurrency_limit=1,
                                                concurrency_id="page-load")
