@@ -1,10 +1,11 @@
 """Atomic file writes with normal permissions: readers (and crashes) never see a half-written result file,
 and every file the project writes ends with the mode a plain ``open`` would give under the user's umask.
 
-    from optimer_lib.fileio import atomic_write_json, atomic_write_text, normal_permissions
+    from optimer_lib.fileio import atomic_write_json, atomic_write_text, normal_permissions, read_or_make_json
     atomic_write_json(workdir / "best.json", payload)
     atomic_write_text(workdir / "report.html", html)
     normal_permissions(tmp_dir)   # before renaming a folder written by safetensors/mkdtemp into place
+    stage = read_or_make_json(stage_json, compute)  # cached; made by one process at a time (result_lock)
 
 Temporary files and folders (``mkstemp``/``mkdtemp``) are created private (0600/0700) and safetensors
 ≥ 0.8 writes ``model.safetensors`` as 0600; left so, colleagues on a shared machine could not read a
@@ -15,8 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +88,90 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2) -> Path:
     """JSON (UTF-8, non-ASCII kept) written with :func:`atomic_write_text`."""
     return atomic_write_text(path, json.dumps(payload, indent=indent, ensure_ascii=False, default=str))
+
+
+def _owner(lock: Path) -> tuple[str, int] | None:
+    """``(host, pid)`` written in ``lock``; None while its creator has not written it yet (or it is garbled)."""
+    try:
+        host, pid = lock.read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _gone(owner: tuple[str, int] | None, lock: Path) -> bool:
+    """Whether the process that holds ``lock`` no longer runs (a crash): checked only on this host."""
+    if owner is None:  # created, not yet written: stale only if it stays so
+        try:
+            return time.time() - lock.stat().st_mtime > 60
+        except OSError:
+            return True
+    host, pid = owner
+    if host != socket.gethostname():
+        return False  # another machine's process (a shared disk): cannot tell, so wait for it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+@contextmanager
+def result_lock(result: str | os.PathLike, *, poll_s: float = 10.0,
+                waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``<result>.lock`` while this process makes ``result``; wait while another process holds it.
+
+        with result_lock(path, waiting=lambda who: print(f"{path.name}: made by {who}; waiting")):
+            if not path.exists():  # the other process may have made it while this one waited
+                atomic_write_json(path, compute())
+
+    Why: two runs of one resumable job (``optimer experiments`` started twice, or a second process started to
+    use another core) would otherwise compute the same stage at once and write into the same Optuna study. The
+    lock file holds ``host pid``; a lock whose process is gone (killed, crashed) is taken over, so a crash never
+    leaves a result blocked. A lock of another host (a shared disk) is waited for: delete it by hand if that
+    machine's run died. ``waiting(owner)`` is called once, when this process starts to wait.
+    """
+    lock = Path(result).with_name(Path(result).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, normal_mode())
+        except FileExistsError:
+            owner = _owner(lock)
+            if _gone(owner, lock):
+                if _owner(lock) == owner:  # still the dead owner's (not a new holder's): take it over
+                    lock.unlink(missing_ok=True)
+                continue
+            if not told and waiting is not None:
+                waiting(f"process {owner[1]} on {owner[0]}" if owner else "another process")
+                told = True
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{socket.gethostname()} {os.getpid()}")
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def read_or_make_json(path: str | os.PathLike, make: Callable[[], Any], *, indent: int = 1,
+                      waiting: Callable[[str], None] | None = None) -> Any:
+    """The JSON in ``path``; if there is none, ``make()``'s result, written there atomically first.
+
+    Made under :func:`result_lock`: a second process asking for the same ``path`` meanwhile waits and then reads
+    what the first one wrote (``waiting(owner)`` tells it once), instead of computing it again.
+    """
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    with result_lock(path, waiting=waiting):
+        if path.exists():  # made by the other process while this one waited
+            return json.loads(path.read_text(encoding="utf-8"))
+        payload = make()
+        atomic_write_json(path, payload, indent=indent)
+        return payload

@@ -6,6 +6,8 @@
   process in ``tests/test_search.py::test_failing_trial_is_recorded_and_search_continues``.
 - A writer interrupted half-way (vector, best.json, trained model) never leaves a loadable-but-wrong
   file under the final name. Exports: ``tests/test_export.py::test_failed_export_leaves_previous_intact``.
+- Two processes asking for one stage result compute it once (the second waits, then reads it), and the lock of
+  a process that died is taken over.
 """
 
 from __future__ import annotations
@@ -214,3 +216,51 @@ def test_interrupted_final_save_of_a_training_run_resumes(tmp_path, monkeypatch)
     for (n, p), q in zip(ref.named_parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "run"]  # the temporary folder is gone
+
+
+def test_a_stage_asked_for_twice_at_once_is_made_once_and_the_other_waits(tmp_path):
+    import threading
+
+    from optimer_lib.experiments.run import Experiments
+    from optimer_lib.fileio import read_or_make_json
+
+    made, waited, release = [], [], threading.Event()
+
+    def slow() -> dict:
+        made.append(1)
+        release.wait(10)
+        return {"value": 42}
+
+    first = threading.Thread(target=lambda: read_or_make_json(tmp_path / "stages" / "x.json", slow))
+    first.start()
+    lock = tmp_path / "stages" / "x.json.lock"
+    deadline = time.monotonic() + 10
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.read_text().split()[1] == str(os.getpid())  # held, with who holds it
+    second: list = []
+    t = threading.Thread(target=lambda: second.append(read_or_make_json(
+        tmp_path / "stages" / "x.json", slow, waiting=waited.append)))
+    t.start()
+    time.sleep(0.3)
+    assert not second and waited == [f"process {os.getpid()} on {__import__('socket').gethostname()}"]
+    release.set()
+    first.join(10), t.join(20)
+    assert second == [{"value": 42}] and len(made) == 1 and not lock.exists()  # made once, read by the other
+    stub = type("Stub", (), {"wd": tmp_path, "_run_stage": staticmethod(Experiments._run_stage)})()
+    assert Experiments.stage(stub, "x", slow) == {"value": 42} and len(made) == 1  # a finished stage is read
+
+
+def test_the_lock_of_a_process_that_died_is_taken_over(tmp_path):
+    import socket
+
+    from optimer_lib.fileio import read_or_make_json
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    result = tmp_path / "stage.json"
+    (tmp_path / "stage.json.lock").write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # a crashed run's
+    t0 = time.monotonic()
+    assert read_or_make_json(result, lambda: {"ok": True}) == {"ok": True}
+    assert time.monotonic() - t0 < 5 and json.loads(result.read_text()) == {"ok": True}
+    assert not (tmp_path / "stage.json.lock").exists()

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from optimer_lib.errors import ConfigError
-from optimer_lib.fileio import atomic_write_json
+from optimer_lib.fileio import atomic_write_json, read_or_make_json
 
 IDENTITY = ("gguf", "corpora", "tokens_per_run", "dev_docs", "test_docs", "rescore_docs", "top_k", "trials",
             "seq_len", "batch_size", "lr", "warmup", "schedule", "dtype")  # settings a workdir is bound to
@@ -195,9 +195,13 @@ class RealCell:
         return Path(self.cfg.base) if self.cfg.base else self.wd / "base"
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        path = self.wd / "stages" / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        """``stages/<name>.json``, or ``fn()`` with its time, peak RSS and load written there (one process at a
+        time)."""
+        return read_or_make_json(self.wd / "stages" / f"{name}.json", lambda: self._run_stage(name, fn),
+                                 waiting=lambda who: print(f"[real-cell] {name}: run by {who}; waiting", flush=True))
+
+    @staticmethod
+    def _run_stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"[real-cell] {name} ...", flush=True)
         peak_rss_reset()
         t0 = time.perf_counter()
@@ -206,7 +210,6 @@ class RealCell:
         out["peak_rss_gb"] = peak_rss_gb()
         if hasattr(os, "getloadavg"):  # how contended the machine was (2 shared cores: it decides the wall time)
             out["load_average"] = [round(x, 2) for x in os.getloadavg()]
-        atomic_write_json(path, out, indent=1)
         print(f"[real-cell] {name}: {out['stage_seconds']:.1f} s, peak RSS {out['peak_rss_gb']:.2f} GB", flush=True)
         return out
 

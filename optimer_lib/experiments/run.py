@@ -43,7 +43,7 @@ from optimer_lib.experiments import baselines as bl
 from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments.costs import CostEntry, ledger_from_study
 from optimer_lib.experiments.regime import RegimeConfig
-from optimer_lib.fileio import atomic_write_json
+from optimer_lib.fileio import atomic_write_json, read_or_make_json
 from optimer_lib.scoring.evaluate import evaluate_suite
 from optimer_lib.scoring.objectives import parse_objective
 from optimer_lib.scoring.scorer import TrialScorer
@@ -114,14 +114,16 @@ class Experiments:
         self.base = assets_dir() / "base"
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        path = self.wd / "stages" / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        """``stages/<name>.json``, or ``fn()`` with its ``stage_seconds`` written there (one process at a time)."""
+        return read_or_make_json(self.wd / "stages" / f"{name}.json", lambda: self._run_stage(name, fn),
+                                 waiting=lambda who: print(f"[experiments] {name}: run by {who}; waiting", flush=True))
+
+    @staticmethod
+    def _run_stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         print(f"[experiments] {name} ...", flush=True)
         t0 = time.perf_counter()
         out = fn()
         out["stage_seconds"] = round(time.perf_counter() - t0, 2)
-        _write_json(path, out)
         print(f"[experiments] {name}: {out['stage_seconds']:.1f} s", flush=True)
         return out
 
