@@ -72,7 +72,7 @@ def compute_args(a: argparse.Namespace, *, keep: bool = False) -> tuple[str, str
     """``(device, dtype name)`` from ``--device``/``--dtype``, checked before any model loads (one-line errors for an
     unknown name or an absent CUDA device). ``dtype`` None/"auto" is bfloat16 on CUDA, float32 on CPU; with
     ``keep`` (merge, vector extract) it stays None: the checkpoint's own dtype."""
-    from optimer_lib.engine.plan import DTYPE_NAMES, resolve_compute
+    from optimer_lib.engine.machine import DTYPE_NAMES, resolve_compute
 
     dtype = getattr(a, "dtype", None)
     dev, dt = resolve_compute(getattr(a, "device", None) or "cpu", None if dtype in KEEP else dtype)
@@ -81,7 +81,8 @@ def compute_args(a: argparse.Namespace, *, keep: bool = False) -> tuple[str, str
 
 def cmd_plan(a: argparse.Namespace) -> None:
     """``optimer plan``: what the pool needs on this device (or ``--sizes``: the hypothetical-model table)."""
-    from optimer_lib.engine.plan import GB, hypothetical_plans, markdown_table, plan_pool
+    from optimer_lib.engine.machine import GB
+    from optimer_lib.engine.plan import hypothetical_plans, markdown_table, plan_pool
     from optimer_lib.search.specs import parse_vector_spec
 
     bandwidth = None if a.bandwidth is None else a.bandwidth * GB

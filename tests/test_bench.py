@@ -125,9 +125,8 @@ def test_estimate_hits_moves_one_slider_and_counts_every_checked_estimate(tmp_pa
 
 @pytest.mark.slow  # starts a workbench server on the tiny pool
 def test_page_cost_measures_the_servers_cpu_per_page_and_pages_loaded_at_once(tmp_path):
-    from test_workbench_session import tiny_workdir
-
     import page_cost
+    from test_workbench_session import tiny_workdir
 
     out = tmp_path / "pc.json"
     r = page_cost.main(["--workdir", str(tiny_workdir(tmp_path / "wd")), "--pages", "2", "--warm", "1",

@@ -15,12 +15,10 @@ from helpers import require
 from safetensors.torch import load_file
 
 from optimer_lib.data import assets_dir
-from optimer_lib.engine import plan as planmod
+from optimer_lib.engine import machine as machinemod
+from optimer_lib.engine.machine import GB, GiB, Machine
 from optimer_lib.engine.plan import (
-    GB,
     RUNTIME_BYTES,
-    GiB,
-    Machine,
     PlanError,
     hypothetical_plans,
     make_plan,
@@ -142,23 +140,23 @@ def test_injected_host_memory_reaches_the_plan(tiny_vectors):
 
 
 def test_host_memory_without_psutil(monkeypatch):
-    with_psutil = planmod.available_host_memory()
+    with_psutil = machinemod.available_host_memory()
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError: /proc/meminfo is read
-    without = planmod.available_host_memory()
+    without = machinemod.available_host_memory()
     assert without > 0 and abs(without - with_psutil) < 0.2 * with_psutil  # both are MemAvailable, moments apart
 
 
 def test_measured_bandwidth_is_plausible():
-    bw = planmod.measure_bandwidth("cpu", seconds=0.02, mib=16)
+    bw = machinemod.measure_bandwidth("cpu", seconds=0.02, mib=16)
     assert math.isfinite(bw) and 0.1 * GB < bw < 10_000 * GB
 
 
 def test_unknown_device_and_missing_cuda_are_one_line_errors():
     with pytest.raises(OptimerError, match="unknown dtype"):
-        planmod.resolve_compute("cpu", "int8")
+        machinemod.resolve_compute("cpu", "int8")
     if not torch.cuda.is_available():
-        with pytest.raises(planmod.ConfigError, match="no CUDA device is visible"):
-            planmod.resolve_compute("cuda", None)
+        with pytest.raises(machinemod.ConfigError, match="no CUDA device is visible"):
+            machinemod.resolve_compute("cuda", None)
 
 
 def test_plan_command_as_a_process():
@@ -200,11 +198,11 @@ def test_workbench_refuses_a_pool_that_cannot_fit(tmp_path, tiny_vectors, monkey
     (tmp_path / "wb" / "workbench.json").write_text(json.dumps({"base": str(base), "vectors": [str(f) for f in files]}))
     launched = []
     monkeypatch.setattr(app, "launch", lambda workdir, **kw: launched.append(kw))
-    monkeypatch.setattr(planmod, "available_host_memory", lambda: 50_000_000)
+    monkeypatch.setattr(machinemod, "available_host_memory", lambda: 50_000_000)
     assert main(["workbench", "--workdir", str(tmp_path / "wb")]) == 2
     err = capsys.readouterr().err
     assert not launched and err.startswith("error: the base (") and "this machine has 50 MB free" in err
-    monkeypatch.setattr(planmod, "available_host_memory", lambda: 8 * GiB)
+    monkeypatch.setattr(machinemod, "available_host_memory", lambda: 8 * GiB)
     assert main(["workbench", "--workdir", str(tmp_path / "wb"), "--dtype", "bfloat16"]) == 0
     assert launched and launched[-1]["dtype"] == "bfloat16" and launched[-1]["device"] == "cpu"
 
@@ -215,5 +213,5 @@ def test_workbench_without_a_pool_starts(tmp_path, monkeypatch):
     from workbench import app
 
     monkeypatch.setattr(app, "launch", lambda workdir, **kw: None)
-    monkeypatch.setattr(planmod, "available_host_memory", lambda: 1)  # nothing to plan: the Pool tab builds one
+    monkeypatch.setattr(machinemod, "available_host_memory", lambda: 1)  # nothing to plan: the Pool tab builds one
     assert main(["workbench", "--workdir", str(Path(tmp_path) / "empty")]) == 0

@@ -28,16 +28,8 @@ from collections.abc import Sequence
 import torch
 
 from optimer_lib.checkpoints.models import resolve_device
-from optimer_lib.engine.plan import (
-    Machine,
-    available_host_memory,
-    base_stays_on_host,
-    free_device_memory,
-    make_plan,
-    pool_size,
-    resolve_compute,
-    work_bytes,
-)
+from optimer_lib.engine.machine import Machine, available_host_memory, free_device_memory, resolve_compute
+from optimer_lib.engine.plan import base_stays_on_host, make_plan, pool_size, work_bytes
 from optimer_lib.errors import ConfigError, ModelError
 
 BASE_ON = ("auto", "host", "device")  # the --base-on choices
