@@ -90,38 +90,10 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2)
     return atomic_write_text(path, json.dumps(payload, indent=indent, ensure_ascii=False, default=str))
 
 
-def _owner(lock: Path) -> tuple[str, int] | None:
-    """``(host, pid)`` written in ``lock``; None while its creator has not written it yet (or it is garbled)."""
-    try:
-        host, pid = lock.read_text().split()
-        return host, int(pid)
-    except (OSError, ValueError):
-        return None
-
-
-def _gone(owner: tuple[str, int] | None, lock: Path) -> bool:
-    """Whether the process that holds ``lock`` no longer runs (a crash): checked only on this host."""
-    if owner is None:  # created, not yet written: stale only if it stays so
-        try:
-            return time.time() - lock.stat().st_mtime > 60
-        except OSError:
-            return True
-    host, pid = owner
-    if host != socket.gethostname():
-        return False  # another machine's process (a shared disk): cannot tell, so wait for it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's live process
-        return False
-    return False
-
-
 @contextmanager
 def result_lock(result: str | os.PathLike, *, poll_s: float = 10.0,
                 waiting: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold ``<result>.lock`` while this process makes ``result``; wait while another process holds it.
+    """Hold an exclusive lock on ``<result>.lock`` while this process makes ``result``; wait while another holds it.
 
         with result_lock(path, waiting=lambda who: print(f"{path.name}: made by {who}; waiting")):
             if not path.exists():  # the other process may have made it while this one waited
@@ -129,38 +101,44 @@ def result_lock(result: str | os.PathLike, *, poll_s: float = 10.0,
 
     Why: two runs of one resumable job (``optimer experiments`` started twice, or a second process started to
     use another core) would otherwise compute the same stage at once and write into the same Optuna study. The
-    lock file holds ``host pid``; a lock whose process is gone (killed, crashed) is taken over, so a crash never
-    leaves a result blocked. A lock of another host (a shared disk) is waited for: delete it by hand if that
-    machine's run died. ``waiting(owner)`` is called once, when this process starts to wait.
+    lock is the kernel's (``flock``): it ends with its process, so a killed or crashed run never leaves a result
+    blocked, whatever pid a restarted container gets. The file holds ``host pid`` of the holder, for the message
+    only; it is removed once the result is written (a waiter that then gets the old file reads the result). Where
+    ``flock`` does not exist (Windows) there is no lock: run one process per workdir there.
+    ``waiting(owner)`` is called once, when this process starts to wait.
     """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
     lock = Path(result).with_name(Path(result).name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    told = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, normal_mode())
-        except FileExistsError:
-            owner = _owner(lock)
-            if _gone(owner, lock):
-                if _owner(lock) == owner:  # still the dead owner's (not a new holder's): take it over
-                    lock.unlink(missing_ok=True)
-                continue
-            if not told and waiting is not None:
-                waiting(f"process {owner[1]} on {owner[0]}" if owner else "another process")
-                told = True
-            time.sleep(poll_s)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{socket.gethostname()} {os.getpid()}")
-        break
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, normal_mode())
     try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told and waiting is not None:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+                    who = f"process {holder[1]} on {holder[0]}" if len(holder) == 2 else "another process"
+                    waiting(f"{who} (lock file {lock})")
+                    told = True
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
         yield
+        if Path(result).exists():  # made: later processes read it; a failed attempt leaves the file to the next
+            lock.unlink(missing_ok=True)
     finally:
-        lock.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
 
 
 def read_or_make_json(path: str | os.PathLike, make: Callable[[], Any], *, indent: int = 1,
-                      waiting: Callable[[str], None] | None = None) -> Any:
+                      waiting: Callable[[str], None] | None = None, poll_s: float = 10.0) -> Any:
     """The JSON in ``path``; if there is none, ``make()``'s result, written there atomically first.
 
     Made under :func:`result_lock`: a second process asking for the same ``path`` meanwhile waits and then reads
@@ -169,7 +147,7 @@ def read_or_make_json(path: str | os.PathLike, make: Callable[[], Any], *, inden
     path = Path(path)
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
-    with result_lock(path, waiting=waiting):
+    with result_lock(path, waiting=waiting, poll_s=poll_s):
         if path.exists():  # made by the other process while this one waited
             return json.loads(path.read_text(encoding="utf-8"))
         payload = make()
