@@ -42,11 +42,14 @@ def test_a_figure_cache_draws_equal_arguments_once_and_keeps_the_most_recent():
     chart = FigureCache(lambda *a, **k: calls.append((a, k)) or tune_chart(*a, **k), size=2)
     m, refs = {"loss:ja": 3.25, "acc:math": 0.5}, {"base": {"loss:ja": 3.5, "acc:math": 0.25}}
     fig = chart(m, refs, title="t", intervals={"loss:ja": (3.0, 3.5)})
-    assert chart(dict(m), {"base": dict(refs["base"])}, intervals={"loss:ja": [3.0, 3.5]}, title="t") is fig
+    assert chart(dict(m), {"base": dict(refs["base"])}, title="t", intervals={"loss:ja": [3.0, 3.5]}) is fig
     current = [round(y, 6) for t in fig.data if t.name == "current" for y in t.y]
     assert len(calls) == 1 and current == [-0.25, 0.5]  # drawn once, and the real chart (loss − base, accuracy)
     other = chart({"loss:ja": 3.25 + 1e-12, "acc:math": 0.5}, refs, title="t", intervals={"loss:ja": (3.0, 3.5)})
     assert other is not fig and len(calls) == 2  # floats are keyed exactly
+    heat = FigureCache(layer_heatmap)
+    rows = heat({"ja": [0.1, 0.2], "zh": [0.3, 0.4]}).data[0].y
+    assert list(heat({"zh": [0.3, 0.4], "ja": [0.1, 0.2]}).data[0].y) == ["zh", "ja"] and list(rows) == ["ja", "zh"]
     chart(m, refs, title="u")  # a third figure: the least recently used (fig) goes
     assert chart(m, refs, title="t", intervals={"loss:ja": (3.0, 3.5)}) is not fig and len(calls) == 4
 
@@ -63,13 +66,14 @@ def tab_and_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[TuneTab, 
 
 def release(tab: TuneTab, session: Session, move: tuple[str, int], granularity: str, plain: list[float],
             group_value: float = 0.0) -> list:
-    """Run a move's handler as Gradio would (all its yields) with what its event sends: the first yield, the one
-    that carries the heat-map and the group view (later yields skip them: Gradio rebuilds a component per update)."""
+    """Run a move's handler as Gradio would (all its yields) with what its event sends: the last chart and status,
+    and the heat-map and group view, which only the first yield carries (Gradio rebuilds a component per update)."""
     values = [group_value] if move[0] == "group" else [*plain, *[0.0] * (tab.ctx.max_vectors - len(plain))]
     assert len(tab.inputs(move)) == 2 + len(values)
     first, *later = (list(y) for y in tab._release_fn(move)(session, granularity, *values))
+    assert first[:2] == [gr.skip(), gr.skip()] and later  # heat-map and view before any score, once
     assert all(u == gr.skip() for y in later for u in y[2:])
-    return first
+    return [*later[-1][:2], *first[2:]]  # the final chart and status, with the heat-map and view
 
 
 def test_release_reads_only_the_moved_group_slider(tab_and_session):
@@ -132,3 +136,17 @@ def test_streams_are_drained_on_one_thread():
     with pytest.raises(ValueError, match="scoring failed"):
         next(it)
 
+
+
+def test_a_failed_move_sends_the_sessions_group_view_again(tab_and_session):
+    """A granularity the model cannot show fails; the page's menu already shows it, so the view of the session's
+    weights goes out again, marked new (an equal view would not fire the State's change)."""
+    tab, session = tab_and_session
+    release(tab, session, ("vector", 0), "vector", [0.3, 0.0])
+    (out,) = [list(y) for y in tab._release_fn(("granularity", 0))(session, "layer-groups:9", *[0.3, 0.0, 0.0, 0.0])]
+    assert "error" in str(out[1]).lower() or "groups" in str(out[1])
+    view = out[3]
+    assert {k: v for k, v in view.items() if k != "sync"} == VECTOR_VIEW and "sync" in view
+    again = list(tab._release_fn(("granularity", 0))(session, "layer-groups:9", *[0.3, 0.0, 0.0, 0.0]))[-1][3]
+    assert again != view  # each failure re-sends: the menu is reset every time
+    assert tab.on_group_view(view)[0]["value"] == "vector"

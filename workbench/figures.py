@@ -42,8 +42,8 @@ class FigureCache:
 
     Why: building a plotly figure validates every property (~50 ms for the Tune chart on 2 cores), and every
     page load draws the same chart of the same default weights. Arguments are keyed by their JSON (floats
-    exactly); the ``size`` most recently used figures are kept. A returned figure is shared: serialise it,
-    never change it in place.
+    exactly, dict order kept: it orders the bars and heat-map rows); the ``size`` most recently used figures are
+    kept. A returned figure is shared: serialise it, never change it in place.
     """
 
     def __init__(self, fn: Callable[..., go.Figure], size: int = 64) -> None:
@@ -52,7 +52,7 @@ class FigureCache:
         self._lock = threading.Lock()
 
     def __call__(self, *args: object, **kwargs: object) -> go.Figure:
-        key = json.dumps([args, kwargs], sort_keys=True, default=repr)
+        key = json.dumps([args, kwargs], default=repr)  # insertion order kept: it orders the bars and rows
         with self._lock:
             fig = self._figures.get(key)
             if fig is not None:

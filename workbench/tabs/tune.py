@@ -12,6 +12,7 @@ chosen dev sets. The status line says what each step cost (release → estimate 
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -85,6 +86,7 @@ class TuneTab:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self._chart, self._heat = FigureCache(tune_chart), FigureCache(layer_heatmap)  # shared by the sessions
+        self._syncs = itertools.count()  # makes a re-sent group view differ from the page's (see _resync_view)
         gr.Markdown("Drag a slider and release it: the model is re-merged in place "
                     "(θ = θ_base + Σ α_i τ_i + w·τ_instruction) and scored on the first few documents "
                     "of each dev set.")
@@ -339,15 +341,24 @@ class TuneTab:
                 weights, iw, layout = self.read_weights(session, granularity, values, moved)
                 if not layout:
                     session.ui["tune_layout"] = []
-                extra = self.group_updates(session, weights, granularity)
+                # heat-map and group view first, once (each output update costs a rebuild), before the scoring
+                # can fail or be cancelled by a newer move
+                yield gr.skip(), gr.skip(), *self.group_updates(session, weights, granularity)
                 for fig, status in self.stream(session, session.score_stream(weights, iw), t0):
-                    yield fig, status, *extra
-                    extra = [gr.skip() for _ in extra]  # sent with the first update: each costs a rebuild
+                    yield fig, status, gr.skip(), gr.skip()
             except Exception as exc:
-                yield gr.update(), error_md(exc), *(gr.update() for _ in self.group_outputs)
+                yield gr.update(), error_md(exc), gr.skip(), self._resync_view(session)
 
         fn.__name__ = f"on_release_{moved[0]}_{moved[1]}"
         return fn
+
+    def _resync_view(self, session: Session) -> Any:
+        """After a failed move: the group view of the session's Tune weights, marked new so that its change fires
+        and the page's controls (the "weights per" menu a user just changed, say) show those weights again."""
+        try:
+            return {**self.group_view_of(session, session.tune.weights), "sync": next(self._syncs)}
+        except Exception:  # no pool: nothing to show
+            return gr.skip()
 
     # -- events --------------------------------------------------------------------------------
     def on_method(self, session: Session, method: str, params: str, *values: float):
