@@ -66,6 +66,23 @@ def test_tune_merge_comes_back_in_a_fresh_session(workspace: Workspace):
     assert s1.tune.weights == {"ja": 0.4, "math": 0.15}  # the other session is untouched
 
 
+def test_per_layer_group_weights_come_back_and_other_layouts_do_not(workspace: Workspace):
+    s1 = _session(workspace)
+    layout = s1.group_layout("layer-groups:2")
+    weights = {"ja": 0.0, "math": 0.0, **{f"ja@{g}": 0.1 * (i + 1) for i, g in enumerate(layout)},
+               **{f"math@{g}": 0.5 for g in layout}}
+    s1.set_tune(weights)
+    snap = _through_browser(tune_snapshot(s1))
+    s2 = _session(workspace)
+    assert restore_tune(s2, snap) == "" and s2.tune.weights == s1.tune.weights  # every group's weight, not zeros
+    partial = {**snap, "weights": {k: v for k, v in snap["weights"].items() if k != f"ja@{layout[0]}"}}
+    other = {**snap, "weights": {**snap["weights"], "ja@blocks7-9": 1.0}}  # a group this model does not have
+    for bad in (partial, other):
+        s3 = _session(workspace)
+        assert "do not fit this model's layer groups" in restore_tune(s3, bad)
+        assert s3.tune.weights == {"ja": 0.0, "math": 0.0}
+
+
 @pytest.mark.parametrize(("saved", "note"), [
     ({"v": 1, "names": ["ja", "zh"], "weights": {"ja": 0.5, "zh": 0.5}}, "this pool has ['ja', 'math']"),
     ({"v": 99, "names": ["ja", "math"], "weights": {"ja": 0.5, "math": 0.5}}, "another version"),

@@ -27,6 +27,7 @@ from typing import Any
 import gradio as gr
 
 from optimer_lib.errors import ConfigError
+from optimer_lib.merging import groups
 from optimer_lib.scoring.evaluate import EvalSuite
 from workbench.searching import load_study
 from workbench.session import Session
@@ -35,7 +36,7 @@ from workbench.tabs.chat import ChatTab, restore_chat
 from workbench.tabs.export import ExportTab
 from workbench.tabs.pool import PoolTab, SetupPanel
 from workbench.tabs.search import SearchTab
-from workbench.tabs.tune import TuneTab
+from workbench.tabs.tune import GRANULARITIES, TuneTab
 from workbench.workspace import Workspace
 
 CSS = ".gradio-container {max-width: 1500px !important}"
@@ -85,6 +86,20 @@ def set_tune(session: Session, weights: dict[str, float], iw: float, method: str
     session.set_tune(weights, iw, method=method, params=params)
 
 
+def _fits_a_layout(session: Session, grouped: dict[str, float]) -> bool:
+    """Whether ``name@group`` weights give every vector of the pool a weight per group of one of the Tune tab's
+    granularities on this model (another model's layers, or a partial set, do not)."""
+    names = list(session.names)
+    for granularity in GRANULARITIES[1:]:
+        try:
+            layout = session.group_layout(granularity)
+        except Exception:  # fewer blocks than this granularity's slices
+            continue
+        if set(grouped) == {groups.param_name(n, g) for n in names for g in layout}:
+            return True
+    return False
+
+
 def restore_tune(session: Session, saved: Any) -> str:
     """Put a :func:`tune_snapshot` back into ``session``; a note ("" if restored) when it does not fit the pool."""
     if not saved:
@@ -97,6 +112,10 @@ def restore_tune(session: Session, saved: Any) -> str:
                 "not restored")
     try:
         weights = {n: float(saved["weights"][n]) for n in names}
+        grouped = {k: float(v) for k, v in saved["weights"].items() if groups.split_key(k)[1] is not None}
+        if grouped and not _fits_a_layout(session, grouped):
+            return "saved per-layer-group weights do not fit this model's layer groups: not restored"
+        weights.update(grouped)
         iw = float(saved.get("instruction_weight") or 0.0)
         if iw and session.shared.instruction is None:
             iw = 0.0  # the pool lost its instruction vector: keep the rest
@@ -189,11 +208,12 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             return restore(session, tune_saved, chat_saved, study_saved), session
 
         # restore what this browser saved before the tabs draw, so they show it; then keep saving it
-        # One page-load refresh at a time: pages opened together then finish one after another (first-come,
-        # first-served) instead of all sharing the cores and finishing together at the end; 20 pages at once:
-        # median page load 2.3-2.8 s against 3.3-3.4 s unlimited (BENCHMARKS.md, "Page load, second pass").
+        # Two page-load refreshes at a time: pages opened together then finish roughly first come, first served
+        # instead of all sharing the cores and finishing together at the end (20 pages at once: median 2.6 s against
+        # 3.2 s unlimited over alternated runs, BENCHMARKS.md "Page load, second pass"); two, not one, so that a page
+        # whose refresh reads a large or remote Optuna storage does not hold up every other new page.
         demo.load(on_load, [state, saved_tune, saved_chat, saved_study], [restored, state],
-                  concurrency_limit=None).then(refresh_all, state, outputs, concurrency_limit=1,
+                  concurrency_limit=None).then(refresh_all, state, outputs, concurrency_limit=2,
                                                concurrency_id="page-load")
         tune.chart.change(lambda s: tune_snapshot(s) or gr.skip(), state, saved_tune, show_progress="hidden",
                           concurrency_limit=None)
