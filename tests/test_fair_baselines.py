@@ -87,3 +87,36 @@ def test_searched_baselines_run_the_one_trial_loop_with_tpe(name, merger, tiny_t
     assert isinstance(study.sampler, optuna.samplers.TPESampler)
     assert study.user_attrs[record.SAMPLER] == "tpe" and study.user_attrs[record.SEED] == 3
     assert out["trials"] == len(study.trials) == 5
+
+
+def test_the_uniform_mixture_is_trained_apart_when_the_first_candidate_was_killed(tmp_path, monkeypatch):
+    """A run killed while training the uniform candidate (trial 0) and resumed: the search spends its budget on
+    searched candidates, and the uniform yardstick of finding 5 and the final table is trained apart, with the
+    candidates' tokens, outside the search; a completed first candidate is used as it is."""
+    import shutil
+
+    from optimer_lib.data import assets_dir
+    from optimer_lib.experiments.run import seed_config
+
+    exp = Experiments(seed_config(ExperimentConfig.quick(tmp_path), 0))
+    mcfg = bl.MixtureSearchConfig(tokens_per_candidate=4096, budget_tokens=8192, workdir=tmp_path / "mixture-x",
+                                  search_limit=2)
+    trained = []
+
+    def fake_train(base, ratios, out, cfg):  # the base itself as the "trained" model: scoring it is real
+        trained.append((dict(ratios), cfg.tokens))
+        shutil.copytree(assets_dir() / "base", out)
+        (out / "training.json").write_text("{}")
+
+    monkeypatch.setattr(bl, "train_mixture", fake_train)
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={}))
+    got = exp.uniform_mixture(study, mcfg)
+    k = len(exp.cfg.corpora)
+    assert trained == [(dict.fromkeys(exp.cfg.corpora, 1 / k), 4096)] and got["trained_apart"] is True
+    assert got["dir"] == str(tmp_path / "mixture-x" / "uniform") and 0 < got["objective"] < 20  # a real dev loss
+    assert exp.uniform_mixture(study, mcfg)["objective"] == got["objective"] and len(trained) == 1  # not retrained
+
+    done = optuna.create_study()
+    done.add_trial(optuna.trial.create_trial(value=3.5, params={}, distributions={}))
+    assert exp.uniform_mixture(done, mcfg) == {"dir": str(tmp_path / "mixture-x" / "cand-000"), "objective": 3.5}

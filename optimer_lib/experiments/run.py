@@ -35,6 +35,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from optimer_lib.checkpoints.vectors import extract_vector, load_vector, save_vector
 from optimer_lib.data import assets_dir, load_eval_suite
 from optimer_lib.errors import ConfigError
@@ -242,12 +244,29 @@ class Experiments:
                                       max_trials=c.mixture_candidates[mode], search_limit=c.search_limit,
                                       workdir=self.wd / f"mixture-{mode}")
         res = bl.run_mixture_search(self.base, list(c.corpora), self.dev, self.objective, mcfg)
-        first = res.study.trials[0]
         return {"mode": mode, "tokens_per_candidate": per, "budget_tokens": budget, "best_ratios": res.best_ratios,
                 "objective": res.best_value, "best_dir": str(res.best_dir), "values": _values(res.study),
                 "ratios": [t.user_attrs.get("ratios") for t in res.study.trials], "tokens_trained": res.tokens_trained,
-                "uniform": {"dir": str(mcfg.workdir / "cand-000"), "objective": first.value},
+                "uniform": self.uniform_mixture(res.study, mcfg),
                 "costs": [asdict(e) for e in res.cost_entries(f"mixture-{mode}")]}
+
+    def uniform_mixture(self, study: Any, mcfg: Any) -> dict[str, Any]:
+        """The uniform-ratio mixture of a mixture search (finding 5's yardstick, a row of the final table): its first
+        candidate. When that candidate did not complete (a run killed while training it, then resumed: the study goes
+        on with searched candidates within its budget), the same uniform mixture is trained apart, outside the
+        search (it cannot become the search's best), and scored on dev like a candidate."""
+        first = study.trials[0]
+        if first.state == optuna.trial.TrialState.COMPLETE:
+            return {"dir": str(mcfg.workdir / "cand-000"), "objective": first.value}
+        from optimer_lib.checkpoints.models import load_model, load_tokenizer
+
+        out = mcfg.workdir / "uniform"
+        if not (out / "training.json").exists():
+            bl.train_mixture(self.base, dict.fromkeys(self.cfg.corpora, 1.0 / len(self.cfg.corpora)), out,
+                             replace(mcfg.train, tokens=mcfg.tokens_per_candidate))
+        value, _ = self.objective.evaluate(load_model(out, dtype="float32", device="cpu"), load_tokenizer(out),
+                                           self.dev, limit=mcfg.search_limit, seq_len=mcfg.train.seq_len)
+        return {"dir": str(out), "objective": value, "trained_apart": True}
 
     def ratio_stage(self, optimer: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
