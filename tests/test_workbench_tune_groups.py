@@ -14,7 +14,8 @@ from optimer_lib.merging import groups
 from workbench.figures import FigureCache, layer_heatmap, tune_chart
 from workbench.session import Session
 from workbench.tabs import Ctx
-from workbench.tabs.tune import VECTOR_VIEW, TuneTab, on_one_thread
+from workbench.tabs.tune import TuneTab, on_one_thread
+from workbench.tabs.tune_groups import VECTOR_VIEW
 from workbench.workspace import Workspace
 
 torch.set_num_threads(1)

@@ -36,7 +36,8 @@ from workbench.tabs.chat import ChatTab, restore_chat
 from workbench.tabs.export import ExportTab
 from workbench.tabs.pool import PoolTab, SetupPanel
 from workbench.tabs.search import SearchTab
-from workbench.tabs.tune import GRANULARITIES, TuneTab
+from workbench.tabs.tune import TuneTab
+from workbench.tabs.tune_groups import granularity_of
 from workbench.workspace import Workspace
 
 CSS = ".gradio-container {max-width: 1500px !important}"
@@ -89,15 +90,8 @@ def set_tune(session: Session, weights: dict[str, float], iw: float, method: str
 def _fits_a_layout(session: Session, grouped: dict[str, float]) -> bool:
     """Whether ``name@group`` weights give every vector of the pool a weight per group of one of the Tune tab's
     granularities on this model (another model's layers, or a partial set, do not)."""
-    names = list(session.names)
-    for granularity in GRANULARITIES[1:]:
-        try:
-            layout = session.group_layout(granularity)
-        except Exception:  # fewer blocks than this granularity's slices
-            continue
-        if set(grouped) == {groups.param_name(n, g) for n in names for g in layout}:
-            return True
-    return False
+    _, layout = granularity_of(session, grouped)
+    return set(grouped) == {groups.param_name(n, g) for n in session.names for g in layout}
 
 
 def restore_tune(session: Session, saved: Any) -> str:
