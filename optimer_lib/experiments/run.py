@@ -250,7 +250,7 @@ class Experiments:
                 "uniform": self.uniform_mixture(res.study, mcfg),
                 "costs": [asdict(e) for e in res.cost_entries(f"mixture-{mode}")]}
 
-    def uniform_mixture(self, study: Any, mcfg: Any) -> dict[str, Any]:
+    def uniform_mixture(self, study: optuna.Study, mcfg: bl.MixtureSearchConfig) -> dict[str, Any]:
         """The uniform-ratio mixture of a mixture search (finding 5's yardstick, a row of the final table): its first
         candidate. When that candidate did not complete (a run killed while training it, then resumed: the study goes
         on with searched candidates within its budget), the same uniform mixture is trained apart, outside the
