@@ -333,3 +333,50 @@ def test_a_lease_held_by_a_generator_closed_on_another_thread_frees_its_thread(t
     closer.join()
     with engine.lease({"v0": 0.25}) as lease:  # this thread is free again
         assert dict(lease.state.weights)["v0"] == 0.25
+
+
+def test_the_vectors_dtype_never_changes_a_bf16_merge(tiny_vectors):
+    """Deltas are rounded to the model's dtype before every merge, wherever they live: a bf16 engine gives the same
+    slot with fp32 vectors (streamed per use) as with vectors saved in bf16, for the linear merge and for TIES (whose
+    top-k trim picked other entries on fp32 than on bf16 deltas: 0.89 relative on one tensor, seen on a GPU), and the
+    export's merge_state_dict agrees with the slot."""
+    import dataclasses
+
+    from optimer_lib.merging.methods import merge_state_dict
+
+    fp32 = _engine(tiny_vectors, dtype="bfloat16", max_slots=1)
+    as_bf16 = [dataclasses.replace(v, tensors={k: t.to(torch.bfloat16) for k, t in v.tensors.items()})
+               for v in fp32.vectors]
+    assert all(t.dtype == torch.float32 for v in fp32.vectors for t in v.tensors.values())
+    bf16 = MergeEngine(fp32.base, fp32.tokenizer, as_bf16, instruction=fp32.instruction, max_slots=1)
+    ties = {"density": 0.2, "lam": 1.0}
+    for weights, method, params in (({"v0": -0.2, "v1": 0.8}, "optimer", {}), ({"v0": 0.6, "v1": 0.9}, "ties", ties)):
+        states = []
+        for engine in (fp32, bf16):
+            with engine.lease(weights, 0.5, method=method, params=params) as lease:
+                states.append({k: v.clone() for k, v in _params(lease.model).items()})
+        export = merge_state_dict(fp32.base, fp32.vectors, weights, method=method, instruction=fp32.instruction,
+                                  instruction_weight=0.5, **params)
+        for k, v in states[0].items():
+            assert torch.equal(v, states[1][k]), (method, k)
+            assert torch.equal(v, export[k]), (method, k, "export")
+
+
+def test_a_dropped_engine_frees_its_slots_without_the_garbage_collector(tiny_vectors):
+    """Switching pools drops an engine: its slot models (a model's worth of device memory each) must go with the
+    last reference, not wait for a garbage-collector pass (the forward hook once closed over the engine)."""
+    import gc
+    import weakref
+
+    engine = _engine(tiny_vectors, max_slots=2)
+    for w in ({"v0": 0.5}, {"v1": 0.5}):
+        with engine.lease(w) as lease:
+            lease.model(torch.tensor([[1, 2, 3]]))  # runs the pre-forward (preemption) hook
+    refs = [weakref.ref(engine), *(weakref.ref(s.model) for s in engine._slots)]
+    assert len(refs) == 3
+    gc.disable()
+    try:
+        del engine, lease
+        assert [r() is None for r in refs] == [True] * 3
+    finally:
+        gc.enable()

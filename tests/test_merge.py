@@ -181,6 +181,27 @@ def test_linear_average_task_arithmetic():
     assert bf.dtype == torch.bfloat16
 
 
+def test_ties_trim_breaks_magnitude_ties_by_index_whatever_the_device():
+    """TIES keeps the top-k magnitudes; entries tied with the k-th are kept lowest index first (``topk``'s own
+    choice among ties is the CPU's or CUDA's, and bf16 deltas tie often), so every device trims alike."""
+    from optimer_lib.merging.methods import _trim
+
+    d = torch.tensor([0.5, -0.5, 0.25, 0.5, 1.0, -0.125], dtype=torch.bfloat16)
+    assert _trim(d, 0.5).tolist() == [0.5, -0.5, 0.0, 0.0, 1.0, 0.0]
+    g = torch.Generator().manual_seed(0)
+    sign = torch.randint(0, 2, (4096,), generator=g).float() * 2 - 1
+    d = (sign * torch.randint(1, 5, (4096,), generator=g) / 4).to(torch.bfloat16)  # 8 values, none 0: ties everywhere
+    for density in (0.01, 0.3, 0.9):
+        kept = _trim(d, density) != 0
+        k = int(density * d.numel())
+        assert int(kept.sum()) == k
+        kth = d.abs().topk(k).values[-1]
+        assert bool((d.abs()[~kept] <= kth).all()) and bool((d.abs()[kept] >= kth).all())
+        tied = (d.abs() == kth).nonzero().flatten()
+        n_tied_kept = int(kept[tied].sum())
+        assert bool(kept[tied[:n_tied_kept]].all()) and not bool(kept[tied[n_tied_kept:]].any())  # lowest first
+
+
 def test_ties_by_hand():
     ties = MERGE_METHODS["ties"]
     # weighted sum [-2,-1,4.5,0.4] elects [-,-,+,+]; agreeing entries: d1 at 1,2,3; d2 at 0,2.

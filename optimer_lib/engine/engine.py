@@ -41,6 +41,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -110,6 +111,13 @@ def _to(vec: DistributionVector, device: torch.device, dtype: torch.dtype) -> Di
     """``vec`` with its floating tensors on ``device`` in ``dtype`` (one copy every slot reads)."""
     return dataclasses.replace(vec, tensors={k: t.to(device, dtype) if t.is_floating_point() else t.to(device)
                                              for k, t in vec.tensors.items()})
+
+
+def _preempt_hook(engine: weakref.ref[MergeEngine], index: int) -> None:
+    """A slot model's forward pre-hook: :meth:`MergeEngine._preempt` while the engine lives."""
+    live = engine()
+    if live is not None:
+        live._preempt(live._slots[index])
 
 
 class MergeEngine:
@@ -339,7 +347,11 @@ class MergeEngine:
                                 **state.param_map)
         zero = MergeState.of(self.names, {}, 0.0, state.method, state.param_map)
         slot = Slot(len(self._slots), model, merger, zero)
-        model.register_forward_pre_hook(lambda module, args: self._preempt(slot))
+        # The hook holds the engine and its slot weakly: a strong closure would make model -> hook -> slot -> model
+        # and model -> hook -> engine cycles, and a dropped engine (a pool switch) would keep its slots' device
+        # memory until the garbage collector happened to run.
+        engine, index = weakref.ref(self), slot.index
+        model.register_forward_pre_hook(lambda module, args: _preempt_hook(engine, index))
         self._slots.append(slot)
         return slot
 

@@ -123,14 +123,21 @@ def _check_density(density: float) -> None:
 
 
 def _trim(d: Tensor, density: float) -> Tensor:
-    """Keep the top ``density`` fraction of entries by magnitude (at least one), zero the rest."""
+    """Keep the top ``density`` fraction of entries by magnitude (at least one), zero the rest.
+
+    Entries tied with the k-th largest magnitude are kept lowest index first. ``topk``'s own choice among ties
+    differs between CPU and CUDA, and ties are common in bf16 (8 significant bits): a GPU then kept other entries
+    than the CPU (0.73 relative on one tensor); the k-th value itself is the same on every device.
+    """
     if density >= 1.0:
         return d
     k = max(1, int(density * d.numel()))
-    flat = d.reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[flat.abs().topk(k).indices] = 1
-    return (flat * mask).view_as(d)
+    mag = d.reshape(-1).abs()
+    kth = mag.topk(k).values[-1]
+    above = mag > kth
+    at = mag == kth
+    keep = above | (at & (torch.cumsum(at, 0) <= k - above.sum()))
+    return (d.reshape(-1) * keep).view_as(d)
 
 
 @register_merge_method("ties")
@@ -229,16 +236,19 @@ def split_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[
 def merge_tensor(name: str, base: Tensor, deltas: Sequence[Tensor | None], weights: Sequence[float],
                   method: str, params: Mapping[str, object], instr: Tensor | None, instr_w: float) -> Tensor:
     fn = get_merge_method(method)
-    ds = [torch.zeros_like(base) if d is None else d.to(base.device) for d in deltas]
+    # Deltas are rounded to the base's dtype first, as every merger does (resident ones cast once, streamed ones
+    # per use): the search, the engine and the export then agree whatever dtype the vectors were saved in.
+    cast = {"device": base.device, "dtype": base.dtype}
+    ds = [torch.zeros_like(base) if d is None else d.to(**cast) for d in deltas]
     ws = list(weights)
     if fn is optimer_merge:  # linear: the instruction is one more term, summed in the same fp32 pass
         if instr is not None:
-            ds.append(instr.to(base.device))
+            ds.append(instr.to(**cast))
             ws.append(instr_w)
         return optimer_merge(base, ds, ws)
     merged = fn(base, ds, ws, **_tensor_params(params, name))
     if instr is not None and instr_w:
-        merged = merged.float().add_(instr.to(base.device), alpha=instr_w).to(base.dtype)
+        merged = merged.float().add_(instr.to(**cast), alpha=instr_w).to(base.dtype)
     return merged
 
 
