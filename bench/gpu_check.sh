@@ -17,10 +17,12 @@ OUT=${OUT:-/tmp/optimer-gpu-check}
 WORK=${WORK:-/tmp/optimer-gpu-check/work}
 mkdir -p "$OUT" "$WORK"
 export OUT WORK HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the embedded world from this checkout when the package is not installed (a bare GPU machine)
+export OPTIMER_ASSETS=${OPTIMER_ASSETS:-$PWD/assets}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_check.log"
 
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$OUT/gpu_check.log"
-import json, os, shutil, subprocess, sys, time
+import gc, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 import torch
@@ -128,18 +130,28 @@ print(f"[merge] set_weights {per * 1e3:.1f} ms for {touched / 1e6:.0f}M params: 
 # tests/test_gpu.py checks the engine's numbers against the CPU).
 from optimer_lib.engine import MergeEngine  # noqa: E402
 
+def allocated_gb() -> float:
+    return torch.cuda.memory_allocated() / 1e9 if dev == "cuda" else 0.0
+
+
+res["cuda_allocated_pool_GB"] = round(allocated_gb(), 2)  # base + vectors (on the device) + the old merger
 for where in ("device", "host"):
+    gc.collect()  # the previous engine is gone on its last reference (no cycles); this makes sure of it
+    before = allocated_gb()
     eng = MergeEngine(pool.model, pool.tokenizer, pool.vectors, max_slots=1, vectors_on=where)
     with eng.lease({"ja": 0.1, "math": 0.1}):
         pass
     sync()
+    # what the engine added on the device: one slot (a model's worth), plus the vectors when they live there
+    res[f"engine_{where}_added_GB"] = round(allocated_gb() - before, 2)
     t0 = time.perf_counter()
     for i in range(reps):
         with eng.lease({"ja": 0.1 + 0.01 * (i + 1), "math": 0.1}):
             sync()
     per_move = (time.perf_counter() - t0) / reps
     res[f"engine_move_{where}_s"] = round(per_move, 4)
-    print(f"[engine] one slider move, vectors on the {where}: {per_move * 1e3:.1f} ms", flush=True)
+    print(f"[engine] one slider move, vectors on the {where}: {per_move * 1e3:.1f} ms; the engine added "
+          f"{res[f'engine_{where}_added_GB']} GB on the device", flush=True)
     del eng
 
 # 6. A 3-trial search on the device (dev sets, tiny limits), then the streaming merge export on the device.
@@ -165,7 +177,15 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 m = AutoModelForCausalLM.from_pretrained(work / "merged", dtype="auto")
 res["merged_loads_dtype"] = str(next(m.parameters()).dtype)
-# 7. CPU-vs-GPU parity tests: on a GPU every cpu-vs-cuda case must run (a skip there is a failure).
+# 7. The real-model cell (issue 16) as one command on the device, on the embedded tiny base: CPT, mixture,
+# vectors, search and test stages all on the GPU (SmolLM2 itself does not travel to a device machine).
+step("real_cell", [*cli, "real-cell", "--workdir", work / "real-cell", "--base", "assets/base", "--device", dev,
+                   "--tokens-per-run", 2048, "--seeds", "0", "--trials", 3, "--dev-docs", 2, "--test-docs", 4])
+rc = json.loads((work / "real-cell" / "summary.json").read_text())
+assert rc["seeds_done"] == [0], rc["seeds_done"]
+res["real_cell_test"] = {k: round(v, 4) for k, v in rc["per_seed"]["0"]["test"].items()}
+print(f"[real-cell] test objective per model: {res['real_cell_test']}", flush=True)
+# 8. CPU-vs-GPU parity tests: on a GPU every cpu-vs-cuda case must run (a skip there is a failure).
 r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "tests/test_gpu.py"],
                    capture_output=True, text=True)
 print(r.stdout[-6000:], r.stderr[-2000:], flush=True)
