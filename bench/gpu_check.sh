@@ -135,7 +135,7 @@ def allocated_gb() -> float:
 
 
 res["cuda_allocated_pool_GB"] = round(allocated_gb(), 2)  # base + vectors (on the device) + the old merger
-for where in ("device", "host"):
+for where in ("device", "pinned", "host"):
     gc.collect()  # the previous engine is gone on its last reference (no cycles); this makes sure of it
     before = allocated_gb()
     eng = MergeEngine(pool.model, pool.tokenizer, pool.vectors, max_slots=1, vectors_on=where)

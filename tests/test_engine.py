@@ -380,3 +380,12 @@ def test_a_dropped_engine_frees_its_slots_without_the_garbage_collector(tiny_vec
         assert [r() is None for r in refs] == [True] * 3
     finally:
         gc.enable()
+
+
+def test_pinned_vectors_need_a_cuda_device(tiny_vectors):
+    """Page-locked vectors only help a GPU (``tests/test_gpu.py`` checks them there): on a CPU the request is refused
+    with what to use instead, before anything is copied."""
+    with pytest.raises(ConfigError, match="vectors_on='pinned' streams page-locked host memory to a CUDA GPU"):
+        _engine(tiny_vectors, vectors_on="pinned")
+    with pytest.raises(ConfigError, match="'host', 'pinned', 'device' or None"):
+        _engine(tiny_vectors, names=("w0", "w1", "w2"), vectors_on="gpu")

@@ -224,3 +224,24 @@ def test_a_host_base_engine_merges_on_the_device_and_matches_cpu(world, device: 
         assert_states_close({k: states["dev"][k] for k in fresh}, fresh, MERGE_RTOL[dtype])
     assert all(t.device.type == "cpu" for t in [*host.base.parameters(), *host.base.buffers()])
     assert all(t.base.device.type == "cpu" for t in host._slots[0].merger._targets)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_pinned_vectors_stream_by_dma_and_merge_as_resident_ones(world, dtype: str):
+    """``vectors_on="pinned"``: one page-locked host copy in the model's dtype, streamed to the GPU per merge;
+    every slot (linear, incremental, TIES) is exactly the slot of an engine whose vectors live on the device."""
+    from optimer_lib.engine import MergeEngine
+
+    base, vecs, inst, _ = world
+    engines = {where: MergeEngine(on(base, "cuda", DTYPES[dtype]), None, vecs, instruction=inst, max_slots=1,
+                                  vectors_on=where) for where in ("pinned", "device")}
+    pinned = [t for v in [*engines["pinned"].vectors, engines["pinned"].instruction] for t in v.tensors.values()]
+    assert all(t.is_pinned() and t.device.type == "cpu" and t.dtype == DTYPES[dtype] for t in pinned)
+    for weights, iw, method, params in [({"v0": 0.3}, 1.0, "optimer", {}), ({"v0": 0.3, "v1": 0.8}, 1.0, "optimer", {}),
+                                        ({"v0": 0.6, "v1": 0.3, "v2": 0.9}, 0.5, "ties", PARAMS["ties"])]:
+        states = {}
+        for where, engine in engines.items():
+            with engine.lease(weights, iw, method=method, params=params) as lease:
+                states[where] = cpu_state(lease.model)
+        assert all(torch.equal(states["pinned"][k], states["device"][k]) for k in states["device"]), (method, weights)

@@ -53,6 +53,7 @@ import torch
 from optimer_lib.checkpoints.mapped import base_load_args, copy_to, mapping_of
 from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
+from optimer_lib.engine.machine import available_host_memory
 from optimer_lib.engine.state import MergeState
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.resident import ResidentMerger
@@ -113,6 +114,12 @@ def _to(vec: DistributionVector, device: torch.device, dtype: torch.dtype) -> Di
                                              for k, t in vec.tensors.items()})
 
 
+def _pinned(vec: DistributionVector, dtype: torch.dtype) -> DistributionVector:
+    """``vec`` with its floating tensors in ``dtype`` in page-locked host memory (DMA to a GPU without staging)."""
+    return dataclasses.replace(vec, tensors={k: (t.to(dtype) if t.is_floating_point() else t).pin_memory()
+                                             for k, t in vec.tensors.items()})
+
+
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int) -> None:
     """A slot model's forward pre-hook: :meth:`MergeEngine._preempt` while the engine lives."""
     live = engine()
@@ -128,8 +135,10 @@ class MergeEngine:
     base beside the slots, moved there if needed), ``"host"`` (the base stays on the CPU, memory-mapped when loaded
     by ``load_model_mapped``/``load_model``) or None (see :mod:`optimer_lib.engine.host_base`).
     ``max_slots`` defaults to ``host_base.default_slots`` for ``device``. ``vectors_on`` is ``"host"`` (stream
-    them tensor by tensor to the device), ``"device"`` (one copy there, in the model's dtype) or None: the device
-    when the model is on an accelerator with room for the vectors beside the slots, else the host.
+    them tensor by tensor to the device from where they are, e.g. memory-mapped files), ``"pinned"`` (CUDA only:
+    one copy in page-locked host memory, in the model's dtype, streamed by DMA), ``"device"`` (one copy there, in
+    the model's dtype) or None: the device when it is a GPU with room for the vectors beside the slots, else
+    pinned host memory when the host has room for that copy, else the host as they are.
     ``cache_size`` results are kept by :meth:`run`; ``concurrency`` leases run at once (see the module docstring).
     """
 
@@ -149,12 +158,18 @@ class MergeEngine:
         self._base_mapped, self.base_note = mapped.mapped_bytes, mapped.note if self.base_on == "host" else ""
         if self.base_note:  # the user asked for a mapped base and got process memory: say why, once
             log.warning("base_on='host': %s", self.base_note)
-        if vectors_on not in (None, "host", "device"):
-            raise ConfigError(f"vectors_on must be 'host', 'device' or None (automatic), got {vectors_on!r}")
+        if vectors_on not in (None, "host", "pinned", "device"):
+            raise ConfigError(f"vectors_on must be 'host', 'pinned', 'device' or None (automatic), got {vectors_on!r}")
+        if vectors_on == "pinned" and self.device.type != "cuda":
+            raise ConfigError(f"vectors_on='pinned' streams page-locked host memory to a CUDA GPU; the engine computes "
+                              f"on {self.device}: use 'host' (or None)")
         self.vectors_on = vectors_on or self._auto_vectors_on()
         if self.vectors_on == "device" and self.device.type != "cpu":
             self.vectors = [_to(v, self.device, self.dtype) for v in self.vectors]
             self.instruction = None if instruction is None else _to(instruction, self.device, self.dtype)
+        elif self.vectors_on == "pinned":
+            self.vectors = [_pinned(v, self.dtype) for v in self.vectors]
+            self.instruction = None if instruction is None else _pinned(instruction, self.dtype)
         self._base_state = dict(model.state_dict())
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
@@ -193,15 +208,18 @@ class MergeEngine:
         return cls(model, tok, vecs, instruction=inst, base_on=mode, device=device, **kwargs)
 
     def _auto_vectors_on(self) -> str:
-        """The device when it is an accelerator with room for the vectors (in the model's dtype) beside the base's
-        slots and a 25% margin; else the host."""
+        """The device when it is a GPU with room for the vectors (in the model's dtype) beside the base's slots and
+        a 25% margin; else pinned host memory when the host has that room (a streamed move from pageable memory
+        took 42x a resident one on an H200, BENCHMARKS.md); else the host as they are."""
         if self.device.type != "cuda":
             return "host"
         free, _ = torch.cuda.mem_get_info(self.device)
         model = module_bytes(self.base)
         vec = sum(t.numel() * self.dtype.itemsize for v in [*self.vectors, *([self.instruction] if self.instruction
                                                                                else [])] for t in v.tensors.values())
-        return "device" if vec + self.max_slots * model <= 0.75 * free else "host"
+        if vec + self.max_slots * model <= 0.75 * free:
+            return "device"
+        return "pinned" if vec <= 0.75 * available_host_memory() else "host"
 
     # -- what callers read ---------------------------------------------------------------------
     @property
