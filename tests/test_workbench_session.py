@@ -272,3 +272,30 @@ def test_norms_and_scoring_cost_are_computed_once_per_pool_and_suite(session: Se
     session.use_pool(session.workspace.pool())
     other.use_pool(session.workspace.pool())
     assert other.scoring_cost() != line and calls["tokens"] == 3
+
+
+def test_study_lookups_read_one_study_not_every_trial(tmp_path: Path, monkeypatch):
+    """The page load and polls look studies up by name and read the best trial with one query each: newest created
+    first, None for a missing name or file, and a best trial with other parameters (another pool's, or per-group
+    weights) falls back to the best trial whose parameters are the pool's vectors."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    assert study_names(url) == [] and load_study(url, "a") is None  # no file yet: nothing, and no file made
+    assert not (tmp_path / "studies.db").exists()
+    for name in ("first", "second"):
+        optuna.create_study(storage=url, study_name=name)
+    assert study_names(url) == ["second", "first"]
+    assert load_study(url, "missing") is None and load_study(url, "") is None
+    study = load_study(url, "first")
+    assert best_params(study, ["ja", "math"]) is None  # no complete trial
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    for value, params in ((0.5, {"ja": 0.2, "math": 0.7}), (0.4, {"ja": 0.9, "math": 0.1}), (0.1, {"ja": 0.3})):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dict.fromkeys(params, dist),
+                                                  value=value))
+    assert best_params(study, ["ja", "math"]) == {"ja": 0.9, "math": 0.1}  # trial 2 (value 0.1) lacks 'math'
+    assert best_params(study, ["ja"]) == {"ja": 0.3}
+    monkeypatch.setattr(optuna.Study, "get_trials", lambda *a, **k: pytest.fail("read every trial"))
+    assert best_params(study, ["ja"]) == {"ja": 0.3}  # the best trial fits: no scan
+    monkeypatch.setattr(optuna, "get_all_study_summaries", lambda *a, **k: pytest.fail("read every trial"))
+    assert study_names(url) == ["second", "first"] and load_study(url, "second").study_name == "second"

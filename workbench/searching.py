@@ -342,29 +342,50 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
         return _STORAGES[url]
 
 
+def _absent(url: str) -> bool:
+    """True when ``url`` names a SQLite or journal file that does not exist yet (no study can be there)."""
+    return any(url.startswith(p) and not Path(url.removeprefix(p)).exists() for p in ("sqlite:///", "journal://"))
+
+
 def study_names(url: str) -> list[str]:
-    """Names of the studies in ``url`` (newest first); empty when the storage does not exist yet."""
-    if any(url.startswith(p) and not Path(url.removeprefix(p)).exists() for p in ("sqlite:///", "journal://")):
+    """Names of the studies in ``url`` (newest created first); empty when the storage does not exist yet.
+
+    Reads the studies table only: ``optuna.get_all_study_summaries`` also reads every trial (0.5-0.9 s for one
+    2,000-trial study in SQLite, paid on every page load and poll).
+    """
+    if _absent(url):
         return []
     try:
-        summaries = optuna.get_all_study_summaries(storage_for(url), include_best_trial=False)
+        studies = storage_for(url).get_all_studies()
     except Exception as exc:  # a bad URL is shown, not raised, while polling
         raise WorkbenchError(f"cannot read Optuna storage {url!r}: {exc}") from exc
-    summaries.sort(key=lambda s: s.datetime_start.timestamp() if s.datetime_start else 0.0, reverse=True)
-    return [s.study_name for s in summaries]
+    return [s.study_name for s in reversed(studies)]
 
 
 def load_study(url: str, name: str) -> optuna.Study | None:
     """The study ``name`` in ``url``, or None if it does not exist (yet)."""
-    if not name or name not in study_names(url):
+    if not name or _absent(url):
         return None
-    return optuna.load_study(study_name=name, storage=storage_for(url))
+    storage = storage_for(url)
+    try:
+        storage.get_study_id_from_name(name)  # one indexed lookup, not a listing of every study
+    except KeyError:
+        return None
+    except Exception as exc:
+        raise WorkbenchError(f"cannot read Optuna storage {url!r}: {exc}") from exc
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def best_params(study: optuna.Study | None, names: list[str]) -> dict[str, float] | None:
     """Weights of the study's best complete trial if its parameters are exactly ``names``, else None."""
     if study is None or len(study.directions) > 1:  # a multi-objective study has no single best
         return None
+    try:
+        best = study.best_trial  # one query in a database storage; reading every trial took 0.3 s at 2,000
+    except ValueError:  # no complete trial yet
+        return None
+    if set(best.params) == set(names):
+        return {n: float(best.params[n]) for n in names}
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if set(t.params) == set(names)]
     if not complete:
