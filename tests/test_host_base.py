@@ -189,7 +189,8 @@ def test_automatic_base_on_is_the_plans_choice_and_counts_the_allocators_cache_a
 
     def both(free: int, reserved: int = 0, allocated: int = 0) -> tuple[str, str]:
         _fake_gpu(monkeypatch, free, reserved, allocated)
-        plan = plan_pool(base_dir, files, device="cuda:0", dtype="bfloat16", bandwidth=1e9, host_to_device=1e9)
+        plan = plan_pool(base_dir, files, device="cuda:0", dtype="bfloat16", bandwidth=1e9, host_to_device=1e9,
+                         pinned_to_device=1e9)
         return pool_base_on(None, base_dir, files, device="cuda", dtype="bfloat16"), \
             "host" if plan.base_on_host else "device"
 

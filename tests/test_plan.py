@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,9 +19,11 @@ from optimer_lib.data import assets_dir
 from optimer_lib.engine import machine as machinemod
 from optimer_lib.engine.machine import GB, GiB, Machine
 from optimer_lib.engine.plan import (
+    HYPOTHETICAL_MACHINES,
     RUNTIME_BYTES,
     PlanError,
     hypothetical_plans,
+    hypothetical_pool,
     make_plan,
     markdown_table,
     plan_pool,
@@ -107,10 +110,21 @@ def test_27b_bf16_on_an_80_gib_gpu_by_hand():
     assert p.need_bytes == 54_000_000_000 + w  # one slot on the device, the base memory-mapped on the host
     assert p.slots_fit == (80 * GiB - w) // 54_000_000_000 == 1
     assert not p.vectors_resident  # 2 x 54 GB cannot sit beside the slot: streamed from host memory
-    # full re-merge: base and both vectors over PCIe (12 GB/s, from the page cache), the slot written on the device
-    assert p.seconds_full_merge == pytest.approx(54e9 / 12e9 + 108e9 / 12e9 + 54e9 / 1500e9)
+    assert p.vectors_pinned  # 108 GB of page-locked copies <= 0.75 x 192 GiB of host memory
+    # full re-merge: the base over PCIe from the page cache (12 GB/s), both vectors from pinned memory (24 GB/s),
+    # the slot written on the device
+    assert p.seconds_full_merge == pytest.approx(54e9 / 12e9 + 108e9 / 24e9 + 54e9 / 1500e9)
     table = markdown_table([p])
-    assert "host (mmap)" in table and "streamed from host" in table and "13.5 s" in table
+    assert "host (mmap)" in table and "pinned host" in table and "9.0 s" in table
+    # without pinned memory (a machine whose pinned bandwidth is unknown) the vectors stream as they are: 13.5 s
+    pageable = dataclasses.replace(HYPOTHETICAL_MACHINES[1], pinned_to_device=None)
+    q = make_plan(hypothetical_pool(27e9, vectors=2, itemsize=2, vocab_size=262_144, name="27B"), pageable,
+                  dtype="bfloat16")
+    assert not q.vectors_pinned
+    assert q.seconds_full_merge == pytest.approx(54e9 / 12e9 + 108e9 / 12e9 + 54e9 / 1500e9)
+    assert "streamed from host" in markdown_table([q]) and "13.5 s" in markdown_table([q])
+    assert "pinned in host memory" in p.table() and "24.0 GB/s pinned" in p.table()
+    assert "streamed from host memory" in q.table() and "pinned" not in q.table()
 
 
 def test_refusal_names_sizes_and_fixes():

@@ -31,7 +31,8 @@ class Machine:
     host_bytes: int                     # host memory available (MemAvailable), page cache counted as free
     device_bytes: int | None = None     # free memory of the CUDA device (None on a CPU)
     bandwidth: float = 10 * GB          # read+write bandwidth of an in-place add on the compute device
-    host_to_device: float | None = None  # host -> device copy bandwidth (CUDA only)
+    host_to_device: float | None = None  # host -> device copy bandwidth from pageable memory (CUDA only)
+    pinned_to_device: float | None = None  # the same from page-locked memory (the engine's pinned vectors)
     disk: float = 2 * GB                 # reads of files the page cache cannot hold (assumed: an NVMe SSD)
 
 
@@ -85,10 +86,14 @@ def measure_bandwidth(device: str | torch.device = "cpu", *, seconds: float = 0.
     return 3 * a.nbytes * reps / (time.perf_counter() - start)
 
 
-def measure_host_to_device(device: str | torch.device, *, seconds: float = 0.2, mib: int = 64) -> float:
-    """Bytes/s of copying pageable host memory (as a memory-mapped vector is) to the CUDA ``device``."""
+def measure_host_to_device(device: str | torch.device, *, seconds: float = 0.2, mib: int = 64,
+                           pinned: bool = False) -> float:
+    """Bytes/s of copying pageable host memory (as a memory-mapped vector is), or with ``pinned`` page-locked host
+    memory (the engine's ``vectors_on="pinned"``), to the CUDA ``device``."""
     dev = torch.device(device)
     src = torch.ones(mib * 2**20 // 4)
+    if pinned:
+        src = src.pin_memory()
     dst = src.to(dev)
     _sync(dev)
     start, reps = time.perf_counter(), 0
@@ -118,13 +123,15 @@ def resolve_compute(device: str | None, dtype: str | None) -> tuple[torch.device
 
 def this_machine(device: str | None = "auto", *, bandwidth: float | None = None, host_bytes: int | None = None,
                  device_bytes: int | None = None, host_to_device: float | None = None,
-                 seconds: float = 0.2) -> Machine:
+                 pinned_to_device: float | None = None, seconds: float = 0.2) -> Machine:
     """The machine this process runs on: available memory now and (unless given) measured bandwidths."""
     dev, _ = resolve_compute(device, None)
     host = available_host_memory() if host_bytes is None else int(host_bytes)
-    free, h2d = None, None
+    free, h2d, pinned = None, None, None
     if dev.type == "cuda":
         free = free_device_memory(dev) if device_bytes is None else int(device_bytes)
         h2d = measure_host_to_device(dev, seconds=seconds) if host_to_device is None else float(host_to_device)
+        pinned = (measure_host_to_device(dev, seconds=seconds, pinned=True) if pinned_to_device is None
+                  else float(pinned_to_device))
     bw = measure_bandwidth(dev, seconds=seconds) if bandwidth is None else float(bandwidth)
-    return Machine("this machine", str(dev), host, free, bw, h2d)
+    return Machine("this machine", str(dev), host, free, bw, h2d, pinned_to_device=pinned)

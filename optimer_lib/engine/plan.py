@@ -113,6 +113,8 @@ class CapacityPlan:
     seconds_per_vector: float        # incremental linear re-merge of one changed vector (fp32 slots)
     seconds_full_merge: float        # re-materialise a slot from the base and every vector
     problems: list[str] = field(default_factory=list)
+    vectors_pinned: bool = False     # GPU: not resident, one page-locked host copy in ``dtype`` (engine "pinned")
+    pinned_to_device: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -142,10 +144,15 @@ class CapacityPlan:
         """The plan as a human-readable block (``optimer plan``)."""
         where = (self.device if not self.base_on_host else "host (memory-mapped: page cache, not process memory)"
                  if self.device == "cpu" else "host (memory-mapped), streamed to the device per full re-merge")
-        vec_where = ("resident on the device" if self.device != "cpu" else "in the page cache") if \
-            self.vectors_resident else ("streamed from host memory" if self.device != "cpu" else
-                                        "streamed from disk (they do not fit the page cache)")
+        if self.vectors_resident:
+            vec_where = "resident on the device" if self.device != "cpu" else "in the page cache"
+        elif self.vectors_pinned:
+            vec_where = "pinned in host memory (process memory), streamed by DMA"
+        else:
+            vec_where = ("streamed from host memory" if self.device != "cpu" else
+                         "streamed from disk (they do not fit the page cache)")
         h2d = f", host->device {self.host_to_device / GB:.1f} GB/s" if self.host_to_device else ""
+        h2d += f" ({self.pinned_to_device / GB:.1f} GB/s pinned)" if self.vectors_pinned else ""
         rows = [("pool", f"{self.pool}: {self.parameters / 1e6:,.1f}M parameters, {self.vectors} vector(s)"),
                 ("device", f"{self.device} ({self.machine}), {self.dtype}"),
                 ("available", f"{fmt_bytes(self.available_bytes)} on the device" +
@@ -199,10 +206,14 @@ def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | No
     left = avail - resident_base - slots * model - work
     # on the device (GPU); in what anonymous memory leaves to the page cache (CPU), which a host base shares there
     resident = vec_total + (0 if gpu or not base_on_host else size.base_stored_bytes) <= left
+    # the engine's rule (MergeEngine._auto_vectors_on): vectors the GPU cannot hold get one page-locked host copy in
+    # the model's dtype when the host has room for it (at most every parameter per vector)
+    pinned = (gpu and not resident and machine.pinned_to_device is not None
+              and len(size.vector_bytes) * size.parameters * dt.itemsize <= 0.75 * machine.host_bytes)
     if gpu:  # what is not on the device comes from the host's page cache if it holds it, else from disk
         cached = vec_total + (size.base_stored_bytes if base_on_host else 0) <= machine.host_bytes - RUNTIME_BYTES
         host_bw = min(machine.host_to_device or machine.bandwidth, machine.bandwidth if cached else machine.disk)
-        vec_bw = machine.bandwidth if resident else host_bw
+        vec_bw = machine.bandwidth if resident else (machine.pinned_to_device or host_bw) if pinned else host_bw
         base_bw = host_bw if base_on_host else machine.bandwidth
     else:
         vec_bw, base_bw = (machine.bandwidth if resident else machine.disk), machine.bandwidth
@@ -212,7 +223,7 @@ def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | No
     plan = CapacityPlan(size.name, machine.name, str(dev), DTYPE_NAMES.get(dt, str(dt)), size.parameters, model,
                         model, vec_total, len(size.vector_bytes), work, slots, int(slots_fit), int(avail),
                         machine.host_bytes, base_on_host, resident, machine.bandwidth, machine.host_to_device,
-                        per_vector, full)
+                        per_vector, full, vectors_pinned=pinned, pinned_to_device=machine.pinned_to_device)
     if left < 0:
         plan.problems.append(_refusal(plan))
     return plan
@@ -243,13 +254,13 @@ def plan_pool(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = ()
               instruction: str | os.PathLike | None = None, device: str | None = "auto", dtype: str | None = None,
               slots: int | None = None, bandwidth: float | None = None, host_bytes: int | None = None,
               device_bytes: int | None = None, host_to_device: float | None = None,
-              seconds: float = 0.2, base_on: str | None = None) -> CapacityPlan:
+              pinned_to_device: float | None = None, seconds: float = 0.2, base_on: str | None = None) -> CapacityPlan:
     """:func:`make_plan` for a pool on disk and this machine (``host_bytes``/``device_bytes``/``bandwidth`` override
     what is read or measured: tests, what-ifs; ``base_on`` as in :func:`make_plan`)."""
     dev, dt = resolve_compute(device, dtype)
     size = pool_size(base, vectors, instruction)
     machine = this_machine(str(dev), bandwidth=bandwidth, host_bytes=host_bytes, device_bytes=device_bytes,
-                           host_to_device=host_to_device, seconds=seconds)
+                           host_to_device=host_to_device, pinned_to_device=pinned_to_device, seconds=seconds)
     return make_plan(size, machine, dtype=dt, slots=slots, base_on=base_on)
 
 
@@ -259,9 +270,10 @@ HYPOTHETICAL_MODELS = (("135M", 135e6, 49_152), ("1.7B", 1.7e9, 49_152), ("7B", 
 CPU_BANDWIDTH = 20 * GB    # add_ bandwidth measured on this project's 2-core machine: 18-21 GB/s
 GPU_BANDWIDTH = 1500 * GB  # an 80 GB A100/H100-class GPU: 2.0-3.35 TB/s nominal, ~75% reached by add_
 PCIE_BANDWIDTH = 12 * GB   # pageable host -> device copies over PCIe 4.0 x16
+PINNED_BANDWIDTH = 24 * GB  # page-locked ones (PCIe 4.0 x16: ~25 GB/s; ~55 GB/s measured on an H200, BENCHMARKS.md)
 HYPOTHETICAL_MACHINES = (
     Machine("24 GiB CPU", "cpu", 24 * GiB, None, CPU_BANDWIDTH),
-    Machine("80 GiB GPU", "cuda", 192 * GiB, 80 * GiB, GPU_BANDWIDTH, PCIE_BANDWIDTH),
+    Machine("80 GiB GPU", "cuda", 192 * GiB, 80 * GiB, GPU_BANDWIDTH, PCIE_BANDWIDTH, PINNED_BANDWIDTH),
 )
 
 
@@ -291,7 +303,7 @@ def markdown_table(plans: Sequence[CapacityPlan]) -> str:
     rows = []
     for p in plans:
         vec_where = ("device" if p.device != "cpu" else "page cache") if p.vectors_resident else \
-            ("streamed from host" if p.device != "cpu" else "streamed from disk")
+            "pinned host" if p.vectors_pinned else ("streamed from host" if p.device != "cpu" else "streamed from disk")
         rows.append(f"| {p.pool} | {p.machine} | {p.dtype} | {fmt_bytes(p.base_bytes)} | {fmt_bytes(p.slot_bytes)} "
                     f"| {p.slots} ({p.slots_fit}) | {'host (mmap)' if p.base_on_host else 'device'} "
                     f"| {p.vectors} × {fmt_bytes(p.vector_bytes / max(1, p.vectors))}, {vec_where} "
