@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
 import time
@@ -389,3 +390,36 @@ def test_pinned_vectors_need_a_cuda_device(tiny_vectors):
         _engine(tiny_vectors, vectors_on="pinned")
     with pytest.raises(ConfigError, match="'host', 'pinned', 'device' or None"):
         _engine(tiny_vectors, names=("w0", "w1", "w2"), vectors_on="gpu")
+
+
+def test_vectors_placed_once_keep_each_tensors_own_dtype(tiny_vectors):
+    """The device and pinned copies round each delta to the dtype of the tensor it changes, as the streamed path
+    and the export do: a bf16 model that keeps its norms in fp32 merges the same whichever way the vectors travel."""
+    from optimer_lib.engine.engine import _to
+    from optimer_lib.merging.methods import merge_state_dict
+    from optimer_lib.merging.resident import ResidentMerger
+
+    engine = _engine(tiny_vectors, dtype="bfloat16", max_slots=1)
+    model = copy.deepcopy(engine.base)
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            module.float()
+    dtypes = {k: t.dtype for k, t in model.state_dict().items()}
+    assert {torch.float32, torch.bfloat16} <= set(dtypes.values())
+    placed = [_to(v, torch.device("cpu"), dtypes) for v in engine.vectors]
+    assert all(t.dtype == dtypes[k] for v in placed for k, t in v.tensors.items())
+    weights = {"v0": 0.37, "v1": -0.81}
+    merger = ResidentMerger(copy.deepcopy(model), placed, stream_deltas=True)
+    merger.set_weights(weights)
+    export = merge_state_dict(model, engine.vectors, weights)
+    for k, v in merger.model.state_dict().items():
+        assert torch.equal(v, export[k]), k
+
+
+def test_the_pinned_estimate_rounds_each_block_up_to_a_power_of_two():
+    """torch's pinned allocator rounds every block up to a power of two: the automatic placement counts that."""
+    from optimer_lib.checkpoints.vectors import DistributionVector
+    from optimer_lib.engine.engine import _pinned_bytes
+
+    vec = DistributionVector("v", {"a": torch.zeros(5), "b": torch.zeros(8), "c": torch.zeros(3, dtype=torch.int64)})
+    assert _pinned_bytes([vec], {"a": torch.float32, "b": torch.bfloat16}) == 32 + 16 + 32  # 20 -> 32, 16, 24 -> 32

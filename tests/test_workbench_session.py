@@ -295,6 +295,10 @@ def test_study_lookups_read_one_study_not_every_trial(tmp_path: Path, monkeypatc
                                                   value=value))
     assert best_params(study, ["ja", "math"]) == {"ja": 0.9, "math": 0.1}  # trial 2 (value 0.1) lacks 'math'
     assert best_params(study, ["ja"]) == {"ja": 0.3}
+    (tmp_path / "garbage.db").write_text("not a database")
+    for bad in (f"sqlite:///{tmp_path / 'garbage.db'}", "bogus://x"):  # shown as a message, never a traceback
+        with pytest.raises(WorkbenchError, match="cannot read Optuna storage"):
+            load_study(bad, "s")
     monkeypatch.setattr(optuna.Study, "get_trials", lambda *a, **k: pytest.fail("read every trial"))
     assert best_params(study, ["ja"]) == {"ja": 0.3}  # the best trial fits: no scan
     monkeypatch.setattr(optuna, "get_all_study_summaries", lambda *a, **k: pytest.fail("read every trial"))

@@ -366,8 +366,8 @@ def load_study(url: str, name: str) -> optuna.Study | None:
     """The study ``name`` in ``url``, or None if it does not exist (yet)."""
     if not name or _absent(url):
         return None
-    storage = storage_for(url)
     try:
+        storage = storage_for(url)
         storage.get_study_id_from_name(name)  # one indexed lookup, not a listing of every study
     except KeyError:
         return None

@@ -108,16 +108,26 @@ class EngineStats:
     bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
 
 
-def _to(vec: DistributionVector, device: torch.device, dtype: torch.dtype) -> DistributionVector:
-    """``vec`` with its floating tensors on ``device`` in ``dtype`` (one copy every slot reads)."""
-    return dataclasses.replace(vec, tensors={k: t.to(device, dtype) if t.is_floating_point() else t.to(device)
-                                             for k, t in vec.tensors.items()})
+def _to(vec: DistributionVector, device: torch.device, dtypes: Mapping[str, torch.dtype],
+        pin: bool = False) -> DistributionVector:
+    """``vec`` with its floating tensors on ``device`` (or, with ``pin``, in page-locked host memory: DMA to a GPU
+    without staging), each in the dtype of the model tensor it changes (``dtypes``: name -> dtype), as every merge
+    path rounds it: one copy every slot reads. A bf16 model may keep some tensors (norms) in fp32."""
+    out = {}
+    for k, t in vec.tensors.items():
+        t = t.to(dtypes.get(k, t.dtype)) if t.is_floating_point() else t
+        out[k] = t.pin_memory() if pin else t.to(device)
+    return dataclasses.replace(vec, tensors=out)
 
 
-def _pinned(vec: DistributionVector, dtype: torch.dtype) -> DistributionVector:
-    """``vec`` with its floating tensors in ``dtype`` in page-locked host memory (DMA to a GPU without staging)."""
-    return dataclasses.replace(vec, tensors={k: (t.to(dtype) if t.is_floating_point() else t).pin_memory()
-                                             for k, t in vec.tensors.items()})
+def _pinned_bytes(vectors: Sequence[DistributionVector], dtypes: Mapping[str, torch.dtype]) -> int:
+    """Host memory the pinned copies take: torch's pinned allocator rounds each block up to a power of two."""
+    total = 0
+    for v in vectors:
+        for k, t in v.tensors.items():
+            n = t.numel() * (dtypes.get(k, t.dtype).itemsize if t.is_floating_point() else t.element_size())
+            total += 1 << max(0, (n - 1).bit_length())
+    return total
 
 
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int) -> None:
@@ -163,13 +173,16 @@ class MergeEngine:
         if vectors_on == "pinned" and self.device.type != "cuda":
             raise ConfigError(f"vectors_on='pinned' streams page-locked host memory to a CUDA GPU; the engine computes "
                               f"on {self.device}: use 'host' (or None)")
+        self._dtypes = {k: t.dtype for k, t in model.state_dict().items()}  # tied aliases appear under each name
         self.vectors_on = vectors_on or self._auto_vectors_on()
-        if self.vectors_on == "device" and self.device.type != "cpu":
-            self.vectors = [_to(v, self.device, self.dtype) for v in self.vectors]
-            self.instruction = None if instruction is None else _to(instruction, self.device, self.dtype)
-        elif self.vectors_on == "pinned":
-            self.vectors = [_pinned(v, self.dtype) for v in self.vectors]
-            self.instruction = None if instruction is None else _pinned(instruction, self.dtype)
+        if self.vectors_on in ("device", "pinned") and self.device.type != "cpu":
+            try:
+                self._place_vectors(pin=self.vectors_on == "pinned")
+            except RuntimeError as exc:  # the page-locked copy did not fit after all
+                if vectors_on is not None or self.vectors_on != "pinned":
+                    raise
+                log.warning("vectors_on: pinning the vectors failed (%s); streaming them from where they are", exc)
+                self.vectors, self.instruction, self.vectors_on = list(vectors), instruction, "host"
         self._base_state = dict(model.state_dict())
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
@@ -207,6 +220,12 @@ class MergeEngine:
                                               trust_remote_code=trust_remote_code)
         return cls(model, tok, vecs, instruction=inst, base_on=mode, device=device, **kwargs)
 
+    def _place_vectors(self, pin: bool) -> None:
+        """One copy of the vectors (and the instruction) on the device, or pinned in host memory."""
+        self.vectors = [_to(v, self.device, self._dtypes, pin) for v in self.vectors]
+        if self.instruction is not None:
+            self.instruction = _to(self.instruction, self.device, self._dtypes, pin)
+
     def _auto_vectors_on(self) -> str:
         """The device when it is a GPU with room for the vectors (in the model's dtype) beside the base's slots and
         a 25% margin; else pinned host memory when the host has that room (a streamed move from pageable memory
@@ -219,7 +238,12 @@ class MergeEngine:
                                                                                else [])] for t in v.tensors.values())
         if vec + self.max_slots * model <= 0.75 * free:
             return "device"
-        return "pinned" if vec <= 0.75 * available_host_memory() else "host"
+        everything = [*self.vectors, *([self.instruction] if self.instruction else [])]
+        try:
+            host = available_host_memory()
+        except ConfigError:  # no way to read it: do not page-lock what may not fit
+            return "host"
+        return "pinned" if _pinned_bytes(everything, self._dtypes) <= 0.75 * host else "host"
 
     # -- what callers read ---------------------------------------------------------------------
     @property
