@@ -11,9 +11,11 @@ Memory. The engine holds the base model once (never merged into: it is the exact
 re-materialised from), the vectors as given (``load_vector`` tensors are memory-mapped from their safetensors
 files, so they are page cache, not process memory) and at most ``max_slots`` merged models. A slot's merger
 reads the engine's base tensors instead of keeping its own copy, and reads the vectors where the engine keeps
-them: on the host (memory-mapped; each tensor moved to the device when a merge reads it) or, on an accelerator
-with room for them, one device copy in the model's dtype shared by every slot. So memory is base + slots x
-model (+ the vectors' device copy), the same for 1 or 100 callers. With ``base_on="host"`` (automatic on a GPU
+them: on the host (memory-mapped; each tensor moved to the device when a merge reads it), on a GPU with room for
+them one device copy shared by every slot, or else one page-locked host copy streamed by DMA (7x faster than
+pageable memory on an H200); both copies keep each model tensor's dtype, which every merge rounds deltas to, so
+placement never changes a merge. So memory is base + slots x model (+ the vectors' copy), the same for 1 or 100
+callers. With ``base_on="host"`` (automatic on a GPU
 that cannot hold base + slots) the base stays memory-mapped on the host and only the slots use the device
 (:mod:`optimer_lib.engine.host_base`); ``stats()`` says where the base is and how much of it is file-backed.
 
