@@ -147,3 +147,29 @@ def test_journal_storage_everywhere_a_study_is_read(tmp_path):
     seeded = warm_start_study("optimer", "loss:en", storage=url, study_name="again")
     assert len(seeded.trials) == 4 and min(t.value for t in seeded.trials) >= 1.0
     assert sorted(study_names(url)) == ["again", "optimer"]
+
+
+def test_a_worker_that_loses_the_table_creation_race_retries(monkeypatch):
+    """Workers starting together on a fresh PostgreSQL database race to create Optuna's tables; the loser sees
+    ``relation "studies" already exists`` (a ProgrammingError, seen in CI with three workers) and must retry,
+    as it does for SQLite's and MySQL's integrity and operational errors."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    from optimer_lib.search import storage as storage_mod
+
+    calls = []
+    lost = [ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists')),
+            IntegrityError("INSERT", {}, Exception("duplicate key")), OperationalError("x", {}, Exception("locked"))]
+
+    def fake_rdb(url, engine_kwargs=None):
+        calls.append(url)
+        if lost:
+            raise lost.pop(0)
+        return "storage"
+
+    monkeypatch.setattr(storage_mod.optuna.storages, "RDBStorage", fake_rdb)
+    monkeypatch.setattr(storage_mod.time, "sleep", lambda s: None)
+    assert open_storage("postgresql://u@h/db") == "storage" and len(calls) == 4
+    lost[:] = [ProgrammingError("SELECT", {}, Exception("syntax"))] * 5  # a real error still surfaces, after 5 tries
+    with pytest.raises(ProgrammingError):
+        open_storage("postgresql://u@h/db")

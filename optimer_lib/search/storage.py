@@ -33,20 +33,22 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     """The Optuna storage for ``--storage``: ``journal:///abs/file.log`` (or ``journal://rel/file.log``) is a
     JournalStorage on that file (several hosts on a shared file system); SQLite URLs get a 60 s lock
     timeout so several workers can share one file; other URLs (postgresql://, mysql://) are RDB storages.
-    Workers starting together on a fresh database race to create its tables: the loser retries."""
+    Workers starting together on a fresh database race to create its tables: the loser retries (SQLite and
+    MySQL report the lost race as an integrity or operational error, PostgreSQL as a programming error:
+    ``relation "studies" already exists``)."""
     if not url:
         return None
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == 4:
                 raise
             time.sleep(0.5 * (attempt + 1))
