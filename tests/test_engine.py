@@ -395,7 +395,7 @@ def test_pinned_vectors_need_a_cuda_device(tiny_vectors):
 def test_vectors_placed_once_keep_each_tensors_own_dtype(tiny_vectors):
     """The device and pinned copies round each delta to the dtype of the tensor it changes, as the streamed path
     and the export do: a bf16 model that keeps its norms in fp32 merges the same whichever way the vectors travel."""
-    from optimer_lib.engine.engine import _to
+    from optimer_lib.engine.vector_placement import _copy
     from optimer_lib.merging.methods import merge_state_dict
     from optimer_lib.merging.resident import ResidentMerger
 
@@ -406,7 +406,7 @@ def test_vectors_placed_once_keep_each_tensors_own_dtype(tiny_vectors):
             module.float()
     dtypes = {k: t.dtype for k, t in model.state_dict().items()}
     assert {torch.float32, torch.bfloat16} <= set(dtypes.values())
-    placed = [_to(v, torch.device("cpu"), dtypes) for v in engine.vectors]
+    placed = [_copy(v, torch.device("cpu"), model.state_dict()) for v in engine.vectors]
     assert all(t.dtype == dtypes[k] for v in placed for k, t in v.tensors.items())
     weights = {"v0": 0.37, "v1": -0.81}
     merger = ResidentMerger(copy.deepcopy(model), placed, stream_deltas=True)
@@ -419,7 +419,8 @@ def test_vectors_placed_once_keep_each_tensors_own_dtype(tiny_vectors):
 def test_the_pinned_estimate_rounds_each_block_up_to_a_power_of_two():
     """torch's pinned allocator rounds every block up to a power of two: the automatic placement counts that."""
     from optimer_lib.checkpoints.vectors import DistributionVector
-    from optimer_lib.engine.engine import _pinned_bytes
+    from optimer_lib.engine.vector_placement import pinned_bytes
 
     vec = DistributionVector("v", {"a": torch.zeros(5), "b": torch.zeros(8), "c": torch.zeros(3, dtype=torch.int64)})
-    assert _pinned_bytes([vec], {"a": torch.float32, "b": torch.bfloat16}) == 32 + 16 + 32  # 20 -> 32, 16, 24 -> 32
+    like = {"a": torch.zeros(5), "b": torch.zeros(8, dtype=torch.bfloat16)}  # the base tensors: their dtypes count
+    assert pinned_bytes([vec], like) == 32 + 16 + 32  # 20 -> 32, 16, 24 -> 32

@@ -36,7 +36,6 @@ every tensor.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import logging
@@ -55,8 +54,8 @@ import torch
 from optimer_lib.checkpoints.mapped import base_load_args, copy_to, mapping_of
 from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
-from optimer_lib.engine.machine import available_host_memory
 from optimer_lib.engine.state import MergeState
+from optimer_lib.engine.vector_placement import check_vectors_on, choose_vectors_on, place_vectors
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.resident import ResidentMerger
 
@@ -110,28 +109,6 @@ class EngineStats:
     bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
 
 
-def _to(vec: DistributionVector, device: torch.device, dtypes: Mapping[str, torch.dtype],
-        pin: bool = False) -> DistributionVector:
-    """``vec`` with its floating tensors on ``device`` (or, with ``pin``, in page-locked host memory: DMA to a GPU
-    without staging), each in the dtype of the model tensor it changes (``dtypes``: name -> dtype), as every merge
-    path rounds it: one copy every slot reads. A bf16 model may keep some tensors (norms) in fp32."""
-    out = {}
-    for k, t in vec.tensors.items():
-        t = t.to(dtypes.get(k, t.dtype)) if t.is_floating_point() else t
-        out[k] = t.pin_memory() if pin else t.to(device)
-    return dataclasses.replace(vec, tensors=out)
-
-
-def _pinned_bytes(vectors: Sequence[DistributionVector], dtypes: Mapping[str, torch.dtype]) -> int:
-    """Host memory the pinned copies take: torch's pinned allocator rounds each block up to a power of two."""
-    total = 0
-    for v in vectors:
-        for k, t in v.tensors.items():
-            n = t.numel() * (dtypes.get(k, t.dtype).itemsize if t.is_floating_point() else t.element_size())
-            total += 1 << max(0, (n - 1).bit_length())
-    return total
-
-
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int) -> None:
     """A slot model's forward pre-hook: :meth:`MergeEngine._preempt` while the engine lives."""
     live = engine()
@@ -170,22 +147,13 @@ class MergeEngine:
         self._base_mapped, self.base_note = mapped.mapped_bytes, mapped.note if self.base_on == "host" else ""
         if self.base_note:  # the user asked for a mapped base and got process memory: say why, once
             log.warning("base_on='host': %s", self.base_note)
-        if vectors_on not in (None, "host", "pinned", "device"):
-            raise ConfigError(f"vectors_on must be 'host', 'pinned', 'device' or None (automatic), got {vectors_on!r}")
-        if vectors_on == "pinned" and self.device.type != "cuda":
-            raise ConfigError(f"vectors_on='pinned' streams page-locked host memory to a CUDA GPU; the engine computes "
-                              f"on {self.device}: use 'host' (or None)")
-        self._dtypes = {k: t.dtype for k, t in model.state_dict().items()}  # tied aliases appear under each name
-        self.vectors_on = vectors_on or self._auto_vectors_on()
-        if self.vectors_on in ("device", "pinned") and self.device.type != "cpu":
-            try:
-                self._place_vectors(pin=self.vectors_on == "pinned")
-            except RuntimeError as exc:  # the page-locked copy did not fit after all
-                if vectors_on is not None or self.vectors_on != "pinned":
-                    raise
-                log.warning("vectors_on: pinning the vectors failed (%s); streaming them from where they are", exc)
-                self.vectors, self.instruction, self.vectors_on = list(vectors), instruction, "host"
-        self._base_state = dict(model.state_dict())
+        check_vectors_on(vectors_on, self.device)
+        self._base_state = dict(model.state_dict())  # tied aliases appear under each name
+        everything = [*self.vectors, *([instruction] if instruction is not None else [])]
+        where = vectors_on or choose_vectors_on(everything, self._base_state, self.device, dtype=self.dtype,
+                                                model_bytes=module_bytes(self.base), slots=self.max_slots)
+        self.vectors, self.instruction, self.vectors_on = place_vectors(
+            self.vectors, instruction, self.device, self._base_state, where, fallback=vectors_on is None)
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, int]] = []
@@ -221,31 +189,6 @@ class MergeEngine:
                                               allow_fingerprint_mismatch=allow_fingerprint_mismatch,
                                               trust_remote_code=trust_remote_code)
         return cls(model, tok, vecs, instruction=inst, base_on=mode, device=device, **kwargs)
-
-    def _place_vectors(self, pin: bool) -> None:
-        """One copy of the vectors (and the instruction) on the device, or pinned in host memory."""
-        self.vectors = [_to(v, self.device, self._dtypes, pin) for v in self.vectors]
-        if self.instruction is not None:
-            self.instruction = _to(self.instruction, self.device, self._dtypes, pin)
-
-    def _auto_vectors_on(self) -> str:
-        """The device when it is a GPU with room for the vectors (in the model's dtype) beside the base's slots and
-        a 25% margin; else pinned host memory when the host has that room (a streamed move from pageable memory
-        took 42x a resident one on an H200, BENCHMARKS.md); else the host as they are."""
-        if self.device.type != "cuda":
-            return "host"
-        free, _ = torch.cuda.mem_get_info(self.device)
-        model = module_bytes(self.base)
-        vec = sum(t.numel() * self.dtype.itemsize for v in [*self.vectors, *([self.instruction] if self.instruction
-                                                                               else [])] for t in v.tensors.values())
-        if vec + self.max_slots * model <= 0.75 * free:
-            return "device"
-        everything = [*self.vectors, *([self.instruction] if self.instruction else [])]
-        try:
-            host = available_host_memory()
-        except ConfigError:  # no way to read it: do not page-lock what may not fit
-            return "host"
-        return "pinned" if _pinned_bytes(everything, self._dtypes) <= 0.75 * host else "host"
 
     # -- what callers read ---------------------------------------------------------------------
     @property

@@ -206,8 +206,8 @@ def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | No
     left = avail - resident_base - slots * model - work
     # on the device (GPU); in what anonymous memory leaves to the page cache (CPU), which a host base shares there
     resident = vec_total + (0 if gpu or not base_on_host else size.base_stored_bytes) <= left
-    # the engine's rule (MergeEngine._auto_vectors_on): vectors the GPU cannot hold get one page-locked host copy in
-    # the model's dtype when the host has room for it (at most every parameter per vector)
+    # the engine's rule (vector_placement.choose_vectors_on): vectors the GPU cannot hold get one page-locked host
+    # copy in the model's dtype when the host has room for it (at most every parameter per vector)
     pinned = (gpu and not resident and machine.pinned_to_device is not None
               and len(size.vector_bytes) * size.parameters * dt.itemsize <= 0.75 * machine.host_bytes)
     if gpu:  # what is not on the device comes from the host's page cache if it holds it, else from disk
