@@ -289,6 +289,61 @@ def test_a_long_search_job_is_preempted_between_forward_passes(tiny_vectors):
     assert errs and errs[0] <= 1e-6
 
 
+def _preempted_inside_a_pass(engine: MergeEngine, grad: bool) -> tuple[list[str], float, int]:
+    """A background job's single forward pass, paused after block 0 until a slider request waits: the events in
+    order, the pass's logits error against the background merge's, and the preemptions it took."""
+    before = engine.preemptions
+    bg_state = engine.state({"v0": 0.7, "v1": 0.2})
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    events: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    in_block0 = threading.Event()
+
+    def job():
+        with engine.lease(bg_state, priority=BACKGROUND) as lease:
+            blocks = lease.model.model.layers
+
+            def hold(module, args, output):  # after block 0: let the slider queue up before block 1 starts
+                in_block0.set()
+                deadline = time.monotonic() + 5
+                while not engine._waiting and time.monotonic() < deadline:
+                    time.sleep(0.005)
+
+            handle = blocks[0].register_forward_hook(hold)
+            with torch.set_grad_enabled(grad):
+                out["logits"] = lease.model(input_ids=ids).logits.detach()
+            handle.remove()
+            events.append("background pass done")
+            with torch.no_grad():
+                out["exact"] = lease.model(input_ids=ids).logits  # the lease's merge, re-checked after the pass
+
+    def slider():
+        in_block0.wait(5)
+        with engine.lease({"v0": 0.1}, priority=INTERACTIVE):
+            events.append("slider")
+
+    threads = [threading.Thread(target=job), threading.Thread(target=slider)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    err = float((out["logits"] - out["exact"]).abs().max() / out["exact"].abs().max())
+    return events, err, engine.preemptions - before
+
+
+def test_a_slider_preempts_a_background_pass_between_blocks(tiny_vectors):
+    """A real model's forward pass is seconds on a CPU core, so a slider waits for one transformer block of a
+    background (or search) pass, not for the pass: it runs between blocks 0 and 1, re-merging the shared slot,
+    and the rest of the pass runs on the background merge again (its logits equal a pass without preemption).
+    With autograd on (the gradient sampler) a pass is never paused inside: the slider comes after it."""
+    engine = _engine(tiny_vectors, max_slots=1)  # the slider must borrow the background job's own slot
+    events, err, preemptions = _preempted_inside_a_pass(engine, grad=False)
+    assert events == ["slider", "background pass done"] and preemptions == 1
+    assert err <= 1e-5
+    events, err, _ = _preempted_inside_a_pass(engine, grad=True)
+    assert events == ["background pass done", "slider"] and err <= 1e-5
+
+
 def test_two_leases_run_at_once_on_their_own_slots(tiny_vectors):
     """With concurrency 2 (a 2-core CPU at one torch thread), two jobs hold two slots at the same time, each
     with its own merge; a third request waits. With concurrency 1 the two would never meet."""

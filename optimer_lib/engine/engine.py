@@ -24,9 +24,11 @@ the cores allow at torch's intra-op thread count, at most ``max_slots``; on an a
 would contend for the same memory bandwidth). Waiting requests are served lowest ``priority`` first,
 then in arrival order: interactive requests (``INTERACTIVE``: a slider move, a chat reply) overtake background
 scoring (``BACKGROUND``) and search trials (``SEARCH``). A search takes one lease per trial, and a lower-priority
-lease is also preempted *between forward passes*: every slot model carries a forward pre-hook that, when a
-higher-priority request waits, hands the engine over and takes it back afterwards (re-merging the slot if the
-other request used it). So a slider move waits for one forward pass of a running trial, not for the trial.
+lease is also preempted *between forward passes*, and between transformer blocks of a pass run without
+autograd: every slot model and each of its blocks carries a forward pre-hook that, when a higher-priority request
+waits, hands the engine over and takes it back afterwards (re-merging the slot if the other request used it, so
+the rest of the pass runs on the lease's own merge). So a slider move waits for one block of a running trial or
+background score, not for the trial.
 
 Slots. A request is served by the slot needing the fewest vectors re-read: the one already holding the state,
 else a new slot while fewer than ``max_slots`` exist, else the slot with the fewest changed α (least recently
@@ -109,11 +111,20 @@ class EngineStats:
     bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
 
 
-def _preempt_hook(engine: weakref.ref[MergeEngine], index: int) -> None:
-    """A slot model's forward pre-hook: :meth:`MergeEngine._preempt` while the engine lives."""
+def _preempt_hook(engine: weakref.ref[MergeEngine], index: int, inside: bool = False) -> None:
+    """A slot model's forward pre-hook (``inside``: a transformer block's): :meth:`MergeEngine._preempt` while the
+    engine lives. Inside a forward pass only without autograd: a re-merge of the slot meanwhile would rewrite
+    weights that earlier blocks saved for the backward pass (the gradient sampler's), and the re-merge back
+    bumps their version counters."""
     live = engine()
-    if live is not None:
+    if live is not None and not (inside and torch.is_grad_enabled()):
         live._preempt(live._slots[index])
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of ``model``: the children of its longest ``ModuleList`` ([] without one)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
 
 
 class MergeEngine:
@@ -339,6 +350,10 @@ class MergeEngine:
         # memory until the garbage collector happened to run.
         engine, index = weakref.ref(self), slot.index
         model.register_forward_pre_hook(lambda module, args: _preempt_hook(engine, index))
+        # also before every block: a forward pass of a real model (one dev set's batch: ~3 s for SmolLM2-135M on a
+        # CPU core) is too long a wait for a slider; a block is ~1/30 of it
+        for block in _blocks(model):
+            block.register_forward_pre_hook(lambda module, args: _preempt_hook(engine, index, inside=True))
         self._slots.append(slot)
         return slot
 
