@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -212,8 +214,34 @@ def test_workspace_paths_and_adding_vectors(tmp_path: Path):
     # choosing another instruction vector: the old one becomes a plain file, the pool is reopened
     new = ws.set_pool(wd / "base", [wd / "vectors" / "ja.safetensors"], wd / "vectors" / "math.safetensors")
     assert new.names == ["ja"] and new.instruction.name == "math"
-    assert s.shared is shared                                   # the old session keeps its snapshot
     assert s.use_pool() is new and s.names == ["ja"]
+
+
+def test_a_replaced_pool_is_freed_and_idle_sessions_move_on(session: Session):
+    """Sessions hold their pool weakly: when one session opens another pool, the old engine (its base, slots and
+    vectors) is freed at once, not when every other open tab reloads. An idle session then moves to the new pool:
+    silently, weights kept, when only the dev suite changed; with one "reload" error when the vectors changed."""
+    ws, wd = session.workspace, session.workspace.workdir
+    idle = Session(ws, tune_limit=3, qa_limit=2)
+    idle.apply({"ja": 0.5})
+    run = idle.start_search(SearchSpec(trials=2, sampler="random", search_limit=2, top_k=0, study_name="held"))
+    assert run.wait(120) and run.error is None
+    (wd / "legal.txt").write_text("a legal text\n\nanother legal text\n")
+    session.use_pool(ws.add_eval("legal", "legal.txt"))        # a suite change: same engine
+    assert "loss:legal" in idle.apply({"ja": 0.5}).metrics and idle.tune.weights == {"ja": 0.5, "math": 0.0}
+    old = weakref.ref(idle.shared.engine)
+    session.use_pool(ws.set_pool(wd / "base", [wd / "vectors" / "ja.safetensors"], None))
+    gc.disable()  # freed by reference counting, not by a later collector pass
+    try:
+        assert old() is None
+    finally:
+        gc.enable()
+    with pytest.raises(WorkbenchError, match="reload this page"):
+        _ = idle.names
+    assert idle.names == ["ja"] and idle.tune.weights == {"ja": 0.0}
+    assert not run.ran_on(idle.shared)
+    with pytest.raises(WorkbenchError, match="was replaced"):
+        _ = run.shared
 
 
 def test_workspace_without_pool(tmp_path: Path, monkeypatch):

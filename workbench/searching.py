@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +167,10 @@ class SearchRun:
 
     def __init__(self, shared: SharedPool, spec: SearchSpec, storage: str, workdir: Path,
                  on_event: Callable[[TrialEvent], None] | None = None) -> None:
-        self.shared, self.spec, self.storage = shared, spec, storage
+        # held until the run ends (a finished run kept in a session must not keep a replaced pool alive)
+        self._pool: SharedPool | None = shared
+        self._pool_ref = weakref.ref(shared)
+        self.spec, self.storage = spec, storage
         self.study_name = spec.study_name.strip() or time.strftime("wb-%Y%m%d-%H%M%S")
         self.workdir = Path(workdir) / "searches" / re.sub(r"[^A-Za-z0-9_.-]", "_", self.study_name)
         self.objective = parse_spec_objective(spec, shared, Path(workdir))
@@ -193,7 +197,27 @@ class SearchRun:
         self.stopped = False
         self.on_event = on_event
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"search-{self.study_name}", daemon=True)
+        self._thread = threading.Thread(target=self._run_then_release, name=f"search-{self.study_name}",
+                                        daemon=True)
+
+    @property
+    def shared(self) -> SharedPool:
+        """The pool this search runs on; WorkbenchError once the run ended and that pool was replaced."""
+        shared = self._pool_ref()
+        if shared is None:
+            raise WorkbenchError(f"the pool search {self.study_name!r} ran on was replaced: its study is still in "
+                                 "storage (watch it on the Search tab)")
+        return shared
+
+    def ran_on(self, shared: SharedPool) -> bool:
+        """Whether this search ran (or runs) on ``shared``."""
+        return self._pool_ref() is shared
+
+    def _run_then_release(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._pool = None
 
     @property
     def running(self) -> bool:

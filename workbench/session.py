@@ -27,6 +27,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -117,7 +118,10 @@ class Session(ChatMethods, StudyMethods):
     front_shown: tuple[str, str, tuple[str, ...] | None] | None = None  # (storage, study, specs) of the front
     reranked: RerankResult | None = None
     ui: dict = field(default_factory=dict)  # free slot for a front end's per-session caches
-    _shared: SharedPool | None = field(default=None, repr=False)
+    # Weak: between requests only the workspace holds its pool, so a pool replaced from another session (or tab)
+    # is freed at once, engine and slots included, instead of living on in every idle session until it reloads.
+    _pool_ref: weakref.ref[SharedPool] | None = field(default=None, repr=False)
+    _engine_ref: weakref.ref[Any] | None = field(default=None, repr=False)
     _state: MergeState | None = field(default=None, repr=False)
     _pending: set = field(default_factory=set, repr=False)
     _scoring: TuneScoring | None = field(default=None, repr=False)
@@ -129,23 +133,37 @@ class Session(ChatMethods, StudyMethods):
     # -- pool ----------------------------------------------------------------------------------
     @property
     def shared(self) -> SharedPool:
-        if self._shared is None:
-            self._shared = self.workspace.pool()
-        return self._shared
+        """The session's pool: the workspace's on first use. When another session replaced it (Pool tab), the
+        session moves to the new pool: silently when only the dev suite changed (same engine, weights kept),
+        else with one WorkbenchError asking for a reload, because this page's sliders show the old vectors."""
+        held = self._pool_ref() if self._pool_ref is not None else None
+        if held is not None:
+            return held
+        had = self._pool_ref is not None
+        engine = self._engine_ref() if self._engine_ref is not None else None
+        shared = self.use_pool()
+        if had and shared.engine is not engine:
+            raise WorkbenchError("the pool was changed in another session or tab: reload this page to see its "
+                                 "vectors (your Tune weights were for the old pool)")
+        return shared
 
     @property
     def has_pool(self) -> bool:
-        return self._shared is not None or self.workspace.has_pool()
+        return self._held() is not None or self.workspace.has_pool()
+
+    def _held(self) -> SharedPool | None:
+        return self._pool_ref() if self._pool_ref is not None else None
 
     def use_pool(self, shared: SharedPool | None = None) -> SharedPool:
         """Switch to ``shared`` (default: the workspace's current pool); resets the Tune weights unless only the
         dev suite changed (same engine: :meth:`Workspace.add_eval` / :meth:`Workspace.remove_eval`). Dev sets the
         new suite lacks leave the Tune scoring set (none left: every set; the rest of the scoring set is kept)."""
         shared = shared or self.workspace.pool()
-        if shared is not self._shared:
-            if self._shared is None or shared.engine is not self._shared.engine:
+        if shared is not self._held():
+            engine = self._engine_ref() if self._engine_ref is not None else None
+            if engine is None or shared.engine is not engine:
                 self._state = None
-            self._shared, self.last = shared, None
+            self._pool_ref, self._engine_ref, self.last = weakref.ref(shared), weakref.ref(shared.engine), None
             sc, have = self._scoring, set(shared.suite.names())
             if sc is not None and sc.sets and not set(sc.sets) <= have:
                 self._scoring = replace(sc, sets=tuple(n for n in sc.sets if n in have) or None)
@@ -333,7 +351,7 @@ class Session(ChatMethods, StudyMethods):
         if self.watched is None:
             return None
         if (run is not None and run.result is not None and (run.storage, run.study_name) == self.watched
-                and run.shared is self._shared):
+                and run.ran_on(self.shared)):
             return dict(run.result.best_weights)
         return best_params(load_study(*self.watched), self.names)
 
