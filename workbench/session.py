@@ -122,6 +122,7 @@ class Session(ChatMethods, StudyMethods):
     # is freed at once, engine and slots included, instead of living on in every idle session until it reloads.
     _pool_ref: weakref.ref[SharedPool] | None = field(default=None, repr=False)
     _engine_ref: weakref.ref[Any] | None = field(default=None, repr=False)
+    _stale: bool = field(default=False, repr=False)  # moved to another engine's pool: the page must reload
     _state: MergeState | None = field(default=None, repr=False)
     _pending: set = field(default_factory=set, repr=False)
     _scoring: TuneScoring | None = field(default=None, repr=False)
@@ -134,18 +135,20 @@ class Session(ChatMethods, StudyMethods):
     @property
     def shared(self) -> SharedPool:
         """The session's pool: the workspace's on first use. When another session replaced it (Pool tab), the
-        session moves to the new pool: silently when only the dev suite changed (same engine, weights kept),
-        else with one WorkbenchError asking for a reload, because this page's sliders show the old vectors."""
-        held = self._pool_ref() if self._pool_ref is not None else None
-        if held is not None:
-            return held
-        had = self._pool_ref is not None
-        engine = self._engine_ref() if self._engine_ref is not None else None
-        shared = self.use_pool()
-        if had and shared.engine is not engine:
+        session moves to the new pool: silently when only the dev suite changed (same engine, weights kept);
+        when the vectors changed, every call raises WorkbenchError asking for a reload (this page's sliders show
+        the old vectors) until the page reloads or picks a pool (:meth:`use_pool`)."""
+        held = self._held()
+        if held is None and self._pool_ref is not None:  # replaced and freed
+            engine = self._engine_ref() if self._engine_ref is not None else None
+            held = self.use_pool()
+            self._stale = held.engine is not engine
+        if held is None:
+            return self.use_pool()
+        if self._stale:
             raise WorkbenchError("the pool was changed in another session or tab: reload this page to see its "
                                  "vectors (your Tune weights were for the old pool)")
-        return shared
+        return held
 
     @property
     def has_pool(self) -> bool:
@@ -159,6 +162,7 @@ class Session(ChatMethods, StudyMethods):
         dev suite changed (same engine: :meth:`Workspace.add_eval` / :meth:`Workspace.remove_eval`). Dev sets the
         new suite lacks leave the Tune scoring set (none left: every set; the rest of the scoring set is kept)."""
         shared = shared or self.workspace.pool()
+        self._stale = False
         if shared is not self._held():
             engine = self._engine_ref() if self._engine_ref is not None else None
             if engine is None or shared.engine is not engine:
