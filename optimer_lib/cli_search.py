@@ -65,6 +65,8 @@ def cmd_workbench(a: argparse.Namespace) -> None:
         extra["slots"] = slots
     if base_on != "auto":
         extra["base_on"] = base_on
+    if getattr(a, "heap", "lean") != "lean":
+        extra["heap"] = a.heap
     launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import threading
 import time
@@ -342,6 +343,54 @@ def test_a_slider_preempts_a_background_pass_between_blocks(tiny_vectors):
     assert err <= 1e-5
     events, err, _ = _preempted_inside_a_pass(engine, grad=True)
     assert events == ["background pass done", "slider"] and err <= 1e-5
+
+
+def test_leases_trim_the_heap_when_asked(tiny_vectors, monkeypatch):
+    """``trim_memory=True`` (the workbench's engines) hands what a lease's passes freed back to the OS as it ends
+    (optimer_lib.engine.heap: its effect on memory is measured in test_workbench_app); off by default."""
+    import optimer_lib.engine.engine as engine_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(engine_module, "trim_heap", lambda: calls.append(1) or True)
+    engine = _engine(tiny_vectors)
+    for trim, expected in ((False, 0), (True, 2)):
+        calls.clear()
+        engine.trim_memory = trim
+        for w in (0.2, 0.3):
+            before = len(calls)
+            with engine.lease({"v0": w}):
+                assert len(calls) == before  # not while the lease runs
+        assert len(calls) == expected
+    assert inspect.signature(MergeEngine).parameters["trim_memory"].default is False
+
+
+def test_a_bad_heap_mode_is_refused_with_the_choices():
+    from optimer_lib.engine.heap import configure_heap
+
+    with pytest.raises(ConfigError, match="heap mode must be one of lean, fast, got 'quick'"):
+        configure_heap("quick")
+
+
+def test_the_heap_trimmer_trims_until_stopped(monkeypatch):
+    """launch() starts engine.heap.start_trimmer: a daemon thread trimming the heap periodically until stopped."""
+    import platform
+
+    from optimer_lib.engine import heap
+
+    if platform.libc_ver()[0] != "glibc":
+        assert heap.start_trimmer(0.01) is None  # nothing to trim with: no thread
+        return
+    calls: list[float] = []
+    monkeypatch.setattr(heap, "trim_heap", lambda: calls.append(time.monotonic()) or True)
+    stop = heap.start_trimmer(0.01)
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    time.sleep(0.05)
+    n = len(calls)
+    time.sleep(0.1)
+    assert n >= 3 and len(calls) == n  # it ran, then stopped
 
 
 def test_two_leases_run_at_once_on_their_own_slots(tiny_vectors):

@@ -34,8 +34,8 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
     assert seen == {"workdir": tmp_path, "host": "127.0.0.1", "port": 7999, "share": False, "device": "cpu",
                     "threads": None}
     seen.clear()
-    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3"]) == 0
-    assert seen["slots"] == 3
+    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3", "--heap", "fast"]) == 0
+    assert seen["slots"] == 3 and seen["heap"] == "fast"
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "0"]) == 2  # one-line error, no launch
 
 
@@ -61,7 +61,7 @@ def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):
 
     def spy(self):
         pool = real(self)
-        seen["max_slots"] = pool.engine.max_slots
+        seen["max_slots"], seen["trim"] = pool.engine.max_slots, pool.engine.trim_memory
         return pool
 
     Workspace.pool = spy
@@ -69,7 +69,7 @@ def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):
         app.build_app(root, suite=SUITE, slots=3, preload=True)
     finally:
         Workspace.pool = real
-    assert seen == {"max_slots": 3}  # opened while building, with the slots asked for
+    assert seen == {"max_slots": 3, "trim": True}  # opened while building, with the slots asked for; leases trim
 
 
 @pytest.mark.parametrize("bad", ["../outside", "/etc/passwd"])
@@ -83,18 +83,20 @@ def test_pool_paths_stay_in_workdir(tmp_path: Path, bad: str):
 PROBE = """
 import sys, threading, torch
 from pathlib import Path
-if sys.argv[1] == "fixed":
-    from workbench.app import release_freed_memory
-    assert release_freed_memory()
+from optimer_lib.engine.heap import configure_heap, trim_heap
+if sys.argv[1] in ("lean", "fast"):  # as launch() sets up a server
+    assert configure_heap(sys.argv[1])
 def anon():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
 before = anon()
-def work():  # what scoring threads do: many MB-sized blocks held at once, then freed
+def work():  # what scoring threads do: many MB-sized blocks held at once, then freed; then the lease ends
     for _ in range(3):
         blocks = [torch.ones(1024 * 1024) for _ in range(64)]
         del blocks
+    if sys.argv[1] == "fast":  # a lease ends (the workspace's engine trims)
+        assert trim_heap()
 threads = [threading.Thread(target=work) for _ in range(4)]
 for t in threads:
     t.start()
@@ -105,18 +107,22 @@ print(round(anon() - before))
 
 
 def test_freed_memory_goes_back_to_the_os_on_glibc():
-    """launch() fixes glibc's mmap threshold (release_freed_memory): memory freed by worker threads leaves the
-    process instead of staying in per-thread heaps (measured: ~350 MB kept without it, 0 with it)."""
+    """Worker threads' freed memory leaves the process when their engine lease ends (engine.heap.trim_heap, which
+    the workbench's engine calls) instead of staying in per-thread heaps (measured: 130-560 MB kept without it,
+    ~0 with it), and under both heap modes of launch() (engine.heap.configure_heap: "lean" maps every block from
+    256 KiB up on its own, "fast" trims); the workspace's engine trims."""
     import platform
     import subprocess
     import sys
 
+    from optimer_lib.engine.heap import trim_heap
+
     if platform.libc_ver()[0] != "glibc":
-        assert app.release_freed_memory() in (True, False)  # elsewhere it is a no-op that says so
+        assert trim_heap() is False  # elsewhere it is a no-op that says so
         return
     kept = {mode: int(subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                                     check=True).stdout) for mode in ("default", "fixed")}
-    assert kept["fixed"] < 32 and kept["default"] > kept["fixed"] + 50, kept
+                                     check=True).stdout) for mode in ("default", "lean", "fast")}
+    assert max(kept["lean"], kept["fast"]) < 32 and kept["default"] > kept["fast"] + 50, kept
 
 
 def test_only_the_chat_and_page_load_are_described_and_first_pages_find_their_numbers_ready(tmp_path: Path):

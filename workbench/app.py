@@ -26,6 +26,7 @@ from typing import Any
 
 import gradio as gr
 
+from optimer_lib.engine.heap import configure_heap
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
 from optimer_lib.scoring.evaluate import EvalSuite
@@ -255,36 +256,18 @@ def parse_auth(spec: str) -> tuple[str, str]:
     return user.strip(), password
 
 
-def release_freed_memory() -> bool:
-    """Make glibc give large freed blocks back to the OS (True if it could be set: Linux with glibc).
-
-    Every Gradio event runs in its own worker thread, and each forward pass allocates activations and logits of
-    a few MB to a few hundred MB. glibc's malloc raises its mmap threshold after such blocks are freed, so later
-    ones come from per-thread heaps that keep their pages: the server's anonymous memory then grew by ~0.3 GB
-    for each of the first browser sessions on SmolLM2-135M (2.0 -> 3.1 GB over 5 sessions). A fixed 256 KiB
-    threshold keeps every large block in its own mapping, returned on free.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(-3, 256 * 1024))  # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
-    except (OSError, AttributeError):
-        return False
-
-
 def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, block: bool = True, threads: int | None = None,
-           auth: tuple[str, str] | str | None = None, **kwargs: Any) -> gr.Blocks:
+           auth: tuple[str, str] | str | None = None, heap: str = "lean", **kwargs: Any) -> gr.Blocks:
     """Build and serve the workbench; ``block=False`` returns once the server is up (tests, notebooks).
 
     ``threads`` sets torch's intra-op threads for the process; by default 1 on CPU machines with at most
     4 cores, where Tune scoring, searches, chat and other programs compete for the cores (measured on 2
     busy cores: 0.74 s per Tune update with 1 thread, 1.2 s median and 10 s spikes with 2), else torch's
     own choice. ``auth`` (``(user, password)`` or ``"user:password"``) requires that login on every page and
-    API call. ``kwargs`` go to :func:`build_app`.
+    API call. ``heap`` is how freed memory goes back to the OS (:func:`optimer_lib.engine.heap.configure_heap`:
+    "lean" keeps memory flat in the number of sessions, "fast" scores in ~0.8x the time, peaks ~0.2 GB higher).
+    ``kwargs`` go to :func:`build_app`.
     """
     import torch
 
@@ -294,7 +277,7 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
         torch.set_num_threads(int(threads))
     if isinstance(auth, str):
         auth = parse_auth(auth)
-    release_freed_memory()
+    configure_heap(heap)  # memory flat in the number of sessions ("lean") or full-speed scoring ("fast")
     kwargs.setdefault("preload", True)  # a served app opens its pool before the first page asks for it
     demo = build_app(workdir, **kwargs)
     try:

@@ -332,8 +332,9 @@ class Workspace:
         except VectorError as exc:
             raise WorkbenchError(str(exc)) from exc
         self._version += 1
+        # trim_memory: a served workspace scores in many Gradio worker threads, each of which would keep what it freed
         engine = MergeEngine(model, tokenizer, vectors, instruction=instruction, max_slots=self.slots, base_on=base_on,
-                             device=self.device)
+                             device=self.device, trim_memory=True)
         return SharedPool(base_dir, model, tokenizer, vectors, instruction, self._suite_for(m.get("eval")),
                           engine, version=self._version)
 

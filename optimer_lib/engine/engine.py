@@ -55,6 +55,7 @@ import torch
 
 from optimer_lib.checkpoints.mapped import base_load_args, copy_to, mapping_of
 from optimer_lib.checkpoints.vectors import DistributionVector
+from optimer_lib.engine.heap import trim_heap
 from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
 from optimer_lib.engine.state import MergeState
 from optimer_lib.engine.vector_placement import check_vectors_on, choose_vectors_on, place_vectors
@@ -139,13 +140,16 @@ class MergeEngine:
     one copy in page-locked host memory, in the model's dtype, streamed by DMA), ``"device"`` (one copy there, in
     the model's dtype) or None: the device when it is a GPU with room for the vectors beside the slots, else
     pinned host memory when the host has room for that copy, else the host as they are.
-    ``cache_size`` results are kept by :meth:`run`; ``concurrency`` leases run at once (see the module docstring).
+    ``cache_size`` results are kept by :meth:`run`; ``concurrency`` leases run at once (see the module docstring);
+    ``trim_memory`` gives the memory a lease's forward passes freed back to the OS when it ends
+    (:mod:`optimer_lib.engine.heap`: for long-lived servers whose many threads would each keep some).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, vectors: Sequence[DistributionVector], *,
                  instruction: DistributionVector | None = None, max_slots: int | None = None,
                  vectors_on: str | None = None, cache_size: int = 512, concurrency: int | None = None,
-                 base_on: str | None = None, device: str | torch.device | None = None) -> None:
+                 base_on: str | None = None, device: str | torch.device | None = None,
+                 trim_memory: bool = False) -> None:
         if not vectors:
             raise ConfigError("an engine needs at least one distribution vector")
         self.base_on, self.device, model, self.max_slots = place_base(model, base_on, device, max_slots)
@@ -173,6 +177,7 @@ class MergeEngine:
             cores = os.cpu_count() or 1
             concurrency = max(1, cores // max(1, torch.get_num_threads())) if self.device.type == "cpu" else 1
         self.concurrency = max(1, min(int(concurrency), self.max_slots))
+        self.trim_memory = bool(trim_memory)
         self._active = 0
         self._busy: set[int] = set()  # indices of leased slots
         # thread -> (priority, slot, state) of its lease (a second lease from the same thread is refused)
@@ -248,6 +253,8 @@ class MergeEngine:
             if held is not None and held[1] is slot:
                 del self._held[me]
             self._release(slot)  # slot None: the merge failed and freed it already
+            if self.trim_memory:  # what this lease's forward passes freed leaves the process (engine.heap)
+                trim_heap()
 
     def run(self, weights: Mapping[str, float] | MergeState, job: Callable[[torch.nn.Module], T], *,
             key: Hashable | None = None, instruction_weight: float = 0.0, method: str = "optimer",
