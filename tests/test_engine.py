@@ -255,6 +255,20 @@ def test_a_state_counts_the_vectors_a_re_merge_reads():
         MergeState.of(["ja"], {"ja": float("nan")})
 
 
+def _alongside_a_slider(engine: MergeEngine, job, ready: threading.Event, events: list[str]) -> None:
+    """Run ``job`` in a thread and, once ``ready`` is set, a slider's lease in another that logs "slider"."""
+    def slider():
+        ready.wait(5)
+        with engine.lease({"v0": 0.1}, priority=INTERACTIVE):
+            events.append("slider")
+
+    threads = [threading.Thread(target=job), threading.Thread(target=slider)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+
 def test_a_long_search_job_is_preempted_between_forward_passes(tiny_vectors):
     """A slider arriving mid-trial runs after the trial's current forward pass, not after the whole trial; the
     trial then goes on with its own merge (re-merged if the slider used its slot)."""
@@ -275,16 +289,7 @@ def test_a_long_search_job_is_preempted_between_forward_passes(tiny_vectors):
                 time.sleep(0.05)
             errs.append(_rel_err(lease.model, engine.exact(trial_state)))  # its own merge again at the end
 
-    def slider():
-        second.wait(5)
-        with engine.lease({"v0": 0.1}, priority=INTERACTIVE):
-            events.append("slider")
-
-    threads = [threading.Thread(target=trial), threading.Thread(target=slider)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    _alongside_a_slider(engine, trial, second, events)
     assert "slider" in events and events.index("slider") <= 4, events  # within a forward pass or two
     assert events[-1] == "trial forward 7" and engine.preemptions >= 1
     assert errs and errs[0] <= 1e-6
@@ -318,16 +323,7 @@ def _preempted_inside_a_pass(engine: MergeEngine, grad: bool) -> tuple[list[str]
             with torch.no_grad():
                 out["exact"] = lease.model(input_ids=ids).logits  # the lease's merge, re-checked after the pass
 
-    def slider():
-        in_block0.wait(5)
-        with engine.lease({"v0": 0.1}, priority=INTERACTIVE):
-            events.append("slider")
-
-    threads = [threading.Thread(target=job), threading.Thread(target=slider)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    _alongside_a_slider(engine, job, in_block0, events)
     err = float((out["logits"] - out["exact"]).abs().max() / out["exact"].abs().max())
     return events, err, engine.preemptions - before
 
