@@ -33,9 +33,10 @@ CONFIGS = [("engine", "device", 1), ("engine", "host", 1), ("engine", "device", 
            ("pool", "device", 1), ("pool", "host", 1)]
 
 PROBE = r"""
-import ctypes, json, statistics, sys, time, torch
+import json, statistics, sys, time, torch
 from pathlib import Path
-ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # freed blocks leave the process (as the workbench sets it)
+from optimer_lib.engine.heap import configure_heap
+configure_heap("lean")  # freed blocks leave the process (the workbench default): a steady baseline
 torch.set_num_threads(int(sys.argv[5]))
 from optimer_lib.checkpoints.mapped import load_model_mapped
 from optimer_lib.engine import MergeEngine

@@ -5,12 +5,12 @@
 A served workbench scores in many threads. glibc keeps what each thread freed in per-thread heaps unless told
 otherwise, so the server's memory grew with every browser session. Modes, each in a fresh process:
 
-- ``256k``: a fixed 256 KiB mmap threshold (the workbench's setting before 2026-12-04): every block of 256 KiB or
-  more is its own mapping, returned on free, so each activation of each forward pass is mapped and page-faulted
-  anew;
+- ``256k``: a fixed 256 KiB mmap threshold (``optimer workbench --heap lean``, the default): every block of 256
+  KiB or more is its own mapping, returned on free, so each activation of each forward pass is mapped and
+  page-faulted anew;
 - ``trim``: glibc's defaults, and ``malloc_trim`` when each engine lease ends (``MergeEngine(trim_memory=True)``);
 - ``limit``: ``trim`` plus :func:`optimer_lib.engine.heap.limit_heap` (2 arenas, 32 MiB threshold): what
-  ``optimer workbench`` does now, with a trimmer thread besides.
+  ``optimer workbench --heap fast`` does, less its 5 s trimmer thread.
 
 Each process opens the workbench pool of ``--workdir`` with one torch thread and scores ``--moves`` Tune moves
 (the default scoring set), each from a new thread with a new session, as Gradio's workers would; it prints the
@@ -29,12 +29,13 @@ from pathlib import Path
 from _common import emit_json
 
 CHILD = """
-import json, sys, threading, time, ctypes, torch
+import json, sys, threading, time, torch
 from pathlib import Path
 torch.set_num_threads(1)
 mode, workdir, moves = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "256k":
-    ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)
+    from optimer_lib.engine.heap import configure_heap
+    assert configure_heap("lean")
 if mode == "limit":
     from optimer_lib.engine.heap import limit_heap
     assert limit_heap()

@@ -222,9 +222,10 @@ def test_a_bare_cuda_device_is_the_tensors_device_and_auto_dtype_is_the_gpus(tin
 
 # ---- process memory, measured in fresh processes -------------------------------------------------------------
 PROBE = r"""
-import ctypes, json, sys, torch
+import json, sys, torch
 from pathlib import Path
-ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # freed blocks leave the process: a steady baseline
+from optimer_lib.engine.heap import configure_heap
+configure_heap("lean")  # freed blocks leave the process (the workbench default): a steady baseline
 from optimer_lib.checkpoints.mapped import load_model_mapped
 from optimer_lib.engine import MergeEngine
 from optimer_lib.merging.pool import open_pool

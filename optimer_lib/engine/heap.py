@@ -28,6 +28,9 @@ import threading
 
 from optimer_lib.errors import ConfigError
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
+LEAN_MMAP_THRESHOLD = 256 << 10  # "lean": every block from 256 KiB up is its own mapping
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
@@ -57,7 +60,7 @@ def limit_heap(mmap_threshold: int = 32 << 20, arenas: int = 2) -> bool:
     libc = _libc()
     if libc is None:
         return False
-    return bool(libc.mallopt(-8, int(arenas))) and bool(libc.mallopt(-3, int(mmap_threshold)))
+    return bool(libc.mallopt(M_ARENA_MAX, int(arenas))) and bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
 
 
 def start_trimmer(every_s: float = 5.0) -> threading.Event | None:
@@ -89,7 +92,7 @@ def configure_heap(mode: str = "lean") -> bool:
     if libc is None:
         return False
     if mode == "lean":
-        return bool(libc.mallopt(-3, 256 << 10))  # M_MMAP_THRESHOLD (fixed: glibc no longer raises it)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))  # fixed: glibc no longer raises it
     ok = limit_heap()
     start_trimmer()
     return ok
