@@ -139,12 +139,10 @@ class Session(ChatMethods, StudyMethods):
         when the vectors changed, every call raises WorkbenchError asking for a reload (this page's sliders show
         the old vectors) until the page reloads or picks a pool (:meth:`use_pool`)."""
         held = self._held()
-        if held is None and self._pool_ref is not None:  # replaced and freed
-            engine = self._engine_ref() if self._engine_ref is not None else None
+        if held is None:  # first use, or replaced and freed
+            replaced, engine = self._pool_ref is not None, self._engine()
             held = self.use_pool()
-            self._stale = held.engine is not engine
-        if held is None:
-            return self.use_pool()
+            self._stale = replaced and held.engine is not engine
         if self._stale:
             raise WorkbenchError("the pool was changed in another session or tab: reload this page to see its "
                                  "vectors (your Tune weights were for the old pool)")
@@ -157,6 +155,9 @@ class Session(ChatMethods, StudyMethods):
     def _held(self) -> SharedPool | None:
         return self._pool_ref() if self._pool_ref is not None else None
 
+    def _engine(self) -> Any:
+        return self._engine_ref() if self._engine_ref is not None else None
+
     def use_pool(self, shared: SharedPool | None = None) -> SharedPool:
         """Switch to ``shared`` (default: the workspace's current pool); resets the Tune weights unless only the
         dev suite changed (same engine: :meth:`Workspace.add_eval` / :meth:`Workspace.remove_eval`). Dev sets the
@@ -164,8 +165,7 @@ class Session(ChatMethods, StudyMethods):
         shared = shared or self.workspace.pool()
         self._stale = False
         if shared is not self._held():
-            engine = self._engine_ref() if self._engine_ref is not None else None
-            if engine is None or shared.engine is not engine:
+            if shared.engine is not self._engine():
                 self._state = None
             self._pool_ref, self._engine_ref, self.last = weakref.ref(shared), weakref.ref(shared.engine), None
             sc, have = self._scoring, set(shared.suite.names())
