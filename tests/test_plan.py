@@ -49,8 +49,9 @@ def llama_parameters(cfg: dict) -> int:
     return cfg["vocab_size"] * h + cfg["num_hidden_layers"] * layer + h + lm_head
 
 
-def work(vocab: int) -> int:
-    return RUNTIME_BYTES + 2 * 16 * 128 * vocab * 4
+def work(vocab: int, leases: int = 1, rows: int = 16) -> int:
+    """Runtime + per lease scoring at once: fp32 logits of ``rows`` sequences of 128 tokens and one's log-softmax."""
+    return RUNTIME_BYTES + leases * (rows + 1) * 128 * vocab * 4
 
 
 def test_sizes_of_the_embedded_base_equal_the_hand_count():
@@ -62,9 +63,9 @@ def test_sizes_of_the_embedded_base_equal_the_hand_count():
     for dtype, item in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
         plan = make_plan(size, Machine("m", "cpu", 10 * GB, bandwidth=10 * GB), dtype=dtype)
         assert (plan.base_bytes, plan.slot_bytes, plan.slots) == (item * n, item * n, 2)
-        assert plan.work_bytes == work(8192) == 671_088_640
-        assert plan.need_bytes == 3 * item * n + work(8192)
-        assert plan.slots_fit == (10 * GB - item * n - work(8192)) // (item * n)
+        assert plan.work_bytes == work(8192, leases=2) == 679_477_248  # 2 slots score at once, 16 rows a call
+        assert plan.need_bytes == 3 * item * n + work(8192, leases=2)
+        assert plan.slots_fit == (10 * GB - item * n - work(8192, leases=2)) // (item * n)
         assert plan.fits and plan.vectors_resident and not plan.base_on_host
 
 
@@ -85,13 +86,13 @@ def test_vector_bytes_and_remerge_times_by_hand(tiny_vectors):
 
 
 @pytest.mark.parametrize("name, machine, dtype, slots_fit, base_on_host, fits", [
-    ("135M", "24 GiB CPU", "float32", 44, False, True),
-    ("1.7B", "24 GiB CPU", "float32", 2, False, True),     # (24 GiB - 6.8 GB - 1.34 GB) // 6.8 GB
+    ("135M", "24 GiB CPU", "float32", 45, False, True),
+    ("1.7B", "24 GiB CPU", "float32", 2, False, True),     # (24 GiB - 6.8 GB - 0.84 GB) // 6.8 GB
     ("1.7B", "24 GiB CPU", "bfloat16", 6, False, True),
     ("7B", "24 GiB CPU", "float32", 0, False, False),
     ("7B", "24 GiB CPU", "bfloat16", 0, False, False),
     ("7B", "80 GiB GPU", "float32", 2, False, True),
-    ("7B", "80 GiB GPU", "bfloat16", 5, False, True),       # (80 GiB - 14 GB - 1.06 GB) // 14 GB
+    ("7B", "80 GiB GPU", "bfloat16", 5, False, True),       # (80 GiB - 14 GB - 0.68 GB) // 14 GB
     ("27B", "80 GiB GPU", "bfloat16", 1, True, True),       # 54 GB base + 54 GB slot > 80 GiB: base on the host
     ("27B", "80 GiB GPU", "float32", 0, True, False),
 ])
@@ -106,7 +107,7 @@ def test_hypothetical_sizes_give_the_right_slot_counts(name, machine, dtype, slo
 
 def test_27b_bf16_on_an_80_gib_gpu_by_hand():
     p = next(p for p in hypothetical_plans() if (p.pool, p.machine, p.dtype) == ("27B", "80 GiB GPU", "bfloat16"))
-    w = work(262_144)
+    w = work(262_144, rows=1)  # one sequence of a 262k vocabulary fills the 128 MiB chunk
     assert p.need_bytes == 54_000_000_000 + w  # one slot on the device, the base memory-mapped on the host
     assert p.slots_fit == (80 * GiB - w) // 54_000_000_000 == 1
     assert not p.vectors_resident  # 2 x 54 GB cannot sit beside the slot: streamed from host memory
@@ -127,6 +128,28 @@ def test_27b_bf16_on_an_80_gib_gpu_by_hand():
     assert "streamed from host memory" in q.table() and "pinned" not in q.table()
 
 
+def test_a_model_that_transforms_its_logits_after_the_head_is_planned_with_a_batchs_logits(tmp_path):
+    """The scorer holds one sequence's logits (scoring.row_logits) unless the model transforms them after the head
+    (Gemma 2's soft-capping...): then the whole batch's, and the plan counts them."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in BASE.iterdir():
+        if f.is_file():
+            (base / f.name).symlink_to(f)
+    (base / "config.json").unlink()
+    cfg = json.loads((BASE / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "final_logit_softcapping": 30.0}))
+    plain, capped = pool_size(BASE), pool_size(base)
+    assert plain.head_split and not capped.head_split
+    machine = Machine("m", "cpu", 10 * GB, bandwidth=10 * GB)
+    assert make_plan(capped, machine, dtype="float32").work_bytes == work(8192, leases=2, rows=16)
+    assert make_plan(plain, machine, dtype="float32").work_bytes == work(8192, leases=2, rows=16)  # 32 fit a call
+    smol = hypothetical_pool(135e6, vocab_size=49_152)  # 5 sequences' logits per call
+    assert make_plan(smol, machine, dtype="float32").work_bytes == work(49_152, leases=2, rows=5)
+    capped_smol = dataclasses.replace(smol, head_split=False)
+    assert make_plan(capped_smol, machine, dtype="float32").work_bytes == work(49_152, leases=2, rows=16)
+
+
 def test_refusal_names_sizes_and_fixes():
     size = pool_size(BASE)
     n = size.parameters
@@ -136,13 +159,13 @@ def test_refusal_names_sizes_and_fixes():
     with pytest.raises(PlanError) as err:
         p.check()
     msg = str(err.value)
-    assert msg == ("the base (13 MB) plus 2 slots (27 MB) and 671 MB of working memory need 711 MB but this machine "
+    assert msg == ("the base (13 MB) plus 2 slots (27 MB) and 679 MB of working memory need 720 MB but this machine "
                    "has 600 MB free: use --dtype bfloat16, --slots 1, or a larger machine")
-    assert p.need_bytes == 3 * 4 * n + work(8192)
+    assert p.need_bytes == 3 * 4 * n + work(8192, leases=2)
     assert "\n" not in msg
     # bf16 and one slot: no fix left but a larger machine
     one = make_plan(size, machine, dtype="bfloat16", slots=1)
-    assert str(one.problems[0]).endswith("need 684 MB but this machine has 600 MB free: use a larger machine")
+    assert str(one.problems[0]).endswith("need 622 MB but this machine has 600 MB free: use a larger machine")
     gpu = make_plan(size, Machine("gpu", "cuda:0", 64 * GB, 100_000_000, 1000 * GB, 12 * GB), dtype="bfloat16")
     assert "--device cpu or a GPU with more memory" in gpu.problems[0]
 
@@ -179,7 +202,7 @@ def test_plan_command_as_a_process():
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert (got["parameters"], got["base_bytes"], got["slots"], got["fits"]) == (3_344_064, 13_376_256, 2, True)
-    assert got["bandwidth"] == 10 * GB and got["need_bytes"] == 3 * 13_376_256 + work(8192)
+    assert got["bandwidth"] == 10 * GB and got["need_bytes"] == 3 * 13_376_256 + work(8192, leases=2)
     r = run_process("plan", "--base", BASE, "--dtype", "int8")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "unknown dtype 'int8'" in r.stderr and r.stdout == ""

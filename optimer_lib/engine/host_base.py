@@ -31,6 +31,7 @@ from optimer_lib.checkpoints.models import resolve_device
 from optimer_lib.engine.machine import Machine, available_host_memory, free_device_memory, resolve_compute
 from optimer_lib.engine.plan import base_stays_on_host, make_plan, pool_size, work_bytes
 from optimer_lib.errors import ConfigError, ModelError
+from optimer_lib.scoring.row_logits import splits_by_config
 
 BASE_ON = ("auto", "host", "device")  # the --base-on choices
 
@@ -86,9 +87,10 @@ def place_base(model: torch.nn.Module, base_on: str | None, device: str | torch.
         if dev.type != "cuda" or here == dev:  # a base already on the device stays there
             mode = "device"
         else:
-            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            host = base_stays_on_host(module_bytes(model), slots, work_bytes(vocab), free_device_memory(dev),
-                                      gpu=True)
+            config = getattr(model, "config", None)
+            work = work_bytes(getattr(config, "vocab_size", None), head_split=splits_by_config(
+                config.to_dict() if hasattr(config, "to_dict") else {}))
+            host = base_stays_on_host(module_bytes(model), slots, work, free_device_memory(dev), gpu=True)
             mode = "host" if host else "device"
     if mode == "host" and here.type != "cpu":
         raise ConfigError(f"base_on='host' keeps the base in host memory, but this one is on {here}: load it on the "

@@ -36,6 +36,7 @@ from optimer_lib.checkpoints.streaming import TensorReader, checkpoint_files
 from optimer_lib.checkpoints.vectors import vector_files
 from optimer_lib.engine.machine import DTYPE_NAMES, GB, GiB, Machine, resolve_compute, this_machine
 from optimer_lib.errors import ConfigError
+from optimer_lib.scoring.row_logits import chunk_rows, splits_by_config
 
 RUNTIME_BYTES = GiB // 2   # Python, torch, tokenizer, dev suite (host) or the CUDA context (device)
 
@@ -58,6 +59,7 @@ class PoolSize:
     vector_bytes: tuple[int, ...]    # one entry per vector file (instruction included), in its stored dtype
     vocab_size: int | None = None
     name: str = ""
+    head_split: bool = True  # the scorer runs the LM head on a few sequences at a time (False: a batch; work_bytes)
 
 
 def pool_size(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = (),
@@ -74,10 +76,13 @@ def pool_size(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = ()
         vr = TensorReader(vector_files(v)[1])
         vec_bytes.append(sum(vr.nbytes(k) for k in vr.info))
     try:
-        vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
+        config = json.loads((Path(base) / "config.json").read_text())
     except (OSError, ValueError):
-        vocab = None
-    return PoolSize(params, stored, tuple(vec_bytes), vocab if isinstance(vocab, int) else None, str(base))
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    vocab = config.get("vocab_size")
+    return PoolSize(params, stored, tuple(vec_bytes), vocab if isinstance(vocab, int) else None, str(base),
+                    splits_by_config(config))
 
 
 def hypothetical_pool(parameters: float, *, vectors: int = 2, itemsize: int = 2, vocab_size: int | None = None,
@@ -170,9 +175,15 @@ class CapacityPlan:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def work_bytes(vocab_size: int | None, *, batch_size: int = 16, seq_len: int = 128) -> int:
-    """Runtime plus the scorer's fp32 logits and their log-softmax (batch × seq × vocab × 4 bytes, twice)."""
-    return RUNTIME_BYTES + 2 * batch_size * seq_len * (vocab_size or 32_000) * 4
+def work_bytes(vocab_size: int | None, *, batch_size: int = 16, seq_len: int = 128, leases: int = 1,
+               head_split: bool = True) -> int:
+    """Runtime plus, for each of ``leases`` jobs scoring at once, the scorer's fp32 logits (seq × vocab × 4 bytes
+    per sequence) and one sequence's log-softmax: the logits of :func:`~optimer_lib.scoring.row_logits.chunk_rows`
+    sequences (at most the batch), or the whole batch's for a model that transforms its logits after the head
+    (``head_split=False``)."""
+    vocab = vocab_size or 32_000
+    rows = min(batch_size, chunk_rows(seq_len, vocab)) if head_split else batch_size
+    return RUNTIME_BYTES + max(1, leases) * (rows + 1) * seq_len * vocab * 4
 
 
 def base_stays_on_host(model_bytes: int, slots: int, work: int, available: int, *, gpu: bool) -> bool:
@@ -195,7 +206,9 @@ def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | No
         raise ConfigError(f"--slots must be at least 1, got {slots}")
     model = size.parameters * dt.itemsize
     vec_total = sum(size.vector_bytes)
-    work = work_bytes(size.vocab_size, batch_size=batch_size, seq_len=seq_len)
+    # a CPU runs a lease per slot at once (one per core at one thread each), a GPU one at a time
+    work = work_bytes(size.vocab_size, batch_size=batch_size, seq_len=seq_len, leases=1 if gpu else slots,
+                      head_split=size.head_split)
     avail = machine.device_bytes if gpu and machine.device_bytes is not None else machine.host_bytes
     if base_on not in (None, "auto", "host", "device"):
         raise ConfigError(f"--base-on must be auto, host or device, got {base_on!r}")

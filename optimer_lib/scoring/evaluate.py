@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from optimer_lib.data import EvalSuite
 from optimer_lib.errors import ConfigError, DataError
+from optimer_lib.scoring.row_logits import row_logits
 
 
 def model_device(model: Any) -> torch.device:
@@ -219,19 +220,17 @@ def text_scores(model: Any, tokenizer: Any, texts: Sequence[str], *, name: str =
                 ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
                 mask[row, :len(seq)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
             # Targets shifted left with -100 (ignored) at pads and the last column: cross-entropy then runs
-            # on the contiguous logits as they are (slicing off the last position would copy all of them,
-            # ~10% of the scoring time of the embedded model, see bench/eval_throughput.py).
+            # on each sequence's contiguous logits as they are.
             target = torch.full_like(ids, -100)
             target[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            # Row by row: cross-entropy's log-softmax buffer is one row's (seq × vocab) instead of the batch's,
-            # which on a 49k-token vocabulary saves ~0.4 GB at batch 16 (the same values, element by element).
-            for row in range(len(batch)):
-                nll = F.cross_entropy(logits[row].float(), target[row], ignore_index=-100, reduction="none")
+            # A few sequences' logits at a time (row_logits): on a 49k-token vocabulary a batch's would be 0.4 GB.
+            # Cross-entropy row by row: its log-softmax buffer is one sequence's.
+            for row, logits in row_logits(model, ids, mask):
+                nll = F.cross_entropy(logits.float(), target[row], ignore_index=-100, reduction="none")
                 total[start + row] = float(nll.double().sum())  # float64 row sums: order-independent
                 count[start + row] = float(len(batch[row]) - 1)
-            del logits
+                del logits, nll  # no view left on the chunk when row_logits makes the next one
     order = sorted(range(len(docs)), key=lambda k: docs[k][0])  # back to dev-set order
     return SetScores(name, "loss", tuple(docs[k][0] for k in order), tuple(total[k] for k in order),
                      tuple(count[k] for k in order))
