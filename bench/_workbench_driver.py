@@ -404,15 +404,19 @@ async def search_phase(browser: Any, url: str, pages: list[Any], tag: str, args:
         log(f"{tag} during search: slider partial {secs(r.partial_s)}, full {secs(r.full_s)}")
     with searcher.step("stopping the search"):
         still = await p.locator(status).inner_text()
+        t_stop = time.perf_counter()
         await p.locator(SELECTORS["search_stop"]).click()
-    try:  # it stops after its running trial, which may take long on a real model: the server is stopped anyway
+    stop_s = None
+    try:  # a workbench that stops after its running trial may take long on a real model: the server is stopped anyway
         await searcher.until("([s, re]) => { const e = document.querySelector(s);"
                              " return e && new RegExp(re).test(e.innerText); }",
                              [status, SELECTORS["search_ended"]], "the search to stop", timeout_s=30)
+        stop_s = round(time.perf_counter() - t_stop, 3)
+        log(f"{tag} Stop clicked -> the status says the search ended: {stop_s:.2f} s")
     except BenchError as exc:
         log(f"{exc}; going on (the server is stopped next)")
     return {"trials": args.search_trials, "extra_session": len(pages) == 1, "status_during": still.strip(),
-            "status_after": (await p.locator(status).inner_text()).strip(),
+            "status_after": (await p.locator(status).inner_text()).strip(), "stop_s": stop_s,
             "slider_partial_s": [m.partial_s and round(m.partial_s, 3) for m in moves],
             "slider_full_s": [m.full_s and round(m.full_s, 3) for m in moves],
             "slider_full_p50_s": p50([m.full_s for m in moves])}

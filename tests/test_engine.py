@@ -341,6 +341,38 @@ def test_a_slider_preempts_a_background_pass_between_blocks(tiny_vectors):
     assert events == ["background pass done", "slider"] and err <= 1e-5
 
 
+class _Cancelled(Exception):
+    pass
+
+
+def test_a_lease_s_cancel_check_abandons_a_pass_between_blocks_and_frees_the_slot(tiny_vectors):
+    """``cancel`` runs before the pass and before every block, in the lease's thread only: raising from it stops
+    the pass at the next block (a stopped search's trial) and the lease ends, so the next request gets the slot."""
+    engine = _engine(tiny_vectors, max_slots=1)
+    calls: list[int] = []
+    blocks_run: list[int] = []
+
+    def cancel():
+        calls.append(len(blocks_run))
+        if len(blocks_run) == 1:  # once block 0 has run
+            raise _Cancelled
+
+    with pytest.raises(_Cancelled), engine.lease({"v0": 0.5}, priority=SEARCH, cancel=cancel) as lease:
+        for block in lease.model.model.layers:
+            block.register_forward_hook(lambda *_: blocks_run.append(1))
+        other = threading.Thread(target=lambda: lease.model(input_ids=torch.tensor([[1, 5]])))
+        other.start()  # another thread's pass on the slot is not this lease's job: no check
+        other.join()
+        assert calls == [] and len(blocks_run) == 2
+        blocks_run.clear()
+        lease.model(input_ids=torch.tensor([[1, 5, 9]]))
+    assert calls == [0, 0, 1] and len(blocks_run) == 1  # before the pass, block 0, block 1: stopped there
+    assert engine._cancels == {} and engine._held == {}
+    with engine.lease({"v1": 0.5}, priority=INTERACTIVE) as lease:  # the slot is free again, no check left
+        lease.model(input_ids=torch.tensor([[1, 5, 9]]))
+    assert calls == [0, 0, 1]
+
+
 def test_leases_trim_the_heap_when_asked(tiny_vectors, monkeypatch):
     """``trim_memory=True`` (the workbench's engines) hands what a lease's passes freed back to the OS as it ends
     (optimer_lib.engine.heap: its effect on memory is measured in test_workbench_app); off by default."""

@@ -127,6 +127,42 @@ def test_search_stop_keeps_finished_trials(session: Session):
     assert session.best_weights() is not None
 
 
+SLOW_OBJECTIVE = """
+import pathlib
+import torch
+
+def score(model, tokenizer):
+    pathlib.Path(__file__).with_name("trial-started").touch()
+    ids = torch.tensor([[1, 5, 9, 14]])
+    for _ in range(100_000):  # ~100 s of forward passes on the tiny model: a long trial of a real model
+        model(input_ids=ids)
+    return 0.0
+"""
+
+
+def test_stop_abandons_the_running_trial_within_a_forward_pass(session: Session):
+    """Stop takes effect at the running trial's next forward pass or block (the engine lease's cancel check), not
+    when the trial ends; the trial is marked interrupted, as Ctrl-C marks it."""
+    from optimer_lib.search import record
+
+    wd = session.workspace.workdir
+    (wd / "slow.py").write_text(SLOW_OBJECTIVE)
+    run = session.start_search(SearchSpec(trials=3, sampler="random", objective="slow.py:score", top_k=0,
+                                          study_name="t-stop"))
+    deadline = time.time() + 60
+    while not (wd / "trial-started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert run.running, run.status()
+    t0 = time.monotonic()
+    run.stop()
+    assert run.wait(10), "Stop waited for the running trial"
+    assert time.monotonic() - t0 < 10 and run.stopped and run.error is None, run.status()
+    trials = load_study(session.workspace.storage_url, "t-stop").trials
+    assert len(trials) == 1 and trials[0].user_attrs.get(record.INTERRUPTED)
+    with session.merged() as model:  # the search's lease ended: the engine lends slots again
+        model(input_ids=torch.tensor([[1, 5]]))
+
+
 def test_chat_runs_while_a_search_runs(session: Session):
     run = session.start_search(SearchSpec(trials=500, sampler="random", search_limit=2, study_name="t3"))
     try:

@@ -93,13 +93,17 @@ class TrialEvent:
 
 
 class _Stoppable:
-    """A :class:`Merger` for run_search whose ``set_weights`` raises KeyboardInterrupt once stopped.
+    """A :class:`Merger` for run_search that runs ``check`` (raising KeyboardInterrupt once the user stopped the
+    search) before each ``set_weights``.
 
-    run_search treats that as Ctrl-C: the running trial is marked interrupted and finished ones are kept.
+    The engine merger under it runs the same check before every forward pass and transformer block of a trial
+    (its ``cancel``), so Stop takes effect within one block (~0.1 s on SmolLM2-135M on a CPU core) rather than at
+    the end of the running trial (30 s and more). run_search treats the KeyboardInterrupt as Ctrl-C: the running
+    trial is marked interrupted and finished ones are kept.
     """
 
-    def __init__(self, merger: Merger, stop: threading.Event) -> None:
-        self._merger, self._stop = merger, stop
+    def __init__(self, merger: Merger, check: Callable[[], None]) -> None:
+        self._merger, self._check = merger, check
 
     @property
     def names(self) -> list[str]:
@@ -110,8 +114,7 @@ class _Stoppable:
         return self._merger.model
 
     def set_weights(self, weights: dict[str, float]) -> None:
-        if self._stop.is_set():
-            raise KeyboardInterrupt
+        self._check()
         self._merger.set_weights(weights)
 
 
@@ -228,7 +231,8 @@ class SearchRun:
         return self
 
     def stop(self) -> None:
-        """Ask the search to stop after the running trial (finished trials stay in storage)."""
+        """Stop the search within one transformer block: the running trial is abandoned (marked interrupted),
+        finished trials stay in storage."""
         self._stop.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -256,14 +260,20 @@ class SearchRun:
         return cost.summary(self.config.budget_seconds())
 
     def _merger(self):
-        """The engine merger trials are scored with (one lease per trial, at search priority)."""
+        """The engine merger trials are scored with (one lease per trial, at search priority, cancelled by Stop)."""
         return self.shared.engine.merger(priority=SEARCH, instruction_weight=float(self.spec.instruction_weight),
-                                         method=self.spec.method, params=self.method_params)
+                                         method=self.spec.method, params=self.method_params,
+                                         cancel=self._check_stop)
+
+    def _check_stop(self) -> None:
+        """Raise KeyboardInterrupt once :meth:`stop` was called (run_search's Ctrl-C: finished trials are kept)."""
+        if self._stop.is_set():
+            raise KeyboardInterrupt
 
     def _run(self) -> None:
         try:
             with self._merger() as merger:
-                self.result = run_search(_Stoppable(merger, self._stop), self.shared.tokenizer, self.shared.suite,
+                self.result = run_search(_Stoppable(merger, self._check_stop), self.shared.tokenizer, self.shared.suite,
                                          self.objective, self.config, callbacks=[self._on_trial], progress=False)
             self.stopped = self.result.interrupted
         except KeyboardInterrupt:
@@ -329,7 +339,7 @@ class ParetoRun(SearchRun):
     def _run(self) -> None:
         try:
             with self._merger() as merger:
-                self.result = run_pareto_search(_Stoppable(merger, self._stop), self.shared.tokenizer,
+                self.result = run_pareto_search(_Stoppable(merger, self._check_stop), self.shared.tokenizer,
                                                 self.shared.suite, self.objectives, self.config,
                                                 callbacks=[self._on_trial], progress=False)
             self.stopped = self.result.interrupted

@@ -207,7 +207,7 @@ class SearchRunner(Component):
         return run
 
     def stop(self) -> None:
-        """Stop after the running trial; finished trials stay in the study."""
+        """Stop now: the running trial is abandoned within one transformer block; finished trials stay."""
         self.session.stop_search()
         self.refresh()
 

@@ -113,12 +113,15 @@ class EngineStats:
 
 
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int, inside: bool = False) -> None:
-    """A slot model's forward pre-hook (``inside``: a transformer block's): :meth:`MergeEngine._preempt` while the
-    engine lives. Inside a forward pass only without autograd: a re-merge of the slot meanwhile would rewrite
-    weights that earlier blocks saved for the backward pass (the gradient sampler's), and the re-merge back
-    bumps their version counters."""
+    """A slot model's forward pre-hook (``inside``: a transformer block's): the lease's ``cancel`` check, then
+    :meth:`MergeEngine._preempt`, while the engine lives. Preemption inside a forward pass only without autograd:
+    a re-merge of the slot meanwhile would rewrite weights that earlier blocks saved for the backward pass (the
+    gradient sampler's), and the re-merge back bumps their version counters."""
     live = engine()
-    if live is not None and not (inside and torch.is_grad_enabled()):
+    if live is None:
+        return
+    live._check_cancel()
+    if not (inside and torch.is_grad_enabled()):
         live._preempt(live._slots[index])
 
 
@@ -182,6 +185,7 @@ class MergeEngine:
         self._busy: set[int] = set()  # indices of leased slots
         # thread -> (priority, slot, state) of its lease (a second lease from the same thread is refused)
         self._held: dict[int, tuple[int, Slot, MergeState]] = {}
+        self._cancels: dict[int, Callable[[], None]] = {}  # thread -> its lease's cancel check
         self.preemptions = 0
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
@@ -230,12 +234,15 @@ class MergeEngine:
     @contextmanager
     def lease(self, weights: Mapping[str, float] | MergeState, instruction_weight: float = 0.0, *,
               method: str = "optimer", params: Mapping[str, object] | None = None,
-              priority: int = INTERACTIVE, exact: bool = False) -> Iterator[Lease]:
+              priority: int = INTERACTIVE, exact: bool = False,
+              cancel: Callable[[], None] | None = None) -> Iterator[Lease]:
         """A slot merged to ``weights`` (or a :class:`MergeState`), held until the block ends.
 
         ``exact=True`` re-merges the slot from the base even if it holds the state already (drops the rounding
-        drift of incremental updates; an export wants it). Do not keep ``lease.model`` after the block: the
-        engine re-merges it for the next request.
+        drift of incremental updates; an export wants it). ``cancel()`` is called before every forward pass and
+        transformer block the lease's thread runs on the slot: raise from it to abandon the job mid-pass (a
+        stopped search's running trial ends within one block, not one trial). Do not keep ``lease.model`` after
+        the block: the engine re-merges it for the next request.
         """
         state = weights if isinstance(weights, MergeState) else self.state(
             weights, instruction_weight, method=method, params=params)
@@ -247,8 +254,11 @@ class MergeEngine:
         try:
             slot, changed, merge_s = self._materialise(state, exact)  # the slot is released below, or on failure
             self._held[me] = (int(priority), slot, state)
+            if cancel is not None:
+                self._cancels[me] = cancel
             yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
         finally:
+            self._cancels.pop(me, None)
             held = self._held.get(me)
             if held is not None and held[1] is slot:
                 del self._held[me]
@@ -321,6 +331,12 @@ class MergeEngine:
             if slot is not None:
                 self._busy.discard(slot.index)
             self._cond.notify_all()
+
+    def _check_cancel(self) -> None:
+        """Run the ``cancel`` check of the calling thread's lease, if it gave one (it raises to abandon the job)."""
+        check = self._cancels.get(threading.get_ident())
+        if check is not None:
+            check()
 
     def _preempt(self, slot: Slot) -> None:
         """Between forward passes of ``slot``: if a higher-priority request waits, let it run first.

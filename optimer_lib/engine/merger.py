@@ -8,13 +8,14 @@
 
 Each ``set_weights`` ends the previous lease and takes a new one at the merger's priority, so the slot is held
 from one trial's merge to the next trial's: scoring never sees a slot another request re-merged, and between
-trials every waiting interactive request goes first. ``merger.model`` is only valid after ``set_weights`` and
-before ``close``.
+trials every waiting interactive request goes first. ``cancel`` is every lease's cancel check (see
+:meth:`MergeEngine.lease`): a workbench search passes one that raises once the user pressed Stop. ``merger.model``
+is only valid after ``set_weights`` and before ``close``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,9 @@ class EngineMerger:
     """Leases a slot per ``set_weights`` (see the module docstring); a context manager that closes itself."""
 
     def __init__(self, engine: MergeEngine, *, priority: int = 10, instruction_weight: float = 0.0,
-                 method: str = "optimer", params: Mapping[str, object] | None = None) -> None:
-        self.engine, self.priority = engine, int(priority)
+                 method: str = "optimer", params: Mapping[str, object] | None = None,
+                 cancel: Callable[[], None] | None = None) -> None:
+        self.engine, self.priority, self.cancel = engine, int(priority), cancel
         self.instruction_weight, self.method, self.params = float(instruction_weight), method, dict(params or {})
         self.engine.state({}, self.instruction_weight, method=method, params=self.params)  # checked early
         self._stack: ExitStack | None = None
@@ -55,7 +57,7 @@ class EngineMerger:
         state = self.engine.state(weights, iw, method=self.method, params=self.params)
         self.close()
         stack = ExitStack()
-        self._lease = stack.enter_context(self.engine.lease(state, priority=self.priority))
+        self._lease = stack.enter_context(self.engine.lease(state, priority=self.priority, cancel=self.cancel))
         self._stack = stack
 
     def close(self) -> None:

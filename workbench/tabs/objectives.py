@@ -151,7 +151,7 @@ class ObjectivesPanel:
         if session.pareto is None or not session.pareto.running:
             return "no Pareto search of this session is running"
         session.stop_pareto()
-        return f"stopping `{session.pareto.study_name}` after the running trial…"
+        return f"stopping `{session.pareto.study_name}`: the running trial is abandoned, finished ones are kept…"
 
     def on_from_study(self, session: Session, storage: str, study: str | None, *objectives: str) -> list[Any]:
         try:

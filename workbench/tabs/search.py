@@ -189,7 +189,7 @@ class SearchTab:
         if session.search is None or not session.search.running:
             return "no search of this session is running"
         session.stop_search()
-        return f"stopping `{session.search.study_name}` after the running trial…"
+        return f"stopping `{session.search.study_name}`: the running trial is abandoned, finished ones are kept…"
 
     def on_reload(self, session: Session, storage: str, current: str | None) -> Any:
         try:
