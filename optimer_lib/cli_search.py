@@ -65,7 +65,7 @@ def cmd_workbench(a: argparse.Namespace) -> None:
         extra["slots"] = slots
     if base_on != "auto":
         extra["base_on"] = base_on
-    if getattr(a, "heap", "lean") != "lean":
+    if getattr(a, "heap", "fast") != "fast":
         extra["heap"] = a.heap
     launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)
 

@@ -34,8 +34,8 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
     assert seen == {"workdir": tmp_path, "host": "127.0.0.1", "port": 7999, "share": False, "device": "cpu",
                     "threads": None}
     seen.clear()
-    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3", "--heap", "fast"]) == 0
-    assert seen["slots"] == 3 and seen["heap"] == "fast"
+    assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3", "--heap", "lean"]) == 0
+    assert seen["slots"] == 3 and seen["heap"] == "lean"
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "0"]) == 2  # one-line error, no launch
 
 

@@ -1,7 +1,7 @@
 """How a long-lived server hands the memory that forward passes freed back to the OS (glibc only).
 
     from optimer_lib.engine.heap import configure_heap, trim_heap
-    configure_heap("lean")   # once, at server start (optimer workbench --heap lean|fast); False: not glibc
+    configure_heap("fast")   # once, at server start (optimer workbench --heap fast|lean); False: not glibc
     trim_heap()              # True where glibc's malloc_trim ran (Linux), False elsewhere (a no-op)
 
 A server (the workbench) runs forward passes in many threads. glibc gives threads their own heaps ("arenas") and
@@ -9,13 +9,14 @@ keeps freed blocks in them, so each new worker thread that scored once kept its 
 ~0.3 GB per browser session on SmolLM2-135M. Two ways out, measured on SmolLM2-135M with 10 browser sessions and
 by ``bench/heap_modes.py`` (BENCHMARKS.md, "The merge engine with 1, 3 and 10 browser sessions"):
 
-- ``"lean"`` (the default): a fixed 256 KiB mmap threshold, so every block from 256 KiB up is its own mapping,
-  returned on free. Memory stays flat in the number of sessions, but each activation of each forward pass is
-  mapped and page-faulted anew: Tune scoring takes ~1.3x as long (13.99 s against 10.84 s per move in one process).
-- ``"fast"``: 2 arenas for the process, a 32 MiB threshold (logits still get their own mapping), ``malloc_trim``
-  when each engine lease ends (``MergeEngine(trim_memory=True)``, as the workbench's engines are) and every 5 s
-  from a daemon thread. Scoring at full speed; memory also flat over 10 sessions in the one run measured, but
-  peaks ~0.1-0.3 GB higher (freed blocks are kept until the next trim).
+- ``"fast"`` (the default): 2 arenas for the process, a 32 MiB threshold (larger blocks get their own mapping),
+  ``malloc_trim`` when each engine lease ends (``MergeEngine(trim_memory=True)``, as the workbench's engines are)
+  and every 5 s from a daemon thread. Scoring at full speed, memory flat over 10 sessions; peaks are higher than
+  with "lean" (freed blocks are kept until the next trim) but, since the scorer stopped holding a batch's logits
+  (:mod:`optimer_lib.scoring.row_logits`), within base + slots + 25% (1.90-1.98 GB against 2.02 GB on SmolLM2-135M).
+- ``"lean"``: a fixed 256 KiB mmap threshold, so every block from 256 KiB up is its own mapping, returned on free.
+  The lowest peaks (1.85-1.88 GB), but each activation of each forward pass is mapped and page-faulted anew: Tune
+  scoring takes ~1.3x as long (17.6-17.9 s against 13.4-13.7 s through the browser).
 """
 
 from __future__ import annotations
@@ -82,12 +83,12 @@ def start_trimmer(every_s: float = 5.0) -> threading.Event | None:
 HEAP_MODES = ("lean", "fast")
 
 
-def configure_heap(mode: str = "lean") -> bool:
+def configure_heap(mode: str = "fast") -> bool:
     """Set up the process's malloc for a server, before its worker threads exist (see the module docstring);
     False where it cannot be done (not glibc)."""
     if mode not in HEAP_MODES:
         raise ConfigError(f"heap mode must be one of {', '.join(HEAP_MODES)}, got {mode!r}: lean keeps memory flat in "
-                          "the number of sessions, fast scores in ~0.8x the time with peaks ~0.1-0.3 GB higher")
+                          "the number of sessions at the lowest peaks, fast (the default) scores in ~0.75x the time")
     libc = _libc()
     if libc is None:
         return False
