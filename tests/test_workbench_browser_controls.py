@@ -92,6 +92,7 @@ def test_stop_keeps_the_finished_trials_and_ends_the_search(page, server):
     assert all(t.user_attrs.get("interrupted") for t in trials if t.state != TrialState.COMPLETE)
     page.wait_for_timeout(2000)  # stopped means stopped: no trial is added afterwards
     assert len(study_of(status, server[1]).trials) == len(trials)
+    assert page.locator("#search-status").inner_text().startswith("stopped")  # not "stopping" drawn over it
     page.screenshot(path=str(ARTIFACTS / "workbench-search-stopped.png"), full_page=True)
 
 

@@ -163,6 +163,21 @@ def test_stop_abandons_the_running_trial_within_a_forward_pass(session: Session)
         model(input_ids=torch.tensor([[1, 5]]))
 
 
+def test_the_stop_button_answers_with_the_stopped_status(session: Session):
+    """The Search tab's Stop handler waits the moment Stop takes and returns the run's final status, and makes the
+    next poll redraw it: its reply must not leave "stopping…" over a "stopped" the poll drew first."""
+    from workbench.tabs.search import SearchTab
+
+    run = session.start_search(SearchSpec(trials=500, sampler="random", search_limit=2, study_name="t-button"))
+    deadline = time.time() + 60
+    while not run.events and time.time() < deadline:
+        time.sleep(0.05)
+    session.ui["search_sig"] = ("a status the poll drew",)
+    text = SearchTab.on_stop(object.__new__(SearchTab), session)  # the handler uses only the session
+    assert text.startswith("stopped `t-button` after") and text == run.status()
+    assert "search_sig" not in session.ui
+
+
 def test_chat_runs_while_a_search_runs(session: Session):
     run = session.start_search(SearchSpec(trials=500, sampler="random", search_limit=2, study_name="t3"))
     try:

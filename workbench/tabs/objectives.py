@@ -23,7 +23,7 @@ from optimer_lib.search.pareto import PARETO_SAMPLERS, pareto_front
 from workbench.figures import pareto_chart
 from workbench.searching import SearchSpec, load_study
 from workbench.session import Session
-from workbench.tabs import Ctx, error_md, plotly_click_js
+from workbench.tabs import Ctx, error_md, plotly_click_js, stop_reply
 
 TOP_ROWS = 10
 HINT = "<small>Click a point of the front (or choose it below) to load its weights into Tune.</small>"
@@ -151,7 +151,7 @@ class ObjectivesPanel:
         if session.pareto is None or not session.pareto.running:
             return "no Pareto search of this session is running"
         session.stop_pareto()
-        return f"stopping `{session.pareto.study_name}`: the running trial is abandoned, finished ones are kept…"
+        return stop_reply(session, session.pareto, "pareto_sig")
 
     def on_from_study(self, session: Session, storage: str, study: str | None, *objectives: str) -> list[Any]:
         try:

@@ -28,7 +28,7 @@ from optimer_lib.search.samplers import SAMPLERS
 from workbench.figures import study_figures
 from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session
-from workbench.tabs import Ctx, error_md, method_controls, plotly_click_js
+from workbench.tabs import Ctx, error_md, method_controls, plotly_click_js, stop_reply
 from workbench.tabs.objectives import ObjectivesPanel
 
 KINDS = ("preset", "weighted metrics", "callable")
@@ -189,7 +189,7 @@ class SearchTab:
         if session.search is None or not session.search.running:
             return "no search of this session is running"
         session.stop_search()
-        return f"stopping `{session.search.study_name}`: the running trial is abandoned, finished ones are kept…"
+        return stop_reply(session, session.search, "search_sig")
 
     def on_reload(self, session: Session, storage: str, current: str | None) -> Any:
         try:
