@@ -108,3 +108,12 @@ def test_scoring_keeps_no_key_value_cache(make, tiny_tokenizer):
     finally:
         hook.remove()
     assert seen and set(seen) == {False}
+
+
+def test_a_bf16_model_splits_and_scores_as_its_full_forward(tiny_tokenizer, monkeypatch):
+    """The probe's bf16 tolerance accepts a bf16 model, and the split scores it as the full forward does."""
+    model = make_model("llama_untied").to(torch.bfloat16)
+    assert rl.splits(model)
+    got = text_scores(model, tiny_tokenizer, DOCS, seq_len=32, batch_size=4).total
+    monkeypatch.setattr(rl, "splits", lambda _model: False)
+    assert text_scores(model, tiny_tokenizer, DOCS, seq_len=32, batch_size=4).total == pytest.approx(got, rel=1e-3)
