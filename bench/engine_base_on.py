@@ -36,7 +36,7 @@ PROBE = r"""
 import json, statistics, sys, time, torch
 from pathlib import Path
 from optimer_lib.engine.heap import configure_heap
-configure_heap("lean")  # freed blocks leave the process (the workbench default): a steady baseline
+configure_heap("lean")  # freed blocks leave the process at once (--heap lean): a steady baseline
 torch.set_num_threads(int(sys.argv[5]))
 from optimer_lib.checkpoints.mapped import load_model_mapped
 from optimer_lib.engine import MergeEngine

@@ -5,7 +5,7 @@
 A served workbench scores in many threads. glibc keeps what each thread freed in per-thread heaps unless told
 otherwise, so the server's memory grew with every browser session. Modes, each in a fresh process:
 
-- ``256k``: a fixed 256 KiB mmap threshold (``optimer workbench --heap lean``, the default): every block of 256
+- ``256k``: a fixed 256 KiB mmap threshold (``optimer workbench --heap lean``): every block of 256
   KiB or more is its own mapping, returned on free, so each activation of each forward pass is mapped and
   page-faulted anew;
 - ``trim``: glibc's defaults, and ``malloc_trim`` when each engine lease ends (``MergeEngine(trim_memory=True)``);

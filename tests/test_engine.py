@@ -346,8 +346,9 @@ class _Cancelled(Exception):
 
 
 def test_a_lease_s_cancel_check_abandons_a_pass_between_blocks_and_frees_the_slot(tiny_vectors):
-    """``cancel`` runs before the pass and before every block, in the lease's thread only: raising from it stops
-    the pass at the next block (a stopped search's trial) and the lease ends, so the next request gets the slot."""
+    """``cancel`` runs as the lease begins, before the pass and before every block, in the lease's thread only:
+    raising from it stops the pass at the next block (a stopped search's trial) and the lease ends, so the next
+    request gets the slot; raising as the lease begins skips its merge."""
     engine = _engine(tiny_vectors, max_slots=1)
     calls: list[int] = []
     blocks_run: list[int] = []
@@ -363,14 +364,22 @@ def test_a_lease_s_cancel_check_abandons_a_pass_between_blocks_and_frees_the_slo
         other = threading.Thread(target=lambda: lease.model(input_ids=torch.tensor([[1, 5]])))
         other.start()  # another thread's pass on the slot is not this lease's job: no check
         other.join()
-        assert calls == [] and len(blocks_run) == 2
+        assert calls == [0] and len(blocks_run) == 2  # once as the lease began, none for the other thread
         blocks_run.clear()
         lease.model(input_ids=torch.tensor([[1, 5, 9]]))
-    assert calls == [0, 0, 1] and len(blocks_run) == 1  # before the pass, block 0, block 1: stopped there
+    assert calls == [0, 0, 0, 1] and len(blocks_run) == 1  # then before the pass, block 0, block 1: stopped there
     assert engine._cancels == {} and engine._held == {}
     with engine.lease({"v1": 0.5}, priority=INTERACTIVE) as lease:  # the slot is free again, no check left
         lease.model(input_ids=torch.tensor([[1, 5, 9]]))
-    assert calls == [0, 0, 1]
+    assert calls == [0, 0, 0, 1]
+    merges = engine.stats().merges
+
+    def stopped():
+        raise _Cancelled
+
+    with pytest.raises(_Cancelled), engine.lease({"v0": 0.9}, priority=SEARCH, cancel=stopped):
+        pass  # stopped while it waited for its turn: never merged
+    assert engine.stats().merges == merges and engine._active == 0 and engine._cancels == {}
 
 
 def test_leases_trim_the_heap_when_asked(tiny_vectors, monkeypatch):
@@ -397,6 +406,22 @@ def test_a_bad_heap_mode_is_refused_with_the_choices():
 
     with pytest.raises(ConfigError, match="heap mode must be one of lean, fast, got 'quick'"):
         configure_heap("quick")
+
+
+def test_the_fast_heap_starts_one_trimmer_per_process(monkeypatch):
+    """Tests and notebooks launch several servers in one process: each configure_heap("fast") must not add a thread."""
+    from optimer_lib.engine import heap
+
+    if heap._libc() is None:
+        assert heap.configure_heap("fast") is False
+        return
+    started: list[threading.Event] = []
+    monkeypatch.setattr(heap, "limit_heap", lambda: True)  # leave this process's malloc as it is
+    monkeypatch.setattr(heap, "start_trimmer", lambda: started.append(threading.Event()) or started[-1])
+    monkeypatch.setattr(heap, "_TRIMMER", None)
+    assert all(heap.configure_heap("fast") for _ in range(3)) and len(started) == 1
+    started[0].set()  # a stopped trimmer is replaced by the next call
+    assert heap.configure_heap("fast") and len(started) == 2
 
 
 def test_the_heap_trimmer_trims_until_stopped(monkeypatch):

@@ -225,7 +225,7 @@ PROBE = r"""
 import json, sys, torch
 from pathlib import Path
 from optimer_lib.engine.heap import configure_heap
-configure_heap("lean")  # freed blocks leave the process (the workbench default): a steady baseline
+configure_heap("lean")  # freed blocks leave the process at once (--heap lean): a steady baseline
 from optimer_lib.checkpoints.mapped import load_model_mapped
 from optimer_lib.engine import MergeEngine
 from optimer_lib.merging.pool import open_pool

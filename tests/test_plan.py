@@ -129,8 +129,8 @@ def test_27b_bf16_on_an_80_gib_gpu_by_hand():
 
 
 def test_a_model_that_transforms_its_logits_after_the_head_is_planned_with_a_batchs_logits(tmp_path):
-    """The scorer holds one sequence's logits (scoring.row_logits) unless the model transforms them after the head
-    (Gemma 2's soft-capping...): then the whole batch's, and the plan counts them."""
+    """The scorer holds a chunk of sequences' logits (scoring.row_logits) unless the model transforms them after the
+    head (Gemma 2's soft-capping...): then the whole batch's, and the plan counts them."""
     base = tmp_path / "base"
     base.mkdir()
     for f in BASE.iterdir():

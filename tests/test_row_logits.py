@@ -1,5 +1,5 @@
-"""Scoring's LM head per sequence (row_logits): the same losses, one sequence's logits alive, and the full forward
-kept for models that transform their logits after the head."""
+"""Scoring's LM head on chunks of sequences (row_logits): the same losses, never a batch's logits alive, and the full
+forward kept for models that transform their logits after the head."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from transformers import LlamaForCausalLM
 
 from optimer_lib.scoring import row_logits as rl
 from optimer_lib.scoring.evaluate import scored_documents, text_scores
+
+
+@pytest.fixture(autouse=True)
+def fresh_probes(monkeypatch):
+    """Every test probes its own models (the cache is per process)."""
+    monkeypatch.setattr(rl, "_SPLIT_OK", {})
+
 
 DOCS = ["the quick brown fox jumps over the lazy dog and the fox again", "12 + 35 = 47",
         "def f(x):\n    return x", "日本語のテキスト", "the dog"]
@@ -86,6 +93,28 @@ def test_a_model_that_transforms_its_logits_after_the_head_keeps_the_full_forwar
     assert sorted(got) == pytest.approx(want, rel=1e-5)
     plain = text_scores(make_model("llama_untied"), tiny_tokenizer, DOCS, seq_len=32, batch_size=4).total
     assert sorted(plain) != pytest.approx(want, rel=1e-3)  # the scale matters: the split would have scored wrong
+
+
+def test_a_config_that_names_a_transform_after_the_head_keeps_the_full_forward():
+    """Soft-capping moves small logits too little for a short probe to see, so the config is read as well."""
+    model = make_model("llama_untied")
+    model.config.final_logit_softcapping = 30.0  # the forward ignores it: only the config says so
+    assert not rl.splits(model)
+    model.config.final_logit_softcapping = None
+    assert rl.splits(model)
+
+
+def test_the_probe_is_cached_per_dtype_and_a_failed_probe_is_not_a_crash(monkeypatch):
+    model = make_model("llama_untied")
+    calls: list[torch.dtype] = []
+    real = rl._probe
+    monkeypatch.setattr(rl, "_probe", lambda m, *a: calls.append(a[-1].dtype) or real(m, *a))
+    assert rl.splits(model) and rl.splits(model) and calls == [torch.float32]  # once per class and config
+    assert rl.splits(model.to(torch.bfloat16)) and calls == [torch.float32, torch.bfloat16]  # same config, new dtype
+    broken = make_model("llama_untied", seed=1)
+    broken.config.hidden_act = "no-such-activation"  # the forward raises: the split is refused, nothing crashes
+    monkeypatch.setattr(broken.base_model, "forward", lambda *a, **k: (_ for _ in ()).throw(ValueError("boom")))
+    assert not rl.splits(broken)
 
 
 def test_a_model_without_a_decoder_and_head_keeps_the_full_forward():

@@ -231,8 +231,8 @@ class SearchRun:
         return self
 
     def stop(self) -> None:
-        """Stop the search within one transformer block: the running trial is abandoned (marked interrupted),
-        finished trials stay in storage."""
+        """Stop the search at the running trial's next forward pass or transformer block (or before its merge): that
+        trial is abandoned (marked interrupted), finished trials stay in storage."""
         self._stop.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -287,6 +287,8 @@ class SearchRun:
         done = len(self.events)
         best = next((e.best_value for e in reversed(self.events) if e.best_value is not None), None)
         best_s = f", best {best:.4g}" if best is not None else ""
+        if self.running and self._stop.is_set():
+            return f"stopping `{self.study_name}`: the running trial is abandoned, finished ones are kept…"
         if self.running:
             return f"running `{self.study_name}`: {done}/{self.config.trials} trials this run{best_s}"
         if self.error:
@@ -352,6 +354,8 @@ class ParetoRun(SearchRun):
     def status(self) -> str:
         done = len(self.events)
         what = " × ".join(o.spec for o in self.objectives)
+        if self.running and self._stop.is_set():
+            return f"stopping `{self.study_name}`: the running trial is abandoned, finished ones are kept…"
         if self.running:
             return f"running Pareto search `{self.study_name}` ({what}): {done}/{self.config.trials} trials this run"
         if self.error:

@@ -207,7 +207,7 @@ class SearchRunner(Component):
         return run
 
     def stop(self) -> None:
-        """Stop now: the running trial is abandoned within one transformer block; finished trials stay."""
+        """Stop now: the running trial is abandoned at its next transformer block; finished trials stay."""
         self.session.stop_search()
         self.refresh()
 

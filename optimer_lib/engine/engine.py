@@ -252,6 +252,8 @@ class MergeEngine:
         # on another thread (Gradio's workers), so the entry is dropped by this key, not the closing thread's.
         me = threading.get_ident()
         try:
+            if cancel is not None:  # stopped while waiting for the turn: no merge for a job nobody wants
+                cancel()
             slot, changed, merge_s = self._materialise(state, exact)  # the slot is released below, or on failure
             self._held[me] = (int(priority), slot, state)
             if cancel is not None:
@@ -357,6 +359,7 @@ class MergeEngine:
         self._release(slot)
         self._acquire(priority, slot)  # the same slot: this thread's forward pass is running on its model
         self._held[me] = (priority, slot, state)
+        self._check_cancel()  # stopped while it waited: no re-merge back for a job nobody wants
         if slot.state != state:  # the other request re-merged this slot: put the lease's merge back
             self._remerge(slot, state)
         slot.last_used = time.monotonic()

@@ -67,7 +67,7 @@ def limit_heap(mmap_threshold: int = 32 << 20, arenas: int = 2) -> bool:
 def start_trimmer(every_s: float = 5.0) -> threading.Event | None:
     """Start a daemon thread calling :func:`trim_heap` every ``every_s`` seconds; returns the event that stops it
     (None where trimming is not possible). A server's other threads (Gradio's events: figures, JSON, chat histories)
-    free memory outside any engine lease."""
+    free memory outside any engine lease. See :func:`configure_heap`, which starts one per process."""
     if _libc() is None:
         return None
     stop = threading.Event()
@@ -81,6 +81,8 @@ def start_trimmer(every_s: float = 5.0) -> threading.Event | None:
 
 
 HEAP_MODES = ("lean", "fast")
+_TRIMMER: threading.Event | None = None  # the stop event of configure_heap's trimmer thread
+_TRIMMER_LOCK = threading.Lock()
 
 
 def configure_heap(mode: str = "fast") -> bool:
@@ -95,5 +97,8 @@ def configure_heap(mode: str = "fast") -> bool:
     if mode == "lean":
         return bool(libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))  # fixed: glibc no longer raises it
     ok = limit_heap()
-    start_trimmer()
+    global _TRIMMER
+    with _TRIMMER_LOCK:  # one per process, however many servers (tests, notebooks) a process launches
+        if _TRIMMER is None or _TRIMMER.is_set():
+            _TRIMMER = start_trimmer()
     return ok

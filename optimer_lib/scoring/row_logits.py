@@ -67,38 +67,49 @@ def chunk_rows(seq_len: int, vocab_size: int, itemsize: int = 4) -> int:
 
 
 def splits_by_config(config: Mapping[str, Any]) -> bool:
-    """Whether a model with this ``config.json`` should score one sequence's logits at a time, as far as its config
-    says (no :data:`POST_HEAD_KEYS` transform); :func:`splits` checks the loaded model itself."""
+    """Whether a model with this ``config.json`` may score a chunk of sequences' logits at a time, as far as its
+    config says (no :data:`POST_HEAD_KEYS` transform); :func:`splits` also checks the loaded model itself."""
     return all(config.get(k) in (None, 1, 1.0) for k in POST_HEAD_KEYS)
 
 
 def splits(model: Any) -> bool:
-    """Whether :func:`row_logits` runs ``model``'s head per sequence (checked once per class and config)."""
+    """Whether :func:`row_logits` runs ``model``'s head on chunks of sequences: its config names no transform after
+    the head and a probe agrees (checked once per class, config, dtype, device type and train/eval mode)."""
     parts = _parts(model)
     if parts is None:
         return False
-    key = (type(model), _config_key(model))
+    try:
+        param = next(model.parameters())
+    except (StopIteration, TypeError):
+        return False
+    key = (type(model), _config_key(model), param.dtype, param.device.type, bool(getattr(model, "training", False)))
     if key not in _SPLIT_OK:
-        _SPLIT_OK[key] = _probe(model, *parts)
+        config = getattr(model, "config", None)
+        ok = splits_by_config(config.to_dict() if hasattr(config, "to_dict") else {})
+        try:
+            ok = ok and _probe(model, *parts, param)
+        except torch.OutOfMemoryError:
+            return False  # not now; asked again next batch (a second lease may hold the memory)
+        _SPLIT_OK[key] = ok
     return _SPLIT_OK[key]
 
 
-def _probe(model: Any, decoder: Any, head: Any) -> bool:
+def _probe(model: Any, decoder: Any, head: Any, param: torch.Tensor) -> bool:
+    """Whether ``head(decoder(x))`` reproduces ``model(x).logits`` on a short probe (False if it cannot run)."""
     try:
-        device = next(model.parameters()).device
         vocab = int(head.weight.shape[0])
-        ids = (torch.arange(_PROBE_TOKENS, device=device) * 7919 % vocab).unsqueeze(0)
+        ids = (torch.arange(_PROBE_TOKENS, device=param.device) * 7919 % vocab).unsqueeze(0)
         mask = torch.ones_like(ids)
         with torch.inference_mode():
             want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
             got = head(_hidden(decoder, ids, mask)[0]).float()
+            rtol = _RTOL.get(param.dtype, _RTOL_LOW_PRECISION)
+            return got.shape == want.shape and bool(
+                (got - want).abs().max() <= rtol * max(1.0, float(want.abs().max())))
+    except torch.OutOfMemoryError:
+        raise
     except Exception:  # noqa: BLE001 - any model the split cannot drive keeps the full forward
         return False
-    if got.shape != want.shape:
-        return False
-    dtype = next(model.parameters()).dtype
-    rtol = _RTOL.get(dtype, _RTOL_LOW_PRECISION)
-    return bool((got - want).abs().max() <= rtol * max(1.0, float(want.abs().max())))
 
 
 def row_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:

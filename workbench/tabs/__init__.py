@@ -69,10 +69,10 @@ STOP_WAIT_S = 2.0  # Stop waits this long for a search to end (one transformer b
 
 
 def stop_reply(session: Any, run: Any, sig_key: str) -> str:
-    """What a Stop button shows once ``run`` (a SearchRun or ParetoRun, already told to stop) ends: its final status,
-    or "stopping…" if it takes longer than :data:`STOP_WAIT_S`. Forgets the tab's last drawn signature
-    (``session.ui[sig_key]``), so the next poll redraws the status even if it drew "stopped" before this reply."""
+    """What a Stop button shows once ``run`` (a SearchRun or ParetoRun, already told to stop) ends or
+    :data:`STOP_WAIT_S` has passed: its status ("stopped …", or "stopping …" while it still runs). Then forgets the
+    tab's last drawn signature (``session.ui[sig_key]``), so the next poll redraws the status over this reply."""
+    run.wait(STOP_WAIT_S)
+    status = run.status()
     session.ui.pop(sig_key, None)
-    if run.wait(STOP_WAIT_S):
-        return run.status()
-    return f"stopping `{run.study_name}`: the running trial is abandoned, finished ones are kept…"
+    return status
