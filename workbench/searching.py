@@ -25,7 +25,6 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pandas as pd
@@ -33,7 +32,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.engine import SEARCH
 from optimer_lib.errors import ConfigError
-from optimer_lib.merging.merger import Merger
 from optimer_lib.merging.methods import parse_method_params
 from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
 from optimer_lib.search.defaults import INTERACTIVE
@@ -90,32 +88,6 @@ class TrialEvent:
     best_value: float | None
     at: float = field(default_factory=time.time)
     values: list[float] | None = None  # every objective's value (multi-objective runs)
-
-
-class _Stoppable:
-    """A :class:`Merger` for run_search that runs ``check`` (raising KeyboardInterrupt once the user stopped the
-    search) before each ``set_weights``.
-
-    The engine merger under it runs the same check before every forward pass and transformer block of a trial
-    (its ``cancel``), so Stop takes effect within one block (~0.1 s on SmolLM2-135M on a CPU core) rather than at
-    the end of the running trial (30 s and more). run_search treats the KeyboardInterrupt as Ctrl-C: the running
-    trial is marked interrupted and finished ones are kept.
-    """
-
-    def __init__(self, merger: Merger, check: Callable[[], None]) -> None:
-        self._merger, self._check = merger, check
-
-    @property
-    def names(self) -> list[str]:
-        return self._merger.names
-
-    @property
-    def model(self) -> Any:
-        return self._merger.model
-
-    def set_weights(self, weights: dict[str, float]) -> None:
-        self._check()
-        self._merger.set_weights(weights)
 
 
 def _inside(target: str, workdir: Path, what: str) -> Path:
@@ -260,10 +232,18 @@ class SearchRun:
         return cost.summary(self.config.budget_seconds())
 
     def _merger(self):
-        """The engine merger trials are scored with (one lease per trial, at search priority, cancelled by Stop)."""
+        """The engine merger trials are scored with: one lease per trial, at search priority, with Stop's check as
+        the leases' ``cancel``. It runs as each trial's lease begins and before every forward pass and transformer
+        block, so Stop takes effect within one block (~0.1 s on SmolLM2-135M on a CPU core) rather than at the end of
+        the running trial (30 s and more); run_search treats the KeyboardInterrupt as Ctrl-C: the running trial is
+        marked interrupted and finished ones are kept."""
         return self.shared.engine.merger(priority=SEARCH, instruction_weight=float(self.spec.instruction_weight),
                                          method=self.spec.method, params=self.method_params,
                                          cancel=self._check_stop)
+
+    def _stopping(self) -> str:
+        """The status line of a run told to stop whose running trial has not ended yet."""
+        return f"stopping `{self.study_name}`: the running trial is abandoned, finished ones are kept…"
 
     def _check_stop(self) -> None:
         """Raise KeyboardInterrupt once :meth:`stop` was called (run_search's Ctrl-C: finished trials are kept)."""
@@ -273,7 +253,7 @@ class SearchRun:
     def _run(self) -> None:
         try:
             with self._merger() as merger:
-                self.result = run_search(_Stoppable(merger, self._check_stop), self.shared.tokenizer, self.shared.suite,
+                self.result = run_search(merger, self.shared.tokenizer, self.shared.suite,
                                          self.objective, self.config, callbacks=[self._on_trial], progress=False)
             self.stopped = self.result.interrupted
         except KeyboardInterrupt:
@@ -288,7 +268,7 @@ class SearchRun:
         best = next((e.best_value for e in reversed(self.events) if e.best_value is not None), None)
         best_s = f", best {best:.4g}" if best is not None else ""
         if self.running and self._stop.is_set():
-            return f"stopping `{self.study_name}`: the running trial is abandoned, finished ones are kept…"
+            return self._stopping()
         if self.running:
             return f"running `{self.study_name}`: {done}/{self.config.trials} trials this run{best_s}"
         if self.error:
@@ -341,7 +321,7 @@ class ParetoRun(SearchRun):
     def _run(self) -> None:
         try:
             with self._merger() as merger:
-                self.result = run_pareto_search(_Stoppable(merger, self._check_stop), self.shared.tokenizer,
+                self.result = run_pareto_search(merger, self.shared.tokenizer,
                                                 self.shared.suite, self.objectives, self.config,
                                                 callbacks=[self._on_trial], progress=False)
             self.stopped = self.result.interrupted
@@ -355,7 +335,7 @@ class ParetoRun(SearchRun):
         done = len(self.events)
         what = " × ".join(o.spec for o in self.objectives)
         if self.running and self._stop.is_set():
-            return f"stopping `{self.study_name}`: the running trial is abandoned, finished ones are kept…"
+            return self._stopping()
         if self.running:
             return f"running Pareto search `{self.study_name}` ({what}): {done}/{self.config.trials} trials this run"
         if self.error:
