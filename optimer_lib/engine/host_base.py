@@ -88,8 +88,7 @@ def place_base(model: torch.nn.Module, base_on: str | None, device: str | torch.
             mode = "device"
         else:
             config = getattr(model, "config", None)
-            work = work_bytes(getattr(config, "vocab_size", None), head_split=splits_by_config(
-                config.to_dict() if hasattr(config, "to_dict") else {}))
+            work = work_bytes(getattr(config, "vocab_size", None), head_split=splits_by_config(config))
             host = base_stays_on_host(module_bytes(model), slots, work, free_device_memory(dev), gpu=True)
             mode = "host" if host else "device"
     if mode == "host" and here.type != "cpu":

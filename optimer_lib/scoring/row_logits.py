@@ -66,10 +66,14 @@ def chunk_rows(seq_len: int, vocab_size: int, itemsize: int = 4) -> int:
     return max(1, HEAD_CHUNK_BYTES // max(1, seq_len * vocab_size * itemsize))
 
 
-def splits_by_config(config: Mapping[str, Any]) -> bool:
-    """Whether a model with this ``config.json`` may score a chunk of sequences' logits at a time, as far as its
-    config says (no :data:`POST_HEAD_KEYS` transform); :func:`splits` also checks the loaded model itself."""
-    return all(config.get(k) in (None, 1, 1.0) for k in POST_HEAD_KEYS)
+def splits_by_config(config: Mapping[str, Any] | Any) -> bool:
+    """Whether a model with this config (``config.json`` as a dict, or a loaded model's ``config``; None: nothing
+    said) may score a chunk of sequences' logits at a time, as far as its config says (no :data:`POST_HEAD_KEYS`
+    transform); :func:`splits` also checks the loaded model itself."""
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    return all(get(k) in (None, 1, 1.0) for k in POST_HEAD_KEYS)
 
 
 def splits(model: Any) -> bool:
@@ -84,10 +88,8 @@ def splits(model: Any) -> bool:
         return False
     key = (type(model), _config_key(model), param.dtype, param.device.type, bool(getattr(model, "training", False)))
     if key not in _SPLIT_OK:
-        config = getattr(model, "config", None)
-        ok = splits_by_config(config.to_dict() if hasattr(config, "to_dict") else {})
         try:
-            ok = ok and _probe(model, *parts, param)
+            ok = splits_by_config(getattr(model, "config", None)) and _probe(model, *parts, param)
         except torch.OutOfMemoryError:
             return False  # not now; asked again next batch (a second lease may hold the memory)
         _SPLIT_OK[key] = ok
