@@ -181,6 +181,8 @@ class ObjectivesPanel:
             session.ui["pareto_sig"] = None
             return [error_md(exc), gr.skip(), gr.skip()]
         session.ui["pareto_sig"] = sig
+        if status:  # read again after the chart: a tick that began before Stop must not draw "running" after it
+            status = run.status()
         if not status:
             what = " × ".join(specs) if specs else "its own objectives"
             status = f"front of `{name}` ({what}, from stored metrics): {len(front)} points"

@@ -217,9 +217,11 @@ class SearchTab:
         if session.ui.get("search_sig") == sig:
             return [gr.skip() for _ in self.live]
         session.ui["search_sig"] = sig
+        history, *rest = study_figures(study)
+        if status:  # read again after the figures: a tick that began before Stop must not draw "running" after it
+            status = run.status()
         if study is not None and not status:
             status = f"watching `{study_name}`: {sum(t.state.is_finished() for t in trials)} finished trials"
-        history, *rest = study_figures(study)
         return [status, with_samples(history, study), *rest, study_table(study)]
 
     def on_pick(self, session: Session, storage: str, study_name: str | None, evt: gr.EventData) -> str:
