@@ -171,8 +171,14 @@ def cmd_search(a: argparse.Namespace) -> None:
         done = res.study.user_attrs["stopped"]["trials"]
         print(f"stopped for the time budget after {res.new_trials} new trial(s) ({done} of {cfg.trials} in the "
               "study; no re-scoring): re-run the same command to continue", file=sys.stderr)
+    elif res.interrupted:
+        print(f"interrupted after {res.new_trials} new trial(s); best.json holds the best finished one (no "
+              "re-scoring)", file=sys.stderr)
     print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path),
-                      **({"stopped": res.stopped} if res.stopped else {})}, indent=2))
+                      **({"stopped": res.stopped} if res.stopped else {}),
+                      **({"interrupted": True} if res.interrupted else {})}, indent=2))
+    if res.interrupted:
+        raise KeyboardInterrupt  # main's exit 130 and "re-run the same command to continue", as for any Ctrl-C
 
 
 def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None, *,

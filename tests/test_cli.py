@@ -140,3 +140,35 @@ def test_the_command_as_a_process(tmp_path, tiny_pool, corpus):
     r = run_process("vector", "info", corpus)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
+
+
+INTERRUPTING_OBJECTIVE = """
+import pathlib
+
+CALLS = pathlib.Path(__file__).with_name("calls")
+
+def score(model, tokenizer):
+    n = len(CALLS.read_text()) if CALLS.exists() else 0
+    CALLS.write_text("x" * (n + 1))
+    if n == 2:
+        raise KeyboardInterrupt  # Ctrl-C during the third trial
+    return float(sum(p.detach().float().abs().sum() for p in model.parameters()))
+"""
+
+
+def test_ctrl_c_keeps_the_best_finished_trial(tmp_path, tiny_pool, optimer):
+    """Ctrl-C during a trial: the finished trials' best goes to best.json (marked interrupted), the JSON on stdout
+    says so too, and the command exits 130 saying how to go on, as any Ctrl-C does."""
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+
+    base, (t0,) = tiny_pool("llama", 1)
+    v = save_vector(extract_vector(base, t0, name="v"), tmp_path / "v.safetensors")
+    (tmp_path / "obj.py").write_text(INTERRUPTING_OBJECTIVE)
+    wd = tmp_path / "search"
+    r = optimer("search", "--base", base, "--vector", v, "--objective", f"{tmp_path / 'obj.py'}:score",
+                "--trials", 5, "--workdir", wd, "--sampler", "random", ok=False)
+    assert r.returncode == 130 and "interrupted after 2 new trial(s)" in r.stderr, r.stderr
+    assert "re-run the same command to continue" in r.stderr
+    best = json.loads((wd / "best.json").read_text())
+    assert best["interrupted"] is True and json.loads(r.stdout)["interrupted"] is True
+    assert best["weights"] == json.loads(r.stdout)["best_weights"]

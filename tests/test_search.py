@@ -141,6 +141,7 @@ def test_optimer_error_stops_and_interrupt_keeps_trials(tmp_path):
     obj = Objective(fn=interrupted, spec="interrupting")
     res = run_search(FakeMerger(), None, SUITE, obj, config(tmp_path, trials=5, storage=storage), progress=False)
     assert res.interrupted and res.new_trials == 2 and len(res.study.trials) == 3
+    assert json.loads(res.path.read_text())["interrupted"] is True  # the best finished trial is saved
     # the interrupted trial does not use up one of the 5
     res = run_search(FakeMerger(), None, SUITE, obj, config(tmp_path, trials=5, storage=storage), progress=False)
     assert res.new_trials == 3 and not res.interrupted

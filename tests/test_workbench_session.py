@@ -125,6 +125,11 @@ def test_search_stop_keeps_finished_trials(session: Session):
                                                                                   TrialState.COMPLETE,)))
     assert 2 <= n < 500
     assert session.best_weights() is not None
+    # the stopped run still writes its best finished trial (its merger's last lease is cancelled too)
+    assert run.result is not None and run.result.interrupted, run.status()
+    best = json.loads(run.result.path.read_text())
+    assert best["interrupted"] is True and best["weights"] == run.result.best_weights
+    assert "best.json in" in run.status()
 
 
 SLOW_OBJECTIVE = """

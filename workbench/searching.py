@@ -274,7 +274,8 @@ class SearchRun:
         if self.error:
             return f"search `{self.study_name}` failed: {self.error}"
         if self.stopped:
-            return f"stopped `{self.study_name}` after {done} trials{best_s} (finished trials are kept)"
+            saved = f", best.json in {self.result.path.parent}" if self.result is not None else ""
+            return f"stopped `{self.study_name}` after {done} trials{best_s} (finished trials are kept{saved})"
         if self.result is not None:
             return (f"done `{self.study_name}`: best objective {self.result.best_value:.4g} "
                     f"(trial {self.result.best_trial}), best.json in {self.result.path.parent}")

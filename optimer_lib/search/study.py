@@ -13,8 +13,9 @@ continues to N and re-running a finished one only re-reads it. Each trial stores
 metrics as user attrs (``weights``, ``metrics@<search_limit>``); with ``record_metrics="all"`` (the
 default) those are every metric of the suite, not only the objective's, so the study can be re-ranked
 for another objective later without evaluating anything (``optimer_lib.search.rerank``). The top-k trials
-are then re-scored at ``rescore_limit`` and the best re-scored one is written to best.json. On return
-the merger holds the best weights. ``callbacks`` are called as ``cb(study, frozen_trial)`` after every trial (live UIs).
+are then re-scored at ``rescore_limit`` and the best re-scored one is written to best.json (an interrupted
+search writes its best finished trial, with ``"interrupted": true``). On return the merger holds the best weights
+(unless it was stopped too). ``callbacks`` are called as ``cb(study, frozen_trial)`` after every trial (live UIs).
 ``pruner``/``fidelities`` score each trial on growing nested subsets first and stop poor ones early
 (state PRUNED; see ``optimer_lib.search.pruning``). The objective says its direction (a callable may be
 maximised: ``Objective.direction``); ``SearchConfig.direction=None`` follows it.
@@ -276,7 +277,6 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
         best_value = float(best.value)
         best_metrics = dict(best.user_attrs.get(record.metrics_key(config.search_limit), {}))
     best_weights = {n: float(best.params[n]) for n in params}
-    merger.set_weights(best_weights)
     payload = {"weights": best_weights, "objective": best_value, "objective_search": float(best.value),
                "metrics": best_metrics, "trial": best.number, "study": config.study_name,
                "storage": config.storage_url() or ":memory:", "sampler": config.sampler, "seed": config.seed,
@@ -284,8 +284,13 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
                "objective_spec": objective.spec, "direction": config.direction, "trials": counted(study),
                "granularity": granularity, **({"groups": layout, "group_weights": groups.nested(best_weights)}
                                               if layout else {}),
-               **({"stopped": stopped} if stopped else {})}
-    path = atomic_write_json(workdir / "best.json", payload)
+               **({"stopped": stopped} if stopped else {}), **({"interrupted": True} if outcome.interrupted else {})}
+    path = atomic_write_json(workdir / "best.json", payload)  # before the merge below: a stopped merger raises
+    try:
+        merger.set_weights(best_weights)
+    except KeyboardInterrupt:  # a workbench Stop cancels every lease of its merger, this one too
+        if not outcome.interrupted:
+            raise
     return SearchResult(study=study, best_weights=best_weights, best_value=best_value, best_metrics=best_metrics,
                         path=path, best_trial=best.number, value_search=float(best.value), new_trials=outcome.done,
                         interrupted=outcome.interrupted, stopped=stopped)
