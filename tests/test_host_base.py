@@ -185,7 +185,7 @@ def test_automatic_base_on_is_the_plans_choice_and_counts_the_allocators_cache_a
 
     base_dir, files = tiny_vectors(names=("v0", "v1"))
     size = pool_size(base_dir, files)
-    need = size.parameters * 2 * 2 + work_bytes(size.vocab_size)  # bf16 base + one slot + working memory
+    need = size.parameters * 2 * 2 + work_bytes(size.vocab_size, itemsize=2)  # bf16 base + one slot + working memory
 
     def both(free: int, reserved: int = 0, allocated: int = 0) -> tuple[str, str]:
         _fake_gpu(monkeypatch, free, reserved, allocated)

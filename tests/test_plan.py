@@ -49,9 +49,10 @@ def llama_parameters(cfg: dict) -> int:
     return cfg["vocab_size"] * h + cfg["num_hidden_layers"] * layer + h + lm_head
 
 
-def work(vocab: int, leases: int = 1, rows: int = 16) -> int:
-    """Runtime + per lease scoring at once: fp32 logits of ``rows`` sequences of 128 tokens and one's log-softmax."""
-    return RUNTIME_BYTES + leases * (rows + 1) * 128 * vocab * 4
+def work(vocab: int, leases: int = 1, rows: int = 16, item: int = 4) -> int:
+    """Runtime + per lease scoring at once: logits of ``rows`` sequences of 128 tokens (``item`` bytes each) and one
+    sequence's fp32 log-softmax, plus its fp32 copy when the logits are not fp32."""
+    return RUNTIME_BYTES + leases * (rows * item + (1 if item == 4 else 2) * 4) * 128 * vocab
 
 
 def test_sizes_of_the_embedded_base_equal_the_hand_count():
@@ -63,9 +64,10 @@ def test_sizes_of_the_embedded_base_equal_the_hand_count():
     for dtype, item in (("float32", 4), ("bfloat16", 2), ("float16", 2)):
         plan = make_plan(size, Machine("m", "cpu", 10 * GB, bandwidth=10 * GB), dtype=dtype)
         assert (plan.base_bytes, plan.slot_bytes, plan.slots) == (item * n, item * n, 2)
-        assert plan.work_bytes == work(8192, leases=2) == 679_477_248  # 2 slots score at once, 16 rows a call
-        assert plan.need_bytes == 3 * item * n + work(8192, leases=2)
-        assert plan.slots_fit == (10 * GB - item * n - work(8192, leases=2)) // (item * n)
+        # 2 slots score at once, 16 rows a call: 16 × 4 + 4 bytes per token and vocab entry in fp32, 16 × 2 + 8 in bf16
+        assert plan.work_bytes == work(8192, leases=2, item=item) == {4: 679_477_248, 2: 620_756_992}[item]
+        assert plan.need_bytes == 3 * item * n + work(8192, leases=2, item=item)
+        assert plan.slots_fit == (10 * GB - item * n - work(8192, leases=2, item=item)) // (item * n)
         assert plan.fits and plan.vectors_resident and not plan.base_on_host
 
 
@@ -107,7 +109,7 @@ def test_hypothetical_sizes_give_the_right_slot_counts(name, machine, dtype, slo
 
 def test_27b_bf16_on_an_80_gib_gpu_by_hand():
     p = next(p for p in hypothetical_plans() if (p.pool, p.machine, p.dtype) == ("27B", "80 GiB GPU", "bfloat16"))
-    w = work(262_144, rows=1)  # one sequence of a 262k vocabulary fills the 128 MiB chunk
+    w = work(262_144, rows=2, item=2)  # two sequences of a 262k vocabulary in bf16 fill the 128 MiB chunk
     assert p.need_bytes == 54_000_000_000 + w  # one slot on the device, the base memory-mapped on the host
     assert p.slots_fit == (80 * GiB - w) // 54_000_000_000 == 1
     assert not p.vectors_resident  # 2 x 54 GB cannot sit beside the slot: streamed from host memory
@@ -164,8 +166,9 @@ def test_refusal_names_sizes_and_fixes():
     assert p.need_bytes == 3 * 4 * n + work(8192, leases=2)
     assert "\n" not in msg
     # bf16 and one slot: no fix left but a larger machine
-    one = make_plan(size, machine, dtype="bfloat16", slots=1)
-    assert str(one.problems[0]).endswith("need 622 MB but this machine has 600 MB free: use a larger machine")
+    one = make_plan(size, Machine("smaller", "cpu", 590_000_000, bandwidth=10 * GB), dtype="bfloat16", slots=1)
+    assert one.need_bytes == 2 * 2 * n + work(8192, item=2)
+    assert str(one.problems[0]).endswith("need 592 MB but this machine has 590 MB free: use a larger machine")
     gpu = make_plan(size, Machine("gpu", "cuda:0", 64 * GB, 100_000_000, 1000 * GB, 12 * GB), dtype="bfloat16")
     assert "--device cpu or a GPU with more memory" in gpu.problems[0]
 

@@ -88,7 +88,8 @@ def place_base(model: torch.nn.Module, base_on: str | None, device: str | torch.
             mode = "device"
         else:
             config = getattr(model, "config", None)
-            work = work_bytes(getattr(config, "vocab_size", None), head_split=splits_by_config(config))
+            work = work_bytes(getattr(config, "vocab_size", None), head_split=splits_by_config(config),
+                              itemsize=next(model.parameters()).element_size())
             host = base_stays_on_host(module_bytes(model), slots, work, free_device_memory(dev), gpu=True)
             mode = "host" if host else "device"
     if mode == "host" and here.type != "cpu":

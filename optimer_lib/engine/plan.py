@@ -176,14 +176,16 @@ class CapacityPlan:
 
 
 def work_bytes(vocab_size: int | None, *, batch_size: int = 16, seq_len: int = 128, leases: int = 1,
-               head_split: bool = True) -> int:
-    """Runtime plus, for each of ``leases`` jobs scoring at once, the scorer's fp32 logits (seq × vocab × 4 bytes
-    per sequence) and one sequence's log-softmax: the logits of :func:`~optimer_lib.scoring.row_logits.chunk_rows`
+               head_split: bool = True, itemsize: int = 4) -> int:
+    """Runtime plus, for each of ``leases`` jobs scoring at once, the scorer's logits in the model's dtype
+    (``itemsize`` bytes; seq × vocab per sequence) and one sequence's fp32 log-softmax (a model in another dtype also
+    makes an fp32 copy of that sequence's logits): the logits of :func:`~optimer_lib.scoring.row_logits.chunk_rows`
     sequences (at most the batch), or the whole batch's for a model that transforms its logits after the head
     (``head_split=False``)."""
     vocab = vocab_size or 32_000
-    rows = min(batch_size, chunk_rows(seq_len, vocab)) if head_split else batch_size
-    return RUNTIME_BYTES + max(1, leases) * (rows + 1) * seq_len * vocab * 4
+    rows = min(batch_size, chunk_rows(seq_len, vocab, itemsize)) if head_split else batch_size
+    fp32_rows = 1 if itemsize == 4 else 2
+    return RUNTIME_BYTES + max(1, leases) * (rows * itemsize + fp32_rows * 4) * seq_len * vocab
 
 
 def base_stays_on_host(model_bytes: int, slots: int, work: int, available: int, *, gpu: bool) -> bool:
@@ -208,7 +210,7 @@ def make_plan(size: PoolSize, machine: Machine, *, dtype: str | torch.dtype | No
     vec_total = sum(size.vector_bytes)
     # a CPU runs a lease per slot at once (one per core at one thread each), a GPU one at a time
     work = work_bytes(size.vocab_size, batch_size=batch_size, seq_len=seq_len, leases=1 if gpu else slots,
-                      head_split=size.head_split)
+                      head_split=size.head_split, itemsize=dt.itemsize)
     avail = machine.device_bytes if gpu and machine.device_bytes is not None else machine.host_bytes
     if base_on not in (None, "auto", "host", "device"):
         raise ConfigError(f"--base-on must be auto, host or device, got {base_on!r}")
