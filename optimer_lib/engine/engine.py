@@ -38,6 +38,7 @@ every tensor.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
@@ -110,6 +111,35 @@ class EngineStats:
     leases: int = 0  # leases granted (each one job: a score, a trial, a batch of chat replies)
     base_on: str = "device"  # "host": the base stays (memory-mapped) in host memory, the slots on the device
     bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
+
+
+EXIT_WAIT_S = 5.0  # at interpreter exit, how long leases get to end (each stops at its next transformer block)
+
+
+class EngineExiting(KeyboardInterrupt):
+    """Raised in a thread holding a lease once the interpreter exits: a search marks its trial interrupted."""
+
+
+_EXITING = threading.Event()
+_ENGINES: weakref.WeakSet[MergeEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _end_leases_at_exit() -> None:
+    """Let daemon threads' leases (a background score, a search trial, a chat reply) end before the interpreter
+    does: a thread still inside a torch op when the process exits aborts it ("terminate called without an active
+    exception"). Each lease raises :class:`EngineExiting` at its next block; this waits up to :data:`EXIT_WAIT_S`."""
+    _EXITING.set()
+    hook = threading.excepthook
+    threading.excepthook = lambda a: None if issubclass(a.exc_type, EngineExiting) else hook(a)  # expected: quiet
+    deadline = time.monotonic() + EXIT_WAIT_S
+    engines = list(_ENGINES)
+    holders = {t for t in threading.enumerate() for e in engines if t.ident in e._held and t.daemon}
+    for engine in engines:
+        with engine._cond:
+            engine._cond.notify_all()  # waiters see the exit and leave
+    for thread in holders:  # the lease's end is not the thread's: it still unwinds through torch frames
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int, inside: bool = False) -> None:
@@ -190,6 +220,7 @@ class MergeEngine:
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
         self._merges = self._reused = self._hits = self._leases = 0
+        _ENGINES.add(self)
 
     @classmethod
     def open(cls, base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
@@ -252,6 +283,8 @@ class MergeEngine:
         # on another thread (Gradio's workers), so the entry is dropped by this key, not the closing thread's.
         me = threading.get_ident()
         try:
+            if _EXITING.is_set():
+                raise EngineExiting
             if cancel is not None:  # stopped while waiting for the turn: no merge for a job nobody wants
                 cancel()
             slot, changed, merge_s = self._materialise(state, exact)  # the slot is released below, or on failure
@@ -317,6 +350,11 @@ class MergeEngine:
             t0 = time.perf_counter()
             while (self._active >= self.concurrency or self._waiting[0] != ticket
                    or (slot is not None and slot.index in self._busy)):
+                if _EXITING.is_set() and slot is None:  # a preempted lease takes its slot back, then stops
+                    self._waiting.remove(ticket)
+                    heapq.heapify(self._waiting)
+                    self._cond.notify_all()
+                    raise EngineExiting
                 self._cond.wait()
             heapq.heappop(self._waiting)
             self._active += 1
@@ -336,7 +374,10 @@ class MergeEngine:
 
     def _check_cancel(self) -> None:
         """Run the ``cancel`` check of the calling thread's lease, if it gave one (it raises to abandon the job)."""
-        check = self._cancels.get(threading.get_ident())
+        me = threading.get_ident()
+        if _EXITING.is_set() and me in self._held:
+            raise EngineExiting
+        check = self._cancels.get(me)
         if check is not None:
             check()
 
