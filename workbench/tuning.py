@@ -20,15 +20,15 @@ each cost (lm-eval cannot be cancelled mid-task: a newer move waits for the task
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from optimer_lib.engine import INTERACTIVE, MergeState
+from optimer_lib.engine.shared_work import leased_map
 from optimer_lib.scoring.estimate import Estimate, ScoreEstimator
-from optimer_lib.scoring.evaluate import SetScores
+from optimer_lib.scoring.evaluate import SetResult, SetScores
 from optimer_lib.scoring.objectives import Objective, parse_objective
 from optimer_lib.scoring.tune_config import TuneScoring
 from optimer_lib.scoring.uncertainty import Interval, bootstrap
@@ -138,14 +138,15 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     """Estimate, then partial and final exact scores of ``state`` (see the module docstring).
 
     ``should_stop()`` is asked between batches: once true the scoring ends with a "cancelled" update (nothing
-    cached, the engine's slot handed back at once) so a newer move can take the model. ``priority`` is the
-    engine's (``BACKGROUND`` for scores nobody waits for yet: reference bars, prefetching).
+    cached, the engine's slots handed back at once) so a newer move can take the model. ``priority`` is the
+    engine's (``BACKGROUND`` for scores nobody waits for yet: reference bars, prefetching). An interactive score
+    shares its dev sets between up to ``engine.concurrency`` leases of the merge (one per core on a CPU:
+    :func:`~optimer_lib.engine.shared_work.leased_map`), so partial results come in finishing order.
     """
     stop = should_stop or (lambda: False)
     engine, key = shared.engine, tuning_key(shared, scoring)
     objective = objective_for(shared, scoring)
     est = estimator(shared, scoring, state)
-    sub = scoring.select(shared.suite)
     names = step_names(shared, scoring)
     hit = cached_update(shared, state, scoring)
     if hit is not None:
@@ -156,48 +157,91 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
         values = dict(guess.values)
         obj = values.pop("objective", None)
         yield TuneUpdate("estimate", state, _shown(values), {}, obj, [], len(names), estimate=guess)
-    metrics: dict[str, float] = {}
-    scores: dict[str, SetScores] = {}
-    done: list[str] = []
-    lmeval_s: dict[str, float] = {}
-    with engine.lease(state, priority=priority) as lease:
-        t0 = time.perf_counter()
-        # Sessions opened together ask for the same reference bars at once: whoever waited for the lease while
-        # another scored this merge takes that result instead of scoring it again.
-        hit = cached_update(shared, state, scoring)
-        sets = ((name if sc.kind == "loss" or name not in sub.texts else f"{name} (QA)", m, sc) for name, m, sc
-                in scoring.stream(lease.model, shared.tokenizer, shared.suite, should_stop=stop))
-        tasks = ((key, {key: value}, secs) for key, value, secs
-                 in scoring.score_lmeval(lease.model, shared.tokenizer, should_stop=stop))
-        for name, step_metrics, extra in itertools.chain(sets, tasks) if hit is None else ():
-            metrics.update(step_metrics)
-            if isinstance(extra, float):
-                lmeval_s[name] = extra
-            else:
-                scores[extra.key] = extra
-            done.append(name)
-            complete = len(done) == len(names)
-            if complete or stop():
-                break
-            yield TuneUpdate("partial", state, _shown(metrics), _intervals(scores, objective, False), None, list(done),
-                             len(names), estimate=guess if guess.available else None, merge_s=lease.merge_s,
-                             score_s=time.perf_counter() - t0, waited_s=lease.waited_s, lmeval_s=dict(lmeval_s))
-        score_s = time.perf_counter() - t0
-        if hit is None and len(done) == len(names):  # cached before the lease ends, so its next holder finds it
+    jobs = _jobs(shared, state, scoring)
+    # lm-eval keeps one scorer per process (not thread-safe): a scoring with lm-eval terms runs on one lease
+    workers = engine.concurrency if priority == INTERACTIVE and not scoring.lmeval else 1
+
+    def remember(values: list[Any]) -> None:  # in the last job's lease: its slot's next holder finds the score
+        if all(v is not None and v is not _CACHED for v in values):
+            metrics, scores, _ = _collect(values)
             engine.remember(state, key, (_shown(metrics), scores))
+
+    results: dict[int, Any] = {}
+    first: Any = None
+    t0 = time.perf_counter()
+    for i, value, lease in leased_map(engine, state, jobs, priority=priority, workers=workers, should_stop=stop,
+                                      on_complete=remember):
+        first = first or lease
+        if value is _CACHED:  # another session scored this merge while this one waited for a slot
+            hit = cached_update(shared, state, scoring)
+            break
+        if value is None or stop():
+            break
+        results[i] = value
+        if len(results) == len(names):
+            break
+        metrics, scores, lmeval_s = _collect([results[k] for k in sorted(results)])
+        yield TuneUpdate("partial", state, _shown(metrics), _intervals(scores, objective, False),
+                         None, [names[k] for k in results], len(names), estimate=guess if guess.available else None,
+                         merge_s=first.merge_s, score_s=time.perf_counter() - t0, waited_s=first.waited_s,
+                         lmeval_s=lmeval_s)
+    score_s = time.perf_counter() - t0
+    merge_s, waited_s = (first.merge_s, first.waited_s) if first is not None else (0.0, 0.0)
     if hit is not None:
         yield hit
         return
-    if len(done) < len(names):
-        yield TuneUpdate("cancelled", state, _shown(metrics), {}, None, done, len(names), merge_s=lease.merge_s,
-                         score_s=score_s, waited_s=lease.waited_s)
+    if len(results) < len(names):
+        metrics, _, _ = _collect([results[k] for k in sorted(results)])
+        yield TuneUpdate("cancelled", state, _shown(metrics), {}, None, [names[k] for k in results], len(names),
+                         merge_s=merge_s, score_s=score_s, waited_s=waited_s)
         return
+    metrics, scores, lmeval_s = _collect([results[k] for k in range(len(names))])
     shown = _shown(metrics)
     intervals = _intervals(scores, objective, True)
     est.add(coordinates(shared, state), shown, intervals=intervals, shown=guess if guess.available else None)
-    yield TuneUpdate("final", state, shown, intervals, _objective(objective, shown), done, len(names),
-                     estimate=guess if guess.available else None, merge_s=lease.merge_s, score_s=score_s,
-                     waited_s=lease.waited_s, lmeval_s=lmeval_s)
+    yield TuneUpdate("final", state, shown, intervals, _objective(objective, shown), list(names), len(names),
+                     estimate=guess if guess.available else None, merge_s=merge_s, score_s=score_s,
+                     waited_s=waited_s, lmeval_s=lmeval_s)
+
+
+_CACHED = object()  # a job's value when the engine had the whole score cached by the time the job ran
+
+
+def _jobs(shared: SharedPool, state: MergeState, scoring: TuneScoring) -> list[Callable[[Any, Callable[[], bool]],
+                                                                                      Any]]:
+    """One job per step of :func:`step_names`: a dev set (its ``SetResult``) or an lm-eval term (``(key, value,
+    seconds)``); None when stopped first, ``_CACHED`` when the score was cached meanwhile."""
+    engine, key, plain = shared.engine, tuning_key(shared, scoring), replace(scoring, sets=None)
+
+    def dev_set(unit: Any) -> Callable[[Any, Callable[[], bool]], Any]:
+        def job(model: Any, stopped: Callable[[], bool]) -> Any:
+            if engine.cached(state, key) is not None:
+                return _CACHED
+            return next(iter(plain.stream(model, shared.tokenizer, unit, should_stop=stopped)), None)
+        return job
+
+    def lmeval(term: str) -> Callable[[Any, Callable[[], bool]], Any]:
+        def job(model: Any, stopped: Callable[[], bool]) -> Any:
+            one = replace(scoring, lmeval=(term,))
+            return next(iter(one.score_lmeval(model, shared.tokenizer, should_stop=stopped)), None)
+        return job
+
+    return [*(dev_set(u) for u in scoring.units(shared.suite)), *(lmeval(t) for t in scoring.lmeval)]
+
+
+def _collect(values: list[Any]) -> tuple[dict[str, float], dict[str, SetScores], dict[str, float]]:
+    """Metrics, per-item scores and lm-eval seconds of finished jobs' values (see :func:`_jobs`)."""
+    metrics: dict[str, float] = {}
+    scores: dict[str, SetScores] = {}
+    lmeval_s: dict[str, float] = {}
+    for value in values:
+        if isinstance(value, SetResult):
+            metrics.update(value.metrics)
+            scores[value.scores.key] = value.scores
+        else:  # an lm-eval term
+            metrics[value[0]] = value[1]
+            lmeval_s[value[0]] = value[2]
+    return metrics, scores, lmeval_s
 
 
 def last_update(updates: Iterator[TuneUpdate]) -> TuneUpdate | None:

@@ -152,6 +152,13 @@ class TuneScoring:
         tokens = self.tokens(tokenizer, suite, model)
         return ScoringCost(tokens, 2.0 * float(n_params) * tokens)
 
+    def units(self, suite: EvalSuite) -> list[EvalSuite]:
+        """The sets this scoring reads, one suite each, in :meth:`stream`'s order (text sets, then QA sets): pieces
+        that several workers can score apart (``replace(self, sets=None).stream(model, tokenizer, unit)``)."""
+        sub = self.select(suite)
+        return ([sub.select(texts=[n], qa=()) for n in sub.texts]
+                + [sub.select(texts=(), qa=[n]) for n in sub.qa])
+
     def stream(self, model: Any, tokenizer: Any, suite: EvalSuite, *,
                should_stop: StopCheck | None = None) -> Iterator[SetResult]:
         """Score on ``model``, one dev set at a time (:func:`~optimer_lib.scoring.evaluate.stream_suite`)."""
