@@ -88,9 +88,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/"
         cmd = [sys.executable, "-m", "optimer_lib.cli", "workbench", "--workdir", str(workdir),
                "--port", str(self.port)]
-        for flag in ("threads", "device", "dtype", "heap"):
+        for flag in ("threads", "device", "dtype", "heap", "tune_slots"):
             if getattr(args, flag, None):
-                cmd += [f"--{flag}", str(getattr(args, flag))]
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         code = (args.code or ROOT).resolve()  # another checkout's optimer_lib + workbench come first on the path
         env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"}
         env.pop("OPTIMER_AUTH", None)

@@ -65,6 +65,11 @@ def cmd_workbench(a: argparse.Namespace) -> None:
         extra["slots"] = slots
     if base_on != "auto":
         extra["base_on"] = base_on
+    tune_slots = getattr(a, "tune_slots", 1)
+    if tune_slots < 1:
+        raise ConfigError(f"--tune-slots must be at least 1 (got {tune_slots})")
+    if tune_slots != 1:
+        extra["tune_slots"] = tune_slots
     if getattr(a, "heap", "fast") != "fast":
         extra["heap"] = a.heap
     launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)

@@ -35,8 +35,10 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
                     "threads": None}
     seen.clear()
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3", "--heap", "lean"]) == 0
-    assert seen["slots"] == 3 and seen["heap"] == "lean"
+    assert seen["slots"] == 3 and seen["heap"] == "lean" and "tune_slots" not in seen  # 1: the default
+    assert main(["workbench", "--workdir", str(tmp_path), "--tune-slots", "2"]) == 0 and seen["tune_slots"] == 2
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "0"]) == 2  # one-line error, no launch
+    assert main(["workbench", "--workdir", str(tmp_path), "--tune-slots", "0"]) == 2
 
 
 def test_the_capacity_check_plans_the_slots_the_engine_will_hold(monkeypatch, tmp_path: Path):
@@ -62,14 +64,16 @@ def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):
     def spy(self):
         pool = real(self)
         seen["max_slots"], seen["trim"] = pool.engine.max_slots, pool.engine.trim_memory
+        seen["tune_slots"] = pool.tune_slots
         return pool
 
     Workspace.pool = spy
     try:
-        app.build_app(root, suite=SUITE, slots=3, preload=True)
+        app.build_app(root, suite=SUITE, slots=3, preload=True, tune_slots=2)
     finally:
         Workspace.pool = real
-    assert seen == {"max_slots": 3, "trim": True}  # opened while building, with the slots asked for; leases trim
+    # opened while building, with the slots asked for; leases trim
+    assert seen == {"max_slots": 3, "trim": True, "tune_slots": 2}
 
 
 @pytest.mark.parametrize("bad", ["../outside", "/etc/passwd"])

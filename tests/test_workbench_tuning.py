@@ -182,15 +182,15 @@ def test_sessions_waiting_for_the_same_merge_score_it_once(tmp_path, monkeypatch
     assert results[0].metrics == results[1].metrics == results[2].metrics
 
 
-@pytest.mark.parametrize("concurrency", [1, 2])
-def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatch, concurrency):
-    """An interactive move's dev sets are scored on every slot the engine runs at once (a core each on a CPU), with
-    the same numbers as on one."""
+@pytest.mark.parametrize("concurrency, tune_slots, used", [(1, 2, 1), (2, 1, 1), (2, 2, 2)])
+def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatch, concurrency, tune_slots, used):
+    """With ``tune_slots`` > 1 an interactive move's dev sets are scored on as many slots as the engine runs at once
+    (a core each on a CPU), with the same numbers as on one."""
     import time
 
     from optimer_lib.scoring.tune_config import TuneScoring
 
-    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE, tune_slots=tune_slots)
     engine = ws.pool().engine
     engine.concurrency = concurrency
     models, real = [], TuneScoring.stream
@@ -203,7 +203,7 @@ def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatc
     monkeypatch.setattr(TuneScoring, "stream", spied)
     s = Session(ws, tune_limit=4, qa_limit=2)
     r = s.apply({"ja": 0.5, "math": 0.25})
-    assert len(models) == 4 and len(set(models)) == concurrency
+    assert len(models) == 4 and len(set(models)) == used
     with s.merged() as model:
         ref = evaluate_suite(model, ws.pool().tokenizer, SUITE, limit=4, seq_len=128)
     assert r.metrics == pytest.approx({k: v for k, v in ref.items() if not k.startswith("ppl:")}, rel=1e-6)

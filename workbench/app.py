@@ -154,16 +154,18 @@ def restore(session: Session, tune: Any, chat: Any, study: Any) -> str:
 def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | None = None, device: str = "cpu",
               dtype: str = "float32", tune_limit: int = 8, qa_limit: int = 8, max_vectors: int = 8,
               poll_s: float = 2.0, slots: int | None = None, preload: bool = False,
-              base_on: str | None = None) -> gr.Blocks:
+              base_on: str | None = None, tune_slots: int = 1) -> gr.Blocks:
     """Build (not launch) the workbench over ``workdir``.
 
     ``suite`` replaces the dev suite (default: every embedded corpus, dev split); ``tune_limit``/``qa_limit``
     are the documents / QA pairs per dev set scored on each Tune change; ``poll_s`` is the Search tab's
     refresh period; ``slots`` the merged models the pool's engine may hold (default 2 on CPU, 1 on a GPU);
     ``base_on`` where it keeps the base ("host": memory-mapped in host memory, "device", None: automatic);
-    ``preload`` opens the pool (and computes the vectors' norms and cosines) now, so the first page does not wait.
+    ``preload`` opens the pool (and computes the vectors' norms and cosines) now, so the first page does not wait;
+    ``tune_slots`` how many slots a slider release's dev sets are shared by (``optimer workbench --tune-slots``).
     """
-    ws = Workspace(workdir, suite=suite, device=device, dtype=dtype, slots=slots, base_on=base_on)
+    ws = Workspace(workdir, suite=suite, device=device, dtype=dtype, slots=slots, base_on=base_on,
+                   tune_slots=tune_slots)
     if preload and ws.has_pool():
         sh = ws.pool()
         sh.cosines(), sh.vector_rows()  # every first page shows them: computed now, not by the first pages at once

@@ -140,8 +140,9 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
     ``should_stop()`` is asked between batches: once true the scoring ends with a "cancelled" update (nothing
     cached, the engine's slots handed back at once) so a newer move can take the model. ``priority`` is the
     engine's (``BACKGROUND`` for scores nobody waits for yet: reference bars, prefetching). An interactive score
-    shares its dev sets between up to ``engine.concurrency`` leases of the merge (one per core on a CPU:
-    :func:`~optimer_lib.engine.shared_work.leased_map`), so partial results come in finishing order.
+    shares its dev sets between up to ``shared.tune_slots`` leases of the merge (at most ``engine.concurrency``,
+    one per core on a CPU: :func:`~optimer_lib.engine.shared_work.leased_map`); partial results come in finishing
+    order.
     """
     stop = should_stop or (lambda: False)
     engine, key = shared.engine, tuning_key(shared, scoring)
@@ -159,7 +160,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
         yield TuneUpdate("estimate", state, _shown(values), {}, obj, [], len(names), estimate=guess)
     jobs = _jobs(shared, state, scoring)
     # lm-eval keeps one scorer per process (not thread-safe): a scoring with lm-eval terms runs on one lease
-    workers = engine.concurrency if priority == INTERACTIVE and not scoring.lmeval else 1
+    workers = min(engine.concurrency, shared.tune_slots) if priority == INTERACTIVE and not scoring.lmeval else 1
 
     def remember(values: list[Any]) -> None:  # in the last job's lease: its slot's next holder finds the score
         if all(v is not None and v is not _CACHED for v in values):

@@ -71,6 +71,7 @@ class SharedPool:
     suite: EvalSuite
     engine: MergeEngine
     version: int = 0
+    tune_slots: int = 1  # slots one Tune move's dev sets are shared by (workbench.tuning.score_stream)
     estimators: dict[tuple, Any] = field(default_factory=dict, repr=False)  # workbench.tuning, per scoring set
     _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
@@ -122,14 +123,17 @@ class Workspace:
     ``suite`` overrides the dev suite (tests pass a tiny one); otherwise the manifest's ``eval`` names
     or every embedded corpus are loaded (``dev`` split). ``device``/``dtype`` apply to every model; ``slots`` is
     the number of merged models the pool's engine may hold (default: 2 on CPU, 1 on an accelerator); ``base_on``
-    where the engine keeps the base ("host", "device", None: automatic; :mod:`optimer_lib.engine.host_base`).
+    where the engine keeps the base ("host", "device", None: automatic; :mod:`optimer_lib.engine.host_base`);
+    ``tune_slots`` how many slots one Tune move's dev sets may be shared by (at most the engine's concurrency).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, suite: EvalSuite | None = None, device: str = "cpu",
-                 dtype: str = "float32", slots: int | None = None, base_on: str | None = None) -> None:
+                 dtype: str = "float32", slots: int | None = None, base_on: str | None = None,
+                 tune_slots: int = 1) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.device, self.dtype, self.slots, self.base_on = device, dtype, slots, base_on
+        self.tune_slots = max(1, int(tune_slots))
         self._suite = suite
         self._pool: SharedPool | None = None
         self._version = 0
@@ -336,7 +340,7 @@ class Workspace:
         engine = MergeEngine(model, tokenizer, vectors, instruction=instruction, max_slots=self.slots, base_on=base_on,
                              device=self.device, trim_memory=True)
         return SharedPool(base_dir, model, tokenizer, vectors, instruction, self._suite_for(m.get("eval")),
-                          engine, version=self._version)
+                          engine, version=self._version, tune_slots=self.tune_slots)
 
     def set_pool(self, base: str | os.PathLike, vectors: Sequence[str | os.PathLike],
                  instruction: str | os.PathLike | None) -> SharedPool:
