@@ -607,6 +607,7 @@ assert started.wait(60)
 """
 
 
+@pytest.mark.slow  # a subprocess: ~4 s of imports
 def test_a_lease_in_a_daemon_thread_ends_before_the_interpreter(tiny_vectors, tmp_path):
     """At exit the engine stops daemon threads' leases at their next block and waits for them: a thread left
     inside a torch op as the process ends aborts it ("terminate called without an active exception", exit 134)."""

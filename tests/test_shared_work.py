@@ -12,7 +12,7 @@ from optimer_lib.engine import INTERACTIVE
 from optimer_lib.engine.shared_work import leased_map
 
 
-def _sleepy(n: int, seconds: float = 0.3):
+def _sleepy(n: int, seconds: float = 0.15):
     """``n`` jobs that each take ``seconds`` and return the id of the model they ran on."""
     def job(model, stopped):
         time.sleep(seconds)
