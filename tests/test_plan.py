@@ -49,10 +49,10 @@ def llama_parameters(cfg: dict) -> int:
     return cfg["vocab_size"] * h + cfg["num_hidden_layers"] * layer + h + lm_head
 
 
-def work(vocab: int, leases: int = 1, rows: int = 16, item: int = 4) -> int:
-    """Runtime + per lease scoring at once: logits of ``rows`` sequences of 128 tokens (``item`` bytes each) and one
-    sequence's fp32 log-softmax, plus its fp32 copy when the logits are not fp32."""
-    return RUNTIME_BYTES + leases * (rows * item + (1 if item == 4 else 2) * 4) * 128 * vocab
+def work(vocab: int, leases: int = 1, rows: int = 16, item: int = 4, copies: int = 1) -> int:
+    """Runtime + per lease scoring at once: ``copies`` of the logits of ``rows`` sequences of 128 tokens (``item``
+    bytes each) and one sequence's fp32 log-softmax, plus its fp32 copy when the logits are not fp32."""
+    return RUNTIME_BYTES + leases * (copies * rows * item + (1 if item == 4 else 2) * 4) * 128 * vocab
 
 
 def test_sizes_of_the_embedded_base_equal_the_hand_count():
@@ -144,12 +144,12 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_planned_with_a_bat
     plain, capped = pool_size(BASE), pool_size(base)
     assert plain.head_split and not capped.head_split
     machine = Machine("m", "cpu", 10 * GB, bandwidth=10 * GB)
-    assert make_plan(capped, machine, dtype="float32").work_bytes == work(8192, leases=2, rows=16)
+    assert make_plan(capped, machine, dtype="float32").work_bytes == work(8192, leases=2, rows=16, copies=2)
     assert make_plan(plain, machine, dtype="float32").work_bytes == work(8192, leases=2, rows=16)  # 32 fit a call
     smol = hypothetical_pool(135e6, vocab_size=49_152)  # 5 sequences' logits per call
     assert make_plan(smol, machine, dtype="float32").work_bytes == work(49_152, leases=2, rows=5)
     capped_smol = dataclasses.replace(smol, head_split=False)
-    assert make_plan(capped_smol, machine, dtype="float32").work_bytes == work(49_152, leases=2, rows=16)
+    assert make_plan(capped_smol, machine, dtype="float32").work_bytes == work(49_152, leases=2, rows=16, copies=2)
 
 
 def test_refusal_names_sizes_and_fixes():

@@ -147,6 +147,22 @@ def test_optimer_error_stops_and_interrupt_keeps_trials(tmp_path):
     assert res.new_trials == 3 and not res.interrupted
 
 
+def test_ctrl_c_while_re_scoring_keeps_the_search_best(tmp_path):
+    """Ctrl-C (or a workbench Stop) during the top-k re-scoring: best.json holds the best trial at the search
+    fidelity, marked interrupted, instead of nothing."""
+    def two_fidelity(model, tokenizer, *, limit):
+        if limit == 30:
+            raise KeyboardInterrupt
+        return {"objective": quadratic(model, tokenizer)}
+
+    cfg = SearchConfig(workdir=tmp_path, storage=":memory:", trials=6, search_limit=10, rescore_limit=30, top_k=2)
+    res = run_search(FakeMerger(), None, SUITE, Objective(fn=two_fidelity), cfg, progress=False)
+    best_trial = min((t for t in res.study.trials if t.value is not None), key=lambda t: t.value)
+    best = json.loads(res.path.read_text())
+    assert res.interrupted and best["interrupted"] is True and best["rescored"] is False
+    assert best["trial"] == best_trial.number and best["objective"] == pytest.approx(best_trial.value)
+
+
 def test_best_json_and_rescoring_picks_rescored_argmin(tmp_path):
     def two_fidelity(model, tokenizer, *, limit):
         q = quadratic(model, tokenizer)

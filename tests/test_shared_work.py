@@ -149,3 +149,48 @@ def test_the_map_ends_with_its_last_job_while_its_helper_still_waits(tiny_vector
     release.set()
     for t in (other, urgent):
         t.join(60)
+
+
+def test_a_stopped_map_ends_while_its_helper_still_waits_and_that_helper_never_merges(tiny_vectors):
+    """Stopped (a newer move) while its helper waits behind an urgent request for a slot: the map ends with what it
+    has, without waiting for the helper, which ends without a merge when its turn comes."""
+    engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
+    go, release, held, stop = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+
+    def hold(priority: int, flag: threading.Event | None = None) -> None:
+        with engine.lease(engine.state({"v1": 0.7}), priority=priority):
+            if flag is not None:
+                flag.set()
+            release.wait(60)
+
+    def job(model, stopped):
+        assert go.wait(60)
+        stop.set()  # the user moved again while this set was scored
+        return None if stopped() else 1
+
+    other = threading.Thread(target=hold, args=(INTERACTIVE, held))
+    other.start()
+    assert held.wait(60)
+    done: list = []
+    mapper = threading.Thread(target=lambda: done.extend(leased_map(engine, engine.state({"v0": 0.4}), [job] * 4,
+                                                                    workers=2, should_stop=stop.is_set)))
+    mapper.start()
+    deadline = time.monotonic() + 10
+    while engine.stats().waiting < 1 and time.monotonic() < deadline:  # the helper queues: both slots are taken
+        time.sleep(0.01)
+    urgent = threading.Thread(target=hold, args=(INTERACTIVE - 1,))  # takes the move's slot before the helper
+    urgent.start()
+    while engine.stats().waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    before = engine.stats()
+    go.set()
+    mapper.join(5)
+    assert not mapper.is_alive() and [v for _, v, _ in done] == [None]  # ended although the helper still waits
+    release.set()
+    for t in (other, urgent):
+        t.join(60)
+    while engine.stats().waiting and time.monotonic() < deadline:  # the helper's turn
+        time.sleep(0.01)
+    time.sleep(0.1)
+    after = engine.stats()
+    assert (after.merges, after.reused, after.waiting) == (before.merges + 1, before.reused, 0)  # urgent's only

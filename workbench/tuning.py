@@ -176,10 +176,10 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
         if value is _CACHED:  # another session scored this merge while this one waited for a slot
             hit = cached_update(shared, state, scoring)
             break
-        if value is None or stop():
+        if value is None:
             break
         results[i] = value
-        if len(results) == len(names):
+        if len(results) == len(names) or stop():  # complete (and cached by ``remember``) wins over a late stop
             break
         metrics, scores, lmeval_s = _collect([results[k] for k in sorted(results)])
         yield TuneUpdate("partial", state, _shown(metrics), _intervals(scores, objective, False),

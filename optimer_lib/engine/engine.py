@@ -134,7 +134,7 @@ def _end_leases_at_exit() -> None:
     threading.excepthook = lambda a: None if issubclass(a.exc_type, EngineExiting) else hook(a)  # expected: quiet
     deadline = time.monotonic() + EXIT_WAIT_S
     engines = list(_ENGINES)
-    holders = {t for t in threading.enumerate() for e in engines if t.ident in e._held and t.daemon}
+    holders = {t for e in engines for t in list(e._leasing.values()) if t.daemon}  # merging or running a job
     for engine in engines:
         with engine._cond:
             engine._cond.notify_all()  # waiters see the exit and leave
@@ -216,6 +216,7 @@ class MergeEngine:
         # thread -> (priority, slot, state) of its lease (a second lease from the same thread is refused)
         self._held: dict[int, tuple[int, Slot, MergeState]] = {}
         self._cancels: dict[int, Callable[[], None]] = {}  # thread -> its lease's cancel check
+        self._leasing: dict[int, threading.Thread] = {}  # thread -> itself, from its turn to its lease's end
         self.preemptions = 0
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
@@ -282,6 +283,7 @@ class MergeEngine:
         # The thread that took the lease: a generator holding it (a streamed Tune score) may be resumed and closed
         # on another thread (Gradio's workers), so the entry is dropped by this key, not the closing thread's.
         me = threading.get_ident()
+        self._leasing[me] = threading.current_thread()  # waited for at exit, its merge included
         try:
             if _EXITING.is_set():
                 raise EngineExiting
@@ -294,6 +296,7 @@ class MergeEngine:
             yield Lease(slot.model, state, slot.index, changed, merge_s, waited)
         finally:
             self._cancels.pop(me, None)
+            self._leasing.pop(me, None)
             held = self._held.get(me)
             if held is not None and held[1] is slot:
                 del self._held[me]

@@ -180,12 +180,13 @@ def work_bytes(vocab_size: int | None, *, batch_size: int = 16, seq_len: int = 1
     """Runtime plus, for each of ``leases`` jobs scoring at once, the scorer's logits in the model's dtype
     (``itemsize`` bytes; seq × vocab per sequence) and one sequence's fp32 log-softmax (a model in another dtype also
     makes an fp32 copy of that sequence's logits): the logits of :func:`~optimer_lib.scoring.row_logits.chunk_rows`
-    sequences (at most the batch), or the whole batch's for a model that transforms its logits after the head
-    (``head_split=False``)."""
+    sequences (at most the batch), or for a model that transforms its logits after the head (``head_split=False``)
+    the whole batch's twice: the transform's result beside its input."""
     vocab = vocab_size or 32_000
     rows = min(batch_size, chunk_rows(seq_len, vocab, itemsize)) if head_split else batch_size
+    copies = 1 if head_split else 2  # a transform after the head (logits / cap, tanh, * cap) makes new tensors
     fp32_rows = 1 if itemsize == 4 else 2
-    return RUNTIME_BYTES + max(1, leases) * (rows * itemsize + fp32_rows * 4) * seq_len * vocab
+    return RUNTIME_BYTES + max(1, leases) * (copies * rows * itemsize + fp32_rows * 4) * seq_len * vocab
 
 
 def base_stays_on_host(model_bytes: int, slots: int, work: int, available: int, *, gpu: bool) -> bool:

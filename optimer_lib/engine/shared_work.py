@@ -67,12 +67,14 @@ def leased_map(engine: MergeEngine, state: MergeState, jobs: Sequence[Job], *, p
         started = threading.Event()
 
         def nothing_left() -> None:  # the lease's cancel check: before its merge, and before every block after
-            if helper and not started.is_set() and (not pending or stopped()):
-                raise _NothingLeft
+            if not started.is_set() and (stopped() or (helper and not pending)):
+                raise _NothingLeft  # stopped, or late: no merge for work nobody needs
 
         try:
             with engine.lease(state, priority=priority, cancel=nothing_left) as lease:
                 started.set()
+                with lock:
+                    began[0] += 1
                 while (i := take()) is not None:
                     value = jobs[i](lease.model, stopped)
                     with lock:
@@ -88,22 +90,32 @@ def leased_map(engine: MergeEngine, state: MergeState, jobs: Sequence[Job], *, p
             closed.set()
             out.put(("error", exc))
         finally:
+            with lock:
+                ended[0] += 1
+                done_working[0] += started.is_set()
             out.put(("end", None))
 
     count = max(1, min(int(workers), n))
-    for w in range(count):
-        threading.Thread(target=work, args=(w > 0,), name=f"leased-map-{w}", daemon=True).start()
-    ended = received = 0
+    # under ``lock``: leases that started working, those of them that finished, and workers that finished
+    began, done_working, ended = [0], [0], [0]
+    received = 0
     try:
-        # not until every lease ended: a helper still waiting for a slot (another user's request holds it) must not
-        # hold back the last result; when its turn comes it finds nothing left and ends without merging
-        while received < n and ended < count:
-            kind, item = out.get()
-            if kind == "end":
-                ended += 1
-            elif kind == "error":
+        for w in range(count):
+            threading.Thread(target=work, args=(w > 0,), name=f"leased-map-{w}", daemon=True).start()
+        # Not until every worker ended: a helper still waiting for a slot (another user's request holds it) must
+        # not hold back the last result, nor a stopped map; when its turn comes it ends without merging.
+        while received < n:
+            try:
+                kind, item = out.get(timeout=0.1)
+            except queue.Empty:
+                with lock:
+                    idle = ended[0] >= count or (stopped() and done_working[0] >= began[0])
+                if idle:
+                    return
+                continue
+            if kind == "error":
                 raise item
-            else:
+            if kind == "value":
                 received += 1
                 yield item
     finally:

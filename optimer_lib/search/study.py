@@ -270,9 +270,13 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
     ranked = sorted(complete, key=lambda t: sign * t.value)
     rescore = (not outcome.interrupted and not stopped and config.top_k > 0
                and config.rescore_limit != config.search_limit)
+    interrupted = outcome.interrupted
     if rescore:
-        best, best_value, best_metrics = _rescore(study, ranked[:config.top_k], scorer.score, config, sign)
-    else:
+        try:
+            best, best_value, best_metrics = _rescore(study, ranked[:config.top_k], scorer.score, config, sign)
+        except KeyboardInterrupt:  # Ctrl-C or Stop while re-scoring: keep the search-fidelity best
+            interrupted, rescore = True, False
+    if not rescore:
         best = ranked[0]
         best_value = float(best.value)
         best_metrics = dict(best.user_attrs.get(record.metrics_key(config.search_limit), {}))
@@ -284,16 +288,16 @@ def run_search(merger: Merger, tokenizer: Any, suite: EvalSuite, objective: Obje
                "objective_spec": objective.spec, "direction": config.direction, "trials": counted(study),
                "granularity": granularity, **({"groups": layout, "group_weights": groups.nested(best_weights)}
                                               if layout else {}),
-               **({"stopped": stopped} if stopped else {}), **({"interrupted": True} if outcome.interrupted else {})}
+               **({"stopped": stopped} if stopped else {}), **({"interrupted": True} if interrupted else {})}
     path = atomic_write_json(workdir / "best.json", payload)  # before the merge below: a stopped merger raises
     try:
         merger.set_weights(best_weights)
     except KeyboardInterrupt:  # a workbench Stop cancels every lease of its merger, this one too
-        if not outcome.interrupted:
+        if not interrupted:
             raise
     return SearchResult(study=study, best_weights=best_weights, best_value=best_value, best_metrics=best_metrics,
                         path=path, best_trial=best.number, value_search=float(best.value), new_trials=outcome.done,
-                        interrupted=outcome.interrupted, stopped=stopped)
+                        interrupted=interrupted, stopped=stopped)
 
 
 Scorer = Callable[[dict[str, float], "int | None"], tuple[float, dict[str, float]]]
