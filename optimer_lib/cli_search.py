@@ -182,8 +182,7 @@ def cmd_search(a: argparse.Namespace) -> None:
     print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path),
                       **({"stopped": res.stopped} if res.stopped else {}),
                       **({"interrupted": True} if res.interrupted else {})}, indent=2))
-    if res.interrupted:
-        raise KeyboardInterrupt  # main's exit 130 and "re-run the same command to continue", as for any Ctrl-C
+    _exit_if_interrupted(res)
 
 
 def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None, *,
@@ -243,7 +242,9 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
         res = warm_start_search(pool.merger, pool.tokenizer, suite, objectives[0], cfg, a.warm_start_from)
         seeded = res.study.user_attrs[record.WARM_START]["seeded"]
         print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "seeded": seeded,
-                          "best_json": str(res.path)}, indent=2))
+                          "best_json": str(res.path), **({"interrupted": True} if res.interrupted else {})},
+                         indent=2))
+        _exit_if_interrupted(res)
         return
     if a.warm_start_from:
         if cfg.storage_url() is None:
@@ -256,7 +257,16 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
               f"{cfg.trials} in the study): re-run the same command to continue", file=sys.stderr)
     front = [{"trial": p.number, "weights": p.weights, "values": p.values} for p in res.front]
     print(json.dumps({"objectives": res.objectives, "front": front, "pareto_json": str(res.path),
-                      **({"stopped": res.stopped} if res.stopped else {})}, indent=2))
+                      **({"stopped": res.stopped} if res.stopped else {}),
+                      **({"interrupted": True} if res.interrupted else {})}, indent=2))
+    _exit_if_interrupted(res)
+
+
+def _exit_if_interrupted(res: object) -> None:
+    """After an interrupted search's result is printed: main's exit 130 and "re-run the same command to continue",
+    as for any Ctrl-C (the finished trials and the result file are kept)."""
+    if getattr(res, "interrupted", False):
+        raise KeyboardInterrupt
 
 
 def cmd_rerank(a: argparse.Namespace) -> None:

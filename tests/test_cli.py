@@ -153,22 +153,32 @@ def score(model, tokenizer):
     if n == 2:
         raise KeyboardInterrupt  # Ctrl-C during the third trial
     return float(sum(p.detach().float().abs().sum() for p in model.parameters()))
+
+
+def other(model, tokenizer):  # a second objective for a Pareto search
+    return float(sum(p.detach().float().pow(2).sum() for p in model.parameters()))
 """
 
 
-def test_ctrl_c_keeps_the_best_finished_trial(tmp_path, tiny_pool, optimer):
-    """Ctrl-C during a trial: the finished trials' best goes to best.json (marked interrupted), the JSON on stdout
-    says so too, and the command exits 130 saying how to go on, as any Ctrl-C does."""
+@pytest.mark.parametrize("pareto", [False, True])
+def test_ctrl_c_keeps_the_best_finished_trial(tmp_path, tiny_pool, optimer, pareto):
+    """Ctrl-C during a trial: the finished trials' best (a Pareto search: its front) goes to its file, the JSON on
+    stdout says it was interrupted, and the command exits 130 saying how to go on, as any Ctrl-C does."""
     from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     base, (t0,) = tiny_pool("llama", 1)
     v = save_vector(extract_vector(base, t0, name="v"), tmp_path / "v.safetensors")
     (tmp_path / "obj.py").write_text(INTERRUPTING_OBJECTIVE)
-    wd = tmp_path / "search"
-    r = optimer("search", "--base", base, "--vector", v, "--objective", f"{tmp_path / 'obj.py'}:score",
-                "--trials", 5, "--workdir", wd, "--sampler", "random", ok=False)
-    assert r.returncode == 130 and "interrupted after 2 new trial(s)" in r.stderr, r.stderr
-    assert "re-run the same command to continue" in r.stderr
+    wd, score = tmp_path / "search", f"{tmp_path / 'obj.py'}:score"
+    objective = ["--objectives", score, f"{tmp_path / 'obj.py'}:other"] if pareto else ["--objective", score]
+    r = optimer("search", "--base", base, "--vector", v, *objective, "--trials", 5, "--workdir", wd,
+                "--sampler", "random", ok=False)
+    assert r.returncode == 130 and "re-run the same command to continue" in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert out["interrupted"] is True
+    if pareto:
+        assert len(json.loads((wd / "pareto.json").read_text())["front"]) >= 1
+        return
+    assert "interrupted after 2 new trial(s)" in r.stderr
     best = json.loads((wd / "best.json").read_text())
-    assert best["interrupted"] is True and json.loads(r.stdout)["interrupted"] is True
-    assert best["weights"] == json.loads(r.stdout)["best_weights"]
+    assert best["interrupted"] is True and best["weights"] == out["best_weights"]
