@@ -20,6 +20,17 @@ def _sleepy(n: int, seconds: float = 0.15):
     return [job] * n
 
 
+def _holder(engine, release: threading.Event):
+    """``hold(priority, flag=None)``: another user's request, holding a slot (``flag`` set once it does) until
+    ``release``."""
+    def hold(priority: int, flag: threading.Event | None = None) -> None:
+        with engine.lease(engine.state({"v1": 0.7}), priority=priority):
+            if flag is not None:
+                flag.set()
+            release.wait(60)
+    return hold
+
+
 def test_jobs_are_shared_by_two_slots_and_each_runs_once(tiny_vectors):
     engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
     state = engine.state({"v0": 0.4})
@@ -113,11 +124,7 @@ def test_the_map_ends_with_its_last_job_while_its_helper_still_waits(tiny_vector
     engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
     go, release, held = threading.Event(), threading.Event(), threading.Event()
 
-    def hold(priority: int, flag: threading.Event | None = None) -> None:
-        with engine.lease(engine.state({"v1": 0.7}), priority=priority):
-            if flag is not None:
-                flag.set()
-            release.wait(60)
+    hold = _holder(engine, release)
 
     def job(model, stopped):
         assert go.wait(60)
@@ -157,11 +164,7 @@ def test_a_stopped_map_ends_while_its_helper_still_waits_and_that_helper_never_m
     engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
     go, release, held, stop = threading.Event(), threading.Event(), threading.Event(), threading.Event()
 
-    def hold(priority: int, flag: threading.Event | None = None) -> None:
-        with engine.lease(engine.state({"v1": 0.7}), priority=priority):
-            if flag is not None:
-                flag.set()
-            release.wait(60)
+    hold = _holder(engine, release)
 
     def job(model, stopped):
         assert go.wait(60)
