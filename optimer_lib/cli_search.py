@@ -179,10 +179,8 @@ def cmd_search(a: argparse.Namespace) -> None:
     elif res.interrupted:
         print(f"interrupted after {res.new_trials} new trial(s); best.json holds the best finished one (no "
               "re-scoring)", file=sys.stderr)
-    print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path),
-                      **({"stopped": res.stopped} if res.stopped else {}),
-                      **({"interrupted": True} if res.interrupted else {})}, indent=2))
-    _exit_if_interrupted(res)
+    _print_result({"best_weights": res.best_weights, "objective": res.best_value, "best_json": str(res.path),
+                   **({"stopped": res.stopped} if res.stopped else {})}, res.interrupted)
 
 
 def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None, *,
@@ -241,10 +239,8 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
     if not a.objectives:
         res = warm_start_search(pool.merger, pool.tokenizer, suite, objectives[0], cfg, a.warm_start_from)
         seeded = res.study.user_attrs[record.WARM_START]["seeded"]
-        print(json.dumps({"best_weights": res.best_weights, "objective": res.best_value, "seeded": seeded,
-                          "best_json": str(res.path), **({"interrupted": True} if res.interrupted else {})},
-                         indent=2))
-        _exit_if_interrupted(res)
+        _print_result({"best_weights": res.best_weights, "objective": res.best_value, "seeded": seeded,
+                       "best_json": str(res.path)}, res.interrupted)
         return
     if a.warm_start_from:
         if cfg.storage_url() is None:
@@ -256,16 +252,15 @@ def _search_on_demand(a: argparse.Namespace, pool, suite, objectives: list, cfg)
         print(f"stopped for the time budget after {res.new_trials} new trial(s) ({counted(res.study)} of "
               f"{cfg.trials} in the study): re-run the same command to continue", file=sys.stderr)
     front = [{"trial": p.number, "weights": p.weights, "values": p.values} for p in res.front]
-    print(json.dumps({"objectives": res.objectives, "front": front, "pareto_json": str(res.path),
-                      **({"stopped": res.stopped} if res.stopped else {}),
-                      **({"interrupted": True} if res.interrupted else {})}, indent=2))
-    _exit_if_interrupted(res)
+    _print_result({"objectives": res.objectives, "front": front, "pareto_json": str(res.path),
+                   **({"stopped": res.stopped} if res.stopped else {})}, res.interrupted)
 
 
-def _exit_if_interrupted(res: object) -> None:
-    """After an interrupted search's result is printed: main's exit 130 and "re-run the same command to continue",
-    as for any Ctrl-C (the finished trials and the result file are kept)."""
-    if getattr(res, "interrupted", False):
+def _print_result(payload: dict, interrupted: bool) -> None:
+    """A search's result as JSON on stdout. An interrupted search says so there, then exits as any Ctrl-C does
+    (main: exit 130, "re-run the same command to continue"; the finished trials and the result file are kept)."""
+    print(json.dumps({**payload, **({"interrupted": True} if interrupted else {})}, indent=2))
+    if interrupted:
         raise KeyboardInterrupt
 
 
