@@ -106,17 +106,17 @@ def leased_map(engine: MergeEngine, state: MergeState, jobs: Sequence[Job], *, p
         # not hold back the last result, nor a stopped map; when its turn comes it ends without merging.
         while received < n:
             try:
-                kind, item = out.get(timeout=0.1)  # a stop (should_stop) arrives without a message: look again
+                kind, item = out.get(timeout=0.1)
             except queue.Empty:
-                kind, item = "poll", None
+                with lock:
+                    idle = ended[0] >= count or (stopped() and done_working[0] >= began[0])
+                if idle:
+                    return
+                continue
             if kind == "error":
                 raise item
             if kind == "value":
                 received += 1
                 yield item
-                continue
-            with lock:
-                if ended[0] >= count or (stopped() and done_working[0] >= began[0]):
-                    return
     finally:
         closed.set()  # a caller that stops reading stops the leases at their next job or batch
