@@ -107,7 +107,7 @@ def leased_map(engine: MergeEngine, state: MergeState, jobs: Sequence[Job], *, p
         while received < n:
             try:
                 kind, item = out.get(timeout=0.1)
-            except queue.Empty:
+            except queue.Empty:  # only on an empty queue: the counters run ahead of messages not yet read
                 with lock:
                     idle = ended[0] >= count or (stopped() and done_working[0] >= began[0])
                 if idle:
