@@ -38,7 +38,6 @@ every tensor.
 
 from __future__ import annotations
 
-import atexit
 import heapq
 import itertools
 import logging
@@ -56,6 +55,7 @@ import torch
 
 from optimer_lib.checkpoints.mapped import base_load_args, copy_to, mapping_of
 from optimer_lib.checkpoints.vectors import DistributionVector
+from optimer_lib.engine.exiting import EXITING, EngineExiting, watch
 from optimer_lib.engine.heap import trim_heap
 from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
 from optimer_lib.engine.state import MergeState
@@ -111,35 +111,6 @@ class EngineStats:
     leases: int = 0  # leases granted (each one job: a score, a trial, a batch of chat replies)
     base_on: str = "device"  # "host": the base stays (memory-mapped) in host memory, the slots on the device
     bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
-
-
-EXIT_WAIT_S = 5.0  # at interpreter exit, how long leases get to end (each stops at its next transformer block)
-
-
-class EngineExiting(KeyboardInterrupt):
-    """Raised in a thread holding a lease once the interpreter exits: a search marks its trial interrupted."""
-
-
-_EXITING = threading.Event()
-_ENGINES: weakref.WeakSet[MergeEngine] = weakref.WeakSet()
-
-
-@atexit.register
-def _end_leases_at_exit() -> None:
-    """Let daemon threads' leases (a background score, a search trial, a chat reply) end before the interpreter
-    does: a thread still inside a torch op when the process exits aborts it ("terminate called without an active
-    exception"). Each lease raises :class:`EngineExiting` at its next block; this waits up to :data:`EXIT_WAIT_S`."""
-    _EXITING.set()
-    hook = threading.excepthook
-    threading.excepthook = lambda a: None if issubclass(a.exc_type, EngineExiting) else hook(a)  # expected: quiet
-    deadline = time.monotonic() + EXIT_WAIT_S
-    engines = list(_ENGINES)
-    holders = {t for e in engines for t in list(e._leasing.values()) if t.daemon}  # merging or running a job
-    for engine in engines:
-        with engine._cond:
-            engine._cond.notify_all()  # waiters see the exit and leave
-    for thread in holders:  # the lease's end is not the thread's: it still unwinds through torch frames
-        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int, inside: bool = False) -> None:
@@ -221,7 +192,7 @@ class MergeEngine:
         self._cache: OrderedDict[tuple[MergeState, Hashable], Any] = OrderedDict()
         self._cache_size = int(cache_size)
         self._merges = self._reused = self._hits = self._leases = 0
-        _ENGINES.add(self)
+        watch(self)  # its leases end before the interpreter does
 
     @classmethod
     def open(cls, base: str | os.PathLike, vectors: Sequence[str | os.PathLike], *,
@@ -285,7 +256,7 @@ class MergeEngine:
         me = threading.get_ident()
         self._leasing[me] = threading.current_thread()  # waited for at exit, its merge included
         try:
-            if _EXITING.is_set():
+            if EXITING.is_set():
                 raise EngineExiting
             if cancel is not None:  # stopped while waiting for the turn: no merge for a job nobody wants
                 cancel()
@@ -353,7 +324,7 @@ class MergeEngine:
             t0 = time.perf_counter()
             while (self._active >= self.concurrency or self._waiting[0] != ticket
                    or (slot is not None and slot.index in self._busy)):
-                if _EXITING.is_set() and slot is None:  # a preempted lease takes its slot back, then stops
+                if EXITING.is_set() and slot is None:  # a preempted lease takes its slot back, then stops
                     self._waiting.remove(ticket)
                     heapq.heapify(self._waiting)
                     self._cond.notify_all()
@@ -375,10 +346,17 @@ class MergeEngine:
                 self._busy.discard(slot.index)
             self._cond.notify_all()
 
+    def _wake_for_exit(self) -> list[threading.Thread]:
+        """At interpreter exit (:mod:`optimer_lib.engine.exiting`): wake the waiting requests, which then leave, and
+        return the daemon threads holding a lease now (merging or running a job), for the exit to wait for."""
+        with self._cond:
+            self._cond.notify_all()
+        return [t for t in list(self._leasing.values()) if t.daemon]
+
     def _check_cancel(self) -> None:
         """Run the ``cancel`` check of the calling thread's lease, if it gave one (it raises to abandon the job)."""
         me = threading.get_ident()
-        if _EXITING.is_set() and me in self._held:
+        if EXITING.is_set() and me in self._held:
             raise EngineExiting
         check = self._cancels.get(me)
         if check is not None:
