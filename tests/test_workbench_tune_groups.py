@@ -14,7 +14,7 @@ from optimer_lib.merging import groups
 from workbench.figures import FigureCache, layer_heatmap, tune_chart
 from workbench.session import Session
 from workbench.tabs import Ctx
-from workbench.tabs.tune import TuneTab, on_one_thread
+from workbench.tabs.tune import TuneTab
 from workbench.tabs.tune_groups import VECTOR_VIEW
 from workbench.workspace import Workspace
 
@@ -109,33 +109,41 @@ def test_release_reads_only_the_moved_group_slider(tab_and_session):
     assert view["values"]["math@head"] == 0.7 and view["values"]["ja@blocks1-1"] == 1.2
 
 
-def test_streams_are_drained_on_one_thread():
-    seen: list[str] = []
+def test_a_tune_stream_resumed_on_any_thread_scores_on_the_engines_own(tmp_path, monkeypatch):
+    """Gradio resumes a sync generator on whichever worker thread is free. A Tune stream holds no lease itself (its
+    dev sets are scored on leased_map's threads), so it may: every set is scored on one of those, the stream ends
+    with the final score, and a failing set is raised to the reader."""
+    from optimer_lib.scoring.tune_config import TuneScoring
 
-    def items():
-        for i in range(6):
-            seen.append(threading.current_thread().name)
-            yield i
+    session = Session(Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE), tune_limit=2, qa_limit=1)
+    seen, real = [], TuneScoring.stream
 
-    def next_on(name: str, it) -> int:  # as Gradio does: each next() on whichever worker thread is free
-        out: list[int] = []
-        t = threading.Thread(target=lambda: out.append(next(it)), name=name)
+    def spied(self, *a, **kw):
+        seen.append(threading.current_thread().name)
+        yield from real(self, *a, **kw)
+
+    monkeypatch.setattr(TuneScoring, "stream", spied)
+
+    def next_on(name: str, it):  # as Gradio does: each next() on whichever worker thread is free
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(next(it, None)), name=name)
         t.start()
         t.join()
         return out[0]
 
-    it = on_one_thread(items())
-    assert [next_on(f"worker-{k}", it) for k in range(6)] == list(range(6))
-    assert len(set(seen)) == 1 and not seen[0].startswith("worker-"), seen
+    it = session.score_stream({"ja": 0.4})
+    updates = [next_on(f"worker-{k}", it) for k in range(8)]
+    phases = [u.phase for u in updates if u is not None]
+    assert phases[-1] == "final" and set(phases) <= {"estimate", "partial", "final"}
+    assert seen and all(n.startswith("leased-map-") for n in seen), seen
 
-    def broken():
-        yield 1
+    def broken(self, *a, **kw):
         raise ValueError("scoring failed")
+        yield
 
-    it = on_one_thread(broken())
-    assert next(it) == 1
+    monkeypatch.setattr(TuneScoring, "stream", broken)
     with pytest.raises(ValueError, match="scoring failed"):
-        next(it)
+        list(session.score_stream({"ja": 0.9}))
 
 
 

@@ -13,11 +13,9 @@ chosen dev sets. The status line says what each step cost (release → estimate 
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import gradio as gr
 
@@ -30,38 +28,6 @@ from workbench.tabs.tune_groups import GRANULARITIES, MAX_GROUPS, VECTOR_VIEW, G
 from workbench.tuning import TuneUpdate
 
 SLIDER_MAX = 1.5
-
-
-T = TypeVar("T")
-
-
-def on_one_thread(items: Iterator[T]) -> Iterator[T]:
-    """``items``, drained on a thread of its own.
-
-    Gradio resumes a sync generator on whichever worker thread is free, but a Tune score yields its partial
-    updates while holding an engine lease, and the engine counts a lease against the thread that took it (to
-    refuse nested leases, and to preempt between forward passes): while the stream is suspended, that worker
-    would be refused a lease for any other request, and the stream's forward passes would run unseen by the
-    preemption check on another thread. Its own thread keeps lease and forward passes together.
-    """
-    q: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-    def pump() -> None:
-        try:
-            for item in items:
-                q.put(("item", item))
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
-            q.put(("error", exc))
-        q.put(("done", None))
-
-    threading.Thread(target=pump, name="tune-stream", daemon=True).start()
-    while True:
-        kind, value = q.get()
-        if kind == "done":
-            return
-        if kind == "error":
-            raise value
-        yield value
 
 
 def _fmt_interval(u: TuneUpdate) -> str:
@@ -212,7 +178,7 @@ class TuneTab(GroupControls):
     def stream(self, session: Session, updates, t0: float):
         """Render each update of a Tune move as it comes (a cancelled move leaves the chart to the newer one)."""
         times: dict[str, float] = {}
-        for u in on_one_thread(updates):
+        for u in updates:  # no lease here: leased_map's threads score, so any Gradio worker may resume it
             if u.phase == "cancelled":
                 return
             key = {"estimate": "estimate", "partial": "first set"}.get(u.phase)
