@@ -182,6 +182,40 @@ def test_sessions_waiting_for_the_same_merge_score_it_once(tmp_path, monkeypatch
     assert results[0].metrics == results[1].metrics == results[2].metrics
 
 
+def test_a_background_score_in_flight_is_not_started_again_by_another_session(tmp_path, monkeypatch):
+    """Pages opened while the launch's warm-up still scores the first chart's merge (or while another page's
+    prefetch does) must not score it a second time on the other slot: the pool knows what is in flight."""
+    import threading
+    import time
+
+    from optimer_lib.scoring.tune_config import TuneScoring
+
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)  # two slots on a CPU: one stays free for a duplicate
+    first, second = Session(ws, tune_limit=4, qa_limit=2), Session(ws, tune_limit=4, qa_limit=2)
+    scored, gate, real = [], threading.Event(), TuneScoring.stream
+
+    def gated(self, *a, **kw):  # every dev set waits until the second session has asked for the same merge
+        scored.append(1)
+        assert gate.wait(60)
+        yield from real(self, *a, **kw)
+
+    monkeypatch.setattr(TuneScoring, "stream", gated)
+    first.prefetch()
+    deadline = time.monotonic() + 30
+    while not scored and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scored, "the first session's background score never started"
+    second.prefetch()  # the same Tune merge, asked by another page while the first scores it
+    time.sleep(0.5)  # a duplicate, if started, takes the free slot and reaches its first dev set by now
+    gate.set()
+    deadline = time.monotonic() + 60
+    while second.cached_result() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert second.cached_result() is not None
+    time.sleep(0.2)  # a duplicate's later sets would be counted too
+    assert len(scored) == 4  # en, ja, math, math QA: scored once, not once per page
+
+
 @pytest.mark.parametrize("concurrency, tune_slots, used", [(2, 1, 1), (2, 2, 2)])
 def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatch, concurrency, tune_slots, used):
     """With ``tune_slots`` > 1 an interactive move's dev sets are scored on as many slots as the engine runs at once

@@ -124,7 +124,6 @@ class Session(ChatMethods, StudyMethods):
     _engine_ref: weakref.ref[Any] | None = field(default=None, repr=False)
     _stale: bool = field(default=False, repr=False)  # moved to another engine's pool: the page must reload
     _state: MergeState | None = field(default=None, repr=False)
-    _pending: set = field(default_factory=set, repr=False)
     _scoring: TuneScoring | None = field(default=None, repr=False)
     _moves: int = field(default=0, repr=False)  # bumped by every Tune move: an older scoring stops
 
@@ -315,11 +314,7 @@ class Session(ChatMethods, StudyMethods):
 
     def prefetch(self) -> None:
         """Score the Tune merge in the background (after users' requests, before search trials)."""
-        state, scoring = self.state, self.scoring
-        if (state, scoring) in self._pending:
-            return
-        self._pending.add((state, scoring))
-        threading.Thread(target=self._compute_reference, args=(state, scoring), daemon=True, name="prefetch").start()
+        self._in_background(self.state, self.scoring, "prefetch")
 
     def warm(self) -> None:
         """Start scoring, in the background, what a first page of this pool shows: the Tune merge and the base and
@@ -376,20 +371,28 @@ class Session(ChatMethods, StudyMethods):
         if hit is not None:
             return dict(hit[0])
         if not wait:
-            if (state, scoring) not in self._pending:
-                self._pending.add((state, scoring))
-                threading.Thread(target=self._compute_reference, args=(state, scoring), daemon=True,
-                                 name="reference").start()
+            self._in_background(state, scoring, "reference")
             return None
         return self._compute_reference(state, scoring, INTERACTIVE)  # the caller waits for it
 
+    def _in_background(self, state: MergeState, scoring: TuneScoring, name: str) -> None:
+        """Score ``state`` in a background thread unless any session of the pool already does."""
+        shared, key = self.shared, (state, scoring)
+        if not shared.claim(key):
+            return
+
+        def run() -> None:
+            try:
+                self._compute_reference(state, scoring)
+            finally:
+                shared.release(key)
+
+        threading.Thread(target=run, daemon=True, name=name).start()
+
     def _compute_reference(self, state: MergeState, scoring: TuneScoring,
                            priority: int = BACKGROUND) -> dict[str, float] | None:
-        try:
-            last = last_update(score_stream(self.shared, state, scoring, priority=priority))
-            return dict(last.metrics) if last is not None and last.phase == "final" else None
-        finally:
-            self._pending.discard((state, scoring))
+        last = last_update(score_stream(self.shared, state, scoring, priority=priority))
+        return dict(last.metrics) if last is not None and last.phase == "final" else None
 
     # -- export --------------------------------------------------------------------------------
     def export(self, name: str, overwrite: bool = False) -> ExportResult:

@@ -77,6 +77,9 @@ class SharedPool:
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
     # scoring-cost lines by (scoring set, id(suite)); the suite is kept in the value so its id is not reused
     costs: dict[tuple, tuple[EvalSuite, str]] = field(default_factory=dict, repr=False)
+    # (merge, scoring set) pairs being scored in the background for any session (prefetch, reference bars): a
+    # page opened meanwhile must not score them again on another slot
+    in_flight: set = field(default_factory=set, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -85,6 +88,19 @@ class SharedPool:
 
     def __deepcopy__(self, memo: dict) -> SharedPool:
         return self  # shared and read-only: copies would defeat the point
+
+    def claim(self, key: Any) -> bool:
+        """True (and ``key`` is now in flight) unless some session already scores ``key`` in the background."""
+        with self.lock:
+            if key in self.in_flight:
+                return False
+            self.in_flight.add(key)
+            return True
+
+    def release(self, key: Any) -> None:
+        """``key``'s background score ended (scored, cancelled or failed)."""
+        with self.lock:
+            self.in_flight.discard(key)
 
     def cosines(self) -> tuple[list[str], list[list[float]]]:
         """Names and pairwise cosine similarities of the distribution vectors (computed once)."""
