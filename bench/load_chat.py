@@ -3,6 +3,7 @@
     python bench/load_chat.py --quick                          # 5 clients x 10 s
     python bench/load_chat.py                                  # 20 clients x 60 s
     python bench/load_chat.py --url http://127.0.0.1:7860      # against a workbench that is already running
+    python bench/load_chat.py --procs 4                        # the 20 clients spread over 4 processes
 
 Unless ``--url`` is given it starts ``optimer workbench`` on ``--workdir`` (default: the first of
 runs/wb-demo, runs/quick, runs/demo holding a pool; else the quick demo pool is built in runs/wb-demo,
@@ -16,6 +17,8 @@ the page-load event (``refresh_all``, which fills the session's model menus); th
 base + instruction and the Tune merge, 48 new tokens sampled at temperature 0.8) and waits for both
 streamed replies. A request counts as an error if the call fails or a pane ends empty or with an error
 message. Latency: from submit to the last streamed reply. Requests started before the deadline finish.
+By default every client is a thread of this process; ``--procs N`` spreads them over N processes, as browsers are
+(in one process their Python work per page, ~80 ms, waits for one GIL; they still share the server's cores).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _common import emit_json, free_port
 
@@ -125,8 +129,10 @@ def _panes(outputs: list) -> list[list[dict]] | None:
     return None
 
 
-def client_loop(url: str, auth: tuple[str, str] | None, idx: int, barriers: tuple[threading.Barrier, ...],
-                deadline_box: list, stats: Stats, args: argparse.Namespace) -> None:
+def client_loop(url: str, auth: tuple[str, str] | None, idx: int, barriers: tuple[Any, ...],
+                deadline_box: Any, stats: Stats, args: argparse.Namespace) -> None:
+    """One client: connect, load the page with all the others, then chat until ``deadline_box[0]`` (set by the main
+    process once every client is ready). ``barriers`` are threading's or, with ``--procs``, multiprocessing's."""
     import httpx
     from gradio_client import Client
 
@@ -183,6 +189,72 @@ def client_loop(url: str, auth: tuple[str, str] | None, idx: int, barriers: tupl
         n += 1
 
 
+STAT_LISTS = ("latencies", "page_loads", "connects", "errors")
+
+
+def client_process(url: str, auth: tuple[str, str] | None, indices: list[int], barriers: tuple[Any, ...],
+                   deadline_box: Any, args: argparse.Namespace, out: Any) -> None:
+    """``--procs``: the clients ``indices`` as threads of this process; their figures go to the queue ``out``."""
+    stats = Stats()
+    threads = [threading.Thread(target=client_loop, args=(url, auth, i, barriers, deadline_box, stats, args),
+                                daemon=True) for i in indices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put({**{k: getattr(stats, k) for k in STAT_LISTS},
+             "replies_chars": stats.replies_chars, "empty_replies": stats.empty_replies})
+
+
+def run_clients(url: str, auth: tuple[str, str] | None, clients: int, procs: int, seconds: float,
+                args: argparse.Namespace) -> tuple[Stats, float]:
+    """Every client connected and loaded the page, then chatting for ``seconds``: the figures and the wall time.
+
+    ``procs`` > 1 spreads the clients over that many processes (browsers do not share one interpreter: 20 clients
+    in one process serialise their ~80 ms of Python per page load on its GIL, which a page load then waits for).
+    """
+    import multiprocessing as mp
+
+    stats = Stats()
+    ctx = mp.get_context("fork")
+    if procs > 1:
+        barriers = ctx.Barrier(clients), ctx.Barrier(clients + 1)
+        deadline_box, out = ctx.Array("d", 1), ctx.Queue()
+        workers = [ctx.Process(target=client_process, daemon=True,
+                               args=(url, auth, list(range(k, clients, procs)), barriers, deadline_box, args, out))
+                   for k in range(procs)]
+    else:
+        barriers = threading.Barrier(clients), threading.Barrier(clients + 1)  # all connected; all loaded the page
+        deadline_box, out = [0.0], None
+        workers = [threading.Thread(target=client_loop, args=(url, auth, i, barriers, deadline_box, stats, args),
+                                    daemon=True) for i in range(clients)]
+    t_setup = time.perf_counter()
+    for w in workers:
+        w.start()
+    try:
+        barriers[1].wait(timeout=900)
+    except threading.BrokenBarrierError:
+        if out is not None:
+            for _ in workers:
+                part = out.get(timeout=60)
+                stats.errors.extend(part["errors"])
+        raise SystemExit("clients could not connect: " + "; ".join(stats.errors[:3])) from None
+    print(f"{clients} clients ({procs} process(es)) connected and loaded the page in "
+          f"{time.perf_counter() - t_setup:.1f} s; chatting for {seconds:g} s", flush=True)
+    t0 = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+    deadline_box[0] = t0 + seconds
+    if out is not None:
+        for _ in workers:
+            part = out.get(timeout=seconds + args.timeout + 120)
+            for k in STAT_LISTS:
+                getattr(stats, k).extend(part[k])
+            stats.replies_chars += part["replies_chars"]
+            stats.empty_replies += part["empty_replies"]
+    for w in workers:
+        w.join(timeout=seconds + args.timeout + 60)
+    return stats, time.monotonic() - t0
+
+
 def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -206,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model2", default="Tune merge")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
+    p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose workbench is started (default: this)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="client processes the clients are spread over (default 1: all threads of this process)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     clients = args.clients or (5 if args.quick else 20)
@@ -220,31 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = ensure_pool(args.workdir)
         port = free_port()
         t0 = time.perf_counter()
-        server = start_server(workdir, port, args.threads)
+        server = start_server(workdir, port, args.threads, args.root)
         url = f"http://127.0.0.1:{port}/"
         print(f"workbench on {url} (workdir {workdir}) up in {time.perf_counter() - t0:.1f} s", flush=True)
-    stats = Stats()
-    deadline_box = [0.0]
-    barriers = threading.Barrier(clients), threading.Barrier(clients + 1)  # all connected; all loaded the page
-    start = barriers[1]
-    threads = [threading.Thread(target=client_loop, args=(url, auth, i, barriers, deadline_box, stats, args),
-                                daemon=True) for i in range(clients)]
     try:
-        t_setup = time.perf_counter()
-        for t in threads:
-            t.start()
-        try:
-            start.wait(timeout=900)
-        except threading.BrokenBarrierError:
-            raise SystemExit("clients could not connect: " + "; ".join(stats.errors[:3])) from None
-        setup_s = time.perf_counter() - t_setup
-        print(f"{clients} clients connected and loaded the page in {setup_s:.1f} s; chatting for {seconds:g} s",
-              flush=True)
-        t0 = time.monotonic()
-        deadline_box[0] = t0 + seconds
-        for t in threads:
-            t.join(timeout=seconds + args.timeout + 60)
-        wall = time.monotonic() - t0
+        stats, wall = run_clients(url, auth, clients, max(1, args.procs), seconds, args)
     finally:
         if server is not None:
             server.terminate()
@@ -265,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         "page_load_max_s": round(max(stats.page_loads), 2) if stats.page_loads else None,
         "connect_p50_s": round(percentile(stats.connects, 0.5), 2),
         "panes": args.panes, "max_new_tokens": args.max_new_tokens, "workdir": str(workdir or "-"),
+        "client_procs": max(1, args.procs),
         "url": url if args.url else "started", "cpus": os.cpu_count(), "machine": platform.machine(),
         "command": "python bench/load_chat.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
