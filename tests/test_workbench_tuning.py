@@ -216,6 +216,46 @@ def test_a_background_score_in_flight_is_not_started_again_by_another_session(tm
     assert len(scored) == 4  # en, ja, math, math QA: scored once, not once per page
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure itself
+def test_a_page_waiting_for_a_background_score_that_failed_starts_it_again(tmp_path, monkeypatch):
+    """Another page's background score of this page's merge ended without a result (it failed): the waiting page's
+    chart poll scores it itself instead of waiting for it forever."""
+    import time
+
+    import gradio as gr
+
+    from optimer_lib.scoring.tune_config import TuneScoring
+    from workbench.tabs import Ctx
+    from workbench.tabs.tune import TuneTab
+
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)
+    with gr.Blocks():
+        tab = TuneTab(Ctx(workspace=ws, state=gr.State(), max_vectors=4))
+    first, waiting = Session(ws, tune_limit=4, qa_limit=2), Session(ws, tune_limit=4, qa_limit=2)
+    real, calls = TuneScoring.stream, []
+
+    def failing_once(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the first background score fails")
+        yield from real(self, *a, **kw)
+
+    monkeypatch.setattr(TuneScoring, "stream", failing_once)
+    first.prefetch()  # fails at its first dev set: nothing cached, nothing in flight afterwards
+    deadline = time.monotonic() + 30
+    while (calls != [1] or ws.pool().in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == [1] and not ws.pool().in_flight and waiting.cached_result() is None
+    chart, _, timer = tab.on_poll(waiting)  # nothing to draw yet: keeps polling, and scores the merge again
+    assert timer.active
+    deadline = time.monotonic() + 60
+    while waiting.cached_result() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert waiting.cached_result() is not None
+    *_, timer = tab.on_poll(waiting)  # drawn now, and the poll stops
+    assert not timer.active and waiting.ui["tune_shown"]
+
+
 @pytest.mark.parametrize("concurrency, tune_slots, used", [(2, 1, 1), (2, 2, 2)])
 def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatch, concurrency, tune_slots, used):
     """With ``tune_slots`` > 1 an interactive move's dev sets are scored on as many slots as the engine runs at once

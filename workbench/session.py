@@ -383,15 +383,19 @@ class Session(ChatMethods, StudyMethods):
 
         def run() -> None:
             try:
-                self._compute_reference(state, scoring)
+                self._compute_reference(state, scoring, shared=shared)  # the pool that holds the claim
             finally:
                 shared.release(key)
 
-        threading.Thread(target=run, daemon=True, name=name).start()
+        try:
+            threading.Thread(target=run, daemon=True, name=name).start()
+        except BaseException:  # no thread, no score: the next request may try again
+            shared.release(key)
+            raise
 
-    def _compute_reference(self, state: MergeState, scoring: TuneScoring,
-                           priority: int = BACKGROUND) -> dict[str, float] | None:
-        last = last_update(score_stream(self.shared, state, scoring, priority=priority))
+    def _compute_reference(self, state: MergeState, scoring: TuneScoring, priority: int = BACKGROUND, *,
+                           shared: SharedPool | None = None) -> dict[str, float] | None:
+        last = last_update(score_stream(shared or self.shared, state, scoring, priority=priority))
         return dict(last.metrics) if last is not None and last.phase == "final" else None
 
     # -- export --------------------------------------------------------------------------------

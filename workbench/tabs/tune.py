@@ -261,7 +261,8 @@ class TuneTab(GroupControls):
             if session.ui.get("tune_shown") or not session.has_pool:
                 return gr.update(), gr.update(), gr.Timer(active=not session.ui.get("tune_shown"))
             r = session.cached_result()
-            if r is None:
+            if r is None:  # scored in the background by this or another page; again if that score ended unfinished
+                session.prefetch()
                 return gr.update(), gr.update(), gr.Timer(active=True)
             session.ui["tune_shown"] = True
             return *self.render(session, r, time.perf_counter()), gr.Timer(active=False)
