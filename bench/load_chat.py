@@ -232,27 +232,65 @@ def run_clients(url: str, auth: tuple[str, str] | None, clients: int, procs: int
     for w in workers:
         w.start()
     try:
-        barriers[1].wait(timeout=900)
+        _wait_ready(barriers[1], workers, timeout=900)
     except threading.BrokenBarrierError:
         if out is not None:
-            for _ in workers:
-                part = out.get(timeout=60)
-                stats.errors.extend(part["errors"])
+            _gather(out, workers, stats, timeout=150)  # a client may still be inside a 120 s request
         raise SystemExit("clients could not connect: " + "; ".join(stats.errors[:3])) from None
     print(f"{clients} clients ({procs} process(es)) connected and loaded the page in "
           f"{time.perf_counter() - t_setup:.1f} s; chatting for {seconds:g} s", flush=True)
     t0 = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
     deadline_box[0] = t0 + seconds
     if out is not None:
-        for _ in workers:
-            part = out.get(timeout=seconds + args.timeout + 120)
-            for k in STAT_LISTS:
-                getattr(stats, k).extend(part[k])
-            stats.replies_chars += part["replies_chars"]
-            stats.empty_replies += part["empty_replies"]
+        _gather(out, workers, stats, timeout=seconds + args.timeout + 120)
     for w in workers:
         w.join(timeout=seconds + args.timeout + 60)
     return stats, time.monotonic() - t0
+
+
+def _wait_ready(barrier: Any, workers: list[Any], timeout: float) -> None:
+    """Wait at ``barrier`` with the clients; a client process that died breaks it (its clients never arrive)."""
+    done, broken = threading.Event(), []
+
+    def wait() -> None:
+        try:
+            barrier.wait(timeout=timeout)
+        except threading.BrokenBarrierError as exc:
+            broken.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    while not done.wait(0.5):
+        if any(getattr(w, "exitcode", None) is not None for w in workers):
+            barrier.abort()
+    if broken:
+        raise broken[0]
+
+
+def _gather(out: Any, workers: list[Any], stats: Stats, timeout: float) -> None:
+    """Add every client process's figures to ``stats``; a process that died without sending them is an error."""
+    import queue
+
+    got, deadline = 0, time.monotonic() + timeout
+    while got < len(workers) and time.monotonic() < deadline:
+        try:
+            part = out.get(timeout=1.0)
+        except queue.Empty:
+            if all(w.exitcode is not None for w in workers) and out.empty():
+                break  # every process ended: what has not come never will
+            continue
+        got += 1
+        for k in STAT_LISTS:
+            getattr(stats, k).extend(part[k])
+        stats.replies_chars += part["replies_chars"]
+        stats.empty_replies += part["empty_replies"]
+    if got < len(workers):
+        stats.errors.append(f"{len(workers) - got} client process(es) lost (died or timed out); their figures are "
+                            "missing")
+        for w in workers:
+            if w.exitcode is None:
+                w.terminate()
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -292,10 +330,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.url:
         url = args.url.rstrip("/") + "/"
     else:
-        workdir = ensure_pool(args.workdir)
+        workdir = ensure_pool(args.workdir.resolve() if args.workdir else None)  # the server's cwd is --root
         port = free_port()
         t0 = time.perf_counter()
-        server = start_server(workdir, port, args.threads, args.root)
+        server = start_server(workdir, port, args.threads, args.root.resolve())
         url = f"http://127.0.0.1:{port}/"
         print(f"workbench on {url} (workdir {workdir}) up in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
