@@ -259,7 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="--device of the workbench (default: its own, cpu)")
     p.add_argument("--dtype", help="--dtype of the workbench (default: its own, float32 on CPU)")
     p.add_argument("--heap", help="--heap of the workbench: fast (its default) or lean")
-    p.add_argument("--tune-slots", type=int, help="--tune-slots of the workbench (its default: 1)")
+    p.add_argument("--tune-slots", type=int, help="--tune-slots of the workbench (default: its own, 2)")
     p.add_argument("--timeout", type=float, default=600, help="seconds any one step may take")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds the server may take to answer")
     p.add_argument("--sample-s", type=float, default=0.2, help="memory sampling period")

@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Tune scoring ~1.3x slower (SmolLM2-135M, 10 sessions)")
     w.add_argument("--slots", type=int, help="merged models the engine keeps (default 2 on CPU, 1 on a GPU): memory "
                    "is base + slots x model whatever the number of browser sessions")
-    w.add_argument("--tune-slots", type=int, default=1, help="slots a slider release's dev sets are shared by, one "
-                   "per core at most (CPUs with <= 4 cores): 2 scores SmolLM2-135M's Tune set in ~0.7x the time on 2 "
-                   "cores, with ~0.3 GB more anonymous memory after 10 browser sessions (BENCHMARKS.md); default 1")
+    w.add_argument("--tune-slots", type=int, help="slots a slider release's dev sets are shared by, one per core at "
+                   "most (CPUs with <= 4 cores; a GPU scores on one): the default 2 scores SmolLM2-135M's Tune set in "
+                   "~0.65x the time of 1 on 2 cores (BENCHMARKS.md); 1 keeps a core free for other users meanwhile")
     w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
                    "the variable keeps the password out of the process list)")
     w.set_defaults(fn=cmd_workbench)

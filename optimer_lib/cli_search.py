@@ -65,10 +65,10 @@ def cmd_workbench(a: argparse.Namespace) -> None:
         extra["slots"] = slots
     if base_on != "auto":
         extra["base_on"] = base_on
-    tune_slots = getattr(a, "tune_slots", 1)
-    if tune_slots < 1:
-        raise ConfigError(f"--tune-slots must be at least 1 (got {tune_slots})")
-    if tune_slots != 1:
+    tune_slots = getattr(a, "tune_slots", None)  # None: build_app's default
+    if tune_slots is not None:
+        if tune_slots < 1:
+            raise ConfigError(f"--tune-slots must be at least 1 (got {tune_slots})")
         extra["tune_slots"] = tune_slots
     if getattr(a, "heap", "fast") != "fast":
         extra["heap"] = a.heap

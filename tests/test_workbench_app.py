@@ -35,8 +35,8 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
                     "threads": None}
     seen.clear()
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3", "--heap", "lean"]) == 0
-    assert seen["slots"] == 3 and seen["heap"] == "lean" and "tune_slots" not in seen  # 1: the default
-    assert main(["workbench", "--workdir", str(tmp_path), "--tune-slots", "2"]) == 0 and seen["tune_slots"] == 2
+    assert seen["slots"] == 3 and seen["heap"] == "lean" and "tune_slots" not in seen  # build_app's default
+    assert main(["workbench", "--workdir", str(tmp_path), "--tune-slots", "1"]) == 0 and seen["tune_slots"] == 1
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "0"]) == 2  # one-line error, no launch
     assert main(["workbench", "--workdir", str(tmp_path), "--tune-slots", "0"]) == 2
 

@@ -71,7 +71,7 @@ class SharedPool:
     suite: EvalSuite
     engine: MergeEngine
     version: int = 0
-    tune_slots: int = 1  # slots one Tune move's dev sets are shared by (workbench.tuning.score_stream)
+    tune_slots: int = 2  # slots one Tune move's dev sets are shared by (workbench.tuning.score_stream)
     estimators: dict[tuple, Any] = field(default_factory=dict, repr=False)  # workbench.tuning, per scoring set
     _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
@@ -140,12 +140,13 @@ class Workspace:
     or every embedded corpus are loaded (``dev`` split). ``device``/``dtype`` apply to every model; ``slots`` is
     the number of merged models the pool's engine may hold (default: 2 on CPU, 1 on an accelerator); ``base_on``
     where the engine keeps the base ("host", "device", None: automatic; :mod:`optimer_lib.engine.host_base`);
-    ``tune_slots`` how many slots one Tune move's dev sets may be shared by (at most the engine's concurrency).
+    ``tune_slots`` how many slots one Tune move's dev sets may be shared by (at most the engine's concurrency: 1 on a
+    GPU; on a 2-core CPU the default 2 scores a move on both cores, BENCHMARKS.md).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, suite: EvalSuite | None = None, device: str = "cpu",
                  dtype: str = "float32", slots: int | None = None, base_on: str | None = None,
-                 tune_slots: int = 1) -> None:
+                 tune_slots: int = 2) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.device, self.dtype, self.slots, self.base_on = device, dtype, slots, base_on
