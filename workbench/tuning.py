@@ -106,8 +106,10 @@ def _intervals(scores: dict[str, SetScores], objective: Objective | None, comple
 
 
 def tuning_key(shared: SharedPool, scoring: TuneScoring) -> tuple:
-    """The engine cache key of a Tune score: the scoring set (with the suite it reads)."""
-    return ("tune", scoring, id(shared.suite))
+    """The engine cache key of a Tune score: the scoring set and the pool version (each suite of one engine has its
+    own: a dev corpus added or removed makes a new version). Not ``id(suite)``: a freed suite's id can be reused by
+    the next one, and a score of the old suite would then be shown for the new."""
+    return ("tune", scoring, shared.version)
 
 
 def set_names(sub: Any) -> list[str]:
