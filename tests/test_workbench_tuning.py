@@ -256,6 +256,36 @@ def test_a_page_waiting_for_a_background_score_that_failed_starts_it_again(tmp_p
     assert not timer.active and waiting.ui["tune_shown"]
 
 
+def test_a_chart_poll_overtaken_by_a_slider_move_does_not_draw_its_stale_chart(tmp_path, monkeypatch):
+    """The first chart's poll read the old merge's score while a slider release was drawing the new one: it must not
+    send the old chart after the new (the page would keep showing the old merge's bars)."""
+    import gradio as gr
+
+    from workbench.tabs import Ctx
+    from workbench.tabs.tune import TuneTab
+
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)
+    with gr.Blocks():
+        tab = TuneTab(Ctx(workspace=ws, state=gr.State(), max_vectors=4))
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    s.apply({"ja": 0.2})  # the page's merge, scored (as a background prefetch would)
+    s.ui["tune_shown"] = False  # the page shows no chart yet: its poll is on
+    real = Session.cached_result
+
+    def read_then_moved(self):  # the poll reads the score of ja = 0.2; meanwhile a release moves to 0.7
+        r = real(self)
+        list(self.score_stream({"ja": 0.7}))
+        return r
+
+    monkeypatch.setattr(Session, "cached_result", read_then_moved)
+    chart, status, timer = tab.on_poll(s)
+    assert chart == gr.update() and status == gr.update() and not timer.active  # nothing drawn over the move's chart
+    monkeypatch.setattr(Session, "cached_result", real)
+    s.ui["tune_shown"] = False
+    chart, _, timer = tab.on_poll(s)  # with no move meanwhile it draws the current merge (ja = 0.7) and stops
+    assert chart != gr.update() and not timer.active and s.tune.weights["ja"] == 0.7
+
+
 @pytest.mark.parametrize("concurrency, tune_slots, used", [(2, 1, 1), (2, 2, 2)])
 def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatch, concurrency, tune_slots, used):
     """With ``tune_slots`` > 1 an interactive move's dev sets are scored on as many slots as the engine runs at once

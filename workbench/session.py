@@ -263,6 +263,11 @@ class Session(ChatMethods, StudyMethods):
         except ConfigError as exc:
             raise WorkbenchError(str(exc)) from exc
 
+    @property
+    def moves(self) -> int:
+        """Tune moves made so far (a chart drawn for an older count is stale: a newer move draws its own)."""
+        return self._moves
+
     def set_tune(self, weights: Mapping[str, float], instruction_weight: float | None = None, *,
                  method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:
         """Make this the Tune merge without scoring it (a restored page must not wait for a score); checked."""

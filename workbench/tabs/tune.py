@@ -260,10 +260,13 @@ class TuneTab(GroupControls):
         try:
             if session.ui.get("tune_shown") or not session.has_pool:
                 return gr.update(), gr.update(), gr.Timer(active=not session.ui.get("tune_shown"))
+            moves = session.moves
             r = session.cached_result()
             if r is None:  # scored in the background by this or another page; again if that score ended unfinished
                 session.prefetch()
                 return gr.update(), gr.update(), gr.Timer(active=True)
+            if session.moves != moves or session.ui.get("tune_shown"):  # a move came meanwhile: it draws its own
+                return gr.update(), gr.update(), gr.Timer(active=False)  # chart; this one would overwrite it, stale
             session.ui["tune_shown"] = True
             return *self.render(session, r, time.perf_counter()), gr.Timer(active=False)
         except Exception as exc:
