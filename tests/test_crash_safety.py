@@ -63,6 +63,7 @@ def _finished(storage: str) -> dict[int, tuple[str, float | None, dict]]:
     raise AssertionError("could not read the study")
 
 
+@pytest.mark.slow  # ~20 s of subprocess searches (make test-slow; CI runs it)
 def test_kill_9_loses_no_trial_and_rerun_resumes_to_n(tmp_path):
     tok, base = make_tokenizer(), make_model("llama")
     base.save_pretrained(tmp_path / "base")
