@@ -176,6 +176,7 @@ def test_results_of_seeds_run_in_separate_workdirs_add_up(tmp_path):
     assert summarise_results(dest)["seeds"] == [0, 1]
 
 
+@pytest.mark.slow  # ~13 s: renders every committed result (make test-slow; CI runs it)
 def test_published_findings_are_what_the_committed_results_render_to():
     """Until the multi-seed JSONs are committed, FINDINGS.md must say that its numbers are not that rendering
     (a skip here would hide the gap; CI allows no skip but "no CUDA GPU")."""
