@@ -39,7 +39,7 @@ from workbench.tabs.pool import PoolTab, SetupPanel
 from workbench.tabs.search import SearchTab
 from workbench.tabs.tune import TuneTab
 from workbench.tabs.tune_groups import granularity_of
-from workbench.workspace import Workspace
+from workbench.workspace import DEFAULT_TUNE_SLOTS, Workspace
 
 CSS = ".gradio-container {max-width: 1500px !important}"
 HEADER = ("## OptiMer Workbench\nMerge continual-pretraining models as θ_base + Σ α_i τ_i "
@@ -154,7 +154,7 @@ def restore(session: Session, tune: Any, chat: Any, study: Any) -> str:
 def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | None = None, device: str = "cpu",
               dtype: str = "float32", tune_limit: int = 8, qa_limit: int = 8, max_vectors: int = 8,
               poll_s: float = 2.0, slots: int | None = None, preload: bool = False,
-              base_on: str | None = None, tune_slots: int = 2) -> gr.Blocks:
+              base_on: str | None = None, tune_slots: int = DEFAULT_TUNE_SLOTS) -> gr.Blocks:
     """Build (not launch) the workbench over ``workdir``.
 
     ``suite`` replaces the dev suite (default: every embedded corpus, dev split); ``tune_limit``/``qa_limit``

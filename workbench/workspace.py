@@ -49,6 +49,8 @@ from optimer_lib.merging.pool import load_checked
 from optimer_lib.scoring.evaluate import EvalSuite
 
 MANIFEST = "workbench.json"
+# slots a slider release's dev sets are shared by unless told (optimer workbench --tune-slots; a GPU engine runs one)
+DEFAULT_TUNE_SLOTS = 2
 CORPUS_SUFFIXES = (".txt", ".jsonl")  # a dev corpus file, optionally compressed (.gz, .xz): optimer_lib.data
 
 
@@ -71,7 +73,7 @@ class SharedPool:
     suite: EvalSuite
     engine: MergeEngine
     version: int = 0
-    tune_slots: int = 2  # slots one Tune move's dev sets are shared by (workbench.tuning.score_stream)
+    tune_slots: int = DEFAULT_TUNE_SLOTS  # slots one Tune move's dev sets are shared by (tuning.score_stream)
     estimators: dict[tuple, Any] = field(default_factory=dict, repr=False)  # workbench.tuning, per scoring set
     _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
@@ -146,7 +148,7 @@ class Workspace:
 
     def __init__(self, workdir: str | os.PathLike, *, suite: EvalSuite | None = None, device: str = "cpu",
                  dtype: str = "float32", slots: int | None = None, base_on: str | None = None,
-                 tune_slots: int = 2) -> None:
+                 tune_slots: int = DEFAULT_TUNE_SLOTS) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.device, self.dtype, self.slots, self.base_on = device, dtype, slots, base_on
