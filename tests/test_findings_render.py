@@ -10,6 +10,7 @@ tests/fixtures/experiments-tiny/FINDINGS.md``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -176,7 +177,13 @@ def test_results_of_seeds_run_in_separate_workdirs_add_up(tmp_path):
     assert summarise_results(dest)["seeds"] == [0, 1]
 
 
-@pytest.mark.slow  # ~13 s: renders every committed result (make test-slow; CI runs it)
+@functools.cache
+def published_summary(regime: bool) -> dict:
+    """The committed results' summary (~1.5 s), made once for the tests that compare published text with it."""
+    results = ROOT / "results" / "experiments"
+    return summarise_results(results, regime=ROOT / "results" / "regime" if regime else None)
+
+
 def test_published_findings_are_what_the_committed_results_render_to():
     """Until the multi-seed JSONs are committed, FINDINGS.md must say that its numbers are not that rendering
     (a skip here would hide the gap; CI allows no skip but "no CUDA GPU")."""
@@ -186,7 +193,7 @@ def test_published_findings_are_what_the_committed_results_render_to():
         assert "superseded protocol, pending regeneration" in published.split("\n\n")[1]
         return
     # the regime map runs apart, with its own seeds: `optimer findings ... --regime results/regime`
-    summary = summarise_results(results, regime=ROOT / "results" / "regime")
+    summary = published_summary(regime=True)
     assert published == render_findings({**summary, "regime_dir": "results/regime"})  # as named from the checkout
 
 
@@ -252,7 +259,7 @@ def test_published_readme_headline_is_what_the_committed_results_render_to():
     if not (results / "config.json").is_file():
         assert "Pending regeneration" in block
         return
-    assert block == render_headline(summarise_results(results))
+    assert block == render_headline(published_summary(regime=False))
 
 
 def test_a_seed_still_running_is_named_but_not_counted(tmp_path):

@@ -105,3 +105,24 @@ def test_seed_range_and_combined_verdicts():
     assert math.isnan(seed_range([]).low) and math.isnan(seed_range([1.0, math.nan]).mean)
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
     assert combine([INCONCLUSIVE, FAILS, HOLDS]) == FAILS and combine([]) == INCONCLUSIVE
+
+
+def test_every_draw_is_the_mean_of_its_picked_seeds_and_documents():
+    """The vectorised draws (pick counts times the values) equal gathering each draw's picks one by one."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(3, 17))
+    n_boot = 200
+    got = bootstrap(lambda m: m, a, n_boot=n_boot, level=0.5, seed=11)
+    picks = np.random.default_rng(11)  # the same stream bootstrap draws its picks from: rows first, then columns
+    rows, cols = picks.integers(0, 3, (n_boot, 3)), picks.integers(0, 17, (n_boot, 17))
+    direct = np.array([a[r][:, c].mean() for r, c in zip(rows, cols, strict=True)])
+    lo, hi = np.quantile(direct, [0.25, 0.75])
+    assert got.mean == pytest.approx(a.mean()) and got.low == pytest.approx(lo) and got.high == pytest.approx(hi)
+
+
+def test_a_stat_that_branches_on_its_values_still_gets_one_value_per_draw():
+    rng = np.random.default_rng(2)
+    x = rng.normal(1.0, 1.0, size=(1, 60))
+    clipped = bootstrap_methods(lambda m: m["a"]["x"] if m["a"]["x"] > 0 else 0.0, {"a": {"x": x}}, n_boot=300)
+    plain = bootstrap_methods(lambda m: m["a"]["x"], {"a": {"x": x}}, n_boot=300)
+    assert clipped.low == pytest.approx(max(plain.low, 0.0)) and clipped.high == pytest.approx(plain.high)

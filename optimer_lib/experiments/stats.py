@@ -92,18 +92,24 @@ def bootstrap(stat: Callable[..., float], *samples: Array | Sequence, n_boot: in
     # Every draw's picks at once (the same seed gives the same picks whatever the number of arrays).
     rows = rng.integers(0, seeds, (n_boot, seeds)) if seeds > 1 else np.zeros((n_boot, 1), dtype=int)
     cols = rng.integers(0, docs, (n_boot, docs))
-    means = np.empty((len(arrays), n_boot))
-    block = max(1, 2_000_000 // max(1, seeds * docs))  # resampled means in blocks (bounded memory), vectorised
-    for i, a in enumerate(arrays):
-        for start in range(0, n_boot, block):
-            r, c = rows[start:start + block], cols[start:start + block]
-            means[i, start:start + block] = a[r[:, :, None], c[:, None, :]].mean(axis=(1, 2))
+    # A draw's mean over its picked seeds x documents is (row counts)ᵀ · a · (column counts) / (seeds · docs):
+    # two matrix products for all draws instead of gathering n_boot x seeds x docs values per array.
+    row_counts = _counts(rows, seeds)
+    col_counts = _counts(cols, docs)
+    means = np.stack([((row_counts @ a) * col_counts).sum(axis=1) / (seeds * docs) for a in arrays])
     draws = _apply(stat, means)
     finite = draws[np.isfinite(draws)]
     if finite.size < 0.9 * n_boot:  # e.g. a ratio whose denominator crosses zero: no honest interval
         return Interval(float(point), math.nan, math.nan, level, seeds)
     lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
     return Interval(float(point), float(lo), float(hi), level, seeds)
+
+
+def _counts(picks: Array, n: int) -> Array:
+    """How often each of ``n`` indices was picked in each draw: shape [draws, n]."""
+    draws = picks.shape[0]
+    flat = (np.arange(draws)[:, None] * n + picks).ravel()
+    return np.bincount(flat, minlength=draws * n).reshape(draws, n).astype(float)
 
 
 def _apply(stat: Callable[..., float], means: Array) -> Array:
@@ -151,7 +157,7 @@ def bootstrap_methods(stat: Callable[[dict[str, dict[str, float]]], float],
     def flat(*means: float) -> float:
         out: dict[str, dict[str, float]] = {}
         for (m, c), v in zip(keys, means, strict=True):
-            out.setdefault(m, {})[c] = float(v)
+            out.setdefault(m, {})[c] = v  # a number, or every draw's means at once (see _apply)
         return stat(out)
 
     return bootstrap(flat, *(samples[m][c] for m, c in keys), **kw)
