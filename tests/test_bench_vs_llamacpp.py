@@ -113,7 +113,8 @@ def _run(model, tok, seqs, prompts, dtype, tmp_path):
                        llama_python=_stand_in(tmp_path), tmp=tmp_path / "w", tol=vl.TOLERANCES[dtype], min_agree=0.97)
 
 
-@pytest.mark.parametrize("broken", ["", "logits"])
+# ~9 s each: the broken-file variant runs with the slow tests (make test-slow; CI runs it)
+@pytest.mark.parametrize("broken", ["", pytest.param("logits", marks=pytest.mark.slow)])
 def test_one_file_end_to_end_with_a_llamacpp_stand_in(broken, case_inputs, tiny_tokenizer, tmp_path, monkeypatch):
     model, seqs, prompts = case_inputs
     monkeypatch.setenv("STANDIN_BREAK", broken)

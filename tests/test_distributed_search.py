@@ -40,7 +40,8 @@ def slow(model, tokenizer):
 '''
 
 
-@pytest.mark.parametrize("pareto", [False, True], ids=["single", "pareto"])
+# ~11 s each (two CLI worker processes): the Pareto variant runs with the slow tests (make test-slow; CI runs it)
+@pytest.mark.parametrize("pareto", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["single", "pareto"])
 def test_two_workers_complete_exactly_n_trials(tmp_path, tiny_vectors, pareto):
     """Both the single-objective and the Pareto search claim slots through the one trial loop."""
     base, vecs = tiny_vectors()

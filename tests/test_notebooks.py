@@ -20,7 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +32,8 @@ DURATIONS = ROOT / "test-artifacts" / "notebook-durations.json"
 
 
 def test_every_notebook_is_committed_without_outputs():
+    import nbformat  # here, not at the top: its schema checker takes ~1 s to import in every test worker
+
     assert [p.name[:3] for p in NOTEBOOKS][:4] == ["01_", "02_", "03_", "04_"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
@@ -50,7 +51,7 @@ def notebook_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(given).resolve() if given else tmp_path_factory.mktemp("notebooks")
 
 
-def _texts(nb: nbformat.NotebookNode) -> str:
+def _texts(nb) -> str:
     """Everything the notebook printed or displayed as text/plain."""
     out = []
     for cell in nb.cells:
@@ -64,7 +65,7 @@ def _texts(nb: nbformat.NotebookNode) -> str:
     return "\n".join(out)
 
 
-def _mimetypes(nb: nbformat.NotebookNode) -> list[str]:
+def _mimetypes(nb) -> list[str]:
     return [m for cell in nb.cells for o in cell.get("outputs", []) for m in o.get("data", {})]
 
 
@@ -83,6 +84,7 @@ WIDGETS = {"01_quickstart": 2, "02_search": 2, "05_arena": 3}
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_headless(path: Path, notebook_workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("OPTIMER_NOTEBOOK_WORKDIR", str(notebook_workdir))

@@ -163,10 +163,12 @@ def test_a_stopped_map_ends_while_its_helper_still_waits_and_that_helper_never_m
     has, without waiting for the helper, which ends without a merge when its turn comes."""
     engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
     go, release, held, stop = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    entered = threading.Event()  # the map's first lease has merged and runs its job (its merge is in `before`)
 
     hold = _holder(engine, release)
 
     def job(model, stopped):
+        entered.set()
         assert go.wait(60)
         stop.set()  # the user moved again while this set was scored
         return None if stopped() else 1
@@ -178,6 +180,7 @@ def test_a_stopped_map_ends_while_its_helper_still_waits_and_that_helper_never_m
     mapper = threading.Thread(target=lambda: done.extend(leased_map(engine, engine.state({"v0": 0.4}), [job] * 4,
                                                                     workers=2, should_stop=stop.is_set)))
     mapper.start()
+    assert entered.wait(60)
     deadline = time.monotonic() + 10
     while engine.stats().waiting < 1 and time.monotonic() < deadline:  # the helper queues: both slots are taken
         time.sleep(0.01)

@@ -269,6 +269,7 @@ def test_first_start_builds_the_demo_pool(browser, tmp_path: Path, monkeypatch):
         demo.close()
 
 
+@pytest.mark.slow  # ~15 s: two pages scoring at once (make test-slow; CI runs it)
 def test_two_sessions_at_once_each_see_their_own_merge(browser, server):
     """Two browser tabs release different sliders at the same moment: one engine serves both, and each tab's
     score is its own merge's (the objective a fresh single session computes for those weights)."""

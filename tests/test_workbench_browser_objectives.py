@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 
 import optuna
+import pytest
 import test_workbench_browser as wb
 from test_workbench_browser import ARTIFACTS, click_point_until, plot_points, wait_for
 
 # the server/browser/page fixtures and the chromium skip marker of the first browser test module
-browser, server, page, pytestmark = wb.browser, wb.server, wb.page, wb.pytestmark
+# ~35 s (a 4-trial Pareto search driven in the browser): with the slow tests (make test-slow; CI runs them)
+browser, server, page, pytestmark = wb.browser, wb.server, wb.page, [wb.pytestmark, pytest.mark.slow]
 
 
 def front_points(pg) -> list[dict]:
