@@ -11,6 +11,7 @@ Benchmarks count "trials to reach" and "cost to reach" with the library's tested
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 from collections.abc import Sequence
@@ -23,6 +24,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def emit_json(result: dict[str, Any], path: Path | None) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import emit_json, free_port
+from _common import emit_json, free_port, process_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hello! What can you do?", "Write a short poem about the sea.", "What is 12 + 35?",
@@ -96,6 +96,14 @@ def start_server(workdir: Path, port: int, threads: int | None, root: Path = ROO
             time.sleep(0.5)
     proc.terminate()
     raise SystemExit("the workbench did not answer within 300 s")
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """:func:`process_cpu_s`, or None where it cannot be read (no pid, not Linux)."""
+    try:
+        return process_cpu_s(pid) if pid is not None else None
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def chat_endpoint(client) -> tuple[str, list[str]]:
@@ -207,8 +215,9 @@ def client_process(url: str, auth: tuple[str, str] | None, indices: list[int], b
 
 
 def run_clients(url: str, auth: tuple[str, str] | None, clients: int, procs: int, seconds: float,
-                args: argparse.Namespace) -> tuple[Stats, float]:
-    """Every client connected and loaded the page, then chatting for ``seconds``: the figures and the wall time.
+                args: argparse.Namespace, server_pid: int | None = None) -> tuple[Stats, float, float | None]:
+    """Every client connected and loaded the page, then chatting for ``seconds``: the figures, the wall time and
+    the CPU seconds the server process (``server_pid``, if given) spent in the timed ``seconds``.
 
     ``procs`` > 1 spreads the clients over that many processes (browsers do not share one interpreter: 20 clients
     in one process serialise their ~80 ms of Python per page load on its GIL, which a page load then waits for).
@@ -240,12 +249,18 @@ def run_clients(url: str, auth: tuple[str, str] | None, clients: int, procs: int
     print(f"{clients} clients ({procs} process(es)) connected and loaded the page in "
           f"{time.perf_counter() - t_setup:.1f} s; chatting for {seconds:g} s", flush=True)
     t0 = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+    cpu0 = cpu_seconds(server_pid)
     deadline_box[0] = t0 + seconds
+    cpu_box: list[float | None] = [None]
+    timer = threading.Timer(seconds, lambda: cpu_box.__setitem__(0, cpu_seconds(server_pid)))
+    timer.start()  # the server's CPU over the timed seconds (requests still running at the deadline end after it)
     if out is not None:
         _gather(out, workers, stats, timeout=seconds + args.timeout + 120)
     for w in workers:
         w.join(timeout=seconds + args.timeout + 60)
-    return stats, time.monotonic() - t0
+    timer.join()
+    server_cpu = cpu_box[0] - cpu0 if cpu0 is not None and cpu_box[0] is not None else None
+    return stats, time.monotonic() - t0, server_cpu
 
 
 def _wait_ready(barrier: Any, workers: list[Any], timeout: float) -> None:
@@ -337,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
         url = f"http://127.0.0.1:{port}/"
         print(f"workbench on {url} (workdir {workdir}) up in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
-        stats, wall = run_clients(url, auth, clients, max(1, args.procs), seconds, args)
+        stats, wall, server_cpu = run_clients(url, auth, clients, max(1, args.procs), seconds, args,
+                                              server.pid if server is not None else None)
     finally:
         if server is not None:
             server.terminate()
@@ -357,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
         "page_load_p50_s": round(percentile(stats.page_loads, 0.5), 2),
         "page_load_max_s": round(max(stats.page_loads), 2) if stats.page_loads else None,
         "connect_p50_s": round(percentile(stats.connects, 0.5), 2),
+        # the server's CPU in the timed seconds, per request finished (a started server only): less noisy than latency
+        "server_cpu_cores": round(server_cpu / seconds, 2) if server_cpu is not None else None,
+        "server_cpu_ms_per_request": round(1000 * server_cpu / len(lat), 1) if server_cpu is not None and lat else None,
         "panes": args.panes, "max_new_tokens": args.max_new_tokens, "workdir": str(workdir or "-"),
         "client_procs": max(1, args.procs),
         "url": url if args.url else "started", "cpus": os.cpu_count(), "machine": platform.machine(),

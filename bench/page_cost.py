@@ -27,14 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _common import emit_json, free_port
+from _common import emit_json, free_port, process_cpu_s
 from load_chat import ROOT, ensure_pool, start_server
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far, all its threads (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_page(url: str, client) -> None:

@@ -7,9 +7,11 @@ these tests pin the scripts' own wrappers against plain reference computations w
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,11 @@ def test_common_helpers():
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # free: it binds
     assert load_chat.free_port is _common.free_port  # the one copy
+    busy = time.process_time()
+    while time.process_time() - busy < 0.05:  # spend some CPU this process can find again in /proc
+        pass
+    assert load_chat.cpu_seconds(os.getpid()) >= 0.05 and load_chat.cpu_seconds(None) is None
+    assert load_chat.cpu_seconds(2**22 + 12345) is None  # no such process: no figure, not a crash
 
 
 def _reference_cost_to(run, target, tol, budget):
@@ -121,6 +128,18 @@ def test_estimate_hits_moves_one_slider_and_counts_every_checked_estimate(tmp_pa
     assert [r["inside"], r["checked"]] == [sum(v[i] for v in r["by_kind"].values()) for i in (0, 1)]
     assert r["mean_half_width"] > 0 and r["exact_s_median"] > 0
     assert r["previous_score"]["checked"] == r["checked"]  # the same moves: every estimated one has a previous score
+
+
+@pytest.mark.slow  # starts a workbench server on the tiny pool and chats for a few seconds
+def test_load_chat_counts_requests_and_the_servers_cpu_per_request(tmp_path):
+    from test_workbench_session import tiny_workdir
+
+    out = tmp_path / "lc.json"
+    r = load_chat.main(["--workdir", str(tiny_workdir(tmp_path / "wd")), "--clients", "2", "--seconds", "4",
+                        "--json", str(out)])
+    assert r["errors"] == 0 and r["requests_ok"] >= 2 and 0 < r["p50_s"] <= r["max_s"]
+    assert 0 < r["server_cpu_cores"] <= os.cpu_count() and r["server_cpu_ms_per_request"] > 0
+    assert json.loads(out.read_text()) == r
 
 
 @pytest.mark.slow  # starts a workbench server on the tiny pool

@@ -20,6 +20,23 @@ def test_build_app_does_not_launch(tmp_path: Path, monkeypatch):
     assert (tmp_path / "empty").is_dir()
 
 
+def test_the_app_skips_gradio_work_per_event_it_never_uses(tmp_path: Path, monkeypatch):
+    """The monitoring summary is rebuilt every 1,000 events (not after every one), unless the user chose; with no
+    matplotlib installed, no import of it is tried for each streamed update."""
+    import contextlib
+    import importlib.util
+
+    monkeypatch.setenv("OPTIMER_ASSETS", str(tmp_path / "no-assets"))
+    monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", raising=False)
+    monkeypatch.setattr(gr.utils, "MatplotlibBackendMananger", gr.utils.MatplotlibBackendMananger)  # put back after
+    demo = app.build_app(tmp_path / "empty")
+    assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000  # gradio's own attribute (sic), read from the setting
+    no_matplotlib = importlib.util.find_spec("matplotlib") is None
+    assert (gr.utils.MatplotlibBackendMananger is contextlib.nullcontext) == no_matplotlib
+    monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", "7")  # the user's setting wins
+    assert app.build_app(tmp_path / "empty")._queue.ANAYLTICS_CACHE_FREQUENCY == 7
+
+
 def test_defaults_are_local_and_private():
     sig = inspect.signature(app.launch)
     assert sig.parameters["host"].default == "127.0.0.1" and sig.parameters["share"].default is False

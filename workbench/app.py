@@ -18,7 +18,9 @@ unless ``host`` says otherwise, never opens a share link unless ``share=True``, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import os
 import secrets
 from pathlib import Path
@@ -234,8 +236,25 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             refresh_all, state, outputs, **in_order)
         hide_internal_api(demo)  # before the context closes: the page config says so too
     hide_internal_api(demo)  # and the State's initial-value event, which gradio adds as the context closes
+    skip_unused_per_event_work()  # before the queue is made: it reads the analytics setting then
     demo.queue(default_concurrency_limit=4)
     return demo
+
+
+def skip_unused_per_event_work() -> None:
+    """Two things Gradio does for every event, and for every streamed update of one, that the workbench never uses.
+
+    Found with a sampler on the server under 20 chat clients (bench/load_chat.py): after each event the queue
+    rebuilds its traffic summary for the optional monitoring page, a pandas table of up to the last 10,000 events
+    (3.5-8.6 ms, measured, holding the interpreter lock), and each streamed update tries ``import matplotlib``,
+    which, when it is not installed, searches the whole import path again every time. The summary is now rebuilt
+    every 1,000 events (``GRADIO_ANALYTICS_CACHE_FREQUENCY``, unless the user set it: the monitoring page lags by
+    at most that many events), and with no matplotlib installed its backend switch is skipped (it has nothing to
+    switch).
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+    if importlib.util.find_spec("matplotlib") is None and hasattr(gr.utils, "MatplotlibBackendMananger"):
+        gr.utils.MatplotlibBackendMananger = contextlib.nullcontext  # type: ignore[attr-defined,misc]
 
 
 # The endpoints gradio_client users see: the chat and the page-load refresh (bench/load_chat.py drives both).
