@@ -54,6 +54,7 @@ class Stats:
     connects: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     replies_chars: int = 0
+    updates: int = 0  # streamed updates the finished requests received
     empty_replies: int = 0  # a tiny model may sample end-of-text first: an empty reply, not a failure
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -180,7 +181,8 @@ def client_loop(url: str, auth: tuple[str, str] | None, idx: int, barriers: tupl
             job = client.submit(prompt, args.panes, args.max_new_tokens, 256, 0.8, 0.95, False, idx * 1000 + n,
                                 *models, [], [], [], [], api_name=endpoint)
             job.result(timeout=args.timeout)
-            panes = _panes(job.outputs())
+            outputs = job.outputs()
+            panes = _panes(outputs)
             panes = panes[:args.panes] if panes else panes  # the hidden panes come back too, unchanged
             latency = time.perf_counter() - t0
             replies = [_text(h[-1]) if h and h[-1].get("role") == "assistant" else None for h in (panes or [])]
@@ -190,6 +192,7 @@ def client_loop(url: str, auth: tuple[str, str] | None, idx: int, barriers: tupl
             with stats.lock:
                 stats.latencies.append(latency)
                 stats.replies_chars += sum(len(r) for r in replies)
+                stats.updates += len(outputs)
                 stats.empty_replies += sum(not r for r in replies)
         except Exception as exc:  # noqa: BLE001
             with stats.lock:
@@ -211,7 +214,7 @@ def client_process(url: str, auth: tuple[str, str] | None, indices: list[int], b
     for t in threads:
         t.join()
     out.put({**{k: getattr(stats, k) for k in STAT_LISTS},
-             "replies_chars": stats.replies_chars, "empty_replies": stats.empty_replies})
+             "replies_chars": stats.replies_chars, "empty_replies": stats.empty_replies, "updates": stats.updates})
 
 
 def run_clients(url: str, auth: tuple[str, str] | None, clients: int, procs: int, seconds: float,
@@ -300,6 +303,7 @@ def _gather(out: Any, workers: list[Any], stats: Stats, timeout: float) -> None:
             getattr(stats, k).extend(part[k])
         stats.replies_chars += part["replies_chars"]
         stats.empty_replies += part["empty_replies"]
+        stats.updates += part["updates"]
     if got < len(workers):
         stats.errors.append(f"{len(workers) - got} client process(es) lost (died or timed out); their figures are "
                             "missing")
@@ -370,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         "requests_per_s": round(len(lat) / wall, 3) if wall else None,
         "reply_chars_mean": round(stats.replies_chars / (len(lat) * args.panes), 1) if lat else None,
         "empty_replies": stats.empty_replies,
+        "updates_per_request": round(stats.updates / len(lat), 1) if lat else None,
         "page_load_p50_s": round(percentile(stats.page_loads, 0.5), 2),
         "page_load_max_s": round(max(stats.page_loads), 2) if stats.page_loads else None,
         "connect_p50_s": round(percentile(stats.connects, 0.5), 2),

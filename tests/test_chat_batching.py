@@ -229,8 +229,11 @@ def test_batch_limits_and_checks(engine: MergeEngine, monkeypatch):
     fresh = MergeEngine(engine.base, engine.tokenizer, engine.vectors, instruction=engine.instruction)
     monkeypatch.setenv("OPTIMER_CHAT_BATCH", "1")
     monkeypatch.setenv("OPTIMER_CHAT_WINDOW_MS", "40")
+    monkeypatch.setenv("OPTIMER_CHAT_STREAM_MS", "250")
     shared = batcher(fresh)
-    assert (shared.max_batch, shared.window_s) == (1, 0.04) and batcher(fresh) is shared
+    assert (shared.max_batch, shared.window_s, shared.stream_every_s) == (1, 0.04, 0.25) and batcher(fresh) is shared
+    with pytest.raises(ConfigError, match="stream intervals"):
+        ReplyBatcher(engine, stream_every_s=-1)
     monkeypatch.setenv("OPTIMER_CHAT_BATCH", "many")
     with pytest.raises(ConfigError, match="OPTIMER_CHAT_BATCH"):
         batcher(MergeEngine(engine.base, engine.tokenizer, engine.vectors))
@@ -261,6 +264,20 @@ def test_readers_are_woken_at_most_every_stream_interval(engine: MergeEngine):
         texts[every] = list(one.submit(state, prompt, Sampling(30)))
     assert "".join(texts[0.0]) == "".join(texts[60.0]) and len("".join(texts[0.0])) > 20
     assert len(texts[0.0]) >= 5 and len(texts[60.0]) <= 2  # woken at the first token and at the end only
+
+
+def test_readers_of_a_busy_batch_are_woken_less_often(engine: MergeEngine):
+    """More than ``busy_rows`` rows in a batch (several users at once): their readers get the busy interval."""
+    state = engine.state({}, 1.0)
+    prompt = _ids(engine, PROMPTS[1])
+    replies = ReplyBatcher(engine, window_s=1.0, max_batch=3, stream_every_s=0.0, busy_stream_every_s=60.0,
+                           busy_rows=2)
+    busy = [replies.submit(state, prompt, Sampling(30)) for _ in range(3)]  # one batch (it is full: it goes at once)
+    pieces = [list(r) for r in busy]
+    assert [r.batch_size for r in busy] == [3, 3, 3] and all(r.stream_every_s == 60.0 for r in busy)
+    assert all(len(p) <= 2 and len("".join(p)) > 20 for p in pieces)  # the first token and the end only
+    quiet = replies.submit(state, prompt, Sampling(30))  # alone after the window: the quiet interval
+    assert len(list(quiet)) >= 5 and quiet.batch_size == 1 and quiet.stream_every_s == 0.0
 
 
 def test_a_slow_reader_of_several_replies_gets_merged_updates(engine: MergeEngine):
