@@ -48,7 +48,6 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -58,6 +57,7 @@ from optimer_lib.checkpoints.vectors import DistributionVector
 from optimer_lib.engine.exiting import EXITING, EngineExiting, watch
 from optimer_lib.engine.heap import trim_heap
 from optimer_lib.engine.host_base import module_bytes, place_base, pool_base_on
+from optimer_lib.engine.slots import EngineStats, Lease, Slot
 from optimer_lib.engine.state import MergeState
 from optimer_lib.engine.vector_placement import check_vectors_on, choose_vectors_on, place_vectors
 from optimer_lib.errors import ConfigError
@@ -68,49 +68,6 @@ BACKGROUND = 5  # work nobody is waiting for yet (reference bars, prefetching): 
 SEARCH = 10  # a search trial: waits behind every interactive request
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Slot:
-    """One materialised merged model and the state it holds."""
-
-    index: int
-    model: torch.nn.Module
-    merger: ResidentMerger
-    state: MergeState
-    last_used: float = 0.0
-    merges: int = 0
-
-
-@dataclass
-class Lease:
-    """A slot lent to one request: ``model`` holds ``state`` until the lease ends."""
-
-    model: torch.nn.Module
-    state: MergeState
-    slot: int
-    changed: int  # vectors the re-merge had to read (0: the slot already held the state)
-    merge_s: float
-    waited_s: float
-
-
-@dataclass
-class EngineStats:
-    """Counters since the engine started; ``bytes_*`` are tensor bytes the engine holds."""
-
-    slots: int
-    max_slots: int
-    merges: int
-    reused: int
-    cache_hits: int
-    cache_size: int
-    waiting: int
-    bytes_base: int
-    bytes_per_slot: int
-    merges_by_slot: list[int] = field(default_factory=list)
-    leases: int = 0  # leases granted (each one job: a score, a trial, a batch of chat replies)
-    base_on: str = "device"  # "host": the base stays (memory-mapped) in host memory, the slots on the device
-    bytes_base_mapped: int = 0  # of bytes_base, those file-backed (page cache, not process memory)
 
 
 def _preempt_hook(engine: weakref.ref[MergeEngine], index: int, inside: bool = False) -> None:
