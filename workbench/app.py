@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from optimer_lib.engine.heap import configure_heap
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
 from optimer_lib.scoring.evaluate import EvalSuite
+from workbench.page_cache import PageCache
 from workbench.searching import load_study
 from workbench.session import Session
 from workbench.tabs import Ctx
@@ -308,8 +310,10 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
     kwargs.setdefault("preload", True)  # a served app opens its pool before the first page asks for it
     demo = build_app(workdir, **kwargs)
     try:
+        # the page from memory after its first render (workbench.page_cache), unless a login makes it per user
+        middleware = [] if auth else [Middleware(PageCache)]
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
-                    css=CSS, run_history=False, auth=auth,
+                    css=CSS, run_history=False, auth=auth, app_kwargs={"middleware": middleware},
                     auth_message="OptiMer Workbench: log in with the user and password it was started with" if auth
                     else None)
     except ValueError as exc:
