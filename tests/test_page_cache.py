@@ -28,8 +28,9 @@ class Page:
             await send({"type": "http.response.body", "body": body, "more_body": i < self.chunks - 1})
 
 
-def get(app, path: str = "/", host: bytes = b"a:1", method: str = "GET") -> bytes:
-    """One request through ``app``; the response body."""
+def get(app, path: str = "/", host: bytes = b"a:1", method: str = "GET", query: bytes = b"",
+        headers: tuple[tuple[bytes, bytes], ...] = (), started: list | None = None) -> bytes:
+    """One request through ``app``; the response body (and its start message appended to ``started``)."""
     out: list[bytes] = []
 
     async def receive():
@@ -38,9 +39,11 @@ def get(app, path: str = "/", host: bytes = b"a:1", method: str = "GET") -> byte
     async def send(message):
         if message["type"] == "http.response.body":
             out.append(message.get("body", b""))
+        elif started is not None:
+            started.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "scheme": "http",
-             "root_path": "", "headers": [(b"host", host), (b"accept", b"*/*")]}
+    scope = {"type": "http", "method": method, "path": path, "query_string": query, "scheme": "http",
+             "root_path": "", "headers": [(b"host", host), (b"accept", b"*/*"), *headers]}
     asyncio.run(app(scope, receive, send))
     return b"".join(out)
 
@@ -55,6 +58,39 @@ def test_the_page_renders_once_per_host_and_nothing_else_is_kept():
     assert get(cache, method="HEAD").endswith(b"#5") and page.renders == 5
     get(cache, host=b"c:3")  # a third variant: the oldest (a:1) is dropped
     assert get(cache).endswith(b"#7") and len(cache.pages) == 2
+
+
+def test_a_query_or_a_server_header_is_answered_afresh_and_not_kept():
+    """``x-gradio-server`` sets the page's root URL: one request must not choose it for every later visitor."""
+    page = Page()
+    cache = PageCache(page)
+    assert get(cache, query=b"__theme=dark").endswith(b"#1") and get(cache, query=b"__theme=dark").endswith(b"#2")
+    assert get(cache, headers=((b"X-Gradio-Server", b"http://elsewhere/"),)).endswith(b"#3")
+    assert not cache.pages and get(cache).endswith(b"#4") and get(cache).endswith(b"#4")
+
+
+def test_outer_middlewares_headers_are_neither_kept_nor_piled_up():
+    """CORS (outside the cache) edits the start message's headers in place, per request: the kept copy is the app's."""
+    page = Page()
+    cache = PageCache(page)
+
+    async def cors(scope, receive, send):  # like Gradio's: adds to the very message it is handed
+        async def edit(message):
+            if message["type"] == "http.response.start":
+                origin = dict(scope["headers"]).get(b"origin")
+                if origin:
+                    message["headers"] += [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+            await send(message)
+        await cache(scope, receive, edit)
+
+    starts: list = []
+    get(cors, headers=((b"origin", b"http://one.example"),), started=starts)
+    get(cors, started=starts)
+    for _ in range(3):
+        get(cors, headers=((b"origin", b"http://two.example"),), started=starts)
+    names = [[k for k, _ in m["headers"]] for m in starts]
+    assert page.renders == 1 and b"access-control-allow-origin" not in names[1]  # no other visitor's origin
+    assert [n.count(b"vary") for n in names] == [1, 0, 1, 1, 1]  # one per response, never piling up
 
 
 @pytest.mark.parametrize("kind", [{"status": 500}, {"cookie": True}, {"chunks": 2}])
@@ -76,12 +112,13 @@ def _cache_in(app) -> PageCache | None:
 
 def test_the_served_page_is_a_fresh_render_and_a_login_leaves_the_cache_out(served):  # noqa: F811
     demo, url = served()
-    compressed = httpx.get(url + "/", headers={"Accept-Encoding": "br"})  # the fresh render (compression is outside)
+    first = httpx.get(url + "/", headers={"Origin": "http://other.example"})  # the fresh render
     plain, again = httpx.get(url + "/"), httpx.get(url + "/")  # kept copies
     cache = _cache_in(demo.app)
     assert cache is not None and (cache.misses, cache.hits) == (1, 2)
-    assert compressed.status_code == plain.status_code == 200 and plain.content == again.content
-    assert plain.content.lstrip().lower().startswith(b"<!doctype html") and compressed.text == plain.text
+    assert first.status_code == plain.status_code == 200 and plain.content == again.content == first.content
+    assert plain.content.lstrip().lower().startswith(b"<!doctype html")
+    assert "access-control-allow-origin" not in plain.headers  # the first visitor's CORS answer is not kept
     assert httpx.get(url + "/config").json()["root"] in plain.text  # this server's own address
     logged, url2 = served(auth="alice:pw")
     assert httpx.get(url2 + "/").status_code == 200 and _cache_in(logged.app) is None  # the page names the user

@@ -10,10 +10,13 @@ so 20 tabs opened at once wait for each other. Without a login the page is the s
 the same URL and the same host and proxy headers (the config's ``root`` comes from them; the page holds no session
 and sets no cookie), so the first response for each such request is kept and sent again.
 
-Only a plain ``GET`` of one of ``paths`` that the app answers with 200, a single body and no ``set-cookie`` is kept;
-everything else passes through. Do not install it on an app with a login (the page then names the user):
-:func:`workbench.app.launch` leaves it out when ``auth`` is given. At most ``max_entries`` variants are kept (the
-oldest is dropped first).
+Only a plain ``GET`` of one of ``paths`` with no query string and no ``x-gradio-server`` header (Gradio takes the
+page's root URL from it: one request must not choose the address every later visitor's page talks to) that the app
+answers with 200, a single body and no ``set-cookie`` is kept; everything else passes through. What is kept is the
+app's own response, copied before the outer middlewares (CORS, compression) add their per-request headers to it,
+and each visitor gets a fresh copy of it for them to add theirs to. Do not install it on an app with a login (the
+page then names the user): :func:`workbench.app.launch` leaves it out when ``auth`` is given. At most
+``max_entries`` variants are kept (the oldest is dropped first).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ Send = Callable[[Message], Awaitable[None]]
 # the request headers the page depends on: Gradio builds the config's root URL from the host and proxy headers
 KEY_HEADERS = (b"host", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-prefix",
                b"x-forwarded-path", b"forwarded")
+PASS_HEADERS = (b"x-gradio-server",)  # a request with one of these is answered afresh and not kept
 
 
 class PageCache:
@@ -48,7 +52,8 @@ class PageCache:
                 tuple(headers.get(h) for h in KEY_HEADERS))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http" or scope.get("method") != "GET" or scope.get("path") not in self.paths:
+        if (scope.get("type") != "http" or scope.get("method") != "GET" or scope.get("path") not in self.paths
+                or scope.get("query_string") or any(k.lower() in PASS_HEADERS for k, _ in scope.get("headers", ()))):
             await self.app(scope, receive, send)
             return
         key = self.key(scope)
@@ -56,14 +61,14 @@ class PageCache:
         if page is not None:
             self.hits += 1
             start, body = page
-            await send(start)
+            await send(_copy(start))  # outer middlewares edit the message's headers in place
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         self.misses += 1
         sent: list[Message] = []
 
         async def keep(message: Message) -> None:
-            sent.append(message)
+            sent.append(_copy(message))  # as the app sent it, before the outer middlewares add to its headers
             await send(message)
 
         await self.app(scope, receive, keep)
@@ -78,6 +83,14 @@ class PageCache:
             return
         if any(k.lower() == b"set-cookie" for k, _ in sent[0].get("headers", ())):
             return
-        self.pages[key] = (dict(sent[0]), bytes(body.get("body", b"")))
+        self.pages[key] = (sent[0], bytes(body.get("body", b"")))
         while len(self.pages) > self.max_entries:
             self.pages.popitem(last=False)
+
+
+def _copy(message: Message) -> Message:
+    """``message`` with its own list of headers (the rest is not edited by middlewares)."""
+    out = dict(message)
+    if "headers" in out:
+        out["headers"] = [(bytes(k), bytes(v)) for k, v in out["headers"]]
+    return out
