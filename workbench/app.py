@@ -250,9 +250,9 @@ def skip_unused_per_event_work() -> None:
     rebuilds its traffic summary for the optional monitoring page, a pandas table of up to the last 10,000 events
     (3.5-8.6 ms, measured, holding the interpreter lock), and each streamed update tries ``import matplotlib``,
     which, when it is not installed, searches the whole import path again every time. The summary is now rebuilt
-    every 1,000 events (``GRADIO_ANALYTICS_CACHE_FREQUENCY``, unless the user set it: the monitoring page lags by
-    at most that many events), and with no matplotlib installed its backend switch is skipped (it has nothing to
-    switch).
+    every 1,000 events (``GRADIO_ANALYTICS_CACHE_FREQUENCY``, unless the user set it: the monitoring page's summary
+    lags by up to that many events and is empty before the first 1,000), and with no matplotlib installed its
+    backend switch is skipped (it has nothing to switch).
     """
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     if importlib.util.find_spec("matplotlib") is None and hasattr(gr.utils, "MatplotlibBackendMananger"):
