@@ -45,18 +45,23 @@ class PageCache:
         self.pages: OrderedDict[tuple, tuple[Message, bytes]] = OrderedDict()
         self.hits = self.misses = 0
 
-    @staticmethod
-    def key(scope: Scope) -> tuple:
-        headers = dict((k.lower(), v) for k, v in scope.get("headers", ()))
-        return (scope.get("scheme"), scope.get("root_path", ""), scope["path"], scope.get("query_string", b""),
-                tuple(headers.get(h) for h in KEY_HEADERS))
+    def key(self, scope: Scope) -> tuple | None:
+        """What the page kept for this request depends on, or None when the request is answered afresh (not a plain
+        ``GET`` of one of ``paths``, a query string, or a header of ``PASS_HEADERS``)."""
+        if (scope.get("type") != "http" or scope.get("method") != "GET" or scope.get("path") not in self.paths
+                or scope.get("query_string")):
+            return None
+        headers = {k.lower(): v for k, v in scope.get("headers", ())}
+        if any(h in headers for h in PASS_HEADERS):
+            return None
+        shown = tuple(headers.get(h) for h in KEY_HEADERS)
+        return scope.get("scheme"), scope.get("root_path", ""), scope["path"], shown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope.get("type") != "http" or scope.get("method") != "GET" or scope.get("path") not in self.paths
-                or scope.get("query_string") or any(k.lower() in PASS_HEADERS for k, _ in scope.get("headers", ()))):
+        key = self.key(scope)
+        if key is None:
             await self.app(scope, receive, send)
             return
-        key = self.key(scope)
         page = self.pages.get(key)
         if page is not None:
             self.hits += 1
