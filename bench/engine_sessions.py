@@ -66,6 +66,7 @@ from _workbench_driver import (
     p50,
     rounded,
     search_phase,
+    secs,
 )
 
 DEMO_WORKDIRS = ("runs/wb-demo", "runs/quick", "runs/demo")
@@ -193,6 +194,10 @@ async def drive(n: int, url: str, args: argparse.Namespace, chromium: Path, samp
                 "page_ready_p50_s": p50([r.page_ready_s for r in results]),
                 "page_ready_max_s": round(max(r.page_ready_s for r in results), 3),
                 "slider_estimate_p50_s": p50([r.estimate_s for r in results]),
+                # every move of every session (--moves): the estimate's latency over more than N samples
+                "slider_estimate_all_s": [rounded(x) for r in results
+                                          for x in [r.estimate_s, *(m["estimate_s"] for m in r.more_moves)]
+                                          if x is not None],
                 "slider_partial_p50_s": p50([r.partial_s for r in results]),
                 "slider_full_p50_s": p50([r.full_s for r in results]),
                 "chat_ttft_p50_s": p50([r.chat_first_token_s[0] if r.chat_first_token_s else None for r in results]),
@@ -201,6 +206,10 @@ async def drive(n: int, url: str, args: argparse.Namespace, chromium: Path, samp
                 "chat_done_p50_s": p50([r.chat_done_s for r in results]),
                 "per_session": [{k: rounded(v) for k, v in asdict(r).items()} for r in results],
             })
+            moves = out["slider_estimate_all_s"]
+            if len(moves) > n:
+                log(f"{tag} estimate over all {len(moves)} moves that drew one: p50 {secs(p50(moves))}, "
+                    f"max {secs(max(moves))}")
             log(f"{tag} {n} sessions open: RssAnon final {final['anon_gb']:.2f} GB, peak {peak['anon_gb']:.2f} GB "
                 f"(idle {idle:.2f}); RssFile peak {peak['file_gb']:.2f} GB")
             if args.search:
@@ -250,6 +259,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. which commit --code holds)")
     p.add_argument("--concurrent", action="store_true", help="run the N sessions at once, not one after another")
     p.add_argument("--no-chat", action="store_true", help="skip the chat step")
+    p.add_argument("--moves", type=int, default=1, help="slider moves per session (the later ones: JSON only)")
     p.add_argument("--search", action="store_true", help="also: slider latency in one session while another searches")
     p.add_argument("--search-trials", type=int, default=50, help="trials of that search (it is stopped anyway)")
     p.add_argument("--search-moves", type=int, default=2, help="slider moves timed while the search runs")

@@ -68,13 +68,15 @@ def tab_and_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[TuneTab, 
 def release(tab: TuneTab, session: Session, move: tuple[str, int], granularity: str, plain: list[float],
             group_value: float = 0.0) -> list:
     """Run a move's handler as Gradio would (all its yields) with what its event sends: the last chart and status,
-    and the heat-map and group view, which only the first yield carries (Gradio rebuilds a component per update)."""
+    and the heat-map and group view, which only the second yield carries (Gradio rebuilds a component per update):
+    the first answers the move on the chart (cached score, estimate or "scoring", before any forward pass)."""
     values = [group_value] if move[0] == "group" else [*plain, *[0.0] * (tab.ctx.max_vectors - len(plain))]
     assert len(tab.inputs(move)) == 2 + len(values)
-    first, *later = (list(y) for y in tab._release_fn(move)(session, granularity, *values))
-    assert first[:2] == [gr.skip(), gr.skip()] and later  # heat-map and view before any score, once
+    first, heat, *later = (list(y) for y in tab._release_fn(move)(session, granularity, *values))
+    assert first[2:] == [gr.skip(), gr.skip()] and first[1] != gr.skip()  # the chart's status answers first
+    assert heat[:2] == [gr.skip(), gr.skip()] and heat[2] != gr.skip()  # then the heat-map and view, once
     assert all(u == gr.skip() for y in later for u in y[2:])
-    return [*later[-1][:2], *first[2:]]  # the final chart and status, with the heat-map and view
+    return [*(later or [first])[-1][:2], *heat[2:]]  # the final chart and status, with the heat-map and view
 
 
 def test_release_reads_only_the_moved_group_slider(tab_and_session):
@@ -134,7 +136,7 @@ def test_a_tune_stream_resumed_on_any_thread_scores_on_the_engines_own(tmp_path,
     it = session.score_stream({"ja": 0.4})
     updates = [next_on(f"worker-{k}", it) for k in range(8)]
     phases = [u.phase for u in updates if u is not None]
-    assert phases[-1] == "final" and set(phases) <= {"estimate", "partial", "final"}
+    assert phases[-1] == "final" and set(phases) <= {"estimate", "scoring", "partial", "final"}
     assert seen and all(n.startswith("leased-map-") for n in seen), seen
 
     def broken(self, *a, **kw):

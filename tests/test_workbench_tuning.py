@@ -28,7 +28,10 @@ def ws(tmp_path) -> Workspace:
 def test_a_move_streams_partial_then_final_scores_with_intervals(ws):
     s = Session(ws, tune_limit=4, qa_limit=2)
     ups = list(s.score_stream({"ja": 0.5}))
-    assert [u.phase for u in ups] == ["partial"] * 3 + ["final"]  # no estimate before any merge is scored
+    # nothing scored yet: no estimate, but an answer at once ("scoring"), then the sets as they are scored
+    assert [u.phase for u in ups] == ["scoring"] + ["partial"] * 3 + ["final"]
+    assert not ups[0].metrics and ups[0].sets_total == 4 and ups[0].objective is None
+    ups = ups[1:]
     # sets come as they finish (on a CPU with a core per lease, two slots share them): one more each time
     names = ["en", "ja", "math", "math (QA)"]
     assert [len(u.sets_done) for u in ups] == [1, 2, 3, 4] and ups[-1].sets_done == names
@@ -83,6 +86,7 @@ def test_a_newer_move_cancels_the_older_scoring(ws, monkeypatch):
 
     monkeypatch.setattr(TuneScoring, "stream", gated)
     old = s.score_stream({"ja": 0.2})
+    assert next(old).phase == "scoring"  # nothing to estimate from: answered before any forward pass
     assert next(old).phase == "partial"  # holding the engine mid-scoring
     newer = s.score_stream({"ja": 0.9})  # the user moved again: asked now, scored once the old one lets go
     moved.set()

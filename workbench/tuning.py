@@ -2,13 +2,16 @@
 
     from workbench.tuning import score_stream
     for update in score_stream(shared, state, scoring, should_stop=lambda: newer_move_arrived):
-        update.phase            # "estimate" (≈, no forward pass), "partial" (sets done so far), "final"
+        update.phase            # "estimate" (≈, no forward pass) or "scoring" (no estimate yet), "partial"
+                                # (sets done so far), "final"; "cancelled" when a newer move took over
         update.metrics          # {"loss:ja": ..., "acc:math": ...}
         update.intervals        # 95% bootstrap intervals over the scored documents (partial/final)
 
 Exact scoring is compute-bound (≈ 2 × parameters × tokens scored), so a Tune move first draws an estimate
 fitted to the merges scored so far (a quadratic in α, :mod:`optimer_lib.scoring.estimate`), then replaces it
-set by set. Every exact score carries its uncertainty (bootstrap over the scored documents): a difference
+set by set. The first update of a move comes at once, before any forward pass: the cached score, the estimate, or
+"scoring" (nothing to estimate from yet), so a front end can answer the move and then draw anything else it owes.
+Every exact score carries its uncertainty (bootstrap over the scored documents): a difference
 inside it is noise. Scores are cached by the pool's engine under (merge, scoring set), so any session moving
 to a merge scored before gets it at once; the estimators (one per scoring set and merge method) are shared by
 the sessions of a pool too, and track how often their estimate fell inside the exact interval.
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from workbench.workspace import SharedPool
 
 INSTRUCTION = "instruction"  # the estimator's coordinate for the instruction weight
-PHASES = ("estimate", "partial", "final", "cancelled")
+PHASES = ("estimate", "scoring", "partial", "final", "cancelled")
 
 
 @dataclass
@@ -137,7 +140,8 @@ def cached_update(shared: SharedPool, state: MergeState, scoring: TuneScoring) -
 
 def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
                  should_stop: Callable[[], bool] | None = None, priority: int = INTERACTIVE) -> Iterator[TuneUpdate]:
-    """Estimate, then partial and final exact scores of ``state`` (see the module docstring).
+    """The estimate (or "scoring": nothing to estimate from yet), then partial and final exact scores of ``state``
+    (see the module docstring).
 
     ``should_stop()`` is asked between batches: once true the scoring ends with a "cancelled" update (nothing
     cached, the engine's slots handed back at once) so a newer move can take the model. ``priority`` is the
@@ -160,6 +164,8 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
         values = dict(guess.values)
         obj = values.pop("objective", None)
         yield TuneUpdate("estimate", state, _shown(values), {}, obj, [], len(names), estimate=guess)
+    else:
+        yield TuneUpdate("scoring", state, {}, {}, None, [], len(names))
     jobs = _jobs(shared, state, scoring)
     # lm-eval keeps one scorer per process (not thread-safe): a scoring with lm-eval terms runs on one lease
     workers = min(engine.concurrency, shared.tune_slots) if priority == INTERACTIVE and not scoring.lmeval else 1

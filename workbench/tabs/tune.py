@@ -181,6 +181,10 @@ class TuneTab(GroupControls):
         for u in updates:  # no lease here: leased_map's threads score, so any Gradio worker may resume it
             if u.phase == "cancelled":
                 return
+            if u.phase == "scoring":  # no estimate to draw: the chart stays until the first dev set is scored
+                yield gr.skip(), (f"scoring **{u.sets_total}** dev sets… (no estimate yet: too few merges scored "
+                                  "with this method and scoring set)")
+                continue
             key = {"estimate": "estimate", "partial": "first set"}.get(u.phase)
             if key:
                 times.setdefault(key, time.perf_counter() - t0)
@@ -221,11 +225,15 @@ class TuneTab(GroupControls):
                 weights, iw, layout = self.read_weights(session, granularity, values, moved)
                 if not layout:
                     session.ui["tune_layout"] = []
-                # heat-map and group view first, once (each output update costs a rebuild), before the scoring
-                # can fail or be cancelled by a newer move
-                yield gr.skip(), gr.skip(), *self.group_updates(session, weights, granularity)
+                # The chart answers first: a move's first update comes at once (cached score, estimate or "scoring",
+                # see workbench.tuning), and the browser draws one message at a time (~0.1 s per plot on 2 cores),
+                # so the heat-map and group view follow it, once (each output update costs a rebuild).
+                heat = None
                 for fig, status in self.stream(session, session.score_stream(weights, iw), t0):
                     yield fig, status, gr.skip(), gr.skip()
+                    if heat is None:
+                        heat = self.group_updates(session, weights, granularity)
+                        yield gr.skip(), gr.skip(), *heat
             except Exception as exc:
                 yield gr.update(), error_md(exc), gr.skip(), self._resync_view(session)
 
