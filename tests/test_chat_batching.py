@@ -4,6 +4,8 @@ others alone, different merges are different batches; Session.chat sends its pan
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,19 @@ def _forwards(monkeypatch) -> list[int]:
     real = LlamaForCausalLM.forward
     monkeypatch.setattr(LlamaForCausalLM, "forward", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
     return calls
+
+
+def test_replies_are_generated_at_compute_priority(engine: MergeEngine, monkeypatch):
+    """Generation yields the cores to the web server and a browser on the same machine (engine.priority)."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", "6")
+    seen: list[int] = []
+    real = LlamaForCausalLM.forward
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda self, *a, **kw: seen.append(
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) or real(self, *a, **kw))
+    _read(ReplyBatcher(engine, window_s=0.0).submit(engine.state({}, 1.0), _ids(engine, PROMPTS[0]), Sampling(4)))
+    assert seen and set(seen) == {max(6, os.getpriority(os.PRIO_PROCESS, 0))}
 
 
 def test_rows_stop_at_their_own_length(engine: MergeEngine, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -203,3 +204,15 @@ def test_a_stopped_map_ends_while_its_helper_still_waits_and_that_helper_never_m
     time.sleep(0.1)
     after = engine.stats()
     assert (after.merges, after.reused, after.waiting) == (before.merges + 1, before.reused, 0)  # urgent's only
+
+
+def test_the_jobs_run_at_compute_priority(tiny_vectors, monkeypatch):
+    """Scoring yields the cores to the web server and a browser on the same machine (optimer_lib.engine.priority)."""
+    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", "7")
+    engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
+
+    def job(model, stopped):
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    done = list(leased_map(engine, engine.state({"v0": 0.4}), [job] * 4, workers=2))
+    assert sorted(nice for _, nice, _ in done) == [max(7, os.getpriority(os.PRIO_PROCESS, 0))] * 4

@@ -31,6 +31,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.engine import SEARCH
+from optimer_lib.engine.priority import compute_thread
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging.methods import parse_method_params
 from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
@@ -172,7 +173,7 @@ class SearchRun:
         self.stopped = False
         self.on_event = on_event
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run_then_release, name=f"search-{self.study_name}",
+        self._thread = threading.Thread(target=compute_thread(self._run_then_release), name=f"search-{self.study_name}",
                                         daemon=True)
 
     @property

@@ -40,6 +40,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from optimer_lib.engine.engine import INTERACTIVE, MergeEngine
+from optimer_lib.engine.priority import compute_thread
 from optimer_lib.engine.sampling import RowSampler, Sampling
 from optimer_lib.engine.state import MergeState
 from optimer_lib.errors import ConfigError
@@ -268,7 +269,8 @@ class ReplyBatcher:
             if (batch is None or batch.closed or len(batch.rows) >= self.max_batch
                     or (self.positions and batch.length(reply) > self.positions)):
                 batch = self._open[state] = _Batch(state)
-                threading.Thread(target=self._serve, args=(batch,), daemon=True, name="chat-generate").start()
+                threading.Thread(target=compute_thread(self._serve), args=(batch,), daemon=True,
+                                 name="chat-generate").start()
             batch.rows.append(reply)
             if len(batch.rows) >= self.max_batch:
                 batch.full.set()

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from optimer_lib.engine.engine import INTERACTIVE, Lease, MergeEngine
+from optimer_lib.engine.priority import compute_thread
 from optimer_lib.engine.state import MergeState
 
 T = TypeVar("T")
@@ -101,7 +102,7 @@ def leased_map(engine: MergeEngine, state: MergeState, jobs: Sequence[Job], *, p
     received = 0
     try:
         for w in range(count):
-            threading.Thread(target=work, args=(w > 0,), name=f"leased-map-{w}", daemon=True).start()
+            threading.Thread(target=compute_thread(work), args=(w > 0,), name=f"leased-map-{w}", daemon=True).start()
         # Not until every worker ended: a helper still waiting for a slot (another user's request holds it) must
         # not hold back the last result, nor a stopped map; when its turn comes it ends without merging.
         while received < n:
