@@ -170,7 +170,8 @@ def test_refusal_names_sizes_and_fixes():
     assert one.need_bytes == 2 * 2 * n + work(8192, item=2)
     assert str(one.problems[0]).endswith("need 592 MB but this machine has 590 MB free: use a larger machine")
     gpu = make_plan(size, Machine("gpu", "cuda:0", 64 * GB, 100_000_000, 1000 * GB, 12 * GB), dtype="bfloat16")
-    assert "--device cpu or a GPU with more memory" in gpu.problems[0]
+    assert gpu.problems[0].endswith("use --device cpu or a GPU with more memory (the engine runs on one GPU: it "
+                                    "does not split a model across several)")
 
 
 def test_injected_host_memory_reaches_the_plan(tiny_vectors):

@@ -254,7 +254,10 @@ def _refusal(plan: CapacityPlan) -> str:
         fixes.append("--dtype bfloat16")
     if plan.slots > 1:
         fixes.append(f"--slots {max(1, plan.slots_fit)}")
-    fixes.append("a larger machine" if plan.device == "cpu" else "--device cpu or a GPU with more memory")
+    # one GPU per engine: say so, or a user with several (each too small) looks for a switch that is not there
+    fixes.append("a larger machine" if plan.device == "cpu" else
+                 "--device cpu or a GPU with more memory (the engine runs on one GPU: it does not split a model "
+                 "across several)")
     return (f"{what}{plan.slots} slot{'s' if plan.slots > 1 else ''} ({fmt_bytes(plan.slots * plan.slot_bytes)}) "
             f"and {fmt_bytes(plan.work_bytes)} of working memory need {fmt_bytes(plan.need_bytes)} but {where} "
             f"{fmt_bytes(plan.available_bytes)} free: use {_either(fixes)}")
