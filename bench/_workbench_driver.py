@@ -297,12 +297,15 @@ class Driver:
             " return new RegExp(done).test(s) && !new RegExp(part, 'i').test(s); }",
             [before_status, status_sel, SELECTORS["tune_done"], SELECTORS["tune_partial"], SELECTORS["busy"],
              SELECTORS["error"]], "the full result"))
-        r.slider_value = float(await slider.input_value())  # after the watches start: its round trip is not timed
-        if r.slider_value == before_value:
+        try:  # read once the watches are asked for: they need not wait for its round trip
+            r.slider_value = float(await slider.input_value())
+            if r.slider_value == before_value:
+                raise BenchError(f"{self.tag} session {self.idx}: the drag did not move slider {i} ({before_value})")
+        except BaseException:
             for task in (estimate, partial, full):
                 task.cancel()
             await asyncio.gather(estimate, partial, full, return_exceptions=True)
-            raise BenchError(f"{self.tag} session {self.idx}: the drag did not move slider {i} ({before_value})")
+            raise
         try:
             r.full_s = await full
             try:  # drawn with or before the full result; plotly may draw it a moment after the status

@@ -108,16 +108,20 @@ def _forwards(monkeypatch) -> list[int]:
 
 
 def test_replies_are_generated_at_compute_priority(engine: MergeEngine, monkeypatch):
-    """Generation yields the cores to the web server and a browser on the same machine (engine.priority)."""
+    """Generation yields the cores to the web server's threads (engine.priority); the value is asked one above this
+    process's, so the test can fail wherever it runs."""
     from transformers import LlamaForCausalLM
 
-    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", "6")
+    target = os.getpriority(os.PRIO_PROCESS, 0) + 1
+    if target > 19:
+        pytest.skip(f"this test process runs at nice {target - 1}: no lower priority to check")
+    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", str(target))
     seen: list[int] = []
     real = LlamaForCausalLM.forward
     monkeypatch.setattr(LlamaForCausalLM, "forward", lambda self, *a, **kw: seen.append(
         os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) or real(self, *a, **kw))
     _read(ReplyBatcher(engine, window_s=0.0).submit(engine.state({}, 1.0), _ids(engine, PROMPTS[0]), Sampling(4)))
-    assert seen and set(seen) == {max(6, os.getpriority(os.PRIO_PROCESS, 0))}
+    assert seen and set(seen) == {target}
 
 
 def test_rows_stop_at_their_own_length(engine: MergeEngine, monkeypatch):

@@ -207,12 +207,16 @@ def test_a_stopped_map_ends_while_its_helper_still_waits_and_that_helper_never_m
 
 
 def test_the_jobs_run_at_compute_priority(tiny_vectors, monkeypatch):
-    """Scoring yields the cores to the web server and a browser on the same machine (optimer_lib.engine.priority)."""
-    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", "7")
+    """Scoring yields the cores to the web server's threads (optimer_lib.engine.priority); the value is asked one
+    above this process's, so the test can fail wherever it runs."""
+    target = os.getpriority(os.PRIO_PROCESS, 0) + 1
+    if target > 19:
+        pytest.skip(f"this test process runs at nice {target - 1}: no lower priority to check")
+    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", str(target))
     engine = _engine(tiny_vectors, max_slots=2, concurrency=2)
 
     def job(model, stopped):
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     done = list(leased_map(engine, engine.state({"v0": 0.4}), [job] * 4, workers=2))
-    assert sorted(nice for _, nice, _ in done) == [max(7, os.getpriority(os.PRIO_PROCESS, 0))] * 4
+    assert [nice for _, nice, _ in done] == [target] * 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 import weakref
 import zipfile
@@ -166,6 +167,33 @@ def test_stop_abandons_the_running_trial_within_a_forward_pass(session: Session)
     assert len(trials) == 1 and trials[0].user_attrs.get(record.INTERRUPTED)
     with session.merged() as model:  # the search's lease ended: the engine lends slots again
         model(input_ids=torch.tensor([[1, 5]]))
+
+
+NICE_OBJECTIVE = """
+import os
+import pathlib
+import threading
+
+def score(model, tokenizer):
+    nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    pathlib.Path(__file__).with_name("trial-nice").write_text(str(nice))
+    return 0.0
+"""
+
+
+def test_a_search_runs_its_trials_at_compute_priority(session: Session, monkeypatch):
+    """A search's trials merge and score in its own thread, which yields the cores to the web server's threads
+    (optimer_lib.engine.priority); the value is asked one above this process's, so the test can fail anywhere."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if before >= 19:
+        pytest.skip(f"this test process already runs at nice {before}: no lower priority to check")
+    monkeypatch.setenv("OPTIMER_COMPUTE_NICE", str(before + 1))
+    wd = session.workspace.workdir
+    (wd / "nice.py").write_text(NICE_OBJECTIVE)
+    run = session.start_search(SearchSpec(trials=1, sampler="random", objective="nice.py:score", top_k=0,
+                                          study_name="t-nice"))
+    assert run.wait(60) and run.error is None, run.status()
+    assert int((wd / "trial-nice").read_text()) == before + 1
 
 
 def test_the_stop_button_answers_with_the_stopped_status(session: Session):

@@ -161,3 +161,15 @@ def test_a_failed_move_sends_the_sessions_group_view_again(tab_and_session):
     again = list(tab._release_fn(("granularity", 0))(session, "layer-groups:9", *[0.3, 0.0, 0.0, 0.0]))[-1][3]
     assert again != view  # each failure re-sends: the menu is reset every time
     assert tab.on_group_view(view)[0]["value"] == "vector"
+
+
+def test_an_older_moves_heat_map_never_follows_a_newer_moves(tab_and_session):
+    """The heat-map goes out after a move's first chart update: if a newer move came meanwhile (another event of
+    the same tab), the older one's must not overwrite what the newer one drew."""
+    tab, session = tab_and_session
+    moves = tab._release_fn(("vector", 0))(session, "vector", 0.61, 0.0, 0.0, 0.0)
+    first = list(next(moves))
+    assert first[2:] == [gr.skip(), gr.skip()] and "error" not in str(first[1]).lower()
+    session.set_tune({"ja": 0.2, "math": 0.0})  # the newer move
+    assert all(y[2] == gr.skip() and y[3] == gr.skip() for y in moves)
+    assert session.tune.weights == {"ja": 0.2, "math": 0.0}

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from optimer_lib.engine import BACKGROUND, INTERACTIVE, MergeState
-from optimer_lib.engine.priority import compute_thread
 from optimer_lib.errors import ConfigError
 from optimer_lib.merging import groups
 from optimer_lib.merging.export import export_merged
@@ -394,7 +393,7 @@ class Session(ChatMethods, StudyMethods):
                 shared.release(key)
 
         try:
-            threading.Thread(target=compute_thread(run), daemon=True, name=name).start()
+            threading.Thread(target=run, daemon=True, name=name).start()  # it waits: leased_map's threads score
         except BaseException:  # no thread, no score: the next request may try again
             shared.release(key)
             raise

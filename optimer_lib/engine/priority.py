@@ -1,16 +1,18 @@
-"""Compute threads yield the CPU to the web server and to a browser on the same machine.
+"""Compute threads yield the CPU to the web server's own threads.
 
     from optimer_lib.engine.priority import compute_thread
     threading.Thread(target=compute_thread(work), name="leased-map-0").start()
 
-Why: on a machine with few cores the merge and scoring threads of the engine keep every core busy for seconds,
-while what a user waits for first is cheap: the web server sending an instant estimate, and a browser on the same
-laptop drawing it (~0.1 s of CPU per plot). With equal priorities the kernel shares the cores evenly and the
-estimate waits behind the forward passes. A compute thread therefore lowers its own priority (Linux: a nice value
-per thread) when it starts, so it takes the cores whenever nobody else wants them and gives way when someone
-does; on an idle machine nothing changes. Only threads the engine starts for compute are lowered (threads inherit
-the value of the thread that starts them, and an unprivileged process cannot raise it again), never the web
-server's workers. ``OPTIMER_COMPUTE_NICE`` sets the value (default 5; 0 turns it off).
+Why: on a machine with few cores the workbench's merge, scoring and chat threads keep every core busy for seconds,
+while what a user waits for first is cheap work of the same process: the web server sending an instant estimate or
+a chat token, and answering a page. With equal priorities the kernel shares the cores evenly between all of them.
+A compute thread therefore lowers its own priority (Linux: a nice value per thread) when it starts, so it takes
+the cores whenever the web threads do not want them; on an idle server nothing changes. Nice values order threads
+within one scheduling group (an autogroup: the terminal session that started the server), so this does not take
+cores from, or give cores to, other programs such as a browser. Only threads started for compute are lowered
+(threads inherit the value of the thread that starts them, and an unprivileged process cannot raise it again):
+Tune scoring (``leased_map``), chat generation (``batching``) and workbench searches, never the web server's
+workers. ``OPTIMER_COMPUTE_NICE`` sets the value (default 5; 0 turns it off).
 """
 
 from __future__ import annotations

@@ -227,13 +227,17 @@ class TuneTab(GroupControls):
                     session.ui["tune_layout"] = []
                 # The chart answers first: a move's first update comes at once (cached score, estimate or "scoring",
                 # see workbench.tuning), and the browser draws one message at a time (~0.1 s per plot on 2 cores),
-                # so the heat-map and group view follow it, once (each output update costs a rebuild).
-                heat = None
-                for fig, status in self.stream(session, session.score_stream(weights, iw), t0):
+                # so the heat-map and group view follow it, once (each output update costs a rebuild). They are drawn
+                # before the move is made, so a failure drawing them leaves the session's merge as it was.
+                heat = self.group_updates(session, weights, granularity)
+                updates = session.score_stream(weights, iw)
+                move, sent = session.moves, False
+                for fig, status in self.stream(session, updates, t0):
                     yield fig, status, gr.skip(), gr.skip()
-                    if heat is None:
-                        heat = self.group_updates(session, weights, granularity)
-                        yield gr.skip(), gr.skip(), *heat
+                    if not sent:
+                        sent = True
+                        if session.moves == move:  # else a newer move's heat-map may be out: never overwrite it
+                            yield gr.skip(), gr.skip(), *heat
             except Exception as exc:
                 yield gr.update(), error_md(exc), gr.skip(), self._resync_view(session)
 
