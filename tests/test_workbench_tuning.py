@@ -318,3 +318,28 @@ def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatc
     models.clear()  # a background score (reference bars, prefetching) keeps to one slot: the others are the users'
     last = last_update(score_stream(ws.pool(), engine.state({"ja": 0.1}), s.scoring, priority=BACKGROUND))
     assert last.phase == "final" and len(models) == 4 and len(set(models)) == 1
+
+
+def test_a_move_scores_its_cheapest_dev_set_first(ws):
+    """The first partial result comes as soon as it can: the set reading the fewest tokens is handed out first, the
+    others keep their order, and the final score is the same as in the suite's order."""
+    from workbench.tuning import scoring_order
+
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    shared = ws.pool()
+    units = s.scoring.units(shared.suite)
+    tokens = [s.scoring.tokens(shared.tokenizer, u) for u in units]
+    cheapest = tokens.index(min(tokens))
+    assert cheapest != 0, tokens  # else this suite could not tell the order from the suite's own
+    order = scoring_order(shared, s.scoring)
+    assert order == [cheapest, *(k for k in range(len(units)) if k != cheapest)]
+    assert scoring_order(shared, s.scoring.full()) == list(range(len(units)))  # a confirm keeps the order
+    shared.tune_slots = 1  # one lease: the sets finish in the order they are handed out
+    ups = list(s.score_stream({"ja": 0.35}))
+    partial = [u for u in ups if u.phase == "partial"]
+    names = ["en", "ja", "math", "math (QA)"]
+    assert partial[0].sets_done == [names[cheapest]]
+    assert ups[-1].phase == "final" and ups[-1].sets_done == names
+    assert list(ups[-1].metrics)[:3] == ["loss:en", "loss:ja", "loss:math"]  # the chart's bars keep their order
+    (hit,) = Session(ws, tune_limit=4, qa_limit=2).score_stream({"ja": 0.35})  # cached in the suite's order too
+    assert hit.cached and list(hit.metrics.items()) == list(ups[-1].metrics.items())
