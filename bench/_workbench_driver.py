@@ -361,6 +361,12 @@ class Driver:
         await page.get_by_role("tab", name=SELECTORS["tune_tab"]).click()
 
 
+def move_line(r: SessionResult) -> str:
+    """What one slider move showed, for the log."""
+    est = secs(r.estimate_s) if r.estimate_s is not None else "none shown"
+    return f"slider → {r.slider_value:g}: estimate {est}, partial {secs(r.partial_s)}, full {secs(r.full_s)}"
+
+
 async def one_session(browser: Any, url: str, idx: int, tag: str, args: argparse.Namespace,
                       chat: bool = True) -> tuple[Any, SessionResult]:
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -372,17 +378,13 @@ async def one_session(browser: Any, url: str, idx: int, tag: str, args: argparse
     log(f"{tag} session {idx}: page ready {r.page_ready_s:.1f} s (chart: {r.first_chart})")
     with d.step("moving a slider"):
         await d.move_slider(r)
-    est = secs(r.estimate_s) if r.estimate_s is not None else "none shown"
-    log(f"{tag} session {idx}: slider → {r.slider_value:g}: estimate {est}, partial {secs(r.partial_s)}, "
-        f"full {secs(r.full_s)}")
+    log(f"{tag} session {idx}: {move_line(r)}")
     for k in range(1, getattr(args, "moves", 1)):  # more moves, each to a merge no session has scored yet
         m = SessionResult(idx)
         with d.step(f"moving a slider (move {k + 1})"):
             await d.move_slider(m, frac=0.1 + (0.37 * idx + 0.23 * k) % 0.8)
         r.more_moves.append({"estimate_s": m.estimate_s, "partial_s": m.partial_s, "full_s": m.full_s})
-        log(f"{tag} session {idx}: move {k + 1}: slider → {m.slider_value:g}: estimate "
-            f"{secs(m.estimate_s) if m.estimate_s is not None else 'none shown'}, partial {secs(m.partial_s)}, "
-            f"full {secs(m.full_s)}")
+        log(f"{tag} session {idx}: move {k + 1}: {move_line(m)}")
     if chat and not args.no_chat:
         with d.step("chatting"):
             await d.chat(r)

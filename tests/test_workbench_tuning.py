@@ -320,7 +320,7 @@ def test_a_move_shares_its_dev_sets_between_the_cores_slots(tmp_path, monkeypatc
     assert last.phase == "final" and len(models) == 4 and len(set(models)) == 1
 
 
-def test_a_move_scores_its_cheapest_dev_set_first(ws):
+def test_a_move_scores_its_cheapest_dev_set_first(ws, monkeypatch):
     """The first partial result comes as soon as it can: the set reading the fewest tokens is handed out first, the
     others keep their order, and the final score is the same as in the suite's order."""
     from workbench.tuning import scoring_order
@@ -333,6 +333,11 @@ def test_a_move_scores_its_cheapest_dev_set_first(ws):
     assert cheapest != 0, tokens  # else this suite could not tell the order from the suite's own
     order = scoring_order(shared, s.scoring)
     assert order == [cheapest, *(k for k in range(len(units)) if k != cheapest)]
+    counted: list[int] = []
+    real = type(s.scoring).tokens
+    monkeypatch.setattr(type(s.scoring), "tokens", lambda self, *a, **kw: counted.append(1) or real(self, *a, **kw))
+    assert scoring_order(shared, s.scoring) == order and not counted  # counted once per scoring set and suite
+    monkeypatch.undo()
     assert scoring_order(shared, s.scoring.full()) == list(range(len(units)))  # a confirm keeps the order
     shared.tune_slots = 1  # one lease: the sets finish in the order they are handed out
     ups = list(s.score_stream({"ja": 0.35}))

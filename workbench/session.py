@@ -239,17 +239,15 @@ class Session(ChatMethods, StudyMethods):
         """One line: tokens and forward FLOPs of one scoring (``scoring`` or the Tune one) on this pool."""
         sh = self.shared
         sc = scoring or self.scoring
-        key = (sc, id(sh.suite))  # tokenising the set is most of a page load's work: once per set and suite
-        hit = sh.costs.get(key)
-        if hit is not None and hit[0] is sh.suite:
-            return hit[1]
-        n = sum(p.numel() for p in sh.model.parameters())
-        tasks = [t.key.split(":")[1] for t in sc.lmeval_terms()]
-        more = (f" + lm-eval {', '.join(tasks)} on {sc.docs or 'all'} documents each (timed when scored)"
-                if tasks else "")
-        line = str(sc.cost(sh.tokenizer, sh.suite, n, model=sh.model)) + more
-        sh.costs[key] = (sh.suite, line)
-        return line
+
+        def line() -> str:
+            n = sum(p.numel() for p in sh.model.parameters())
+            tasks = [t.key.split(":")[1] for t in sc.lmeval_terms()]
+            more = (f" + lm-eval {', '.join(tasks)} on {sc.docs or 'all'} documents each (timed when scored)"
+                    if tasks else "")
+            return str(sc.cost(sh.tokenizer, sh.suite, n, model=sh.model)) + more
+
+        return sh.per_suite("cost", sc, line)  # tokenising the set is most of a page load's work
 
     def _state_for(self, weights: Mapping[str, float], instruction_weight: float | None = None,
                    method: str | None = None, params: Mapping[str, object] | None = None) -> MergeState:

@@ -166,7 +166,8 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
         yield TuneUpdate("estimate", state, _shown(values), {}, obj, [], len(names), estimate=guess)
     else:
         yield TuneUpdate("scoring", state, {}, {}, None, [], len(names))
-    jobs = _jobs(shared, state, scoring)
+    units = scoring.units(shared.suite)
+    jobs = _jobs(shared, state, scoring, units)
     # lm-eval keeps one scorer per process (not thread-safe): a scoring with lm-eval terms runs on one lease
     workers = min(engine.concurrency, shared.tune_slots) if priority == INTERACTIVE and not scoring.lmeval else 1
 
@@ -175,7 +176,7 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
             metrics, scores, _ = _collect(values)
             engine.remember(state, key, (_shown(metrics), scores))
 
-    order = scoring_order(shared, scoring)  # job indices, in the order they are handed out
+    order = scoring_order(shared, scoring, units)  # job indices, in the order they are handed out
     at = {k: pos for pos, k in enumerate(order)}
 
     def remember_in_order(values: list[Any]) -> None:  # leased_map's values come in the order handed out
@@ -223,22 +224,27 @@ def score_stream(shared: SharedPool, state: MergeState, scoring: TuneScoring, *,
 _CACHED = object()  # a job's value when the engine had the whole score cached by the time the job ran
 
 
-def scoring_order(shared: SharedPool, scoring: TuneScoring) -> list[int]:
+def scoring_order(shared: SharedPool, scoring: TuneScoring, units: list[Any] | None = None) -> list[int]:
     """The order the jobs of :func:`_jobs` are handed out: the dev set that reads the fewest tokens first, so a move's
     first partial result comes as soon as it can (on SmolLM2 the math set, 0.6 s, where the others take ~2.5 s),
-    then the others in their order, lm-eval terms last. A scoring of every document (a "confirm") keeps the order:
-    counting its tokens would cost more than it saves."""
-    units = scoring.units(shared.suite)
+    then the others in their order, lm-eval terms last. Counted once per scoring set and suite (~20 ms of
+    tokenising for the default set). A scoring of every document (a "confirm") keeps the order: counting its tokens
+    would cost more than it saves. ``units``: ``scoring.units(shared.suite)`` when the caller has them."""
+    units = scoring.units(shared.suite) if units is None else units
     order = list(range(len(units) + len(scoring.lmeval)))
     if scoring.docs is None or len(units) < 2:
         return order
-    tokens = [scoring.tokens(shared.tokenizer, u) for u in units]  # ~20 ms for the default set
-    cheapest = min(range(len(units)), key=tokens.__getitem__)
-    return [cheapest, *(k for k in order if k != cheapest)]
+
+    def cheapest_first() -> list[int]:
+        tokens = [scoring.tokens(shared.tokenizer, u) for u in units]
+        cheapest = min(range(len(units)), key=tokens.__getitem__)
+        return [cheapest, *(k for k in order if k != cheapest)]
+
+    return shared.per_suite("order", scoring, cheapest_first)
 
 
-def _jobs(shared: SharedPool, state: MergeState, scoring: TuneScoring) -> list[Callable[[Any, Callable[[], bool]],
-                                                                                      Any]]:
+def _jobs(shared: SharedPool, state: MergeState, scoring: TuneScoring,
+          units: list[Any]) -> list[Callable[[Any, Callable[[], bool]], Any]]:
     """One job per step of :func:`step_names`: a dev set (its ``SetResult``) or an lm-eval term (``(key, value,
     seconds)``); None when stopped first, ``_CACHED`` when the score was cached meanwhile."""
     engine, key, plain = shared.engine, tuning_key(shared, scoring), replace(scoring, sets=None)
@@ -256,7 +262,7 @@ def _jobs(shared: SharedPool, state: MergeState, scoring: TuneScoring) -> list[C
             return next(iter(one.score_lmeval(model, shared.tokenizer, should_stop=stopped)), None)
         return job
 
-    return [*(dev_set(u) for u in scoring.units(shared.suite)), *(lmeval(t) for t in scoring.lmeval)]
+    return [*(dev_set(u) for u in units), *(lmeval(t) for t in scoring.lmeval)]
 
 
 def _collect(values: list[Any]) -> tuple[dict[str, float], dict[str, SetScores], dict[str, float]]:

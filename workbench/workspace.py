@@ -26,10 +26,10 @@ import dataclasses
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -51,6 +51,7 @@ from optimer_lib.scoring.evaluate import EvalSuite
 MANIFEST = "workbench.json"
 # slots a slider release's dev sets are shared by unless told (optimer workbench --tune-slots; a GPU engine runs one)
 DEFAULT_TUNE_SLOTS = 2
+T = TypeVar("T")
 CORPUS_SUFFIXES = (".txt", ".jsonl")  # a dev corpus file, optionally compressed (.gz, .xz): optimer_lib.data
 
 
@@ -77,8 +78,9 @@ class SharedPool:
     estimators: dict[tuple, Any] = field(default_factory=dict, repr=False)  # workbench.tuning, per scoring set
     _cos: tuple[list[str], list[list[float]]] | None = field(default=None, repr=False)
     _norms: dict[str, float] = field(default_factory=dict, repr=False)
-    # scoring-cost lines by (scoring set, id(suite)); the suite is kept in the value so its id is not reused
-    costs: dict[tuple, tuple[EvalSuite, str]] = field(default_factory=dict, repr=False)
+    # what :meth:`per_suite` derived from the suite, by (what, scoring set, id(suite)); the suite is kept in the
+    # value so its id is not reused
+    derived: dict[tuple, tuple[EvalSuite, Any]] = field(default_factory=dict, repr=False)
     # (merge, scoring set) pairs being scored in the background for any session (prefetch, reference bars): a
     # page opened meanwhile must not score them again on another slot
     in_flight: set = field(default_factory=set, repr=False)
@@ -103,6 +105,17 @@ class SharedPool:
         """``key``'s background score ended (scored, cancelled or failed)."""
         with self.lock:
             self.in_flight.discard(key)
+
+    def per_suite(self, what: str, scoring: Any, make: Callable[[], T]) -> T:
+        """``make()`` for this suite and scoring set, computed once (a scoring-cost line, the order of a move's dev
+        sets): tokenising the sets is most of their work, and a page load or a slider move would repeat it."""
+        suite, key = self.suite, (what, scoring, id(self.suite))
+        hit = self.derived.get(key)
+        if hit is not None and hit[0] is suite:
+            return hit[1]
+        value = make()
+        self.derived[key] = (suite, value)
+        return value
 
     def cosines(self) -> tuple[list[str], list[list[float]]]:
         """Names and pairwise cosine similarities of the distribution vectors (computed once)."""

@@ -231,13 +231,11 @@ class TuneTab(GroupControls):
                 # before the move is made, so a failure drawing them leaves the session's merge as it was.
                 heat = self.group_updates(session, weights, granularity)
                 updates = session.score_stream(weights, iw)
-                move, sent = session.moves, False
-                for fig, status in self.stream(session, updates, t0):
+                move = session.moves
+                for n, (fig, status) in enumerate(self.stream(session, updates, t0)):
                     yield fig, status, gr.skip(), gr.skip()
-                    if not sent:
-                        sent = True
-                        if session.moves == move:  # else a newer move's heat-map may be out: never overwrite it
-                            yield gr.skip(), gr.skip(), *heat
+                    if n == 0 and session.moves == move:  # else a newer move's heat-map may be out: keep it
+                        yield gr.skip(), gr.skip(), *heat
             except Exception as exc:
                 yield gr.update(), error_md(exc), gr.skip(), self._resync_view(session)
 
