@@ -2,6 +2,7 @@
 
     .venv/bin/python docs/gen_cli.py          # rewrites docs/cli.md
     .venv/bin/python docs/gen_cli.py --check  # exit 1 if docs/cli.md is out of date (tests/test_docs.py runs it)
+    .venv/bin/python docs/gen_cli.py --stdout # print the page, write nothing
 """
 
 from __future__ import annotations
@@ -88,12 +89,18 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    check = "--check" in (argv if argv is not None else sys.argv[1:])
+    ap = argparse.ArgumentParser(description="Write docs/cli.md from the optimer parser.")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if docs/cli.md is out of date")
+    ap.add_argument("--stdout", action="store_true", help="print the page instead of writing docs/cli.md")
+    args = ap.parse_args(argv)
     text = render()
-    if check:
+    if args.check:
         if OUT.read_text(encoding="utf-8") != text:
             print(f"{OUT} is out of date: run python docs/gen_cli.py", file=sys.stderr)
             return 1
+        return 0
+    if args.stdout:
+        sys.stdout.write(text)
         return 0
     OUT.write_text(text, encoding="utf-8")
     print(f"wrote {OUT}")

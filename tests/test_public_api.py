@@ -1,5 +1,6 @@
 """The public API: every name ``optimer_lib`` exports imports, ``import optimer_lib`` stays cheap, and every
-library name the README and docs/ mention (``from optimer_lib... import X``, ``optimer_lib.x.y``) resolves."""
+library or workbench name the README and docs/ mention (``from optimer_lib... import X``, ``workbench.x.y``,
+``SomeClass.method``) resolves."""
 
 from __future__ import annotations
 
@@ -54,8 +55,13 @@ def test_import_is_cheap():
     assert out.strip() == "[]"
 
 
-_FROM = re.compile(r"from\s+(optimer_lib(?:\.\w+)*)\s+import\s+(?:\(([^)]*)\)|([\w \t,]+))")
-_DOTTED = re.compile(r"(?<![\w/.])optimer_lib(?:\.\w+)+")
+_PACKAGES = r"(?:optimer_lib|workbench)"
+_FROM = re.compile(rf"from\s+({_PACKAGES}(?:\.\w+)*)\s+import\s+(?:\(([^)]*)\)|([\w \t,]+))")
+_DOTTED = re.compile(rf"(?<![\w/.\-]){_PACKAGES}(?:\.\w+)+")
+# ``workbench.md`` is a page, not a module: a dotted name whose second part is a file extension is a file name.
+_FILE_SUFFIXES = {"md", "py", "png", "svg", "json", "yaml", "ipynb", "db"}
+# `SomeClass.method` in backticks (a call's parentheses allowed): checked when a class of that name is ours.
+_CLASS_ATTR = re.compile(r"`([A-Z]\w*)\.(\w+)(?:\([^`]*\))?`")
 
 
 def _resolve(dotted: str) -> object:
@@ -78,7 +84,23 @@ def doc_references(text: str) -> set[str]:
         names = (m.group(2) or m.group(3)).split(",")
         refs |= {f"{m.group(1)}.{n.split(' as ')[0].strip()}" for n in names if n.strip()}
     refs |= {m.group(0).rstrip(".") for m in _DOTTED.finditer(_FROM.sub("", text))}
-    return refs
+    return {r for r in refs if r.split(".")[1] not in _FILE_SUFFIXES}
+
+
+def our_classes() -> dict[str, list[type]]:
+    """Every class defined in ``optimer_lib`` and ``workbench``, by name (a name may be defined twice)."""
+    import pkgutil
+
+    import workbench
+
+    out: dict[str, list[type]] = {}
+    for pkg in (optimer_lib, workbench):
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            module = importlib.import_module(info.name)
+            for name, obj in vars(module).items():
+                if isinstance(obj, type) and obj.__module__ == info.name:
+                    out.setdefault(name, []).append(obj)
+    return out
 
 
 def test_reference_extraction_sees_both_forms():
@@ -88,6 +110,8 @@ def test_reference_extraction_sees_both_forms():
     assert doc_references(text) == {"optimer_lib.open_pool", "optimer_lib.SearchConfig",
                                     "optimer_lib.search.pareto.pareto_front", "optimer_lib.search.pareto.export_point",
                                     "optimer_lib.search.rerank.rerank", "optimer_lib.fileio"}
+    text = "see [workbench.md](workbench.md), `workbench.tuning.scoring_order` and from workbench.widgets import X\n"
+    assert doc_references(text) == {"workbench.tuning.scoring_order", "workbench.widgets.X"}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
@@ -99,3 +123,16 @@ def test_every_library_name_in_the_docs_resolves(doc):
         except (ImportError, AttributeError) as exc:
             missing.append(f"{ref}: {exc}")
     assert missing == [], f"{doc.name} names what the library does not have"
+
+
+@pytest.fixture(scope="module")
+def classes() -> dict[str, list[type]]:
+    return our_classes()
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
+def test_every_method_the_docs_name_exists(doc, classes):
+    """`Session.score_stream`, `TuneTab._release_fn(move)`: the class is ours, so the attribute must be there."""
+    missing = [f"{cls}.{attr}" for cls, attr in sorted(set(_CLASS_ATTR.findall(doc.read_text(encoding="utf-8"))))
+               if cls in classes and not any(hasattr(c, attr) for c in classes[cls])]
+    assert missing == [], f"{doc.name} names methods our classes do not have"
