@@ -39,8 +39,9 @@ from optimer_lib.cli_models import (
     cmd_vector_info,
 )
 from optimer_lib.cli_search import add_compute_args, cmd_plan, cmd_rerank, cmd_search, cmd_workbench, compute_args
-from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.errors import ConfigError, OptimerError, Problems
 from optimer_lib.experiments.cli_args import add_experiments_args, add_findings_parser, apply_experiments_args
+from optimer_lib.fileio import check_writable
 from optimer_lib.search.defaults import BATCH
 
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default runs/demo, runs/quick with --quick)")
     d.add_argument("--quick", action="store_true", help="a few-minute version")
     d.add_argument("--trials", type=int, help="override the number of search trials")
-    d.set_defaults(fn=cmd_demo)
+    d.set_defaults(fn=cmd_demo, writes=(("workdir", "--workdir", "dir"),))
 
     t = sub.add_parser("train", help="continual pre-training on one dataset or a mixture")
     t.add_argument("--base", required=True, help="base checkpoint directory")
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="train", help="split of an embedded corpus (default train)")
     t.add_argument("--force", action="store_true", help="train again into an --out holding a finished run")
     _add_trust_arg(t)
-    t.set_defaults(fn=cmd_train)
+    t.set_defaults(fn=cmd_train, writes=(("out", "--out", "dir"),))
 
     v = sub.add_parser("vector", help="distribution vectors").add_subparsers(dest="vcmd", required=True)
     ve = v.add_parser("extract", help="tau = tuned - base, saved as .safetensors")
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--force", action="store_true", help="overwrite --out")
     _add_streaming_args(ve)
     _add_trust_arg(ve)
-    ve.set_defaults(fn=cmd_vector_extract)
+    ve.set_defaults(fn=cmd_vector_extract, writes=(("out", "--out", "any"),))
     vi = v.add_parser("info", help="norms and pairwise cosine similarities")
     vi.add_argument("files", nargs="+", help="vector files or sharded vector folders")
     vi.set_defaults(fn=cmd_vector_info)
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf[-TYPE]: also write OUT/<name>-TYPE.gguf for llama.cpp (Llama models; f32 by default)")
     _add_streaming_args(m)
     _add_trust_arg(m)
-    m.set_defaults(fn=cmd_merge)
+    m.set_defaults(fn=cmd_merge, writes=(("out", "--out", "dir"),), collects=True)
 
     s = sub.add_parser("search", help="Optuna search of merge weights on dev sets")
     s.add_argument("--base", required=True, help="base checkpoint directory the vectors were extracted from")
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-tokens", type=int, default=32, help="tokens generated per sample prompt (default 32)")
     add_compute_args(s, base_on=True)
     _add_trust_arg(s)
-    s.set_defaults(fn=cmd_search)
+    s.set_defaults(fn=cmd_search, writes=(("workdir", "--workdir", "dir"),), collects=True)
 
     rr = sub.add_parser("rerank", help="rank a stored study's trials for a new objective (no evaluation)")
     rr.add_argument("--workdir", default="runs/search", help="search workdir (its optuna.db; rerank.json goes here)")
@@ -216,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--objective", required=True, help="preset or weighted metrics over the stored metrics")
     rr.add_argument("--fidelity", help="rank at this sample limit only (default: highest stored per trial)")
     rr.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
-    rr.set_defaults(fn=cmd_rerank)
+    rr.set_defaults(fn=cmd_rerank, writes=(("workdir", "--workdir", "dir"),))
 
     r = sub.add_parser("report", help="offline HTML report + Markdown summary of an experiments directory")
     r.add_argument("dir", help="directory written by `optimer experiments`")
     r.add_argument("--findings", type=Path, help="also write FINDINGS.md here")
-    r.set_defaults(fn=cmd_report)
+    r.set_defaults(fn=cmd_report, writes=(("dir", "DIR", "dir"), ("findings", "--findings", "file")))
 
     e = sub.add_parser("experiments", help="baselines + analyses + report on the embedded world (cached stages)")
     e.add_argument("--workdir", type=Path, help="where every stage, report and FINDINGS.md go (default "
@@ -231,13 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--findings", type=Path, help="also write FINDINGS.md here (default: only in the workdir; "
                    "--findings FINDINGS.md in a checkout updates the published one)")
     add_experiments_args(e)
-    e.set_defaults(fn=cmd_experiments)
+    e.set_defaults(fn=cmd_experiments, writes=(("workdir", "--workdir", "dir"), ("results", "--results", "dir"),
+                                             ("findings", "--findings", "file")))
     add_findings_parser(sub)
 
     w = sub.add_parser("workbench", help="the Gradio workbench: tune, search, chat, export in a browser")
     w.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="pool, searches and exports live here")
     w.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port to listen on")
+    w.add_argument("--base", help="base checkpoint of the pool to open (with --vector; saved as the workdir's "
+                   "workbench.json, so later starts need only --workdir)")
+    w.add_argument("--vector", action="append", metavar="FILE", help="a vector file or folder of that pool; repeat "
+                   "for each")
+    w.add_argument("--instruction", metavar="FILE", help="instruction vector of that pool (the Tune tab's "
+                   "instruction slider)")
     w.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     add_compute_args(w, base_on=True)
     w.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPUs with <= 4 cores)")
@@ -252,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "~0.65x the time of 1 on 2 cores (BENCHMARKS.md); 1 keeps a core free for other users meanwhile")
     w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: $OPTIMER_AUTH if set; "
                    "the variable keeps the password out of the process list)")
-    w.set_defaults(fn=cmd_workbench)
+    w.set_defaults(fn=cmd_workbench, writes=(("workdir", "--workdir", "dir"),))
 
     rc = sub.add_parser("real-cell", help="OptiMer vs data mixture at equal tokens on a real pretrained base "
                         "(SmolLM2-135M by default; cached stages, several seeds)")
@@ -275,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compute_args(rc, device=None, dtype_help="dtype of the merged/scored models: float32 (default), bfloat16")
     rc.add_argument("--results", type=Path, help="also copy config, stage JSONs and summary here")
     rc.add_argument("--summary-only", action="store_true", help="only re-render summary.json/.md from WORKDIR")
-    rc.set_defaults(fn=cmd_real_cell)
+    rc.set_defaults(fn=cmd_real_cell, writes=(("workdir", "--workdir", "dir"), ("results", "--results", "dir")))
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file (llama.cpp) into a Hugging Face checkpoint folder")
     g.add_argument("file", help="the .gguf file, or pkg:NAME for the one inside an installed package "
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", help="dtype of the dequantised weights: float32 (default), "
                    "bfloat16, float16")
     g.add_argument("--force", action="store_true", help="replace an existing OUT")
-    g.set_defaults(fn=cmd_import_gguf)
+    g.set_defaults(fn=cmd_import_gguf, writes=(("out", "OUT", "dir"),))
 
     xg = sub.add_parser("export-gguf", help="write a Llama-architecture HF checkpoint (a merge) as a GGUF file")
     xg.add_argument("checkpoint", help="HF checkpoint folder (e.g. an `optimer merge` output)")
@@ -292,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     xg.add_argument("--dtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
                     help="tensor type (default f32, exact; norms stay f32)")
     xg.add_argument("--force", action="store_true", help="replace an existing OUT")
-    xg.set_defaults(fn=cmd_export_gguf)
+    xg.set_defaults(fn=cmd_export_gguf, writes=(("out", "OUT", "file"),))
 
     pl = sub.add_parser("plan", help="what a pool needs on a device: base, slots, vectors resident or streamed, "
                         "re-merge time per changed vector")
@@ -316,11 +324,25 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars: noise next to our own progress
     try:
+        problems = Problems()
+        for attr, flag, kind in getattr(args, "writes", ()):  # every output location, before any work
+            if getattr(args, attr, None) is not None:
+                problems.check(check_writable, getattr(args, attr), flag=flag, kind=kind)
+        args.problems = problems  # a command that checks its other flags first reports these with its own
+        if not getattr(args, "collects", False):
+            problems.raise_any()
         args.fn(args)
     except OptimerError as exc:
         if os.environ.get("OPTIMER_DEBUG"):
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        # a path the checks above cannot foresee (e.g. a file made read-only mid-run): the user's to fix, not a bug
+        if os.environ.get("OPTIMER_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {exc.strerror or exc}: {exc.filename!r}: check that path and its permissions "
+              "(OPTIMER_DEBUG=1 shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; re-run the same command to continue", file=sys.stderr)

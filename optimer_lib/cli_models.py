@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from optimer_lib.cli_search import compute_args
-from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.errors import ConfigError, OptimerError, Problems
 
 
 def _exists(path: str) -> bool:
@@ -94,21 +94,32 @@ def cmd_vector_info(a: argparse.Namespace) -> None:
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
+    from optimer_lib.checkpoints.models import check_checkpoint_dir
+    from optimer_lib.checkpoints.vectors import vector_files
     from optimer_lib.merging.export import export_merged
     from optimer_lib.merging.methods import check_method_params
     from optimer_lib.merging.pool import open_pool
     from optimer_lib.search.specs import parse_vector_spec
 
-    compute_args(a, keep=True)
-    specs = [parse_vector_spec(s) for s in a.vector]
-    missing = [f for f, w in specs if w is None and a.method not in ("average",)]
-    if missing:
-        raise ConfigError(f"--vector {missing[0]} has no weight: write FILE=WEIGHT (e.g. {missing[0]}=0.3)")
-    params = _params(a.param)
-    check_method_params(a.method, params)
-    inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
-    if Path(a.out).exists() and not a.force:
-        raise OptimerError(f"{a.out} already exists: choose another --out or use --force to replace it")
+    problems = getattr(a, "problems", None) or Problems()  # every mistake on the command line in one message
+    problems.check(compute_args, a, keep=True)
+    specs = [problems.check(parse_vector_spec, s) for s in a.vector]
+    for spec in specs:
+        if spec and spec[1] is None and a.method not in ("average",):
+            problems.errors.append(ConfigError(f"--vector {spec[0]} has no weight: write FILE=WEIGHT (e.g. "
+                                               f"{spec[0]}=0.3)"))
+        if spec:
+            problems.check(vector_files, spec[0])  # exists and is a vector
+    params = problems.check(_params, a.param)
+    if params is not None:
+        problems.check(check_method_params, a.method, params)
+    inst, inst_w = (problems.check(parse_vector_spec, a.instruction) or (None, None)) if a.instruction \
+        else (None, None)
+    problems.check(check_checkpoint_dir, a.base)
+    if Path(a.out).is_dir() and not a.force:  # a file there is refused as --out already
+        problems.errors.append(OptimerError(f"{a.out} already exists: choose another --out or use --force to "
+                                            "replace it"))
+    problems.raise_any()
     if _streams(a, [a.base], tuple(f for f, _ in specs) + ((inst,) if inst else ())):
         from optimer_lib.checkpoints.vectors import vector_files
         from optimer_lib.merging.streamed import merge_streaming

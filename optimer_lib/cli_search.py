@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from optimer_lib.errors import ConfigError, OptimerError
+from optimer_lib.errors import ConfigError, OptimerError, Problems
 
 KEEP = (None, "auto", "keep")  # --dtype of merge/extract: keep the checkpoint's dtype
 
@@ -46,12 +46,22 @@ def cmd_workbench(a: argparse.Namespace) -> None:
     slots = getattr(a, "slots", None)
     if slots is not None and slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {slots}): one merged model is the least the engine needs")
+    tune_slots = getattr(a, "tune_slots", None)  # None: build_app's default
+    if tune_slots is not None and tune_slots < 1:
+        raise ConfigError(f"--tune-slots must be at least 1 (got {tune_slots})")
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads must be at least 1 (got {a.threads}); leave it out for the default")
+    check_port_free(a.host, a.port)
     base_on = getattr(a, "base_on", "auto")
     from optimer_lib.checkpoints.models import resolve_device
     from optimer_lib.engine.host_base import default_slots
 
     # refuse a pool that cannot fit, before loading it, with the slots the engine will hold (2 on a CPU, 1 on a GPU)
-    check_workbench_pool(a.workdir, device, dtype, slots or default_slots(resolve_device(device)), base_on)
+    given = pool_from_flags(a)
+    check_workbench_pool(a.workdir, device, dtype, slots or default_slots(resolve_device(device)), base_on,
+                         manifest=given)
+    if given:
+        save_workbench_pool(a.workdir, given)
     auth_spec = a.auth or os.environ.get("OPTIMER_AUTH") or None
     extra = {"auth": parse_auth(auth_spec)} if auth_spec else {}
     if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
@@ -65,14 +75,57 @@ def cmd_workbench(a: argparse.Namespace) -> None:
         extra["slots"] = slots
     if base_on != "auto":
         extra["base_on"] = base_on
-    tune_slots = getattr(a, "tune_slots", None)  # None: build_app's default
     if tune_slots is not None:
-        if tune_slots < 1:
-            raise ConfigError(f"--tune-slots must be at least 1 (got {tune_slots})")
         extra["tune_slots"] = tune_slots
     if getattr(a, "heap", "fast") != "fast":
         extra["heap"] = a.heap
     launch(a.workdir, host=a.host, port=a.port, share=a.share, device=device, threads=a.threads, **extra)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse (ConfigError) a port outside 1-65535 or one another program listens on, before the pool loads."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be between 1 and 65535 (got {port})")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        import errno
+
+        why = "another program uses that port" if exc.errno == errno.EADDRINUSE else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}; choose another --port") from exc
+
+
+def pool_from_flags(a: argparse.Namespace) -> dict | None:
+    """The pool named by ``--base``/``--vector``/``--instruction`` (absolute paths, each checked), or None."""
+    from optimer_lib.checkpoints.models import check_checkpoint_dir
+    from optimer_lib.checkpoints.vectors import vector_files
+
+    base, vectors, inst = getattr(a, "base", None), getattr(a, "vector", None) or [], getattr(a, "instruction", None)
+    if not (base or vectors or inst):
+        return None
+    if not base or not vectors:
+        raise ConfigError("--base and --vector go together: name the base checkpoint and each vector file "
+                          "(e.g. --base runs/smollm2/base --vector ja.safetensors --vector code.safetensors)")
+    check_checkpoint_dir(base)
+    for v in [*vectors, *([inst] if inst else [])]:
+        vector_files(v)  # exists and is a vector (one-line VectorError otherwise)
+    return {"base": str(Path(base).resolve()), "vectors": [str(Path(v).resolve()) for v in vectors],
+            "instruction": str(Path(inst).resolve()) if inst else None}
+
+
+def save_workbench_pool(workdir: Path, pool: dict) -> None:
+    """Write ``pool`` as the workdir's workbench.json (its dev sets kept), saying what it replaced."""
+    from workbench.workspace import MANIFEST, Workspace
+
+    ws = Workspace(workdir)
+    old = ws.manifest() if (Path(workdir) / MANIFEST).is_file() else None
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = ws.write_manifest(pool["base"], pool["vectors"], pool["instruction"], (old or {}).get("eval"))
+    was = f", replacing its pool of {len(old.get('vectors') or [])} vector(s) on {old.get('base')}" if old else ""
+    print(f"pool: {len(pool['vectors'])} vector(s) on {pool['base']} (saved in {path}{was})", flush=True)
 
 
 def compute_args(a: argparse.Namespace, *, keep: bool = False) -> tuple[str, str | None]:
@@ -109,19 +162,19 @@ def cmd_plan(a: argparse.Namespace) -> None:
     print(json.dumps(plan.to_dict(), indent=2) if a.json else plan.table())
 
 
-def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1, base_on: str = "auto") -> None:
-    """Refuse (PlanError, one line) a workbench whose pool cannot fit base (unless ``base_on`` keeps it on the host)
-    + ``slots`` slots on ``device``; no pool yet: ok."""
+def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1, base_on: str = "auto",
+                         manifest: dict | None = None) -> None:
+    """Refuse (PlanError, one line) a workbench whose pool (``manifest``, else the workdir's) cannot fit base (unless
+    ``base_on`` keeps it on the host) + ``slots`` slots on ``device``; no pool yet: ok."""
     from optimer_lib.engine.plan import plan_pool
     from workbench.workspace import Workspace
 
-    ws = Workspace(workdir, device=device, dtype=dtype)
-    m = ws.manifest()
+    m = manifest or (Workspace(workdir, device=device, dtype=dtype).manifest() if Path(workdir).is_dir() else None)
     if not m or not m.get("base") or not m.get("vectors"):
         return  # the Pool tab builds or chooses one; the engine checks again when it opens it
 
     def full(p: str) -> Path:
-        return Path(p) if Path(p).is_absolute() else ws.workdir / p
+        return Path(p) if Path(p).is_absolute() else Path(workdir).resolve() / p
 
     plan = plan_pool(full(m["base"]), [full(v) for v in m["vectors"]],
                      instruction=full(m["instruction"]) if m.get("instruction") else None, device=device,
@@ -130,6 +183,8 @@ def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1,
 
 
 def cmd_search(a: argparse.Namespace) -> None:
+    from optimer_lib.checkpoints.models import check_checkpoint_dir
+    from optimer_lib.checkpoints.vectors import vector_files
     from optimer_lib.data import load_eval_suite
     from optimer_lib.engine.host_base import pool_base_on
     from optimer_lib.merging.pool import open_pool
@@ -139,23 +194,40 @@ def cmd_search(a: argparse.Namespace) -> None:
     from optimer_lib.search.specs import parse_bounds, parse_vector_spec
     from optimer_lib.search.study import SearchConfig, run_search
 
-    fidelities = parse_fidelities(a.fidelities) if a.fidelities else None
+    problems = getattr(a, "problems", None) or Problems()  # every flag mistake at once, before any model loads
+    fidelities = problems.check(parse_fidelities, a.fidelities) if a.fidelities else None
     if a.objectives and (a.pruner != "none" or fidelities):
-        raise ConfigError("--pruner/--fidelities work with one --objective, not a Pareto search (--objectives)")
-    files = [parse_vector_spec(s)[0] for s in a.vector]
-    suite = load_eval_suite(a.eval, a.split)
-    objectives = [parse_objective(o, list(suite.texts), qa_names=list(suite.qa), maximize=a.maximize or None)
-                  for o in a.objectives or [a.objective]]
-    objective = objectives[0]
-    bounds = parse_bounds(a.bounds) if a.bounds else None
+        problems.errors.append(ConfigError("--pruner/--fidelities work with one --objective, not a Pareto search "
+                                           "(--objectives)"))
+    files = [spec[0] for spec in (problems.check(parse_vector_spec, s) for s in a.vector) if spec]
+    for f in files:
+        problems.check(vector_files, f)  # exists and is a vector
+    problems.check(check_checkpoint_dir, a.base)
+    suite = problems.check(load_eval_suite, a.eval, a.split)
+    objectives = [problems.check(parse_objective, o, list(suite.texts), qa_names=list(suite.qa),
+                                 maximize=a.maximize or None) for o in a.objectives or [a.objective]] if suite else []
+    bounds = problems.check(parse_bounds, a.bounds) if a.bounds else None
+    prompts = problems.check(read_sample_prompts, a.sample_prompts)
     cfg = SearchConfig(trials=a.trials, sampler=a.sampler, seed=a.seed, bounds=bounds, storage=a.storage,
                        study_name=a.study, workdir=Path(a.workdir), search_limit=a.search_limit,
                        rescore_limit=a.rescore_limit, top_k=a.top_k, pruner=a.pruner,
                        fidelities=fidelities, time_budget=a.time_budget, granularity=a.granularity,
-                       sample_prompts=read_sample_prompts(a.sample_prompts), sample_tokens=a.sample_tokens)
-    budget = cfg.budget_seconds()  # a malformed --time-budget fails here, before any model loads
-    device, dtype = compute_args(a)
-    inst, inst_w = parse_vector_spec(a.instruction) if a.instruction else (None, None)
+                       sample_prompts=prompts or (), sample_tokens=a.sample_tokens)
+    # trials, sampler, --time-budget, granularity, limits...: those need no pool, so they are reported now
+    if a.objectives:  # a Pareto search has its own samplers
+        from optimer_lib.search.pareto import PARETO_SAMPLERS
+
+        problems.errors += [ConfigError(m) for m in cfg.setting_problems(PARETO_SAMPLERS)]
+    else:
+        problems.errors += [ConfigError(m) for m in cfg.setting_problems()]
+    compute = problems.check(compute_args, a)
+    inst, inst_w = (problems.check(parse_vector_spec, a.instruction) or (None, None)) if a.instruction \
+        else (None, None)
+    problems.raise_any()
+    assert compute is not None and suite is not None  # both checked just above
+    device, dtype = compute
+    objective = objectives[0]
+    budget = cfg.budget_seconds()
     if not a.estimate_only:
         _check_best_json(Path(a.workdir), cfg.study_name, cfg.storage_url() or ":memory:", a.force,
                          archive=bool(a.warm_start_from))
@@ -191,17 +263,22 @@ def _print_estimate(pool, suite, objectives: list, cfg, budget: float | None, *,
     (``measure_callables``: ``--estimate-only``): its cost is not dev tokens, and timing it would run it
     several times (an lm-eval task for minutes) before the first trial.
     """
-    from optimer_lib.search.cost import estimate_search_cost
+    from optimer_lib.search.cost import estimate_search_cost, trials_done
 
     callables = [o.spec for o in objectives if o.fn is not None]
     if callables and not measure_callables:
         print(f"cost estimate skipped: objective {callables[0]} is a callable, timed only by its trials "
               "(--estimate-only times it)", file=sys.stderr, flush=True)
         return
-    cost = estimate_search_cost(pool.merger, pool.tokenizer, suite, objectives, cfg)
-    print(f"{cost.summary(budget)} (measured in {cost.calibration_seconds:.1f} s on "
-          f"{next(pool.model.parameters()).device}; a resumed study runs only its missing trials)",
-          file=sys.stderr, flush=True)
+    done = 0 if measure_callables else trials_done(cfg)  # --estimate-only prices the whole search
+    if done >= cfg.trials:
+        print(f"the study already has its {cfg.trials} trials: nothing to run (raise --trials to search on)",
+              file=sys.stderr, flush=True)
+        return
+    cost = estimate_search_cost(pool.merger, pool.tokenizer, suite, objectives, cfg, trials=cfg.trials - done)
+    resumed = f"resuming: {done} of {cfg.trials} trials are done; " if done else ""
+    print(f"{resumed}{cost.summary(budget)} (measured in {cost.calibration_seconds:.1f} s on "
+          f"{next(pool.model.parameters()).device})", file=sys.stderr, flush=True)
 
 
 def _check_best_json(workdir: Path, study: str, storage: str, force: bool, *, archive: bool = False) -> None:

@@ -6,6 +6,8 @@ and every file the project writes ends with the mode a plain ``open`` would give
     atomic_write_text(workdir / "report.html", html)
     normal_permissions(tmp_dir)   # before renaming a folder written by safetensors/mkdtemp into place
     stage = read_or_make_json(stage_json, compute)  # cached; made by one process at a time (result_lock)
+    check_writable("runs/search", flag="--workdir")  # before any work: a file in the way, or no permission
+
 
 Temporary files and folders (``mkstemp``/``mkdtemp``) are created private (0600/0700) and safetensors
 ≥ 0.8 writes ``model.safetensors`` as 0600; left so, colleagues on a shared machine could not read a
@@ -23,7 +25,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from optimer_lib.errors import ConfigError
 
 
 def current_umask() -> int:
@@ -153,3 +157,28 @@ def read_or_make_json(path: str | os.PathLike, make: Callable[[], Any], *, inden
         payload = make()
         atomic_write_json(path, payload, indent=indent)
         return payload
+
+
+def check_writable(path: str | os.PathLike, *, flag: str, kind: Literal["dir", "file", "any"] = "dir") -> Path:
+    """Refuse (ConfigError, one line naming ``flag``) an output location that cannot be written, before any work.
+
+    ``kind="dir"``: ``path`` is a folder to write into (created if missing); ``"file"``: a file to write (its folder
+    created if missing); ``"any"``: either. Refused: a folder that is a file, a file that is a folder, a missing
+    folder under a file, and a location whose nearest existing folder this user may not write to. Whether ``path``
+    may be *replaced* (``--force``) is the command's own check.
+    """
+    p = Path(path).expanduser()
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file: give a folder")
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a folder: give a file name")
+    where = p if kind == "dir" or (kind == "any" and p.is_dir()) else p.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    where = where if str(where) else Path(".")
+    if not where.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} lies under {str(where)!r}, which is a file: choose another location")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r}: this user may not write to {str(where.resolve())!r}: choose a "
+                          "location you can write to")
+    return p

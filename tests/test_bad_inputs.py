@@ -306,6 +306,26 @@ CASES = [
      ["--force"]),
     ("search-onto-other-study", _with(SEARCH, "--vector", "{w}/v.safetensors", "--workdir", "{w}/searched",
                                       "--study", "another"), ["another search", "--force"]),
+    ("workdir-is-a-file", _with(SEARCH, "--vector", "{w}/v.safetensors", "--workdir", "{w}/notes.txt"),
+     ["--workdir", "is a file"]),
+    ("out-under-a-file", _with(MERGE, "--vector", "{w}/v.safetensors=0.3", "--out", "{w}/notes.txt/merged"),
+     ["--out", "which is a file"]),
+    ("export-gguf-missing-checkpoint", ["export-gguf", "{w}/nope", "{o}.gguf"], ["does not exist", "never contacted"]),
+    ("vector-info-two-models", ["vector", "info", "{w}/v.safetensors", "{w}/big.safetensors"],
+     ["different models", "embed_tokens"]),
+    ("plan-vector-of-other-architecture", ["plan", "--base", "{w}/base", "--vector", "{w}/extra.safetensors"],
+     ["zzz", "lacks"]),
+    ("plan-vector-of-other-vocabulary", ["plan", "--base", "{w}/base", "--vector", "{w}/big.safetensors"],
+     ["embed_tokens", "resize_token_embeddings"]),
+    ("workbench-port-out-of-range", ["workbench", "--workdir", "{o}", "--port", "70000"], ["--port", "65535"]),
+    ("workbench-threads-zero", ["workbench", "--workdir", "{o}", "--threads", "0"], ["--threads"]),
+    ("workbench-base-alone", ["workbench", "--workdir", "{o}", "--base", "{w}/base"], ["--base and --vector"]),
+    ("workbench-vector-of-other-vocabulary", ["workbench", "--workdir", "{o}", "--base", "{w}/base", "--vector",
+                                              "{w}/big.safetensors"], ["embed_tokens"]),
+    ("workbench-missing-vector", ["workbench", "--workdir", "{o}", "--base", "{w}/base", "--vector",
+                                  "{w}/nope.safetensors"], ["does not exist"]),
+    ("search-zero-documents", _with(SEARCH, "--vector", "{w}/v.safetensors", "--search-limit", "0"),
+     ["search_limit must be >= 1"]),
 ]
 
 
@@ -382,3 +402,60 @@ def test_train_out_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OptimerError, match="is a file"):
         check_out_dir(tmp_path / "file", force=True)
+
+
+def test_every_problem_of_a_command_line_is_reported_at_once(run, world, tmp_path):
+    """A merge with five mistakes names all five (and a search its own), in one error, before anything loads."""
+    r = run("merge", "--base", world / "nope", "--vector", f"{world}/missing.safetensors=0.3", "--vector",
+            f"{world}/v.safetensors=abc", "--method", "foo", "--out", world / "notes.txt", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: 5 problems:"), r.stderr
+    for fragment in ("--out", "is a file", "not a number", "missing.safetensors' does not exist",
+                     "unknown merge method 'foo'", "checkpoint directory", "nope"):
+        assert fragment in r.stderr, fragment
+    r = run(*[a.format(w=world, o=tmp_path / "s") for a in
+              _with(SEARCH, "--vector", "{w}/v.safetensors", "--trials", "0", "--objective", "loss:xx,,",
+                    "--time-budget", "5q")], cwd=tmp_path)
+    assert r.stderr.startswith("error: 3 problems:"), r.stderr
+    for fragment in ("unknown distribution 'xx'", "stray comma", "trials must be >= 1", "bad duration '5q'"):
+        assert fragment in r.stderr, fragment
+    assert r.stderr.count("stray comma") == 1  # two stray commas, one problem
+    assert list(tmp_path.iterdir()) == [], "wrote something"
+
+
+def test_workbench_port_in_use_is_refused_before_the_pool_loads(run, world, tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = run("workbench", "--workdir", tmp_path / "wb", "--port", port, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: another program uses that port; choose another --port" in r.stderr
+    assert "OptiMer workbench on" not in r.stdout  # no URL announced for a server that never starts
+    assert not (tmp_path / "wb").exists()
+
+
+def test_unwritable_locations_are_named_before_any_work(tmp_path, monkeypatch):
+    """check_writable: a file in the way, a folder under a file, and no permission (faked: tests may run as root,
+    whom the kernel lets write anywhere)."""
+    from optimer_lib.errors import ConfigError
+    from optimer_lib.fileio import check_writable
+
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    assert check_writable(tmp_path / "new" / "deeper", flag="--workdir") == tmp_path / "new" / "deeper"
+    check_writable(tmp_path / "d" / "x.gguf", flag="OUT", kind="file")
+    check_writable(tmp_path / "d", flag="--out", kind="any")
+    with pytest.raises(ConfigError, match="--workdir .* is a file: give a folder"):
+        check_writable(tmp_path / "f", flag="--workdir")
+    with pytest.raises(ConfigError, match="OUT .* is a folder: give a file name"):
+        check_writable(tmp_path / "d", flag="OUT", kind="file")
+    with pytest.raises(ConfigError, match="lies under '.*/f', which is a file"):
+        check_writable(tmp_path / "f" / "a" / "b", flag="--out")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "d" else real_access(p, mode))
+    with pytest.raises(ConfigError, match="may not write to '.*/d': choose a location you can write to"):
+        check_writable(tmp_path / "d" / "new" / "run", flag="--workdir")
+    with pytest.raises(ConfigError, match="may not write to"):
+        check_writable(tmp_path / "d" / "x.gguf", flag="OUT", kind="file")
+

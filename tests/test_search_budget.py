@@ -181,6 +181,10 @@ def test_search_command_prints_its_estimate_and_honours_the_budget(tmp_path, tin
     assert "the time budget of 0.001 s covers about 1 of 50 trials" in r.stderr
     best = json.loads((tmp_path / "wd" / "best.json").read_text())
     assert (best["trials"], best["stopped"], best["rescored"]) == (1, "time_budget", False)
+    r = optimer(*common, "--trials", 3, "--workdir", tmp_path / "wd", "--top-k", 0)  # resumed: prices what is left
+    assert "resuming: 1 of 3 trials are done; estimated cost:" in r.stderr and "; 2 trials ≈" in r.stderr, r.stderr
+    r = optimer(*common, "--trials", 3, "--workdir", tmp_path / "wd", "--top-k", 0)
+    assert "the study already has its 3 trials: nothing to run" in r.stderr and "estimated cost" not in r.stderr
 
 
 COUNTING = """
@@ -215,8 +219,8 @@ def test_a_callable_objective_is_called_once_per_trial_not_by_the_estimate(tmp_p
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "meta"], "--device meta is not supported"),
 ])
-def test_bad_search_flags_are_one_line_errors(tmp_path, notes, optimer, flags, said):
-    r = optimer("search", "--base", tmp_path / "not-loaded", "--vector", tmp_path / "v.safetensors", "--eval",
-                f"notes={notes}", *flags, ok=False)
+def test_bad_search_flags_are_one_line_errors(tmp_path, tiny_vectors, notes, optimer, flags, said):
+    base, (v0,) = tiny_vectors(("notes",))  # real files: the flag is the only mistake
+    r = optimer("search", "--base", base, "--vector", v0, "--eval", f"notes={notes}", *flags, ok=False)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert said in r.stderr, r.stderr

@@ -63,10 +63,38 @@ def test_the_capacity_check_plans_the_slots_the_engine_will_hold(monkeypatch, tm
 
     seen = []
     monkeypatch.setattr(app, "launch", lambda workdir, **kw: None)
-    monkeypatch.setattr(cli_search, "check_workbench_pool", lambda wd, dev, dt, slots, base_on: seen.append(slots))
+    monkeypatch.setattr(cli_search, "check_workbench_pool",
+                        lambda wd, dev, dt, slots, base_on, **kw: seen.append(slots))
     assert main(["workbench", "--workdir", str(tmp_path)]) == 0
     assert main(["workbench", "--workdir", str(tmp_path), "--slots", "3"]) == 0
     assert seen == [2, 3]  # the engine's default on a CPU is 2 slots: the plan must count both
+
+
+def test_base_and_vector_flags_open_a_pool_kept_in_the_workdir(monkeypatch, tmp_path: Path, capsys):
+    """`optimer workbench --base B --vector V ...` (files anywhere) saves that pool as the workdir's workbench.json,
+    with absolute paths and the dev sets kept; a later start needs only --workdir."""
+    from test_workbench_session import tiny_workdir
+
+    from workbench.workspace import Workspace
+
+    src = tiny_workdir(tmp_path / "pool", ("ja", "math", "code"))
+    vec = {n: src / "vectors" / f"{n}.safetensors" for n in ("ja", "math", "code", "instruct")}
+    wd = tmp_path / "mine"
+    launched = []
+    monkeypatch.setattr(app, "launch", lambda workdir, **kw: launched.append(workdir))
+    assert main(["workbench", "--workdir", str(wd), "--base", str(src / "base"), "--vector", str(vec["ja"]),
+                 "--vector", str(vec["math"]), "--instruction", str(vec["instruct"])]) == 0
+    assert launched == [wd] and "pool: 2 vector(s) on" in capsys.readouterr().out
+    m = Workspace(wd).manifest()
+    assert m == {"base": str((src / "base").resolve()), "instruction": str(vec["instruct"].resolve()), "eval": None,
+                 "vectors": [str(vec["ja"].resolve()), str(vec["math"].resolve())]}
+    Workspace(wd).write_manifest(m["base"], m["vectors"], m["instruction"], ["en", "ja"])  # dev sets a user chose
+    assert main(["workbench", "--workdir", str(wd), "--base", str(src / "base"), "--vector", str(vec["code"])]) == 0
+    assert "replacing its pool of 2 vector(s)" in capsys.readouterr().out
+    m = Workspace(wd).manifest()
+    assert m["vectors"] == [str(vec["code"].resolve())] and m["instruction"] is None and m["eval"] == ["en", "ja"]
+    assert main(["workbench", "--workdir", str(wd)]) == 0 and Workspace(wd).manifest() == m  # the saved pool
+    assert Workspace(wd, suite=None).pool().names == ["code"]
 
 
 def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):

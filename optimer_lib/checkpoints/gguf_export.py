@@ -284,9 +284,10 @@ def export_gguf_dir(checkpoint: str | os.PathLike, out: str | os.PathLike, **kw:
     memory stays near one tensor), with the tokenizer saved beside it."""
     from transformers import AutoConfig
 
-    from optimer_lib.checkpoints.models import load_tokenizer
+    from optimer_lib.checkpoints.models import check_checkpoint_dir, load_tokenizer
     from optimer_lib.checkpoints.streaming import TensorReader, checkpoint_files
 
+    check_checkpoint_dir(checkpoint)  # a missing folder is the user's typo, not a hub name to look up
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     reader = TensorReader(checkpoint_files(checkpoint))
     shapes = {k: reader.info[k][0] for k in reader.files if reader.is_float(k)}

@@ -272,6 +272,22 @@ def load_vector(path: str | os.PathLike) -> DistributionVector:
     return DistributionVector(name=meta.get("name") or path.stem, tensors=tensors, metadata=meta, path=path)
 
 
+def check_shapes(name: str, shapes: Mapping[str, tuple[int, ...]], base_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise VectorError unless every tensor of vector ``name`` (``shapes``) is in the base with the same shape.
+
+    Works on shapes alone, so safetensors headers suffice (``optimer plan`` checks a pool without reading tensors).
+    """
+    unknown = sorted(set(shapes) - set(base_shapes))
+    if unknown:
+        raise VectorError(f"vector {name!r} has {len(unknown)} tensor(s) the base model lacks, e.g. "
+                          f"{unknown[:3]}: it was extracted from a different architecture; use its own base")
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(base_shapes[key]):
+            hint = _VOCAB_HINT if _is_vocab_tensor(key) else ""
+            raise VectorError(f"vector {name!r}: shape of {key} is {tuple(shape)} but the base has "
+                              f"{tuple(base_shapes[key])}{hint}: use the base it was extracted from")
+
+
 def check_compatible(vec: DistributionVector, base_state: Mapping[str, torch.Tensor] | torch.nn.Module, *,
                      base_fingerprint: str | None = None, allow_fingerprint_mismatch: bool = False) -> None:
     """Raise VectorError unless ``vec`` fits the base: known names, equal shapes, same base fingerprint.
@@ -280,15 +296,8 @@ def check_compatible(vec: DistributionVector, base_state: Mapping[str, torch.Ten
     """
     if isinstance(base_state, torch.nn.Module):
         base_state = base_state.state_dict()
-    unknown = sorted(set(vec.tensors) - set(base_state))
-    if unknown:
-        raise VectorError(f"vector {vec.name!r} has {len(unknown)} tensor(s) the base model lacks, e.g. "
-                          f"{unknown[:3]}: it was extracted from a different architecture; use its own base")
-    for key, t in vec.tensors.items():
-        if tuple(t.shape) != tuple(base_state[key].shape):
-            hint = _VOCAB_HINT if _is_vocab_tensor(key) else ""
-            raise VectorError(f"vector {vec.name!r}: shape of {key} is {tuple(t.shape)} but the base has "
-                              f"{tuple(base_state[key].shape)}{hint}: use the base it was extracted from")
+    check_shapes(vec.name, {k: tuple(t.shape) for k, t in vec.tensors.items()},
+                 {k: tuple(t.shape) for k, t in base_state.items()})
     if allow_fingerprint_mismatch or not vec.base_fingerprint:
         return
     fp = base_fingerprint or state_fingerprint(base_state)
@@ -305,6 +314,11 @@ def _gram(vectors: Sequence[DistributionVector]) -> torch.Tensor:
     names = sorted(set().union(*(v.tensors for v in vectors))) if vectors else []
     for key in names:
         present = [i for i, v in enumerate(vectors) if key in v.tensors]
+        shapes = {tuple(vectors[i].tensors[key].shape): str(vectors[i].path or vectors[i].name) for i in present}
+        if len(shapes) > 1:
+            (s1, n1), (s2, n2) = list(shapes.items())[:2]
+            raise VectorError(f"vectors {n1!r} and {n2!r} come from different models ({key}: {s1} vs {s2}): "
+                              "compare vectors extracted from one base")
         rows = torch.stack([vectors[i].tensors[key].detach().reshape(-1).cpu().double() for i in present])
         idx = torch.tensor(present)
         gram[idx.unsqueeze(1), idx.unsqueeze(0)] += rows @ rows.T
@@ -337,4 +351,8 @@ def format_info(vectors: Sequence[DistributionVector]) -> str:
     lines += ["", "pairwise cosine similarity", " " * w + "".join(f"  {n[:8]:>8}" for n in names)]
     for i, n in enumerate(names):
         lines.append(f"{n:<{w}}" + "".join(f"  {float(c):>8.4f}" for c in cos[i]))
+    bases = sorted({v.base_fingerprint for v in vectors if v.base_fingerprint})
+    if len(bases) > 1:
+        lines += ["", f"note: these vectors were extracted from {len(bases)} different bases (fingerprints "
+                  f"{', '.join(bases)}): a cosine across bases compares unrelated shifts"]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ import torch
 
 from optimer_lib.checkpoints.models import resolve_dtype
 from optimer_lib.checkpoints.streaming import TensorReader, checkpoint_files
-from optimer_lib.checkpoints.vectors import vector_files
+from optimer_lib.checkpoints.vectors import check_shapes, vector_files
 from optimer_lib.engine.machine import DTYPE_NAMES, GB, GiB, Machine, resolve_compute, this_machine
 from optimer_lib.errors import ConfigError
 from optimer_lib.scoring.row_logits import chunk_rows, splits_by_config
@@ -64,22 +64,32 @@ class PoolSize:
 
 def pool_size(base: str | os.PathLike, vectors: Sequence[str | os.PathLike] = (),
               instruction: str | os.PathLike | None = None) -> PoolSize:
-    """Read sizes from the safetensors headers of ``base`` and each vector (no tensor data is read)."""
+    """Read sizes from the safetensors headers of ``base`` and each vector (no tensor data is read); VectorError
+    when a vector's tensor names or shapes are not the base's."""
     import json
 
     reader = TensorReader(checkpoint_files(base))
     floats = [k for k in reader.info if reader.is_float(k)]
     params = sum(math.prod(reader.info[k][0]) for k in floats)
     stored = sum(reader.nbytes(k) for k in reader.info)
-    vec_bytes = []
-    for v in [*vectors, *([instruction] if instruction else [])]:
-        vr = TensorReader(vector_files(v)[1])
-        vec_bytes.append(sum(vr.nbytes(k) for k in vr.info))
     try:
         config = json.loads((Path(base) / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
     config = config if isinstance(config, dict) else {}
+    base_shapes = {k: tuple(reader.info[k][0]) for k in reader.info}
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in base_shapes:
+        # a tied head is stored once, as the embedding, but a loaded model (and so a vector) may name it too
+        emb = [k for k in base_shapes if k.endswith("embed_tokens.weight")]
+        base_shapes.update({"lm_head.weight": base_shapes[emb[0]]} if emb else {})
+    vec_bytes = []
+    for v in [*vectors, *([instruction] if instruction else [])]:
+        meta, files = vector_files(v)
+        vr = TensorReader(files)
+        # names and shapes from the headers: a vector of another architecture is refused here, not when it loads
+        # (the base fingerprint needs the tensors: the pool checks it when it opens)
+        check_shapes(meta.get("name") or Path(v).stem, {k: tuple(vr.info[k][0]) for k in vr.info}, base_shapes)
+        vec_bytes.append(sum(vr.nbytes(k) for k in vr.info))
     vocab = config.get("vocab_size")
     return PoolSize(params, stored, tuple(vec_bytes), vocab if isinstance(vocab, int) else None, str(base),
                     splits_by_config(config))

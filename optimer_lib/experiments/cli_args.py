@@ -59,7 +59,8 @@ def add_findings_parser(sub: Any) -> None:
                    "results/regime, where it runs with its own seeds) instead of --results")
     p.add_argument("--regime-only", action="store_true", help="write only the regime map's section to --out (for "
                    "results holding the regime map alone, e.g. results/regime); its plot link points at --regime-plot")
-    p.set_defaults(fn=cmd_findings)
+    p.set_defaults(fn=cmd_findings, writes=(("out", "--out", "file"), ("regime_plot", "--regime-plot", "file"),
+                                       ("readme", "--readme", "file")))
 
 
 def cmd_findings(a: argparse.Namespace) -> None:

@@ -172,7 +172,7 @@ def _indexed_documents(model: Any, tokenizer: Any, texts: Sequence[str], seq_len
                        limit: int | None) -> list[tuple[int, list[int]]]:
     subset = tuple(texts[:limit] if limit is not None else texts)
     if not subset:
-        raise DataError("no documents to score: the dev set is empty (check the corpus split or --limit)")
+        raise DataError("no documents to score: the dev set is empty (check the corpus split and the document limit)")
     max_pos = max_positions(model)
     seq_len = min(seq_len, max_pos) if max_pos else seq_len
     encoded = [(i, e) for i, e in enumerate(encoded_texts(tokenizer, subset, seq_len)) if len(e) >= 2]
@@ -298,7 +298,7 @@ def qa_scores(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, n
     """
     subset = list(pairs[:limit] if limit is not None else pairs)
     if not subset:
-        raise DataError("no QA pairs to score: the QA dev set is empty (check the split or --limit)")
+        raise DataError("no QA pairs to score: the QA dev set is empty (check the split and the document limit)")
     encoded = sorted(((i, encode_text(tokenizer, p), g) for i, (p, g) in enumerate(subset)), key=lambda e: len(e[1]))
     device, pad = model_device(model), pad_token_id(tokenizer)
     correct = [0.0] * len(subset)

@@ -261,9 +261,10 @@ def parse_objective(spec: str, available: Sequence[str], *, qa_names: Sequence[s
     """
     spec = (spec or "").strip()
     table = presets(available, qa_names)
-    help_text = (f"valid presets: {', '.join(table) or '(none: the suite is empty)'}; "
-                 f"metrics: {', '.join(valid_metrics(available, qa_names)) or '(none)'}; {_EXAMPLE}; "
-                 "or a callable 'module:function' / 'path/to/file.py:function'")
+    metrics = (f"loss:NAME or ppl:NAME for NAME in {', '.join(available)}" if available else "")
+    metrics += (", " if metrics and qa_names else "") + (f"acc:{'/'.join(qa_names)}" if qa_names else "")
+    help_text = (f"presets: {', '.join(table) or '(none: the suite is empty)'}; metrics: {metrics or '(none)'}; "
+                 f"{_EXAMPLE}; or a callable 'module:function' / 'path/to/file.py:function'")
     if not spec:
         raise ConfigError(f"empty --objective; {help_text}")
     if maximize and not is_callable_spec(spec, table):
@@ -336,6 +337,7 @@ def _parse_terms(spec: str, available: Sequence[str], qa_names: Sequence[str],
         terms[key] = weight
     if not problems and not sum(abs(w) for w in terms.values()) > 0:
         problems.append("all weights are zero")
+    problems = list(dict.fromkeys(problems))  # "a,,b,," has one stray-comma problem, said once
     if problems:
         if len(problems) == 1:  # one problem, one line
             raise ConfigError(f"bad --objective {spec!r}: {problems[0]}; {help_text}")

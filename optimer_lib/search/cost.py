@@ -192,3 +192,22 @@ def estimate_search_cost(merger: Merger, tokenizer: Any, suite: EvalSuite, objec
                       calibration_seconds=time.perf_counter() - started,
                       pruned=config is not None and config.pruner != "none", sample_seconds=sample_seconds,
                       sample_tokens=sample_tokens)
+
+
+def trials_done(config: SearchConfig) -> int:
+    """Trials of ``config``'s study already counted (0 when there is no study yet): a resumed search runs only the
+    rest, so that is what its estimate should price."""
+    from pathlib import Path
+
+    import optuna
+
+    from optimer_lib.search.storage import open_storage
+    from optimer_lib.search.trials import counted
+
+    url = config.storage_url()
+    if url is None or (url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()):
+        return 0
+    store = open_storage(url)
+    if config.study_name not in optuna.get_all_study_names(store):
+        return 0
+    return counted(optuna.load_study(study_name=config.study_name, storage=store))

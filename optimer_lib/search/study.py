@@ -129,6 +129,9 @@ class SearchConfig:
             problems.append(f"trials must be >= 1, got {self.trials}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("search_limit", "rescore_limit"):  # documents per dev set: None is every document
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 document per dev set, got {getattr(self, name)}")
         if self.direction not in (None, *DIRECTIONS):
             problems.append(f"direction must be 'minimize' or 'maximize', got {self.direction!r}")
         if self.sampler not in samplers:
