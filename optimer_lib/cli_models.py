@@ -63,7 +63,10 @@ def _streams(a: argparse.Namespace, dirs: list[str], vectors: tuple[str, ...] = 
 def cmd_vector_extract(a: argparse.Namespace) -> None:
     from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
+    from optimer_lib.checkpoints.streaming import parse_size
+
     compute_args(a, keep=True)
+    parse_size(a.shard_size)  # used only when streaming, but a typo is a typo either way
     if Path(a.out).exists() and not a.force:
         raise OptimerError(f"{a.out} exists: use --force to overwrite it")
     if _streams(a, [a.base, a.tuned]):
@@ -95,6 +98,7 @@ def cmd_vector_info(a: argparse.Namespace) -> None:
 
 def cmd_merge(a: argparse.Namespace) -> None:
     from optimer_lib.checkpoints.models import check_checkpoint_dir
+    from optimer_lib.checkpoints.streaming import parse_size
     from optimer_lib.checkpoints.vectors import vector_files
     from optimer_lib.merging.export import export_merged
     from optimer_lib.merging.methods import check_method_params
@@ -116,6 +120,7 @@ def cmd_merge(a: argparse.Namespace) -> None:
     inst, inst_w = (problems.check(parse_vector_spec, a.instruction) or (None, None)) if a.instruction \
         else (None, None)
     problems.check(check_checkpoint_dir, a.base)
+    problems.check(parse_size, a.shard_size)  # used only when streaming, but a typo is a typo either way
     if Path(a.out).is_dir() and not a.force:  # a file there is refused as --out already
         problems.errors.append(OptimerError(f"{a.out} already exists: choose another --out or use --force to "
                                             "replace it"))

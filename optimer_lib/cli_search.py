@@ -67,8 +67,8 @@ def cmd_workbench(a: argparse.Namespace) -> None:
     if a.host not in ("127.0.0.1", "localhost", "::1") and not auth_spec:
         print(f"warning: listening on {a.host} without --auth: anyone who reaches this port can use the workbench "
               "and its files", file=sys.stderr, flush=True)
-    print(f"OptiMer workbench on http://{a.host}:{a.port} (workdir {a.workdir}"
-          + (", login required" if auth_spec else "") + "); Ctrl-C stops it", flush=True)
+    extra["announce"] = (f"OptiMer workbench on http://{a.host}:{a.port} (workdir {a.workdir}"
+                         + (", login required" if auth_spec else "") + "); Ctrl-C stops it")
     if dtype != "float32":  # build_app's default; passed only when it differs
         extra["dtype"] = dtype
     if slots:

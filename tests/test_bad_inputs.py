@@ -324,6 +324,9 @@ CASES = [
                                               "{w}/big.safetensors"], ["embed_tokens"]),
     ("workbench-missing-vector", ["workbench", "--workdir", "{o}", "--base", "{w}/base", "--vector",
                                   "{w}/nope.safetensors"], ["does not exist"]),
+    ("merge-bad-shard-size", _with(MERGE, "--vector", "{w}/v.safetensors=0.3", "--shard-size", "5XB"),
+     ["bad shard size '5XB'"]),
+    ("extract-bad-shard-size", _with(EXTRACT, "--tuned", "{w}/tuned", "--shard-size", "lots"), ["bad shard size"]),
     ("search-zero-documents", _with(SEARCH, "--vector", "{w}/v.safetensors", "--search-limit", "0"),
      ["search_limit must be >= 1"]),
 ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from conftest import make_model, perturbed
 
 from optimer_lib.cli import build_parser, main
 from workbench import app
@@ -48,6 +49,7 @@ def test_cli_subcommand_calls_launch(monkeypatch, tmp_path: Path):
     seen = {}
     monkeypatch.setattr(app, "launch", lambda workdir, **kw: seen.update(workdir=workdir, **kw))
     assert main(["workbench", "--workdir", str(tmp_path), "--port", "7999"]) == 0
+    assert seen.pop("announce") == f"OptiMer workbench on http://127.0.0.1:7999 (workdir {tmp_path}); Ctrl-C stops it"
     assert seen == {"workdir": tmp_path, "host": "127.0.0.1", "port": 7999, "share": False, "device": "cpu",
                     "threads": None}
     seen.clear()
@@ -95,6 +97,22 @@ def test_base_and_vector_flags_open_a_pool_kept_in_the_workdir(monkeypatch, tmp_
     assert m["vectors"] == [str(vec["code"].resolve())] and m["instruction"] is None and m["eval"] == ["en", "ja"]
     assert main(["workbench", "--workdir", str(wd)]) == 0 and Workspace(wd).manifest() == m  # the saved pool
     assert Workspace(wd, suite=None).pool().names == ["code"]
+
+
+def test_the_url_is_announced_only_once_the_pool_opens(tmp_path: Path, capsys):
+    """A pool that fails to open (a vector of another base) ends in its one error, with no URL printed before."""
+    from test_workbench_session import tiny_workdir
+
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
+    from optimer_lib.errors import OptimerError
+
+    root = tiny_workdir(tmp_path / "wd")
+    other = make_model("llama", seed=9)
+    save_vector(extract_vector(other, perturbed(other, 0.05, seed=1), name="ja"), root / "vectors" / "ja.safetensors",
+                overwrite=True)
+    with pytest.raises(OptimerError, match="different base"):
+        app.launch(root, block=False, port=0, announce="ANNOUNCED")
+    assert "ANNOUNCED" not in capsys.readouterr().out
 
 
 def test_build_app_preloads_the_pool_and_sizes_its_engine(tmp_path: Path):

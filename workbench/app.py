@@ -286,7 +286,8 @@ def parse_auth(spec: str) -> tuple[str, str]:
 
 def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, block: bool = True, threads: int | None = None,
-           auth: tuple[str, str] | str | None = None, heap: str = "fast", **kwargs: Any) -> gr.Blocks:
+           auth: tuple[str, str] | str | None = None, heap: str = "fast", announce: str | None = None,
+           **kwargs: Any) -> gr.Blocks:
     """Build and serve the workbench; ``block=False`` returns once the server is up (tests, notebooks).
 
     ``threads`` sets torch's intra-op threads for the process; by default 1 on CPU machines with at most
@@ -295,7 +296,8 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
     own choice. ``auth`` (``(user, password)`` or ``"user:password"``) requires that login on every page and
     API call. ``heap`` is how freed memory goes back to the OS (:func:`optimer_lib.engine.heap.configure_heap`:
     "fast" scores at full speed, "lean" at ~1.3x the time with peaks ~0.1 GB lower; both keep memory flat in the
-    number of sessions).
+    number of sessions). ``announce`` is printed once the pool is open, just before the server starts (the CLI's
+    "OptiMer workbench on http://..." line: never printed for a pool that fails to open).
     ``kwargs`` go to :func:`build_app`.
     """
     import torch
@@ -309,6 +311,8 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
     configure_heap(heap)  # memory flat in the number of sessions, at full-speed scoring ("fast") or the lowest peaks
     kwargs.setdefault("preload", True)  # a served app opens its pool before the first page asks for it
     demo = build_app(workdir, **kwargs)
+    if announce:
+        print(announce, flush=True)
     try:
         # the page from memory after its first render (workbench.page_cache), unless a login makes it per user
         middleware = [] if auth else [Middleware(PageCache)]
