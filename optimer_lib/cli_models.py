@@ -61,9 +61,8 @@ def _streams(a: argparse.Namespace, dirs: list[str], vectors: tuple[str, ...] = 
 
 
 def cmd_vector_extract(a: argparse.Namespace) -> None:
-    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
-
     from optimer_lib.checkpoints.streaming import parse_size
+    from optimer_lib.checkpoints.vectors import extract_vector, save_vector
 
     compute_args(a, keep=True)
     parse_size(a.shard_size)  # used only when streaming, but a typo is a typo either way
