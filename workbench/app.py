@@ -293,8 +293,8 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
     ``threads`` sets torch's intra-op threads for the process; by default 1 on CPU machines with at most
     4 cores, where Tune scoring, searches, chat and other programs compete for the cores (measured on 2
     busy cores before the merge engine: 0.74 s per Tune update with 1 thread, 1.2 s median and 10 s spikes with 2;
-    with the engine on 2 idle cores 2 threads changed nothing, BENCHMARKS.md), else torch's own choice. ``auth`` (``(user, password)`` or ``"user:password"``) requires that login on every page and
-    API call. ``heap`` is how freed memory goes back to the OS (:func:`optimer_lib.engine.heap.configure_heap`:
+    with the engine on 2 idle cores 2 threads changed nothing, BENCHMARKS.md), else torch's own choice.
+    ``auth`` (``(user, password)`` or ``"user:password"``) requires that login on every page and API call. ``heap`` is how freed memory goes back to the OS (:func:`optimer_lib.engine.heap.configure_heap`:
     "fast" scores at full speed, "lean" at ~1.3x the time with peaks ~0.1 GB lower; both keep memory flat in the
     number of sessions). ``announce`` is printed once the pool is open, just before the server starts (the CLI's
     "OptiMer workbench on http://..." line: never printed for a pool that fails to open).
@@ -316,7 +316,8 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
     try:
         # the page from memory after its first render (workbench.page_cache), unless a login makes it per user
         middleware = [] if auth else [Middleware(PageCache)]
-        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                    quiet=not block or not share,  # our own line gives the URL; Gradio speaks for a share link
                     css=CSS, run_history=False, auth=auth, app_kwargs={"middleware": middleware},
                     auth_message="OptiMer Workbench: log in with the user and password it was started with" if auth
                     else None)
