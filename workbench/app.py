@@ -290,14 +290,15 @@ def launch(workdir: str | os.PathLike = "runs/demo", *, host: str = "127.0.0.1",
            **kwargs: Any) -> gr.Blocks:
     """Build and serve the workbench; ``block=False`` returns once the server is up (tests, notebooks).
 
-    ``threads`` sets torch's intra-op threads for the process; by default 1 on CPU machines with at most
-    4 cores, where Tune scoring, searches, chat and other programs compete for the cores (measured on 2
-    busy cores before the merge engine: 0.74 s per Tune update with 1 thread, 1.2 s median and 10 s spikes with 2;
-    with the engine on 2 idle cores 2 threads changed nothing, BENCHMARKS.md), else torch's own choice.
-    ``auth`` (``(user, password)`` or ``"user:password"``) requires that login on every page and API call. ``heap`` is how freed memory goes back to the OS (:func:`optimer_lib.engine.heap.configure_heap`:
-    "fast" scores at full speed, "lean" at ~1.3x the time with peaks ~0.1 GB lower; both keep memory flat in the
-    number of sessions). ``announce`` is printed once the pool is open, just before the server starts (the CLI's
-    "OptiMer workbench on http://..." line: never printed for a pool that fails to open).
+    ``threads`` sets torch's intra-op threads for the process; by default 1 on CPU machines with at most 4 cores,
+    where Tune scoring, searches, chat and other programs compete for the cores (measured on 2 busy cores before the
+    merge engine: 0.74 s per Tune update with 1 thread, 1.2 s median and 10 s spikes with 2; with the engine on 2
+    idle cores 2 threads changed nothing, BENCHMARKS.md), else torch's own choice. ``auth`` (``(user, password)`` or
+    ``"user:password"``) requires that login on every page and API call. ``heap`` is how freed memory goes back to
+    the OS (:func:`optimer_lib.engine.heap.configure_heap`: "fast" scores at full speed, "lean" at ~1.3x the time
+    with peaks ~0.1 GB lower; both keep memory flat in the number of sessions). ``announce`` is printed once the
+    pool is open, just before the server starts (the CLI's "OptiMer workbench on http://..." line: never printed for
+    a pool that fails to open).
     ``kwargs`` go to :func:`build_app`.
     """
     import torch
