@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
+import optuna
 import pytest
 import torch
 from test_workbench_session import SUITE, tiny_workdir
@@ -114,3 +115,27 @@ def test_panel_handlers_load_points_and_reranked_best_into_tune(searched: Sessio
     assert "error" in panel.on_pick(searched, None, 0.0)[-2]
     assert default_objectives(["en", "ja"], ["math"]) == ["loss:ja", "acc:math", "loss:en"]
     assert default_objectives(["en"], []) == ["loss:en", "", ""]
+
+
+def test_a_large_study_is_plotted_from_a_sample_that_keeps_its_best_trials():
+    """2,000 trials froze the Search tab (a 50 MB contour: optuna puts every trial on its grid): above PLOT_TRIALS the
+    α plot, importances and landscape use the best fifth plus a spread of the rest, and their titles say so."""
+    from workbench.figures import PLOT_TRIALS, plotted_trials
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: (t.suggest_float("a", 0, 1) - 0.3) ** 2 + t.suggest_float("b", 0, 1), n_trials=900)
+    complete = study.trials
+    shown, note = plotted_trials(study, complete)
+    number = {(t.params["a"], t.params["b"]): t.number for t in complete}  # the copy numbers its trials anew
+    kept = {number[(t.params["a"], t.params["b"])] for t in shown.trials}
+    assert len(kept) == len(shown.trials) == PLOT_TRIALS and note == f" ({PLOT_TRIALS} of 900 trials)"
+    best = sorted(complete, key=lambda t: t.value)[: PLOT_TRIALS // 5]
+    assert {t.number for t in best} <= kept and shown.best_value == study.best_value
+    assert max(kept) > 800 and min(kept) < 100  # the rest spread over the whole run, not its start
+    history, alphas, _, land = study_figures(study)
+    assert "(300 of 900 trials)" in land.layout.title.text and "(300 of 900" in alphas.layout.title.text
+    assert len(land.to_json()) < 2_000_000  # ~1.1 MB; all 900 trials made ~10 MB
+    assert len(history.data[0].x) == 900  # the history keeps every trial (two points each: small)
+    small = optuna.create_study()
+    small.add_trials(complete[:50])
+    assert plotted_trials(small, small.trials) == (small, "")

@@ -27,6 +27,10 @@ from plotly.subplots import make_subplots
 COLORS = {"base": "#9e9e9e", "average": "#8da0cb", "best": "#66c2a5", "current": "#fc8d62"}
 HEIGHT = 320
 MIN_TRIALS_FOR_IMPORTANCE = 4
+# Trials drawn in the α and landscape plots and used for the importances. Optuna's contour puts every trial on
+# its grid, so its JSON grows with the square of the trials (300: 1.1 MB, 2,000: 50 MB, which froze the browser
+# tab); the parallel plot draws one line per trial. Above this many, a sample is drawn (see plotted_trials).
+PLOT_TRIALS = 300
 # plotly_white cut to the trace types drawn here: the full template carries defaults for 24 trace types, and
 # validating them on every figure cost ~8 ms each (a page load draws several): 2-3x less with the same look.
 _WHITE = pio.templates["plotly_white"]
@@ -177,22 +181,41 @@ def study_figures(study: optuna.Study | None) -> tuple[go.Figure, go.Figure, go.
         note = "no study selected" if study is None else "waiting for the first finished trial"
         return tuple(empty(note, t) for t in titles)  # type: ignore[return-value]
     params = list(dict.fromkeys(p for t in complete for p in t.params))
-    history = _layout(_quiet(vis.plot_optimization_history, study), titles[0])
-    alphas = _layout(_quiet(vis.plot_parallel_coordinate, study), titles[1])
+    history = _layout(_quiet(vis.plot_optimization_history, study), titles[0])  # two points per trial: all of them
+    shown, note = plotted_trials(study, complete)
+    alphas = _layout(_quiet(vis.plot_parallel_coordinate, shown), titles[1] + note)
     if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE and len(params) >= 2:
         try:
-            importance = optuna.importance.get_param_importances(study)
-            imp = _layout(_quiet(vis.plot_param_importances, study), titles[2])
+            importance = optuna.importance.get_param_importances(shown)
+            imp = _layout(_quiet(vis.plot_param_importances, shown), titles[2] + note)
             top = list(importance)[:2]
-            land = _layout(_quiet(vis.plot_contour, study, params=top), f"{titles[3]}: {top[0]} × {top[1]}")
+            land = _layout(_quiet(vis.plot_contour, shown, params=top),
+                           f"{titles[3]}: {top[0]} × {top[1]}{note}")
         except (RuntimeError, ValueError) as exc:  # e.g. all values equal
             imp = empty(f"not available: {exc}", titles[2])
-            land = _layout(_quiet(vis.plot_slice, study), titles[3])
+            land = _layout(_quiet(vis.plot_slice, shown), titles[3] + note)
     else:
         need = f"needs {MIN_TRIALS_FOR_IMPORTANCE} finished trials" if len(params) >= 2 else "needs 2 vectors"
         imp = empty(need, titles[2])
-        land = _layout(_quiet(vis.plot_slice, study), f"{titles[3]} (slice)")
+        land = _layout(_quiet(vis.plot_slice, shown), f"{titles[3]} (slice){note}")
     return history, alphas, imp, land
+
+
+def plotted_trials(study: optuna.Study, complete: Sequence[optuna.trial.FrozenTrial],
+                   limit: int = PLOT_TRIALS) -> tuple[optuna.Study, str]:
+    """``(study, "")`` with at most ``limit`` finished trials, else an in-memory copy holding the best fifth of
+    ``limit`` and the others spread evenly over the rest, with a title note saying so (figures stay small)."""
+    if len(complete) <= limit:
+        return study, ""
+    best = sorted(complete, key=lambda t: t.value if study.direction == optuna.study.StudyDirection.MINIMIZE
+                  else -t.value)[: limit // 5]
+    chosen = {t.number for t in best}
+    rest = [t for t in complete if t.number not in chosen]
+    step = len(rest) / (limit - len(chosen))
+    chosen |= {rest[int(i * step)].number for i in range(limit - len(best))}
+    copy = optuna.create_study(direction=study.direction)
+    copy.add_trials([t for t in complete if t.number in chosen])
+    return copy, f" ({len(chosen):,} of {len(complete):,} trials)"
 
 
 def pareto_chart(study: optuna.Study | None, objectives: Sequence[str] | None = None) -> go.Figure:
