@@ -215,10 +215,16 @@ def test_reload_restores_tune_chat_and_watched_study(browser, reload_server):
     pg.wait_for_selector("#pool-table >> text=ja")
 
     pg.get_by_role("tab", name="Tune").click()
+    pg.locator("#tune-method input").click()  # a TIES merge: the reload must show it, not the default method
+    pg.get_by_role("option", name="ties").click()
+    params = pg.locator("#tune-params textarea, #tune-params input").first
+    params.fill("density=0.5")
+    params.press("Enter")  # submit
+    pg.wait_for_selector("#tune-status >> text=release → chart")
     box = pg.locator("#alpha-0 input[type=number]")
     box.fill("0.7")
     box.press("Tab")  # release
-    pg.wait_for_selector("#tune-status >> text=release → chart")
+    pg.wait_for_function("() => document.querySelector('#tune-status').innerText.includes('release → chart')")
 
     pg.get_by_role("tab", name="Chat").click()
     wait_for(lambda: all(pg.locator(f"#chat-model-{i} input").input_value() for i in range(2)), what="pane models")
@@ -240,6 +246,8 @@ def test_reload_restores_tune_chat_and_watched_study(browser, reload_server):
     pg.get_by_role("tab", name="Tune").click()  # a tab's components are drawn when it is first shown
     wait_for(lambda: _alpha(pg, 0) == 0.7, what="the restored α of ja")
     assert _alpha(pg, 1) == 0.0
+    wait_for(lambda: pg.locator("#tune-method input").input_value() == "ties", what="the restored method")
+    assert pg.locator("#tune-params textarea, #tune-params input").first.input_value() == "density=0.5"
     pg.get_by_role("tab", name="Chat").click()
     wait_for(lambda: _messages(pg, 0, "user") == ["the quick brown"], what="the restored chat history")
     assert [_messages(pg, i, "bot") for i in range(2)] == replies

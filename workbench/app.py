@@ -196,7 +196,7 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
             with gr.Tab("Export", id="export"):
                 export = ExportTab(ctx)
         parts = [setup, pool, tune, search, chat, export]
-        outputs = [c for p in parts for c in p.outputs]
+        outputs = [c for p in parts for c in getattr(p, "refresh_outputs", p.outputs)]
 
         def refresh_all(session: Session) -> list[Any]:
             """Every pool-dependent component, for this session's pool (page load, pool changes)."""

@@ -106,6 +106,8 @@ class TuneTab(GroupControls):
         self.group_outputs: list[Any] = [self.heat, self.group_view]
         self.outputs: list[Any] = [*self.sliders, self.instruction, *self.group_outputs, self.sets, self.cost,
                                    self.chart, self.status]
+        # a page load (reload included) also shows the session's method: its merge may be a ties or DARE one
+        self.refresh_outputs: list[Any] = [*self.outputs, self.method, self.params]
         moved = [self.chart, self.status, *self.group_outputs]
         moves = [*(("vector", i) for i in range(len(self.sliders))), ("instruction", 0),
                  *(("group", k) for k in range(len(self.group_sliders)))]
@@ -118,7 +120,8 @@ class TuneTab(GroupControls):
         for i, acc in enumerate(self.accordions):  # a collapsed accordion drops value updates: re-send on open
             acc.expand(self._expand_fn(i), [ctx.state], self.group_sliders[i * MAX_GROUPS:(i + 1) * MAX_GROUPS],
                        show_progress="hidden", concurrency_limit=None)
-        self.method.change(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
+        # input, not change: a page load or a recipe sets the dropdown to what the session already holds
+        self.method.input(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
                            [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
         self.params.submit(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
                            [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
@@ -320,8 +323,10 @@ class TuneTab(GroupControls):
         """
         hidden = [gr.update(visible=False) for _ in [*self.sliders, self.instruction]]
         hidden += [gr.update() for _ in self.group_outputs]
+        keep = [gr.update(), gr.update()]  # method, params
         if not session.has_pool:
-            return [*hidden, gr.update(), gr.update(), empty("no pool yet: build the demo pool on the Pool tab"), ""]
+            return [*hidden, gr.update(), gr.update(), empty("no pool yet: build the demo pool on the Pool tab"), "",
+                    *keep]
         try:
             names = session.names
             if len(names) > self.ctx.max_vectors:
@@ -341,10 +346,12 @@ class TuneTab(GroupControls):
                 status = cost
             sets = dev_sets_update(session, session.scoring.sets)
         except Exception as exc:
-            return [*hidden, gr.update(), gr.update(), empty("the pool could not be opened"), error_md(exc)]
+            return [*hidden, gr.update(), gr.update(), empty("the pool could not be opened"), error_md(exc), *keep]
         sliders = [gr.update(visible=True, label=f"α {names[i]}", value=current[names[i]]) if i < len(names)
                    else gr.update(visible=False) for i in range(self.ctx.max_vectors)]
         inst = session.shared.instruction
         inst_update = gr.update(visible=inst is not None, value=iw,
                                 label=f"instruction weight ({inst.name})" if inst else "instruction weight")
-        return [*sliders, inst_update, *self.group_updates(session, current), sets, cost, fig, status]
+        tune = session.tune
+        method = [gr.update(value=tune.method), gr.update(value=", ".join(f"{k}={v}" for k, v in tune.params.items()))]
+        return [*sliders, inst_update, *self.group_updates(session, current), sets, cost, fig, status, *method]
