@@ -173,3 +173,16 @@ def test_an_older_moves_heat_map_never_follows_a_newer_moves(tab_and_session):
     session.set_tune({"ja": 0.2, "math": 0.0})  # the newer move
     assert all(y[2] == gr.skip() and y[3] == gr.skip() for y in moves)
     assert session.tune.weights == {"ja": 0.2, "math": 0.0}
+
+
+def test_confirm_says_what_it_scored(tab_and_session):
+    """The confirm button scores every document: its chart title and status say so, and that the reference bars
+    stay at the scoring set's documents (they were labelled as the scoring set's before)."""
+    tab, session = tab_and_session
+    *_, (fig, status) = list(tab.on_confirm(session))
+    docs = session.scoring.docs
+    assert status.startswith("**confirm** (every document) · release → chart"), status
+    assert f"current: every document (confirm); base, average, best: first {docs} per set" in fig.layout.title.text
+    moves = list(tab._release_fn(("vector", 0))(session, "vector", 0.21, 0.0, 0.0, 0.0))
+    fig, status = moves[-1][0], moves[-1][1]
+    assert "confirm" not in status and f"first {docs} documents per set" in fig.layout.title.text

@@ -139,11 +139,12 @@ class TuneTab(GroupControls):
 
     # -- rendering -----------------------------------------------------------------------------
     def render(self, session: Session, r: TuneResult | TuneUpdate, t0: float, wait_best: bool = False,
-               times: dict[str, float] | None = None) -> tuple[Any, str]:
+               times: dict[str, float] | None = None, confirm: bool = False) -> tuple[Any, str]:
         """Chart + status line for a Tune update or result (references are cached by the pool's engine).
 
         A new best of a running search is scored in the background unless ``wait_best``, so a slider
-        release never pays for it; the bars appear on the next update.
+        release never pays for it; the bars appear on the next update. ``confirm``: the current bar is a score of
+        every document (the confirm button), the reference bars stay the scoring set's.
         """
         u = r if isinstance(r, TuneUpdate) else None
         session.ui["tune_shown"] = True
@@ -154,6 +155,8 @@ class TuneTab(GroupControls):
         intervals = {k: (v.low, v.high) for k, v in (u.intervals if u else r.intervals).items()}
         sc = session.scoring
         what = f"first {sc.docs} documents per set" if sc.docs else "every document"
+        if confirm and sc.docs:
+            what = f"current: every document (confirm); base, average, best: first {sc.docs} per set"
         fig = self._chart(r.metrics, refs, title=f"dev metrics, {what}"
                          + (f" (instruction weight {iw:g} in every bar)" if iw else ""),
                          intervals=intervals, estimate=bool(u and u.phase == "estimate"))
@@ -170,15 +173,16 @@ class TuneTab(GroupControls):
         else:
             cached = " (cached: scored before)" if (u.cached if u else r.cached) else ""
             merge_s, score_s = (u.merge_s, u.score_s) if u else (r.merge_s, r.score_s)
-            status = (f"release → chart **{total * 1000:.0f} ms**{cached} ({steps}; merge {merge_s * 1000:.0f} ms, "
-                      f"score {score_s * 1000:.0f} ms)")
+            status = ("**confirm** (every document) · " if confirm else "") + (
+                f"release → chart **{total * 1000:.0f} ms**{cached} ({steps}; merge {merge_s * 1000:.0f} ms, "
+                f"score {score_s * 1000:.0f} ms)")
             status += "".join(f" · {k} {v:.2f} s" for k, v in (u.lmeval_s if u else r.lmeval_s).items())
             status += _fmt_interval(u) if u else (f" · objective (balanced) **{r.objective:.4f}**"
                                                   if r.objective is not None else "")
             print(f"[workbench] tune: {status.replace('**', '')}", flush=True)
         return fig, status
 
-    def stream(self, session: Session, updates, t0: float):
+    def stream(self, session: Session, updates, t0: float, confirm: bool = False):
         """Render each update of a Tune move as it comes (a cancelled move leaves the chart to the newer one)."""
         times: dict[str, float] = {}
         for u in updates:  # no lease here: leased_map's threads score, so any Gradio worker may resume it
@@ -191,7 +195,7 @@ class TuneTab(GroupControls):
             key = {"estimate": "estimate", "partial": "first set"}.get(u.phase)
             if key:
                 times.setdefault(key, time.perf_counter() - t0)
-            yield self.render(session, u, t0, times=times)
+            yield self.render(session, u, t0, times=times, confirm=confirm)
 
     def show(self, session: Session, weights: dict[str, float], iw: float) -> list[Any]:
         """Apply ``weights`` and return updates for every output (sliders get the values)."""
@@ -264,7 +268,7 @@ class TuneTab(GroupControls):
         try:
             tune = session.tune
             yield from self.stream(session, session.score_stream(tune.weights, tune.instruction_weight,
-                                                                 confirm=True), t0)
+                                                                 confirm=True), t0, confirm=True)
         except Exception as exc:
             yield gr.update(), error_md(exc)
 
