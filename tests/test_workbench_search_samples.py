@@ -71,3 +71,19 @@ def test_bad_method_settings_and_pareto_samples(session: Session):
     assert run.wait(120) and run.error is None, run.error
     trials = load_study(session.workspace.storage_url, run.study_name).trials
     assert all(record.trial_samples(t)[0]["prompt"] == "the quick" for t in trials)
+
+
+def test_sample_text_is_shown_as_written_in_the_hover_and_the_panel():
+    """Quotes, backticks and angle brackets in a model's text: the hover label (plotly decodes &lt; &gt; &amp; but
+    not &quot;) and the clicked-trial panel (a backtick ended its Markdown code span) show the text as it is."""
+    from workbench.tabs.search import _preview
+
+    samples = [{"prompt": 'say "hi"', "text": 'a `b` "c" <d> & e'}]
+    hover = _preview(samples)
+    assert "&quot;" not in hover and '"c" &lt;d&gt; &amp; e' in hover and hover.startswith('<i>say "hi"</i>')
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(params={"ja": 0.5}, value=1.0,
+                                              distributions={"ja": optuna.distributions.FloatDistribution(0, 1)},
+                                              user_attrs={record.SAMPLES: samples}))
+    md = samples_md(study, 0)
+    assert md.endswith("<i>say &quot;hi&quot;</i> → <code>a `b` &quot;c&quot; &lt;d&gt; &amp; e</code>"), md

@@ -42,7 +42,8 @@ def _preview(samples: list[dict[str, str]]) -> str:
     for s in samples:
         text = " ".join(s["text"].split())
         cut = text[:PREVIEW_CHARS] + ("…" if len(text) > PREVIEW_CHARS else "")
-        lines.append(f"<i>{html.escape(s['prompt'][:30])}</i> → {html.escape(cut)}")
+        # quote=False: plotly's hover labels decode &amp; &lt; &gt; but show &quot; as it is
+        lines.append(f"<i>{html.escape(s['prompt'][:30], quote=False)}</i> → {html.escape(cut, quote=False)}")
     return "<br>".join(lines) if lines else "(no sample generations)"
 
 
@@ -71,7 +72,9 @@ def samples_md(study: optuna.Study | None, number: int) -> str:
     head = f"**trial {number}** ({weights})"
     if not samples:
         return head + ": no sample generations (set sample prompts before starting a search)"
-    body = "\n\n".join(f"*{html.escape(s['prompt'])}* → `{html.escape(s['text']) or '(nothing)'}`" for s in samples)
+    # <code>, not a Markdown code span: a backtick in the model's text would end the span and garble the rest
+    body = "\n\n".join(f"<i>{html.escape(s['prompt'])}</i> → <code>{html.escape(s['text']) or '(nothing)'}</code>"
+                       for s in samples)
     return f"{head}\n\n{body}"
 
 
@@ -146,6 +149,8 @@ class SearchTab:
         self.stop.click(self.on_stop, ctx.state, self.status, concurrency_limit=None)
         self.reload.click(self.on_reload, [ctx.state, self.storage, self.study], self.study, concurrency_limit=None)
         self.study.change(self.on_watch, [ctx.state, self.storage, self.study], self.live, show_progress="hidden",
+                          concurrency_limit=None)
+        self.study.change(lambda: "", None, self.samples, show_progress="hidden",  # a trial of the old study
                           concurrency_limit=None)
         self.timer.tick(self.on_tick, [ctx.state, self.storage, self.study], self.live, show_progress="hidden",
                         concurrency_limit=None)
