@@ -79,3 +79,4 @@ def test_vote_next_pair_and_send_best_to_tune(page, server):
     page.locator("#arena-chat-best").click()  # back to the panes, the best (now Tune) in pane 1
     page.wait_for_selector("#chat-prompt textarea")
     wait_for(lambda: page.locator("#chat-model-0 input").input_value() == "Tune merge", what="pane 1 = Tune merge")
+    page.wait_for_selector("#chat-status >> text=both panes start a new conversation")  # histories cleared: said

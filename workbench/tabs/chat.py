@@ -143,7 +143,7 @@ class ChatTab:
         if tune is not None:  # a Chat tab built alone (tests) has no Tune tab to send to
             self.changed.append(self.arena.chat_best.click(
                 self.on_chat_best, [ctx.state], [*tune.outputs[:-1], self.mode, self.models[0], self.models[1],
-                                                 self.bots[0], self.bots[1], self.arena.status],
+                                                 self.bots[0], self.bots[1], self.arena.status, self.status],
                 concurrency_limit=None))
 
     def persist(self, store: Any) -> None:
@@ -174,15 +174,18 @@ class ChatTab:
         yield [*shown, "", ""]
 
     def on_chat_best(self, session: Session) -> list[Any]:
+        """The arena's best into Tune and pane 1, in side-by-side mode; the note goes to the chat's status line, which
+        that mode shows (the arena's own is hidden there); a refusal stays on the arena's."""
         tune, keep = self.ctx.tune, [gr.skip()] * 5
         try:
             out = self.arena.on_to_tune(session)
             other = BASE_IT if session.shared.instruction is not None else BASE
         except Exception as exc:
-            return [*(gr.skip() for _ in tune.outputs[:-1]), *keep, error_md(exc)]
+            return [*(gr.skip() for _ in tune.outputs[:-1]), *keep, error_md(exc), gr.skip()]
         if out[-1].startswith("**error"):
-            return [*out[:-1], *keep, out[-1]]
-        return [*out[:-1], MODES[0], TUNE, other, [], [], "the best merge is in Tune and in pane 1: chat with it"]
+            return [*out[:-1], *keep, out[-1], gr.skip()]
+        return [*out[:-1], MODES[0], TUNE, other, [], [], "", "the best merge is in Tune and in pane 1: chat with it "
+                "(both panes start a new conversation: their earlier ones were with other models)"]
 
     def refresh(self, session: Session) -> list[Any]:
         """Model choices of the pool; panes restored by :func:`restore_chat` get their models, and their pane count
