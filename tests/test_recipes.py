@@ -149,6 +149,8 @@ def test_mistakes_are_one_line_errors(pool, tmp_path: Path):
     cases.append((tmp_path / "list.json", ConfigError, "is not a recipe this can read"))
     (tmp_path / "broken.json").write_text("{\"weights\": ")
     cases.append((tmp_path / "broken.json", DataError, "is not valid JSON"))
+    (tmp_path / "notes.jsonl").write_text('{"text": "a: b: c"}\n{"text": "x"}\n')  # a corpus given as a recipe
+    cases.append((tmp_path / "notes.jsonl", DataError, r"is not valid YAML \(.*\): give a search's best.json"))
     (tmp_path / "empty").mkdir()
     cases.append((tmp_path / "empty", ConfigError, "has no mergekit.yaml"))
     (tmp_path / "slerp.yaml").write_text(yaml.safe_dump({"merge_method": "slerp", "models": [{"model": "x"}]}))

@@ -270,7 +270,8 @@ def test_export_writes_loadable_checkpoint_and_zip(session: Session):
         torch.testing.assert_close(exact[name], q, msg=name)
     with zipfile.ZipFile(res.zip_path) as z:
         assert "m1/config.json" in z.namelist()
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(WorkbenchError, match='exports/m1 already exists: choose another name, or tick "replace an '
+                       'existing export"'):  # the tab's words, not the CLI's --force
         session.export("m1")
     with pytest.raises(WorkbenchError, match="bad export name"):
         session.export("../x")

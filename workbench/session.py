@@ -409,6 +409,9 @@ class Session(ChatMethods, StudyMethods):
             raise WorkbenchError(f"bad export name {name!r}: use a plain folder name such as my-merge")
         sh, st = self.shared, self.state
         out = self.workspace.exports_dir / name
+        if out.exists() and not overwrite:  # said here in the tab's words (the library's names the CLI's --force)
+            raise WorkbenchError(f"exports/{name} already exists: choose another name, or tick \"replace an existing "
+                                 "export\"")
         scores = {f"dev {k} (first {self.tune_limit})": v for k, v in (self.last.metrics if self.last else {}).items()}
         # exact: base + Σ α τ merged afresh, without the rounding drift of incremental slider updates
         with self.merged(exact=True) as model:

@@ -94,8 +94,8 @@ def _read(path: Path) -> Any:
         return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"recipe {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
-                        f"{first}") from None
+        raise DataError(f"recipe {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                        f"({first}): give {FORMATS}") from None
 
 
 # -- best.json -----------------------------------------------------------------------------------
