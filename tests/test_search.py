@@ -191,6 +191,20 @@ def test_best_json_and_rescoring_picks_rescored_argmin(tmp_path):
     assert {"number", "state", "objective", "a", "b", "c", "q", "objective@30"} <= set(table.columns)
 
 
+def test_trial_table_says_which_failed_trials_were_interrupted():
+    """Stop/Ctrl-C abandons the running trial as FAIL with a mark (Optuna has no such state); the table reads it."""
+    from optimer_lib.search import record
+
+    study = optuna.create_study()
+    dist = {"a": optuna.distributions.FloatDistribution(0, 1)}
+    study.add_trial(optuna.trial.create_trial(params={"a": 0.1}, distributions=dist, value=1.0))
+    fail = optuna.trial.TrialState.FAIL
+    study.add_trial(optuna.trial.create_trial(params={"a": 0.2}, distributions=dist, state=fail,
+                                              user_attrs={record.INTERRUPTED: True}))
+    study.add_trial(optuna.trial.create_trial(params={"a": 0.3}, distributions=dist, state=fail))
+    assert list(trial_table(study)["state"]) == ["COMPLETE", "INTERRUPTED", "FAIL"]
+
+
 def test_real_tiny_model_search(tmp_path, tiny_tokenizer):
     base = make_model("llama")
     merger = TinyMerger(base, {"x": perturbed(base, 0.05, 1), "y": perturbed(base, 0.05, 2)})

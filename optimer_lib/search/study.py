@@ -344,7 +344,8 @@ def _rescore(study: optuna.Study, top: list[FrozenTrial], score: Scorer, config:
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, objective, each weight, each search metric, re-scored objective.
+    """One row per trial: number, state (Optuna's, or INTERRUPTED), objective, each weight, each search metric,
+    re-scored objective.
 
     Metrics are the highest fidelity's the trial has; in a multi-fidelity study ``fidelity`` is the report
     step (documents per set) of the last rung a trial reached (a PRUNED trial's objective is at that rung).
@@ -352,7 +353,9 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     rescores = record.rescores(study)
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name, "objective": t.value}
+        # an interrupted trial is stored FAIL (Optuna has no such state) with a mark: say what happened to it
+        state = "INTERRUPTED" if t.user_attrs.get(record.INTERRUPTED) else t.state.name
+        row: dict[str, Any] = {"number": t.number, "state": state, "objective": t.value}
         if t.intermediate_values:
             row["fidelity"] = max(t.intermediate_values)
         row.update({n: float(v) for n, v in t.params.items()})
