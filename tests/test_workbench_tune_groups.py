@@ -186,3 +186,28 @@ def test_confirm_says_what_it_scored(tab_and_session):
     moves = list(tab._release_fn(("vector", 0))(session, "vector", 0.21, 0.0, 0.0, 0.0))
     fig, status = moves[-1][0], moves[-1][1]
     assert "confirm" not in status and f"first {docs} documents per set" in fig.layout.title.text
+
+
+def test_a_recipe_with_joined_ranges_opens_in_the_granularity_it_was_made_with(tab_and_session):
+    """A mergekit recipe written from layer-groups:2 joins a vector's equal neighbouring groups (ja@blocks0-1 on a
+    2-block model): it opens at layer-groups:2, as that layout's own keys (a reload restores those), not at the
+    finest granularity with the vector's weights lost."""
+    from workbench.tabs.tune_groups import granularity_of, on_layout
+
+    _, session = tab_and_session
+    layout = session.group_layout("layer-groups:2")  # embed, blocks0-0, blocks1-1, head
+    full = {"ja@embed": 0.1, "ja@blocks0-0": 0.5, "ja@blocks1-1": 0.5, "ja@head": 0.2,
+            "math@embed": 0.0, "math@blocks0-0": 0.3, "math@blocks1-1": 0.7, "math@head": 0.0}
+    joined = {k: v for k, v in full.items() if k not in ("ja@blocks0-0", "ja@blocks1-1")} | {"ja@blocks0-1": 0.5}
+    assert granularity_of(session, joined) == ("layer-groups:2", layout)
+    assert on_layout(session, joined) == full
+    assert granularity_of(session, full) == ("layer-groups:2", layout)  # named exactly: kept as it is
+    uniform = {f"{n}@{g}": 0.4 for n in ("ja", "math") for g in layout}  # named by layer-groups:2: stays there
+    assert granularity_of(session, uniform)[0] == "layer-groups:2"
+    assert on_layout(session, {"ja": 0.3, "math": 0.1}) == {"ja": 0.3, "math": 0.1}  # plain weights: untouched
+    split = {"ja@embed": 0.1, "ja@blocks0-1": 0.5, "ja@head": 0.2,  # math's halves equal: layer-groups:1 holds it
+             "math@embed": 0.0, "math@blocks0-0": 0.3, "math@blocks1-1": 0.3, "math@head": 0.0}
+    coarse = session.group_layout("layer-groups:1")
+    assert granularity_of(session, split) == ("layer-groups:1", coarse)  # the coarsest exact one, not the finest
+    assert on_layout(session, split) == {"ja@embed": 0.1, "ja@blocks0-1": 0.5, "ja@head": 0.2, "math@embed": 0.0,
+                                         "math@blocks0-1": 0.3, "math@head": 0.0}

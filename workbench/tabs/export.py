@@ -21,6 +21,7 @@ from optimer_lib.checkpoints.gguf_export import DTYPES, add_gguf_to_export
 from optimer_lib.merging.recipes import Recipe, check_recipe, load_recipe
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
+from workbench.tabs.tune_groups import on_layout
 
 
 def read_recipe(session: Session, path: str | None, upload: str | None) -> Recipe:
@@ -91,8 +92,9 @@ class ExportTab:
         try:
             r = read_recipe(session, path, upload)
             iw = float(iw or 0.0) if r.instruction_weight is None else r.instruction_weight
-            session.apply(r.weights, iw, method=r.method, params=r.params)
-            shown = tune.show(session, r.weights, iw)
+            weights = on_layout(session, r.weights)  # joined per-layer ranges: the Tune tab's own groups
+            session.apply(weights, iw, method=r.method, params=r.params)
+            shown = tune.show(session, weights, iw)
         except Exception as exc:
             return [*(gr.update() for _ in tune.outputs), *(gr.update() for _ in self._method), error_md(exc)]
         opts = ", ".join(f"{k}={v}" for k, v in r.params.items())

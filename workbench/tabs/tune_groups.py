@@ -26,18 +26,43 @@ VECTOR_VIEW: dict[str, Any] = {"granularity": "vector"}  # the group view of one
 
 
 def granularity_of(session: Session, weights: dict[str, float]) -> tuple[str, list[str]]:
-    """The granularity whose layer groups the ``name@group`` keys of ``weights`` use, with its layout; else the
-    finest granularity this model has (``("vector", [])`` when it has none)."""
-    found: tuple[str, list[str]] = ("vector", [])
+    """The granularity whose layer groups the ``name@group`` keys of ``weights`` name, with its layout; else the
+    coarsest that holds them exactly (every vector's weight the same across each of its groups); else the finest this
+    model has (``("vector", [])`` when it has none).
+
+    A mergekit recipe written from ``layer-groups:2`` joins a vector's equal neighbouring groups into one range
+    (``ja@blocks0-3``): no layout names it, but ``layer-groups:2`` still holds it (:func:`on_layout`)."""
+    names, layers = session.names, session.layers
+    found: list[tuple[str, list[str]]] = []
     for g in GRANULARITIES[1:]:
         try:
-            layout = session.group_layout(g)
+            found.append((g, session.group_layout(g)))
         except Exception:  # fewer blocks than this granularity's slices
             continue
-        found = (g, layout)
-        if set(groups.groups_in(weights)) == set(layout):
-            break
-    return found
+    named = set(groups.groups_in(weights))
+    exact = next((f for f in found if set(f[1]) == named), None)
+    if exact is None:
+        table = groups.per_layer(weights, names, layers)  # columns: embed, block 0 .. block L-1, head
+
+        def columns(group: str) -> list[int]:
+            r = groups.group_range(group)
+            return [0] if r == groups.EMBED else [layers + 1] if r == groups.HEAD else list(range(r[0] + 1, r[1] + 2))
+
+        exact = next((f for f in found if all(len({table[n][c] for c in columns(grp)}) == 1
+                                               for grp in f[1] for n in names)), None)
+    return exact or (found[-1] if found else ("vector", []))
+
+
+def on_layout(session: Session, weights: dict[str, float]) -> dict[str, float]:
+    """Grouped ``weights`` as one weight per vector and group of :func:`granularity_of`'s layout when that layout
+    holds them exactly (a recipe's joined ranges become the Tune tab's own groups, which a reload restores); other
+    weights as they are."""
+    if not groups.is_grouped(weights):
+        return weights
+    names, layers = session.names, session.layers
+    _, layout = granularity_of(session, weights)
+    full = groups.expand(weights, names, layout)
+    return full if groups.per_layer(full, names, layers) == groups.per_layer(weights, names, layers) else weights
 
 
 class GroupControls:
