@@ -51,6 +51,14 @@ def test_a_corpus_added_in_the_pool_tab_and_an_lmeval_task_are_scored_in_tune(pa
     page.locator("#pool-eval-path input, #pool-eval-path textarea").fill("data/legal.jsonl")
     page.locator("#pool-eval-add").click()
     page.wait_for_selector("#pool-status >> text=added dev set legal")
+    # with every section open the status line is far below the "add a vector" button: the answer is scrolled to
+    page.get_by_text("add a vector").click()
+    page.get_by_text("choose base, vectors and instruction vector").click()
+    page.locator("#pool-add").click()  # no path: refused
+    page.wait_for_selector("#pool-status >> text=no path given")
+    in_view = """() => { const r = document.getElementById('pool-status').getBoundingClientRect();
+                         return r.top >= 0 && r.bottom <= window.innerHeight + 1; }"""
+    wait_for(lambda: page.evaluate(in_view), what="the Pool tab's answer scrolled into view")
 
     fresh = Session(Workspace(root, suite=SUITE), tune_limit=3, qa_limit=2)  # its suite read from workbench.json
     ref = fresh.apply({"ja": 0.8})

@@ -226,16 +226,19 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
         # row (a refused one, then the real one) could otherwise end the other way round, and the older refresh would
         # put back the old dev sets and slider values over a move made in between.
         in_order = {"concurrency_limit": 1, "concurrency_id": "pool-refresh"}
+        # the Pool tab's answer is at the foot of a long page: bring it into view (in the browser, no server call)
+        show_status = {"fn": None, "js": "() => document.getElementById('pool-status')?.scrollIntoView("
+                                         "{block: 'nearest', behavior: 'smooth'})"}
         setup.button.click(setup.on_build, [state, setup.quick], setup.status, concurrency_limit=1).then(
             refresh_all, state, outputs, **in_order)
-        pool.add.click(pool.on_add, [state, pool.path, pool.name], pool.status).then(refresh_all, state, outputs,
-                                                                                     **in_order)
+        pool.add.click(pool.on_add, [state, pool.path, pool.name], pool.status).then(**show_status).then(
+            refresh_all, state, outputs, **in_order)
         pool.add_eval.click(pool.on_add_eval, [state, pool.eval_name, pool.eval_path], pool.status).then(
-            refresh_all, state, outputs, **in_order)
+            **show_status).then(refresh_all, state, outputs, **in_order)
         pool.remove_eval.click(pool.on_remove_eval, [state, pool.eval_added], pool.status).then(
-            refresh_all, state, outputs, **in_order)
+            **show_status).then(refresh_all, state, outputs, **in_order)
         pool.open.click(pool.on_open, [state, pool.base, pool.instruction, pool.vectors], pool.status).then(
-            refresh_all, state, outputs, **in_order)
+            **show_status).then(refresh_all, state, outputs, **in_order)
         hide_internal_api(demo)  # before the context closes: the page config says so too
     hide_internal_api(demo)  # and the State's initial-value event, which gradio adds as the context closes
     skip_unused_per_event_work()  # before the queue is made: it reads the analytics setting then
