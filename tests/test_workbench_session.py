@@ -284,6 +284,10 @@ def test_workspace_paths_and_adding_vectors(tmp_path: Path):
         ws.resolve("../elsewhere")
     with pytest.raises(WorkbenchError, match="outside the workdir"):
         ws.add_vector("/etc")
+    (wd / "legal.jsonl").write_text('{"text": "a corpus, not a vector"}\n')
+    with pytest.raises(WorkbenchError, match="'legal.jsonl' is not a vector: give a checkpoint directory or a "
+                                             ".safetensors vector file"):
+        ws.add_vector("legal.jsonl")
     base = make_model("llama")
     perturbed(base, 0.05, seed=99).save_pretrained(wd / "cpt" / "code")
     shared = ws.add_vector("cpt/code")

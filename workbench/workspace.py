@@ -421,6 +421,9 @@ class Workspace:
             path = save_vector(vec, out)
         elif not path.is_file():
             raise WorkbenchError(f"{user_path!r} does not exist in the workdir {self.workdir}")
+        elif path.suffix != ".safetensors":  # e.g. a corpus typed into the wrong box: not "a corrupt vector"
+            raise WorkbenchError(f"{user_path!r} is not a vector: give a checkpoint directory or a .safetensors "
+                                 "vector file (a dev corpus goes under \"add a dev corpus\")")
         elif name and load_vector(path).name != name:
             raise WorkbenchError(f"{user_path!r} holds vector {load_vector(path).name!r}; leave the name empty "
                                  "or re-extract it under the new name")
