@@ -185,7 +185,8 @@ class ObjectivesPanel:
             status = run.status()
         if not status:
             what = " × ".join(specs) if specs else "its own objectives"
-            status = f"front of `{name}` ({what}, from stored metrics): {len(front)} points"
+            points = f"{len(front)} point" + ("s" if len(front) != 1 else "")
+            status = f"front of `{name}` ({what}, from stored metrics): {points}"
         choices = [(point_label(p.number, p.values), p.number) for p in front]
         keep = session.ui.get("pareto_pick")
         return [status, fig, gr.update(choices=choices, value=keep if keep in {c[1] for c in choices} else None)]

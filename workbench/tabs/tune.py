@@ -166,7 +166,8 @@ class TuneTab(GroupControls):
             times.setdefault("full", total)
         steps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
         if u is not None and u.phase == "estimate":
-            status = (f"≈ **estimate** ({u.estimate.kind} fit to {u.estimate.n_points} scored merges; no forward "
+            n = u.estimate.n_points
+            status = (f"≈ **estimate** ({u.estimate.kind} fit to {n} scored merge{'s' if n != 1 else ''}; no forward "
                       f"pass) · scoring {u.sets_total} dev sets…")
         elif u is not None and u.phase == "partial":
             status = f"scored **{len(u.sets_done)} of {u.sets_total}** dev sets · release → {steps}"
