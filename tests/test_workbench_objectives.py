@@ -139,3 +139,19 @@ def test_a_large_study_is_plotted_from_a_sample_that_keeps_its_best_trials():
     small = optuna.create_study()
     small.add_trials(complete[:50])
     assert plotted_trials(small, small.trials) == (small, "")
+
+
+def test_a_study_file_replaced_while_the_server_runs_is_read_anew(tmp_path):
+    """The Search tab keeps one storage per URL; an optuna.db moved away and written afresh by a new search must not
+    be read through the old connection (the tab said "no study selected" and, on a large old file, hung)."""
+    from workbench.searching import storage_for, study_names
+
+    db = tmp_path / "optuna.db"
+    url = f"sqlite:///{db}"
+    optuna.create_study(storage=url, study_name="old")
+    first = storage_for(url)
+    assert storage_for(url) is first and study_names(url) == ["old"]  # polling reuses one connection
+    db.rename(tmp_path / "moved.db")
+    optuna.create_study(storage=url, study_name="new")
+    assert storage_for(url) is not first and study_names(url) == ["new"]
+    assert load_study(url, "new") is not None and load_study(url, "old") is None

@@ -350,16 +350,33 @@ class ParetoRun(SearchRun):
         return f"`{self.study_name}` not started"
 
 
-_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+_STORAGES: dict[str, tuple[tuple[int, int] | None, optuna.storages.BaseStorage]] = {}
 _STORAGE_LOCK = threading.Lock()
 
 
+def _file_identity(url: str) -> tuple[int, int] | None:
+    """(device, inode) of the file a ``sqlite:///`` or ``journal://`` URL names (None: no such file, or a server)."""
+    for prefix in ("sqlite:///", "journal://"):
+        if url.startswith(prefix):
+            try:
+                st = Path(url.removeprefix(prefix)).stat()
+            except OSError:
+                return None
+            return st.st_dev, st.st_ino
+    return None
+
+
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """One storage per URL for the whole process (polling must not rebuild engines); ``journal://`` too."""
+    """One storage per URL for the whole process (polling must not rebuild engines); ``journal://`` too. A study file
+    replaced meanwhile (moved away, a new search wrote a fresh one) is opened anew: the old connection would go on
+    reading the old file."""
+    identity = _file_identity(url)
     with _STORAGE_LOCK:
-        if url not in _STORAGES:
-            _STORAGES[url] = open_storage(url)
-        return _STORAGES[url]
+        cached = _STORAGES.get(url)
+        if cached is None or (cached[0] is not None and cached[0] != identity):
+            storage = open_storage(url)
+            _STORAGES[url] = (_file_identity(url), storage)  # after opening: SQLite creates the file
+        return _STORAGES[url][1]
 
 
 def _absent(url: str) -> bool:
