@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from optimer_lib.cli_search import compute_args
+from optimer_lib.cli_search import check_pool_paths, compute_args
 from optimer_lib.errors import ConfigError, OptimerError, Problems
 
 
@@ -96,7 +96,6 @@ def cmd_vector_info(a: argparse.Namespace) -> None:
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
-    from optimer_lib.checkpoints.models import check_checkpoint_dir
     from optimer_lib.checkpoints.streaming import parse_size
     from optimer_lib.checkpoints.vectors import vector_files
     from optimer_lib.merging.export import export_merged
@@ -111,21 +110,18 @@ def cmd_merge(a: argparse.Namespace) -> None:
         if spec and spec[1] is None and a.method not in ("average",):
             problems.errors.append(ConfigError(f"--vector {spec[0]} has no weight: write FILE=WEIGHT (e.g. "
                                                f"{spec[0]}=0.3)"))
-        if spec:
-            problems.check(vector_files, spec[0])  # exists and is a vector
     params = problems.check(_params, a.param)
     if params is not None:
         problems.check(check_method_params, a.method, params)
     inst, inst_w = (problems.check(parse_vector_spec, a.instruction) or (None, None)) if a.instruction \
         else (None, None)
-    problems.check(check_checkpoint_dir, a.base)
+    check_pool_paths(problems, a.base, [spec[0] for spec in specs if spec])
     problems.check(parse_size, a.shard_size)  # used only when streaming, but a typo is a typo either way
     if Path(a.out).is_dir() and not a.force:  # a file there is refused as --out already
         problems.errors.append(OptimerError(f"{a.out} already exists: choose another --out or use --force to "
                                             "replace it"))
     problems.raise_any()
     if _streams(a, [a.base], tuple(f for f, _ in specs) + ((inst,) if inst else ())):
-        from optimer_lib.checkpoints.vectors import vector_files
         from optimer_lib.merging.streamed import merge_streaming
 
         names = [vector_files(f)[0].get("name") or Path(f).stem for f, _ in specs]

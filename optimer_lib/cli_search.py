@@ -100,29 +100,36 @@ def check_port_free(host: str, port: int) -> None:
 
 def pool_from_flags(a: argparse.Namespace) -> dict | None:
     """The pool named by ``--base``/``--vector``/``--instruction`` (absolute paths, each checked), or None."""
-    from optimer_lib.checkpoints.models import check_checkpoint_dir
-    from optimer_lib.checkpoints.vectors import vector_files
-
     base, vectors, inst = getattr(a, "base", None), getattr(a, "vector", None) or [], getattr(a, "instruction", None)
     if not (base or vectors or inst):
         return None
     if not base or not vectors:
         raise ConfigError("--base and --vector go together: name the base checkpoint and each vector file "
                           "(e.g. --base runs/smollm2/base --vector ja.safetensors --vector code.safetensors)")
-    check_checkpoint_dir(base)
-    for v in [*vectors, *([inst] if inst else [])]:
-        vector_files(v)  # exists and is a vector (one-line VectorError otherwise)
+    problems = Problems()
+    check_pool_paths(problems, base, [*vectors, *([inst] if inst else [])])
+    problems.raise_any()
     return {"base": str(Path(base).resolve()), "vectors": [str(Path(v).resolve()) for v in vectors],
             "instruction": str(Path(inst).resolve()) if inst else None}
+
+
+def check_pool_paths(problems: Problems, base: str, vectors: list[str]) -> None:
+    """Into ``problems``: a ``base`` that is not a checkpoint folder, each of ``vectors`` that is not a vector file
+    (missing, or not a vector's format); headers only, nothing loads."""
+    from optimer_lib.checkpoints.models import check_checkpoint_dir
+    from optimer_lib.checkpoints.vectors import vector_files
+
+    problems.check(check_checkpoint_dir, base)
+    for v in vectors:
+        problems.check(vector_files, v)
 
 
 def save_workbench_pool(workdir: Path, pool: dict) -> None:
     """Write ``pool`` as the workdir's workbench.json (its dev sets kept), saying what it replaced."""
     from workbench.workspace import MANIFEST, Workspace
 
-    ws = Workspace(workdir)
-    old = ws.manifest() if (Path(workdir) / MANIFEST).is_file() else None
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    ws = Workspace(workdir)  # makes the folder
+    old = ws.manifest() if (ws.workdir / MANIFEST).is_file() else None
     path = ws.write_manifest(pool["base"], pool["vectors"], pool["instruction"], (old or {}).get("eval"))
     was = f", replacing its pool of {len(old.get('vectors') or [])} vector(s) on {old.get('base')}" if old else ""
     print(f"pool: {len(pool['vectors'])} vector(s) on {pool['base']} (saved in {path}{was})", flush=True)
@@ -183,8 +190,6 @@ def check_workbench_pool(workdir: Path, device: str, dtype: str, slots: int = 1,
 
 
 def cmd_search(a: argparse.Namespace) -> None:
-    from optimer_lib.checkpoints.models import check_checkpoint_dir
-    from optimer_lib.checkpoints.vectors import vector_files
     from optimer_lib.data import load_eval_suite
     from optimer_lib.engine.host_base import pool_base_on
     from optimer_lib.merging.pool import open_pool
@@ -200,9 +205,7 @@ def cmd_search(a: argparse.Namespace) -> None:
         problems.errors.append(ConfigError("--pruner/--fidelities work with one --objective, not a Pareto search "
                                            "(--objectives)"))
     files = [spec[0] for spec in (problems.check(parse_vector_spec, s) for s in a.vector) if spec]
-    for f in files:
-        problems.check(vector_files, f)  # exists and is a vector
-    problems.check(check_checkpoint_dir, a.base)
+    check_pool_paths(problems, a.base, files)
     suite = problems.check(load_eval_suite, a.eval, a.split)
     objectives = [problems.check(parse_objective, o, list(suite.texts), qa_names=list(suite.qa),
                                  maximize=a.maximize or None) for o in a.objectives or [a.objective]] if suite else []
@@ -214,12 +217,11 @@ def cmd_search(a: argparse.Namespace) -> None:
                        fidelities=fidelities, time_budget=a.time_budget, granularity=a.granularity,
                        sample_prompts=prompts or (), sample_tokens=a.sample_tokens)
     # trials, sampler, --time-budget, granularity, limits...: those need no pool, so they are reported now
-    if a.objectives:  # a Pareto search has its own samplers
-        from optimer_lib.search.pareto import PARETO_SAMPLERS
+    from optimer_lib.search.pareto import PARETO_SAMPLERS
+    from optimer_lib.search.samplers import SAMPLERS
 
-        problems.errors += [ConfigError(m) for m in cfg.setting_problems(PARETO_SAMPLERS)]
-    else:
-        problems.errors += [ConfigError(m) for m in cfg.setting_problems()]
+    samplers = PARETO_SAMPLERS if a.objectives else SAMPLERS  # a Pareto search has its own samplers
+    problems.errors += [ConfigError(m) for m in cfg.setting_problems(samplers)]
     compute = problems.check(compute_args, a)
     inst, inst_w = (problems.check(parse_vector_spec, a.instruction) or (None, None)) if a.instruction \
         else (None, None)

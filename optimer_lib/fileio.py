@@ -8,7 +8,6 @@ and every file the project writes ends with the mode a plain ``open`` would give
     stage = read_or_make_json(stage_json, compute)  # cached; made by one process at a time (result_lock)
     check_writable("runs/search", flag="--workdir")  # before any work: a file in the way, or no permission
 
-
 Temporary files and folders (``mkstemp``/``mkdtemp``) are created private (0600/0700) and safetensors
 ≥ 0.8 writes ``model.safetensors`` as 0600; left so, colleagues on a shared machine could not read a
 merged model. :func:`normal_permissions` is the one place that gives them the usual 0666/0777 & ~umask.
@@ -175,7 +174,6 @@ def check_writable(path: str | os.PathLike, *, flag: str, kind: Literal["dir", "
     where = p if kind == "dir" or (kind == "any" and p.is_dir()) else p.parent
     while not where.exists() and where != where.parent:
         where = where.parent
-    where = where if str(where) else Path(".")
     if not where.is_dir():
         raise ConfigError(f"{flag} {str(path)!r} lies under {str(where)!r}, which is a file: choose another location")
     if not os.access(where, os.W_OK | os.X_OK):

@@ -53,6 +53,11 @@ def check_method_params(name: str, params: Mapping[str, object]) -> None:
         raise ConfigError(f"merge method {name!r} has no option(s) {bad}: valid options are {valid or 'none'}")
 
 
+def format_method_params(params: Mapping[str, object]) -> str:
+    """``{"density": 0.5, "seed": 7}`` as ``"density=0.5, seed=7"``: what :func:`parse_method_params` reads back."""
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
 def parse_method_params(items: str | Sequence[str] | None, method: str | None = None, *,
                         flag: str = "") -> dict[str, object]:
     """``"density=0.5, lam=1"`` (or ``["density=0.5", "lam=1"]``) as ``{"density": 0.5, "lam": 1}``.

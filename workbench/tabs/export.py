@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from optimer_lib.checkpoints.gguf_export import DTYPES, add_gguf_to_export
+from optimer_lib.merging.methods import format_method_params
 from optimer_lib.merging.recipes import Recipe, check_recipe, load_recipe
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
@@ -97,7 +98,7 @@ class ExportTab:
             shown = tune.show(session, weights, iw)
         except Exception as exc:
             return [*(gr.update() for _ in tune.outputs), *(gr.update() for _ in self._method), error_md(exc)]
-        opts = ", ".join(f"{k}={v}" for k, v in r.params.items())
+        opts = format_method_params(r.params)
         method = [gr.update(value=r.method), gr.update(value=opts)][:len(self._method)]
         kept = " (instruction weight: the slider's, the recipe has none)" if r.instruction_weight is None else ""
         notes = "".join(f" · {html.escape(n)}" for n in r.notes)

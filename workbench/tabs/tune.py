@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from optimer_lib.merging import groups
-from optimer_lib.merging.methods import parse_method_params
+from optimer_lib.merging.methods import format_method_params, parse_method_params
 from workbench.figures import FigureCache, empty, layer_heatmap, tune_chart
 from workbench.session import Session, TuneResult
 from workbench.tabs import Ctx, error_md, method_controls
@@ -358,5 +358,5 @@ class TuneTab(GroupControls):
         inst_update = gr.update(visible=inst is not None, value=iw,
                                 label=f"instruction weight ({inst.name})" if inst else "instruction weight")
         tune = session.tune
-        method = [gr.update(value=tune.method), gr.update(value=", ".join(f"{k}={v}" for k, v in tune.params.items()))]
+        method = [gr.update(value=tune.method), gr.update(value=format_method_params(tune.params))]
         return [*sliders, inst_update, *self.group_updates(session, current), sets, cost, fig, status, *method]

@@ -42,14 +42,13 @@ def granularity_of(session: Session, weights: dict[str, float]) -> tuple[str, li
     named = set(groups.groups_in(weights))
     exact = next((f for f in found if set(f[1]) == named), None)
     if exact is None:
-        table = groups.per_layer(weights, names, layers)  # columns: embed, block 0 .. block L-1, head
+        table = groups.per_layer(weights, names, layers)
+        positions = [groups.EMBED, *range(layers), groups.HEAD]  # per_layer's columns
 
-        def columns(group: str) -> list[int]:
-            r = groups.group_range(group)
-            return [0] if r == groups.EMBED else [layers + 1] if r == groups.HEAD else list(range(r[0] + 1, r[1] + 2))
+        def uniform(group: str, name: str) -> bool:
+            return len({w for w, pos in zip(table[name], positions, strict=True) if groups.contains(group, pos)}) == 1
 
-        exact = next((f for f in found if all(len({table[n][c] for c in columns(grp)}) == 1
-                                               for grp in f[1] for n in names)), None)
+        exact = next((f for f in found if all(uniform(grp, n) for grp in f[1] for n in names)), None)
     return exact or (found[-1] if found else ("vector", []))
 
 
