@@ -62,12 +62,11 @@ from _workbench_driver import (
     Server,
     SessionResult,
     log,
-    one_session,
     p50,
     rounded,
-    search_phase,
     secs,
 )
+from _workbench_scenarios import one_session, search_phase
 
 DEMO_WORKDIRS = ("runs/wb-demo", "runs/quick", "runs/demo")
 SMOLLM2 = {"base": "runs/smollm2/base", "vectors": ["runs/smollm2/seed-0/vectors/ja.safetensors",
