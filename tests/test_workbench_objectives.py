@@ -112,6 +112,8 @@ def test_panel_handlers_load_points_and_reranked_best_into_tune(searched: Sessio
         ["rank", "trial", "fidelity", "objective"]
     out = panel.on_send(searched, 0.0)
     assert searched.tune.weights == searched.reranked_best() and "Sent trial" in out[-1]
+    status, _ = panel.on_rerank(searched, searched.workspace.storage_url, "single", "loss:")  # a typo
+    assert status.startswith("**error:**") and "--objective" not in status and "&quot;objective&quot;" in status
     assert "error" in panel.on_pick(searched, None, 0.0)[-2]
     assert default_objectives(["en", "ja"], ["math"]) == ["loss:ja", "acc:math", "loss:en"]
     assert default_objectives(["en"], []) == ["loss:en", "", ""]

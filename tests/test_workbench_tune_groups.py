@@ -65,6 +65,15 @@ def tab_and_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[TuneTab, 
     return tab, session
 
 
+def without_poll(yields) -> list[list]:
+    """A handler's yields without the poll timer: each leaves it as it is, and a last one sets only the timer (on
+    while a reference bar is still being scored)."""
+    *ys, last = (list(y) for y in yields)
+    assert all(u == gr.skip() for u in last[:-1]) and isinstance(last[-1], gr.Timer)
+    assert all(y[-1] == gr.skip() for y in ys)
+    return [y[:-1] for y in ys]
+
+
 def release(tab: TuneTab, session: Session, move: tuple[str, int], granularity: str, plain: list[float],
             group_value: float = 0.0) -> list:
     """Run a move's handler as Gradio would (all its yields) with what its event sends: the last chart and status,
@@ -72,7 +81,7 @@ def release(tab: TuneTab, session: Session, move: tuple[str, int], granularity: 
     the first answers the move on the chart (cached score, estimate or "scoring", before any forward pass)."""
     values = [group_value] if move[0] == "group" else [*plain, *[0.0] * (tab.ctx.max_vectors - len(plain))]
     assert len(tab.inputs(move)) == 2 + len(values)
-    first, heat, *later = (list(y) for y in tab._release_fn(move)(session, granularity, *values))
+    first, heat, *later = without_poll(tab._release_fn(move)(session, granularity, *values))
     assert first[2:] == [gr.skip(), gr.skip()] and first[1] != gr.skip()  # the chart's status answers first
     assert heat[:2] == [gr.skip(), gr.skip()] and heat[2] != gr.skip()  # then the heat-map and view, once
     assert all(u == gr.skip() for y in later for u in y[2:])
@@ -154,11 +163,11 @@ def test_a_failed_move_sends_the_sessions_group_view_again(tab_and_session):
     weights goes out again, marked new (an equal view would not fire the State's change)."""
     tab, session = tab_and_session
     release(tab, session, ("vector", 0), "vector", [0.3, 0.0])
-    (out,) = [list(y) for y in tab._release_fn(("granularity", 0))(session, "layer-groups:9", *[0.3, 0.0, 0.0, 0.0])]
+    (out,) = without_poll(tab._release_fn(("granularity", 0))(session, "layer-groups:9", *[0.3, 0.0, 0.0, 0.0]))
     assert "error" in str(out[1]).lower() or "groups" in str(out[1])
     view = out[3]
     assert {k: v for k, v in view.items() if k != "sync"} == VECTOR_VIEW and "sync" in view
-    again = list(tab._release_fn(("granularity", 0))(session, "layer-groups:9", *[0.3, 0.0, 0.0, 0.0]))[-1][3]
+    again = without_poll(tab._release_fn(("granularity", 0))(session, "layer-groups:9", 0.3, 0.0, 0.0, 0.0))[-1][3]
     assert again != view  # each failure re-sends: the menu is reset every time
     assert tab.on_group_view(view)[0]["value"] == "vector"
 
@@ -169,7 +178,7 @@ def test_an_older_moves_heat_map_never_follows_a_newer_moves(tab_and_session):
     tab, session = tab_and_session
     moves = tab._release_fn(("vector", 0))(session, "vector", 0.61, 0.0, 0.0, 0.0)
     first = list(next(moves))
-    assert first[2:] == [gr.skip(), gr.skip()] and "error" not in str(first[1]).lower()
+    assert first[2:] == [gr.skip(), gr.skip(), gr.skip()] and "error" not in str(first[1]).lower()
     session.set_tune({"ja": 0.2, "math": 0.0})  # the newer move
     assert all(y[2] == gr.skip() and y[3] == gr.skip() for y in moves)
     assert session.tune.weights == {"ja": 0.2, "math": 0.0}
@@ -183,7 +192,7 @@ def test_confirm_says_what_it_scored(tab_and_session):
     docs = session.scoring.docs
     assert status.startswith("**confirm** (every document) · release → chart"), status
     assert f"current: every document (confirm); base, average, best: first {docs} per set" in fig.layout.title.text
-    moves = list(tab._release_fn(("vector", 0))(session, "vector", 0.21, 0.0, 0.0, 0.0))
+    moves = without_poll(tab._release_fn(("vector", 0))(session, "vector", 0.21, 0.0, 0.0, 0.0))
     fig, status = moves[-1][0], moves[-1][1]
     assert "confirm" not in status and f"first {docs} documents per set" in fig.layout.title.text
 

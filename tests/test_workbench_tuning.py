@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 from test_workbench_session import tiny_workdir
 
@@ -256,8 +259,8 @@ def test_a_page_waiting_for_a_background_score_that_failed_starts_it_again(tmp_p
     while waiting.cached_result() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert waiting.cached_result() is not None
-    *_, timer = tab.on_poll(waiting)  # drawn now, and the poll stops
-    assert not timer.active and waiting.ui["tune_shown"]
+    *_, timer = tab.on_poll(waiting)  # drawn now; the poll goes on only while a reference bar is being scored
+    assert timer.active == waiting.references_pending() and waiting.ui["tune_shown"]
 
 
 def test_a_chart_poll_overtaken_by_a_slider_move_does_not_draw_its_stale_chart(tmp_path, monkeypatch):
@@ -286,8 +289,9 @@ def test_a_chart_poll_overtaken_by_a_slider_move_does_not_draw_its_stale_chart(t
     assert chart == gr.update() and status == gr.update() and not timer.active  # nothing drawn over the move's chart
     monkeypatch.setattr(Session, "cached_result", real)
     s.ui["tune_shown"] = False
-    chart, _, timer = tab.on_poll(s)  # with no move meanwhile it draws the current merge (ja = 0.7) and stops
-    assert chart != gr.update() and not timer.active and s.tune.weights["ja"] == 0.7
+    chart, _, timer = tab.on_poll(s)  # with no move meanwhile it draws the current merge (ja = 0.7)
+    assert chart != gr.update() and s.tune.weights["ja"] == 0.7
+    assert timer.active == s.references_pending()  # and stops, unless a reference bar is still being scored
 
 
 @pytest.mark.parametrize("concurrency, tune_slots, used", [(2, 1, 1), (2, 2, 2)])
@@ -348,3 +352,64 @@ def test_a_move_scores_its_cheapest_dev_set_first(ws, monkeypatch):
     assert list(ups[-1].metrics)[:3] == ["loss:en", "loss:ja", "loss:math"]  # the chart's bars keep their order
     (hit,) = Session(ws, tune_limit=4, qa_limit=2).score_stream({"ja": 0.35})  # cached in the suite's order too
     assert hit.cached and list(hit.metrics.items()) == list(ups[-1].metrics.items())
+
+
+def test_a_new_scoring_set_draws_its_reference_bars_when_they_are_scored(tmp_path, monkeypatch):
+    """After "use this scoring set" the base/average bars are not scored on the new set yet (they are scored in the
+    background, never in the click's path): the chart comes without them and the poll timer turns on; once they
+    are in, the poll redraws the chart with them, leaves the status line as it is, and stops."""
+    import threading
+
+    import gradio as gr
+
+    from workbench.tabs import Ctx
+    from workbench.tabs.tune import TuneTab
+
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)
+    with gr.Blocks():
+        tab = TuneTab(Ctx(workspace=ws, state=gr.State(), max_vectors=4))
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    s.apply({"ja": 0.3})
+    gate, real = threading.Event(), Session._compute_reference
+
+    def gated(self, *a, **kw):  # the references wait until the test lets them through
+        assert gate.wait(30)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Session, "_compute_reference", gated)
+    *ys, last = list(tab.on_scoring(s, ["ja", "en"], 3, 64, 4))
+    cost, fig, status, _ = ys[-1]
+    assert "one Tune score" in cost and "release → chart" in status
+    assert "average" not in {t.name for t in fig.data} and last[-1].active and s.references_pending()
+    chart, kept, timer = tab.on_poll(s)
+    assert (chart, kept) == (gr.update(), gr.update()) and timer.active  # still waiting
+    gate.set()
+    deadline = time.monotonic() + 60
+    while s.references_pending() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    chart, kept, timer = tab.on_poll(s)
+    assert "average" in {t.name for t in chart.data} and "base loss" in str(chart.layout.annotations[0].text)
+    assert kept == gr.update() and not timer.active
+
+
+def test_the_scoring_set_shows_its_cost_before_it_is_used(tmp_path):
+    """Typing a scoring set's numbers shows what one Tune score would cost on it, marked as not used yet; the set in
+    use keeps its plain cost line, and a mistake is an error line in the page's words."""
+    import gradio as gr
+
+    from workbench.tabs import Ctx
+    from workbench.tabs.tune import TuneTab
+
+    ws = Workspace(tiny_workdir(tmp_path / "wd"), suite=SUITE)
+    with gr.Blocks():
+        tab = TuneTab(Ctx(workspace=ws, state=gr.State(), max_vectors=4))
+    s = Session(ws, tune_limit=4, qa_limit=2)
+    before = s.scoring
+    small, large = (tab.on_scoring_preview(s, ["ja"], docs, 64, 4) for docs in (2, 8))
+    assert small.startswith("this set (not used yet") and s.scoring == before
+    tokens = [int(re.search(r"([\d,]+) tokens", line).group(1).replace(",", "")) for line in (small, large)]
+    assert tokens[1] > tokens[0] > 0
+    s.set_scoring(["ja"], 2, 2, 64, 4)
+    assert tab.on_scoring_preview(s, ["ja"], 2, 64, 4) == f"one Tune score {s.scoring_cost()}"
+    assert tab.on_scoring_preview(s, ["nope"], 2, 64, 4).startswith("**error:**")
+    assert "fill in every number" in tab.on_scoring_preview(s, ["ja"], None, 64, 4)

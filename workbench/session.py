@@ -225,6 +225,12 @@ class Session(ChatMethods, StudyMethods):
         ``lmeval``: lm-eval terms ``SOURCE[:METRIC]`` scored after the dev sets; a task YAML (or folder) must lie
         in the workdir (it can run code), a bare name is a task shipped with lm-eval (its data in the local cache).
         """
+        self._scoring = self.scoring_for(sets, docs, qa_items, seq_len, batch_size, lmeval)
+        return self._scoring
+
+    def scoring_for(self, sets: Sequence[str] | None = None, docs: int | None = 8, qa_items: int | None = 8,
+                    seq_len: int = 128, batch_size: int = 16, lmeval: Sequence[str] = ()) -> TuneScoring:
+        """The scoring set :meth:`set_scoring` would choose, checked but not chosen (for a cost preview)."""
         try:
             terms = tuple(checked_spec(f"{LMEVAL}:{t.strip().removeprefix(LMEVAL + ':')}", self.workspace.workdir)
                           for t in lmeval if t.strip())
@@ -232,7 +238,6 @@ class Session(ChatMethods, StudyMethods):
             sc.check(self.shared.suite)
         except ConfigError as exc:
             raise WorkbenchError(str(exc)) from exc
-        self._scoring = sc
         return sc
 
     def scoring_cost(self, scoring: TuneScoring | None = None) -> str:
@@ -364,11 +369,9 @@ class Session(ChatMethods, StudyMethods):
         thread: it returns the cached metrics, or None after starting their computation in the background (a UI
         shows them on its next refresh).
         """
-        try:
-            ws = self.preset({"base": "zeros"}.get(kind, kind))
-        except WorkbenchError:
+        state = self._reference_state(kind, instruction_weight)
+        if state is None:
             return None
-        state = self.shared.engine.state(ws, float(instruction_weight))
         scoring = self.scoring
         hit = self.shared.engine.cached(state, tuning_key(self.shared, scoring))
         if hit is not None:
@@ -377,6 +380,21 @@ class Session(ChatMethods, StudyMethods):
             self._in_background(state, scoring, "reference")
             return None
         return self._compute_reference(state, scoring, INTERACTIVE)  # the caller waits for it
+
+    def references_pending(self, instruction_weight: float = 0.0) -> bool:
+        """Whether a reference of :meth:`reference` that exists (``best`` needs a search) is not scored yet on the
+        Tune scoring set; a UI that drew a chart without it redraws when this turns False."""
+        key = tuning_key(self.shared, self.scoring)
+        states = (self._reference_state(k, instruction_weight) for k in ("base", "average", "best"))
+        return any(s is not None and self.shared.engine.cached(s, key) is None for s in states)
+
+    def _reference_state(self, kind: str, instruction_weight: float) -> MergeState | None:
+        """The linear merge a reference bar scores; None when ``kind`` has no weights (``best`` before a search)."""
+        try:
+            ws = self.preset({"base": "zeros"}.get(kind, kind))
+        except WorkbenchError:
+            return None
+        return self.shared.engine.state(ws, float(instruction_weight))
 
     def _in_background(self, state: MergeState, scoring: TuneScoring, name: str) -> None:
         """Score ``state`` in a background thread unless any session of the pool already does."""

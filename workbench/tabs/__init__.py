@@ -7,6 +7,7 @@ on page load and whenever the pool changes, so tabs never reach into each other 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,39 @@ class Ctx:
     tune: Any = None  # the Tune tab's handle (the Search tab's "send best to Tune" writes its sliders)
 
 
+# The library's messages name the CLI flag a user would change; on a page the same setting is a labelled box.
+FLAG_LABELS = {
+    "--objective": "objective", "--objectives": "per-distribution metrics", "--sampler": "sampler",
+    "--trials": "trials", "--bounds": "bounds", "--study": "study name", "--storage": "Optuna storage",
+    "--search-limit": "documents per dev set / trial", "--rescore-docs": "documents for re-scoring",
+    "--top-k": "re-score top-k", "--sample-prompts": "prompts", "--sample-tokens": "tokens per prompt",
+    "--time-budget": "time budget", "--method": "merge method", "--param": "method parameters",
+    "--granularity": "weights per layer", "--seq-len": "tokens per document", "--batch-size": "batch size",
+    "--dev-docs": "documents per set", "--seed": "seed", "--vector": "distribution vectors",
+    "--base": "base checkpoint", "--instruction": "instruction vector",
+}
+_FLAG = re.compile(r"--[a-z][a-z-]*")
+_COMMAND = re.compile(r"\boptimer [a-z][^:;()]*$")  # "... (optimer vector extract --name)": a command, kept
+
+
+def in_page_words(message: str) -> str:
+    """``message`` with the CLI flags it names replaced by the quoted labels of the boxes that set them.
+
+    >>> print(in_page_words("bad --objective x: use --sampler tpe (or optimer search --sampler grad)"))
+    bad "objective" x: use "sampler" tpe (or optimer search --sampler grad)
+    """
+    def label(m: re.Match[str]) -> str:
+        name = FLAG_LABELS.get(m.group())
+        if name is None or _COMMAND.search(message, 0, m.start()):
+            return m.group()
+        return f'"{name}"'
+
+    return _FLAG.sub(label, message)
+
+
 def error_md(exc: BaseException) -> str:
-    """A short Markdown error line for a status box (the message says what to do)."""
-    return f"**error:** {html.escape(str(exc))}"
+    """A short Markdown error line for a status box, in the page's words (the message says what to do)."""
+    return f"**error:** {html.escape(in_page_words(str(exc)))}"
 
 
 def method_controls(prefix: str, **layout: Any) -> tuple[gr.Dropdown, gr.Textbox]:

@@ -28,7 +28,7 @@ from optimer_lib.search.samplers import SAMPLERS
 from workbench.figures import study_figures
 from workbench.searching import SearchSpec, load_study, study_names, study_table
 from workbench.session import Session
-from workbench.tabs import Ctx, error_md, method_controls, plotly_click_js, stop_reply
+from workbench.tabs import Ctx, error_md, in_page_words, method_controls, plotly_click_js, stop_reply
 from workbench.tabs.objectives import ObjectivesPanel
 
 KINDS = ("preset", "weighted metrics", "callable")
@@ -200,7 +200,7 @@ class SearchTab:
         try:
             names = study_names(storage)
         except Exception as exc:
-            gr.Warning(str(exc))
+            gr.Warning(in_page_words(str(exc)))
             return gr.update(choices=[], value=None)
         return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 

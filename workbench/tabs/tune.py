@@ -28,6 +28,7 @@ from workbench.tabs.tune_groups import GRANULARITIES, MAX_GROUPS, VECTOR_VIEW, G
 from workbench.tuning import TuneUpdate
 
 SLIDER_MAX = 1.5
+REFS_WAIT_S = 300.0  # how long a chart drawn without a reference bar waits for it (scored in the background)
 
 
 def _fmt_interval(u: TuneUpdate) -> str:
@@ -108,7 +109,7 @@ class TuneTab(GroupControls):
                                    self.chart, self.status]
         # a page load (reload included) also shows the session's method: its merge may be a ties or DARE one
         self.refresh_outputs: list[Any] = [*self.outputs, self.method, self.params]
-        moved = [self.chart, self.status, *self.group_outputs]
+        moved = [self.chart, self.status, *self.group_outputs, self.poll]
         moves = [*(("vector", i) for i in range(len(self.sliders))), ("instruction", 0),
                  *(("group", k) for k in range(len(self.group_sliders)))]
         for move, s in zip(moves, [*self.sliders, self.instruction, *self.group_sliders], strict=True):
@@ -122,29 +123,34 @@ class TuneTab(GroupControls):
                        show_progress="hidden", concurrency_limit=None)
         # input, not change: a page load or a recipe sets the dropdown to what the session already holds
         self.method.input(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
-                           [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
+                           [self.chart, self.status, self.poll], show_progress="hidden", concurrency_limit=None)
         self.params.submit(self.on_method, [ctx.state, self.method, self.params, *self.sliders, self.instruction],
-                           [self.chart, self.status], show_progress="hidden", concurrency_limit=None)
+                           [self.chart, self.status, self.poll], show_progress="hidden", concurrency_limit=None)
         self.confirm.click(self.on_confirm, [ctx.state], [self.chart, self.status], show_progress="hidden",
                            concurrency_limit=None)
         # a collapsed accordion drops updates: the dev sets (a corpus added or removed on the Pool tab) again on open
         scoring_box.expand(self.on_scoring_open, [ctx.state, self.sets], [self.sets], show_progress="hidden",
                            concurrency_limit=None)
-        self.apply_scoring.click(self.on_scoring, [ctx.state, self.sets, self.docs, self.seq_len, self.batch,
-                                                   self.lmeval],
-                                 [self.cost, self.chart, self.status], show_progress="hidden", concurrency_limit=None)
+        scoring_inputs = [ctx.state, self.sets, self.docs, self.seq_len, self.batch, self.lmeval]
+        self.apply_scoring.click(self.on_scoring, scoring_inputs, [self.cost, self.chart, self.status, self.poll],
+                                 show_progress="hidden", concurrency_limit=None)
+        for box in (self.sets, self.docs, self.seq_len, self.batch):  # what the set would cost, before it is used
+            box.input(self.on_scoring_preview, scoring_inputs, [self.cost], show_progress="hidden",
+                      trigger_mode="always_last", concurrency_limit=None)
         for button, name in ((self.zeros, "zeros"), (self.average, "average"), (self.best, "best")):
             button.click(self._preset_fn(name), [ctx.state, self.instruction], self.outputs,
                          show_progress="hidden", concurrency_limit=None)
 
     # -- rendering -----------------------------------------------------------------------------
     def render(self, session: Session, r: TuneResult | TuneUpdate, t0: float, wait_best: bool = False,
-               times: dict[str, float] | None = None, confirm: bool = False) -> tuple[Any, str]:
+               times: dict[str, float] | None = None, confirm: bool = False, log: bool = True) -> tuple[Any, str]:
         """Chart + status line for a Tune update or result (references are cached by the pool's engine).
 
         A new best of a running search is scored in the background unless ``wait_best``, so a slider
         release never pays for it; the bars appear on the next update. ``confirm``: the current bar is a score of
-        every document (the confirm button), the reference bars stay the scoring set's.
+        every document (the confirm button), the reference bars stay the scoring set's. A reference still being
+        scored is left out; :meth:`polled` has the poll timer redraw the chart when it is in. ``log``: print the
+        status line of a final result to the server log.
         """
         u = r if isinstance(r, TuneUpdate) else None
         session.ui["tune_shown"] = True
@@ -180,7 +186,8 @@ class TuneTab(GroupControls):
             status += "".join(f" · {k} {v:.2f} s" for k, v in (u.lmeval_s if u else r.lmeval_s).items())
             status += _fmt_interval(u) if u else (f" · objective (balanced) **{r.objective:.4f}**"
                                                   if r.objective is not None else "")
-            print(f"[workbench] tune: {status.replace('**', '')}", flush=True)
+            if log:
+                print(f"[workbench] tune: {status.replace('**', '')}", flush=True)
         return fig, status
 
     def stream(self, session: Session, updates, t0: float, confirm: bool = False):
@@ -228,6 +235,9 @@ class TuneTab(GroupControls):
 
     def _release_fn(self, moved: tuple[str, int]):
         def fn(session: Session, granularity: str, *values: float):
+            yield from self.polled(session, scored(session, granularity, *values))
+
+        def scored(session: Session, granularity: str, *values: float):
             t0 = time.perf_counter()
             try:
                 weights, iw, layout = self.read_weights(session, granularity, values, moved)
@@ -250,8 +260,31 @@ class TuneTab(GroupControls):
         fn.__name__ = f"on_release_{moved[0]}_{moved[1]}"
         return fn
 
+    def polled(self, session: Session, items):
+        """A handler's updates (``items``, tuples), each with the poll timer (its last output) left as it is, then
+        the timer on while a reference bar the chart lacks is still being scored (see :meth:`on_poll`)."""
+        width = None
+        for item in items:
+            width = len(item)
+            yield (*item, gr.skip())
+        if width is not None:
+            yield (*(gr.skip() for _ in range(width)), self._await_references(session))
+
+    @staticmethod
+    def _await_references(session: Session) -> Any:
+        """The poll timer: on (until the references are in, or REFS_WAIT_S) when the chart just drawn lacks one."""
+        try:
+            pending = session.references_pending(session.tune.instruction_weight)
+        except Exception:  # no pool (the handler has said so): nothing to wait for
+            return gr.Timer(active=False)
+        session.ui["refs_wait"] = (session.moves, time.monotonic() + REFS_WAIT_S) if pending else None
+        return gr.Timer(active=pending)
+
     # -- events --------------------------------------------------------------------------------
     def on_method(self, session: Session, method: str, params: str, *values: float):
+        yield from self.polled(session, self._method(session, method, params, *values))
+
+    def _method(self, session: Session, method: str, params: str, *values: float):
         t0 = time.perf_counter()
         try:
             names = session.names
@@ -274,10 +307,13 @@ class TuneTab(GroupControls):
             yield gr.update(), error_md(exc)
 
     def on_poll(self, session: Session):
-        """Until a chart is shown: draw the Tune merge's score as soon as the background scoring cached it."""
+        """Until a chart is shown: draw the Tune merge's score as soon as the background scoring cached it. After a
+        chart drawn without a reference bar (:meth:`polled`): redraw it once every reference is in."""
         try:
-            if session.ui.get("tune_shown") or not session.has_pool:
-                return gr.update(), gr.update(), gr.Timer(active=not session.ui.get("tune_shown"))
+            if not session.has_pool:
+                return gr.update(), gr.update(), gr.Timer(active=False)
+            if session.ui.get("tune_shown"):
+                return self._redraw_with_references(session)
             moves = session.moves
             r = session.cached_result()
             if r is None:  # scored in the background by this or another page; again if that score ended unfinished
@@ -286,9 +322,22 @@ class TuneTab(GroupControls):
             if session.moves != moves or session.ui.get("tune_shown"):  # a move came meanwhile: it draws its own
                 return gr.update(), gr.update(), gr.Timer(active=False)  # chart; this one would overwrite it, stale
             session.ui["tune_shown"] = True
-            return *self.render(session, r, time.perf_counter()), gr.Timer(active=False)
+            return *self.render(session, r, time.perf_counter()), self._await_references(session)
         except Exception as exc:
             return gr.update(), error_md(exc), gr.Timer(active=False)
+
+    def _redraw_with_references(self, session: Session) -> tuple[Any, Any, Any]:
+        """The chart again, its status line kept, when the references it lacked are in (a newer move draws its own)."""
+        wait = session.ui.get("refs_wait")
+        if wait is None or wait[0] != session.moves or time.monotonic() > wait[1]:
+            session.ui["refs_wait"] = None
+            return gr.update(), gr.update(), gr.Timer(active=False)
+        if session.references_pending(session.tune.instruction_weight):
+            return gr.update(), gr.update(), gr.Timer(active=True)
+        session.ui["refs_wait"] = None
+        r = session.cached_result()
+        fig = self.render(session, r, time.perf_counter(), log=False)[0] if r is not None else gr.update()
+        return fig, gr.update(), gr.Timer(active=False)
 
     def on_scoring_open(self, session: Session, ticked: list[str] | None) -> Any:
         try:
@@ -296,8 +345,27 @@ class TuneTab(GroupControls):
         except Exception:  # no pool yet: nothing to offer
             return gr.update()
 
+    def on_scoring_preview(self, session: Session, sets: list[str], docs: float | None, seq_len: float | None,
+                           batch: float | None, lmeval: str = "") -> str:
+        """The cost line of the scoring set as typed, before it is used (the line says it is not used yet)."""
+        try:
+            if None in (docs, seq_len, batch):
+                return "fill in every number to see what this scoring set costs"
+            sc = session.scoring_for(sets or None, int(docs), int(docs), int(seq_len), int(batch),
+                                     lmeval=(lmeval or "").split(","))
+            if sc == session.scoring:
+                return f"one Tune score {session.scoring_cost(sc)}"
+            return (f"this set (not used yet; press *use this scoring set*): one Tune score "
+                    f"{session.scoring_cost(sc)}")
+        except Exception as exc:
+            return error_md(exc)
+
     def on_scoring(self, session: Session, sets: list[str], docs: float, seq_len: float, batch: float,
                    lmeval: str = ""):
+        yield from self.polled(session, self._scoring(session, sets, docs, seq_len, batch, lmeval))
+
+    def _scoring(self, session: Session, sets: list[str], docs: float, seq_len: float, batch: float,
+                 lmeval: str = ""):
         try:
             sc = session.set_scoring(sets or None, int(docs), int(docs), int(seq_len), int(batch),
                                      lmeval=(lmeval or "").split(","))
