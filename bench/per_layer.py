@@ -93,13 +93,13 @@ def summarise(saved: Mapping[str, Any], n_boot: int = 2000) -> dict[str, Any]:
                                                 cells["vector grad"]["equivalents"], strict=True)]
                 r = seed_range(ratios)
                 verdicts[f"equivalents {g} grad / vector grad"] = {"per_seed": ratios, "interval": r.to_json(),
-                                                                   "verdict": AFFORDABLE.verdict(r)}
+                                                                   "verdict": AFFORDABLE.every_seed(r, inclusive=True)}
                 if "vector tpe" in cells:
                     tpe = [a / b for a, b in zip(cells[f"{g} grad"]["equivalents"],
                                                  cells["vector tpe"]["equivalents"], strict=True)]
                     verdicts[f"equivalents {g} grad / vector tpe"] = {
                         "per_seed": tpe, "interval": seed_range(tpe).to_json(),
-                        "verdict": AFFORDABLE.verdict(seed_range(tpe))}
+                        "verdict": AFFORDABLE.every_seed(seed_range(tpe), inclusive=True)}
     return {"charge": charge, "cells": cells, "verdicts": verdicts}
 
 

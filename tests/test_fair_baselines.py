@@ -120,3 +120,20 @@ def test_the_uniform_mixture_is_trained_apart_when_the_first_candidate_was_kille
     done = optuna.create_study()
     done.add_trial(optuna.trial.create_trial(value=3.5, params={}, distributions={}))
     assert exp.uniform_mixture(done, mcfg) == {"dir": str(tmp_path / "mixture-x" / "cand-000"), "objective": 3.5}
+
+
+def test_a_searched_baselines_rescoring_is_in_its_ledger(merger, tiny_tokenizer, tmp_path):
+    """The top-k re-scoring run_search does after the trials is charged to the baseline as to OptiMer: one
+    ``rescore`` entry of top-k × the re-score set's tokens (the compute table compares like with like)."""
+    from optimer_lib.experiments.costs import CostLedger
+    from optimer_lib.scoring.scorer import TrialScorer
+
+    obj = parse_objective("balanced", list(SUITE.texts))
+    cfg = SearchConfig(trials=4, sampler="tpe", seed=3, storage=":memory:", workdir=tmp_path, top_k=2,
+                       search_limit=2, rescore_limit=4)
+    ledger = CostLedger()
+    bl.search_baseline(merger, tiny_tokenizer, SUITE, obj, "task_arithmetic", cfg, ledger=ledger)
+    (entry,) = ledger.of("task_arithmetic", ("rescore",))
+    per = TrialScorer(merger, tiny_tokenizer, SUITE, [obj], seq_len=cfg.seq_len).eval_tokens(4)
+    assert entry.tokens_evaluated == 2 * per > 0 and entry.seconds >= 0
+    assert len(ledger.of("task_arithmetic", ("trial",))) == 4

@@ -183,7 +183,7 @@ def test_the_smollm2_cell_is_a_point_at_the_far_end():
     assert point["ratio"] == pytest.approx(65_536 / 2e12) and point["lr"] == 1e-4 and point["seeds"] == [0, 1, 2]
     # its summary: base - OptiMer 0.5544 and base - mixture 0.6302 over the seeds (per-seed R 0.8995, 0.8768, 0.8636)
     assert point["recovery"]["mean"] == pytest.approx(0.5544 / 0.6302, abs=1e-3)
-    assert point["recovery"]["low"] == pytest.approx(0.85, abs=0.01) and point["recovery_meaningful"]
+    assert point["recovery"]["low"] == pytest.approx(0.83, abs=0.01) and point["recovery_meaningful"]  # seeds too
     reg = summarise_regime({0: {**_per_seed()[0], "regime-real-smollm2-64k": point}})
     assert reg["real"] == [point]
     svg = regime_svg(reg)

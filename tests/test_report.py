@@ -234,6 +234,11 @@ def test_cost_finding_when_merging_never_reaches_the_mixture(tmp_path):
     assert not f7["holds"] and f7["ours"].count("OptiMer never reached it") == 2
     # mixture (a) is at 2.7 after its first 40 s candidate (<= 3.2); mixture (b) at 3.1 after 10 s (<= 3.2)
     assert "ratio is undefined" in f7["reason"] and "40 s (equal_total), 10 s (per_run)" in f7["reason"]
+    # the reverse race in FINDINGS.md's terms: the mixture's seconds to reach OptiMer's best (3.2, at 2 s) over 2 s
+    ratios = cost_ratios(stages, ledger_of(stages))
+    assert ratios["equal_total"]["seconds"]["reverse_ratio"] == pytest.approx(40 / 2)
+    assert ratios["per_run"]["seconds"]["reverse_ratio"] == pytest.approx(10 / 2)
+    assert ratios["equal_total"]["seconds"]["ratio"] is None
 
 
 def test_selection_reads_dev_only(tmp_path):

@@ -44,13 +44,28 @@ def test_pairing_removes_shared_document_noise():
     assert unpaired > 0.1  # each mean alone is uncertain; the difference is not
 
 
-def test_seeds_are_resampled_too():
-    """Seeds that disagree widen the interval even when documents agree perfectly within a seed."""
+def test_seeds_widen_the_interval_by_a_student_t_half_width():
+    """Seeds that disagree widen the interval even when documents agree perfectly within a seed: by
+    t(0.975, seeds − 1) · sd / √seeds, not to the seeds' range (what resampling 3 seeds gives: ~75% coverage)."""
     per_seed = np.array([[0.0] * 50, [1.0] * 50, [2.0] * 50])
     iv = mean_interval(per_seed)
-    assert iv.seeds == 3 and iv.low < 0.5 and iv.high > 1.5
+    half = 4.302653 * 1.0 / math.sqrt(3)  # t(0.975, 2) · sd([0, 1, 2]) / √3
+    assert iv.seeds == 3 and iv.low == pytest.approx(1 - half, abs=1e-5) and iv.high == pytest.approx(1 + half,
+                                                                                                     abs=1e-5)
+    assert iv.low < 0.0 and iv.high > 2.0  # wider than the seeds' range
     one = mean_interval(per_seed[:1])
     assert one.seeds == 1 and one.low == one.high == 0.0
+
+
+def test_seed_and_document_parts_add_in_quadrature():
+    """Each side is the point ± √(t half-width² + that side's document-bootstrap distance²)."""
+    rng = np.random.default_rng(4)
+    a = rng.normal(0.0, 1.0, size=(4, 60)) + np.array([[0.0], [0.3], [0.1], [0.5]])
+    iv = mean_interval(a, n_boot=500, seed=3)
+    docs_only = mean_interval(a.mean(axis=0, keepdims=True), n_boot=500, seed=3)  # same picks, one "seed"
+    half = 3.182446 * a.mean(axis=1).std(ddof=1) / 2.0  # t(0.975, 3) · sd / √4
+    assert iv.low == pytest.approx(a.mean() - math.hypot(half, a.mean() - docs_only.low))
+    assert iv.high == pytest.approx(a.mean() + math.hypot(half, docs_only.high - a.mean()))
 
 
 def test_verdicts_need_the_whole_interval():
@@ -100,30 +115,25 @@ def test_methods_bootstrap_takes_ratios_of_means_and_pairs_every_method():
 def test_seed_range_and_combined_verdicts():
     r = seed_range([0.2, 0.5, 0.35])
     assert (r.mean, r.low, r.high, r.level, r.seeds) == (pytest.approx(0.35), 0.2, 0.5, 1.0, 3)
-    assert Criterion("cos", "above", 0.1).verdict(r) == HOLDS and Criterion("cos", "above", 0.3).verdict(r) == \
-        INCONCLUSIVE and Criterion("cos", "above", 0.6).verdict(r) == FAILS
+    # "in every seed": one seed on the wrong side is enough to fail the claim
+    assert Criterion("cos", "above", 0.1).every_seed(r) == HOLDS and Criterion("cos", "above", 0.3).every_seed(r) \
+        == FAILS and Criterion("cos", "above", 0.6).every_seed(r) == FAILS
+    assert Criterion("ratio", "below", 0.5).every_seed(r) == FAILS
+    assert Criterion("ratio", "below", 0.5).every_seed(r, inclusive=True) == HOLDS  # "at most 0.5"
+    assert Criterion("cos", "above", 0.2).every_seed(r, inclusive=True) == HOLDS
+    assert Criterion("cos", "above", 0.1).every_seed(seed_range([0.2, math.nan])) == INCONCLUSIVE
     assert math.isnan(seed_range([]).low) and math.isnan(seed_range([1.0, math.nan]).mean)
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
     assert combine([INCONCLUSIVE, FAILS, HOLDS]) == FAILS and combine([]) == INCONCLUSIVE
 
 
-def test_every_draw_is_the_mean_of_its_picked_seeds_and_documents():
+def test_every_draw_is_the_mean_of_its_picked_documents():
     """The vectorised draws (pick counts times the values) equal gathering each draw's picks one by one."""
     rng = np.random.default_rng(5)
-    a = rng.normal(size=(3, 17))
+    a = rng.normal(size=(1, 17))
     n_boot = 200
     got = bootstrap(lambda m: m, a, n_boot=n_boot, level=0.5, seed=11)
-    picks = np.random.default_rng(11)  # the same stream bootstrap draws its picks from: rows first, then columns
-    rows, cols = picks.integers(0, 3, (n_boot, 3)), picks.integers(0, 17, (n_boot, 17))
-    direct = np.array([a[r][:, c].mean() for r, c in zip(rows, cols, strict=True)])
+    cols = np.random.default_rng(11).integers(0, 17, (n_boot, 17))  # the stream bootstrap draws its picks from
+    direct = np.array([a[0, c].mean() for c in cols])
     lo, hi = np.quantile(direct, [0.25, 0.75])
     assert got.mean == pytest.approx(a.mean()) and got.low == pytest.approx(lo) and got.high == pytest.approx(hi)
-
-
-def test_a_stat_that_branches_on_its_values_still_gets_one_value_per_draw():
-    rng = np.random.default_rng(2)
-    x = rng.normal(0.0, 1.0, size=(1, 60))
-    x -= x.mean() - 0.05  # a mean just above 0: some draws fall below it
-    clipped = bootstrap_methods(lambda m: m["a"]["x"] if m["a"]["x"] > 0 else 0.0, {"a": {"x": x}}, n_boot=300)
-    plain = bootstrap_methods(lambda m: m["a"]["x"], {"a": {"x": x}}, n_boot=300)
-    assert plain.low < 0 and clipped.low == 0.0 and clipped.high == pytest.approx(plain.high)

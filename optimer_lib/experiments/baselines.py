@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optimer_lib.data import load_corpus, pack_tokens
 from optimer_lib.errors import ConfigError, OptimerError
-from optimer_lib.experiments.costs import CostLedger, ledger_from_study
+from optimer_lib.experiments.costs import CostLedger, ledger_from_study, rescore_entry
 from optimer_lib.merging.merger import Merger
 from optimer_lib.scoring.evaluate import EvalSuite
 from optimer_lib.scoring.objectives import Objective
@@ -314,6 +314,8 @@ def search_baseline(merger: Merger, tokenizer: Any, suite: EvalSuite, objective:
         res = run_search(mm, tokenizer, suite, objective, cfg, progress=progress)
         if ledger is not None:
             ledger.extend(ledger_from_study(res.study, name, tokens_evaluated=per_eval))
+            if cfg.top_k > 0:  # the same two-fidelity re-scoring as OptiMer's, charged the same way
+                ledger.extend([rescore_entry(res.study, name, cfg.top_k * scorer.eval_tokens(cfg.rescore_limit))])
         return {"choice": mm.choice(res.best_weights), "objective": res.value_search, "metrics": res.best_metrics,
                 "objective_rescored": res.best_value, "trials": len(res.study.trials),
                 "seconds": time.perf_counter() - t0}

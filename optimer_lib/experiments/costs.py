@@ -183,6 +183,16 @@ def cost_to_reach(curve: Sequence[tuple[float, float]], target: float, *, tol: f
     return None
 
 
+def rescore_entry(study: Any, method: str, tokens_evaluated: int) -> CostEntry:
+    """The two-fidelity re-scoring ``run_search`` did after ``study``'s trials (call it right after the search):
+    ``tokens_evaluated`` (top-k × the re-score set), seconds from the last trial's completion to now."""
+    import datetime as dt
+
+    done = [t.datetime_complete for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    seconds = max(0.0, (dt.datetime.now() - max(done)).total_seconds()) if done else 0.0
+    return CostEntry(method=method, kind="rescore", tokens_evaluated=int(tokens_evaluated), seconds=seconds)
+
+
 def ledger_from_study(study: Any, method: str, *, tokens_evaluated: int = 0, tokens_trained: int = 0,
                       attr_tokens_trained: str | None = None) -> list[CostEntry]:
     """Entries for a finished (or resumed) Optuna study, from trial timestamps.

@@ -50,8 +50,9 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
              "is the CPT seed and every search's sampler seed). Trials per merge method (TPE, one code path): "
              + ", ".join(f"{k} {v}" for k, v in b.items() if k != "uniform")
              + ("; uniform averaging is one point" if "uniform" in b else "")
-             + ". Intervals: 95%, paired bootstrap over test documents and seeds (2000 resamples); a verdict reads "
-             "the interval, never the point. Stage "
+             + f". Intervals: 95%, {st.INTERVAL_METHOD} (2000 resamples); a verdict reads the interval, never "
+             "the point; a criterion on a statistic without documents (a cosine, a trial count, a cost ratio) must "
+             "pass in every seed. Stage "
              "time per seed: " + ", ".join(f"seed {s} {m} min" + ("" if s in seeds else " (incomplete: not counted)")
                                            for s, m in summary["stage_minutes"].items()) + ".",
              ""]
@@ -84,7 +85,9 @@ def render_findings(summary: dict[str, Any], *, command: str | None = None) -> s
                   *(f"| {r} | {_iv(iv)} |" for r, iv in summary["test_table"].items()), ""]
     if summary["costs"]:
         lines += ["## Compute, both ways (forward-token equivalents, mean over seeds)", "",
-                  "Merge methods need the pool's CPT runs once; a data-mixture search trains for every objective.", "",
+                  "Merge methods need the pool's CPT runs once; a data-mixture search trains for every objective. "
+                  "Every searched merge method includes its top-k re-scoring (where a stage did not record it, "
+                  "OptiMer's recorded re-scoring, the same work).", "",
                   "| method | search | first model (with the pool's CPT) | each further objective |",
                   "|---|---|---|---|"]
         order = sorted(summary["costs"], key=lambda m: (m != "optimer", m.startswith("mixture"), m))
@@ -166,8 +169,8 @@ def render_headline(summary: dict[str, Any]) -> str:
     """The README's headline table: test objective per method, mean and 95% interval over seeds and documents."""
     seeds = summary["seeds"]
     table = summary["test_table"]
-    note = (f"Test objective `{summary['objective']}` (lower is better), mean [95% paired-bootstrap interval] over "
-            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}) and the test documents; every choice made on dev. "
+    note = (f"Test objective `{summary['objective']}` (lower is better), mean [95% interval over "
+            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}) and the test documents]; every choice made on dev. "
             + (f"**Provisional: {len(seeds)} of {MIN_SEEDS} seeds.** " if summary.get("provisional") else "")
             + "The differences between rows, paired over the same documents, have much narrower intervals: see "
             "FINDINGS.md. Rendered by `optimer findings --results results/experiments --out FINDINGS.md "

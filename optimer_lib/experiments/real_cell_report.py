@@ -8,8 +8,9 @@ Per seed: the test objective (mean over corpora of the token-weighted loss) of b
 each CPT model and the data mixture; the gap OptiMer − mixture; the gains over the base; the gain recovery
 R = (base − OptiMer) / (base − mixture); the best α; the vectors' pairwise cosine. Across seeds: mean, sd and
 range. Intervals: a paired bootstrap over test documents (the same resampled documents for every model and
-seed, resampled within each corpus; the statistic is the seed mean), 95% percentile intervals. Verdicts follow
-the criteria in :data:`CRITERIA`, stated before any number and chosen so that they can fail.
+seed, resampled within each corpus; the statistic is the seed mean), 95% percentile intervals, each side widened
+by the seeds' Student-t half-width as the findings' are (:func:`optimer_lib.experiments.stats.widen_by_seeds`).
+Verdicts follow the criteria in :data:`CRITERIA`, stated before any number and chosen so that they can fail.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from optimer_lib.experiments import stats as st
+
 BOOTSTRAP = 2000
 CRITERIA = {
     "optimer_vs_mixture": "OptiMer is ahead of the data mixture when the 95% paired-bootstrap interval of the "
@@ -33,6 +36,15 @@ CRITERIA = {
                     "recovery R is reported as meaningful only then (otherwise its denominator may be noise).",
 }
 ROWS = ("base", "uniform", "optimer", "mixture")
+# What bootstrap() gives an interval of, from each row's objective (the seed mean in a draw, one seed's alone).
+STATISTICS = {
+    "gap_optimer_mixture": lambda m: m["optimer"] - m["mixture"],
+    "gap_optimer_uniform": lambda m: m["optimer"] - m["uniform"],
+    "gap_uniform_mixture": lambda m: m["uniform"] - m["mixture"],
+    "gain_mixture": lambda m: m["base"] - m["mixture"],
+    "gain_optimer": lambda m: m["base"] - m["optimer"],
+    "recovery": lambda m: (m["base"] - m["optimer"]) / (m["base"] - m["mixture"]),
+}
 
 
 def _load(wd: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -68,6 +80,7 @@ def bootstrap(per_seed: dict[int, dict[str, dict[str, Any]]], names: list[str], 
     rng = np.random.default_rng(seed)
     seeds = sorted(per_seed)
     obj = {row: np.zeros((len(seeds), reps)) for row in ROWS}
+    full = {row: np.zeros(len(seeds)) for row in ROWS}  # every document: the point, per seed
     for c in names:
         n_docs = len(per_seed[seeds[0]]["base"][c]["nll"])
         idx = rng.integers(0, n_docs, size=(reps, n_docs))
@@ -76,15 +89,18 @@ def bootstrap(per_seed: dict[int, dict[str, dict[str, Any]]], names: list[str], 
                 nll = np.asarray(per_seed[s][row][c]["nll"], dtype=float)
                 tok = np.asarray(per_seed[s][row][c]["tokens"], dtype=float)
                 obj[row][si] += nll[idx].sum(1) / np.maximum(tok[idx].sum(1), 1.0) / len(names)
-    mean = {row: v.mean(0) for row, v in obj.items()}
-    mix_gain = mean["base"] - mean["mixture"]
+                full[row][si] += nll.sum() / max(tok.sum(), 1.0) / len(names)
+    out: dict[str, Any] = {"reps": reps}
     with np.errstate(divide="ignore", invalid="ignore"):
-        recovery = (mean["base"] - mean["optimer"]) / mix_gain
-    return {"reps": reps, "gap_optimer_mixture": _interval(mean["optimer"] - mean["mixture"]),
-            "gap_optimer_uniform": _interval(mean["optimer"] - mean["uniform"]),
-            "gap_uniform_mixture": _interval(mean["uniform"] - mean["mixture"]),
-            "gain_mixture": _interval(mix_gain), "gain_optimer": _interval(mean["base"] - mean["optimer"]),
-            "recovery": _interval(recovery)}
+        for key, stat in STATISTICS.items():
+            draws = stat({row: v.mean(0) for row, v in obj.items()})
+            low, high = _interval(draws)
+            point = float(stat({row: v.mean() for row, v in full.items()}))
+            if low is not None and high is not None and math.isfinite(point):  # the seeds' spread, as the findings'
+                low, high = st.widen_by_seeds(point, low, high, [stat({r: v[i] for r, v in full.items()})
+                                                                 for i in range(len(seeds))])
+            out[key] = [None, None] if low is None or not math.isfinite(low) else [low, high]
+    return out
 
 
 def _verdict(interval: list[float | None], per_seed: list[float], ahead: str, behind: str) -> str:

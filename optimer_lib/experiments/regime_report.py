@@ -7,8 +7,8 @@
 
 Per cell (ratio, CPT lr), from the per-document test scores of every seed that ran it: the gain recovery
 R = (base − OptiMer) / (base − mixture), the gap OptiMer − mixture and the mixture's gain base − mixture, each
-with a 95% paired bootstrap interval over test documents and seeds (:func:`optimer_lib.experiments.stats
-.bootstrap_methods`, the findings' resampling); R is reported only where the gain's interval lies above 0. Beside
+with a 95% interval over test documents and seeds (:func:`optimer_lib.experiments.stats
+.bootstrap_methods`, the findings' intervals); R is reported only where the gain's interval lies above 0. Beside
 them, the share of the mixture's shift outside span{τ_i} (:func:`optimer_lib.experiments.analysis.span_residual`),
 mean and range over seeds. Real-base cells (:mod:`optimer_lib.experiments.real_cell`) join as points at their own
 ratio, with the intervals their report computed. Everything returned is plain JSON (intervals as dicts).
@@ -140,8 +140,8 @@ def render_regime(reg: Mapping[str, Any], *, plot: str | None = None) -> list[st
                   "(uniform ratios), all scored per test document.", ""]
     lines += ["R = (base − OptiMer) / (base − mixture), the share of the mixture's gain merging recovers (1: all of "
               "it; above 1: merging beats the mixture), with the gap OptiMer − mixture (test objective, negative: "
-              "merging better) and the mixture's own gain; 95% paired bootstrap intervals over test documents and "
-              "seeds. R is reported only where the gain's interval lies above 0. Outside span: "
+              "merging better) and the mixture's own gain; 95% intervals, " + st.INTERVAL_METHOD
+              + ". R is reported only where the gain's interval lies above 0. Outside span: "
               "||d − Σ c_i τ_i|| / ||d|| for the mixture's shift d = θ_mix − θ_base (least squares; mean and range "
               "over seeds): the part of what the mixture learned that no merge of these vectors can express.", "",
               "| CPT/base tokens per run | base tokens | CPT lr | seeds | R | OptiMer − mixture | mixture's gain | "
@@ -157,7 +157,10 @@ def render_regime(reg: Mapping[str, Any], *, plot: str | None = None) -> list[st
     if reg["real"]:
         lines += ["", "Real-base rows: " + "; ".join(
             f"{c['source']} ({c['objective']}, {c['cpt_tokens']:,} CPT tokens per run; intervals over its test "
-            "documents, resampled within each corpus)" for c in reg["real"]) + "."]
+            "documents, resampled within each corpus, and its seeds)" for c in reg["real"])
+            + ". They share the ratio axis but not the setting: another model (a quantised instruct checkpoint), "
+            "another objective and number of vectors, fewer test documents; read them as separate points, not as "
+            "the continuation of the rows above."]
     if reg.get("stage_minutes"):
         lines += ["", "Stage time (the first seed's includes pretraining the shared bases): " + ", ".join(
             f"seed {s} {m} min" for s, m in reg["stage_minutes"].items()) + "."]

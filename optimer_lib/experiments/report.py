@@ -53,17 +53,24 @@ def _f(x: Any, nd: int = 4) -> str:
 
 def cost_ratios(stages: dict[str, Any], ledger: CostLedger) -> dict[str, Any]:
     """Per mixture budget mode and unit: cost for the mixture search to reach its best dev objective,
-    cost for OptiMer's search to reach the same value, and their ratio (None where OptiMer never does)."""
+    cost for OptiMer's search to reach the same value, and their ratio (None where OptiMer never does); and the
+    reverse race (``reverse_ratio``): the mixture search's cost to reach OptiMer's best dev value over OptiMer's
+    cost to reach it (None where the mixture never does)."""
     out: dict[str, Any] = {}
     pool = ledger.totals("pool")
     for key in [k for k in stages if k.startswith("mixture-")]:
         target = stages[key]["objective"]
         per: dict[str, Any] = {"target": target}
         for unit in ("seconds", "compute"):
+            opt_curve = ledger.curve("optimer", unit, kinds=("trial",))
             mix = cost_to_reach(ledger.curve(key, unit), target)
-            opt = cost_to_reach(ledger.curve("optimer", unit, kinds=("trial",)), target)
+            opt = cost_to_reach(opt_curve, target)
+            opt_best = opt_curve[-1][1] if opt_curve else None
+            mix_rev = cost_to_reach(ledger.curve(key, unit), opt_best) if opt_best is not None else None
+            opt_rev = cost_to_reach(opt_curve, opt_best) if opt_best is not None else None
             per[unit] = {"mixture": mix, "optimer": opt, "ratio": mix / opt if mix and opt else None,
-                         "ratio_with_pool": mix / (opt + pool[unit]) if mix and opt is not None else None}
+                         "ratio_with_pool": mix / (opt + pool[unit]) if mix and opt is not None else None,
+                         "reverse_ratio": mix_rev / opt_rev if mix_rev and opt_rev else None}
         out[key.removeprefix("mixture-")] = per
     return out
 

@@ -43,7 +43,7 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import analysis as an
 from optimer_lib.experiments import baselines as bl
 from optimer_lib.experiments import docscores as ds
-from optimer_lib.experiments.costs import CostEntry, ledger_from_study
+from optimer_lib.experiments.costs import CostEntry, ledger_from_study, rescore_entry
 from optimer_lib.experiments.regime import RegimeConfig
 from optimer_lib.fileio import atomic_write_json, read_or_make_json
 from optimer_lib.scoring.evaluate import evaluate_suite
@@ -221,6 +221,8 @@ class Experiments:
         cfg = self.search_config("optimer-it", c.trials)
         res = run_search(pool.merger, pool.tokenizer, self.dev, self.objective, cfg, progress=False)
         costs = ledger_from_study(res.study, "optimer-it", tokens_evaluated=self.per_eval(cfg))
+        if cfg.top_k > 0:
+            costs.append(rescore_entry(res.study, "optimer-it", cfg.top_k * self.per_eval(cfg, rescore=True)))
         return {"weights": res.best_weights, "instruction_weight": c.instruction_weight,
                 "objective": res.value_search, "objective_rescored": res.best_value, "values": _values(res.study),
                 **_budget(res.study, cfg), "costs": [asdict(e) for e in costs]}

@@ -1,4 +1,4 @@
-"""Intervals and verdicts for findings: paired bootstrap over seeds and test documents, criteria that can fail.
+"""Intervals and verdicts for findings: paired intervals over test documents and seeds, criteria that can fail.
 
     from optimer_lib.experiments.stats import Criterion, paired_difference, recovery
     # per-document test losses, one row per seed: shape [seeds, documents], same documents in every row
@@ -6,12 +6,20 @@
     Criterion("OptiMer beats the mixture", "below", 0.0).verdict(d)   # "holds" / "does not hold" / "inconclusive"
     r = recovery(base, optimer, mixture)                # share of the mixture's gain that merging recovers
 
-Resampling is hierarchical and paired: each bootstrap draw picks seeds with replacement, then documents with
-replacement, and uses the *same* picks for every method compared, so what differs between methods is the
-method, not the sample. With one seed only the documents are resampled (the interval then says nothing about
-seed-to-seed variation; :attr:`Interval.seeds` records how many there were). A criterion holds only when the
-whole interval is on its side of the threshold, does not hold when the whole interval is on the other side,
-and is inconclusive otherwise: a point estimate never decides a finding.
+An interval has two parts, both paired (the same picks for every method compared, so what differs between
+methods is the method, not the sample), added in quadrature on each side of the point:
+
+- **documents**: a percentile bootstrap over the test documents of the seed-averaged values;
+- **seeds**: a Student-t half-width over the statistic's per-seed values, t(level, seeds − 1) · sd / √seeds.
+
+Why not resample seeds in the bootstrap: with 3 seeds a draw of one seed three times has probability 1/27 (3.7%,
+more than the 2.5% a tail may hold), so a percentile interval collapses to the range of the seed values, which
+covers the seeds' median only 75% of the time; the t part has its stated level for normal seed effects. With
+one seed only the documents count (the interval says nothing about seed-to-seed variation;
+:attr:`Interval.seeds` records how many there were). A criterion holds only when the whole interval is on its
+side of the threshold, does not hold when the whole interval is on the other side, and is inconclusive
+otherwise: a point estimate never decides a finding. A statistic without documents (a cosine, a trial count) is
+judged per seed (:meth:`Criterion.every_seed`): it holds only if every seed passes, and fails if any does not.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats as _scipy_stats
 
+# How the reports name an interval of :func:`bootstrap` (one phrase, so FINDINGS.md and REGIME.md agree).
+INTERVAL_METHOD = ("paired bootstrap over test documents, widened by a Student-t interval over seeds "
+                   "(df = seeds − 1, added in quadrature)")
 Array = np.ndarray
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
@@ -65,6 +77,18 @@ class Criterion:
                 INCONCLUSIVE
         return HOLDS if interval.low > self.threshold else FAILS if interval.high <= self.threshold else INCONCLUSIVE
 
+    def every_seed(self, values: Interval, inclusive: bool = False) -> str:
+        """Verdict of "on the claimed side in every seed" for a :func:`seed_range` (min, max over seeds):
+        ``holds`` when every seed passes, ``does not hold`` when any seed does not (the claim names every seed).
+        ``inclusive``: a seed exactly at the threshold passes ("at most", "at least")."""
+        if any(math.isnan(x) for x in (values.low, values.high)):
+            return INCONCLUSIVE
+        if self.side == "below":
+            ok = values.high <= self.threshold if inclusive else values.high < self.threshold
+        else:
+            ok = values.low >= self.threshold if inclusive else values.low > self.threshold
+        return HOLDS if ok else FAILS
+
     def describe(self) -> str:
         return f"{self.claim}: the {round(100 * 0.95)}% interval lies {self.side} {self.threshold:g}"
 
@@ -80,8 +104,10 @@ def _as_2d(x: Sequence[float] | Sequence[Sequence[float]] | Array) -> Array:
 
 def bootstrap(stat: Callable[..., float], *samples: Array | Sequence, n_boot: int = 2000, level: float = 0.95,
               seed: int = 0) -> Interval:
-    """Percentile interval of ``stat(*means)``, where each mean is a method's mean over the resampled
-    seeds x documents; every sample must have the same shape (paired: same seeds, same documents)."""
+    """Interval of ``stat(*means)``, where each mean is a method's mean over seeds x documents; every sample must
+    have the same shape (paired: same seeds, same documents). See the module docstring: a percentile bootstrap
+    over documents of the seed-averaged values, each side widened in quadrature by a Student-t half-width over
+    ``stat``'s per-seed values (with more than one seed)."""
     arrays = [_as_2d(s) for s in samples]
     shape = arrays[0].shape
     if any(a.shape != shape for a in arrays):
@@ -89,20 +115,32 @@ def bootstrap(stat: Callable[..., float], *samples: Array | Sequence, n_boot: in
     seeds, docs = shape
     rng = np.random.default_rng(seed)
     point = stat(*(a.mean() for a in arrays))
-    # Every draw's picks at once (the same seed gives the same picks whatever the number of arrays).
-    rows = rng.integers(0, seeds, (n_boot, seeds)) if seeds > 1 else np.zeros((n_boot, 1), dtype=int)
-    cols = rng.integers(0, docs, (n_boot, docs))
-    # A draw's mean over its picked seeds x documents is (row counts)ᵀ · a · (column counts) / (seeds · docs):
-    # two matrix products for all draws instead of gathering n_boot x seeds x docs values per array.
-    row_counts = _counts(rows, seeds)
-    col_counts = _counts(cols, docs)
-    means = np.stack([((row_counts @ a) * col_counts).sum(axis=1) / (seeds * docs) for a in arrays])
+    # Every draw's document picks at once (the same seed gives the same picks whatever the number of arrays); a
+    # draw's mean is (pick counts) · (seed-averaged values) / docs: one product for all draws, no gathering.
+    col_counts = _counts(rng.integers(0, docs, (n_boot, docs)), docs)
+    means = np.stack([(col_counts @ a.mean(axis=0)) / docs for a in arrays])
     draws = _apply(stat, means)
     finite = draws[np.isfinite(draws)]
     if finite.size < 0.9 * n_boot:  # e.g. a ratio whose denominator crosses zero: no honest interval
         return Interval(float(point), math.nan, math.nan, level, seeds)
-    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = (float(q) for q in np.quantile(finite, [(1 - level) / 2, (1 + level) / 2]))
+    if seeds > 1:
+        lo, hi = widen_by_seeds(point, lo, hi, [stat(*(a[i].mean() for a in arrays)) for i in range(seeds)], level)
     return Interval(float(point), float(lo), float(hi), level, seeds)
+
+
+def widen_by_seeds(point: float, low: float, high: float, per_seed: Sequence[float],
+                   level: float = 0.95) -> tuple[float, float]:
+    """A documents-only interval ``[low, high]`` around ``point`` widened by the seeds: each side becomes
+    √(t(level, n − 1) · sd / √n)² + (that side's distance)² from the point, for the statistic's ``per_seed``
+    values (n of them; fewer than 2: unchanged; any not finite: NaN, no honest interval)."""
+    vals = np.asarray(per_seed, dtype=float)
+    if vals.size < 2:
+        return low, high
+    if not np.isfinite(vals).all():
+        return math.nan, math.nan
+    half = float(_scipy_stats.t.ppf((1 + level) / 2, vals.size - 1) * vals.std(ddof=1) / math.sqrt(vals.size))
+    return point - math.hypot(half, max(0.0, point - low)), point + math.hypot(half, max(0.0, high - point))
 
 
 def _counts(picks: Array, n: int) -> Array:
