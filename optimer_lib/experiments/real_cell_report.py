@@ -27,10 +27,10 @@ from optimer_lib.experiments import stats as st
 
 BOOTSTRAP = 2000
 CRITERIA = {
-    "optimer_vs_mixture": "OptiMer is ahead of the data mixture when the 95% paired-bootstrap interval of the "
-                          "seed-mean test gap (OptiMer − mixture) lies below 0 and every seed's gap is below 0; the "
-                          "mixture is ahead when the interval lies above 0 and every seed's gap is above 0; "
-                          "otherwise the comparison is inconclusive.",
+    "optimer_vs_mixture": "OptiMer is ahead of the data mixture when the 95% interval (paired, over test documents "
+                          "and seeds) of the seed-mean test gap (OptiMer − mixture) lies below 0 and every seed's gap "
+                          "is below 0; the mixture is ahead when the interval lies above 0 and every seed's gap is "
+                          "above 0; otherwise the comparison is inconclusive.",
     "optimer_vs_uniform": "OptiMer is ahead of uniform averaging under the same rule applied to (OptiMer − uniform).",
     "mixture_gain": "The mixture gains over the base when the interval of (base − mixture) lies above 0; the gain "
                     "recovery R is reported as meaningful only then (otherwise its denominator may be noise).",
@@ -219,7 +219,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         sp = acr[key]
         lines.append(f"| **{label}** | " + " | ".join(_f(per[str(s)][key]) for s in seeds)
                      + f" | {_f(sp['mean'])} | {_f(sp['sd'])} | {_f(sp['min'])}–{_f(sp['max'])} |")
-    lines += ["", f"95% paired-bootstrap intervals of the seed mean ({boot['reps']} resamples of the test documents):",
+    lines += ["", f"95% intervals of the seed mean: paired bootstrap ({boot['reps']} resamples of the test documents), "
+              "each side widened by the seeds' Student-t half-width:",
               f"OptiMer − mixture {_ci(boot['gap_optimer_mixture'])}, OptiMer − uniform "
               f"{_ci(boot['gap_optimer_uniform'])}, base − mixture {_ci(boot['gain_mixture'])}, base − OptiMer "
               f"{_ci(boot['gain_optimer'])}, R {_ci(boot['recovery'], 2)}.", "",
