@@ -111,6 +111,10 @@ def test_front_from_stored_metrics_of_a_single_objective_study(tmp_path, fake_ev
         assert p.values == pytest.approx({"loss:en": m["loss:en"], "acc:math": -m["acc:math"]})
     fig = pareto_figure(res.study, ["loss:en", "acc:math"])
     assert [t.type for t in fig.data] == ["scatter", "scatter"]
+    # shown as measured: the objective "acc:math" is −accuracy (minimised); the axis shows the accuracy itself
+    assert fig.layout.yaxis.title.text == "acc:math (higher is better)" and min(fig.data[0].y) >= 0
+    assert sorted(fig.data[0].y + fig.data[1].y) == pytest.approx(sorted(-p.values["acc:math"] for p in points))
+    assert fig.layout.xaxis.title.text == "loss:en (lower is better)"
     assert sorted(n for tr in fig.data for (n,) in tr.customdata) == list(range(15))
     assert {n for (n,) in fig.data[1].customdata} == {p.number for p in front}
     assert pareto_figure(res.study, SPECS).data[0].type == "scatter3d"

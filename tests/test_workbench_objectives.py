@@ -157,3 +157,12 @@ def test_a_study_file_replaced_while_the_server_runs_is_read_anew(tmp_path):
     optuna.create_study(storage=url, study_name="new")
     assert storage_for(url) is not first and study_names(url) == ["new"]
     assert load_study(url, "new") is not None and load_study(url, "old") is None
+
+
+def test_a_front_point_is_listed_with_its_accuracy_as_measured():
+    """An accuracy objective is minimised as −accuracy; the dropdown shows the accuracy itself (0.25, not −0.25),
+    as the chart's axis does (optimer_lib.search.pareto.measured)."""
+    from workbench.tabs.objectives import point_label
+
+    assert point_label(3, {"loss:ja": 3.2, "acc:math": -0.25}) == "trial 3: loss:ja 3.2, acc:math 0.25"
+    assert point_label(4, {"loss:ja=1,acc:math=2": 2.5}) == "trial 4: loss:ja=1,acc:math=2 2.5"  # a mix: as is

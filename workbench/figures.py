@@ -232,8 +232,10 @@ def pareto_chart(study: optuna.Study | None, objectives: Sequence[str] | None = 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return empty("waiting for the first finished trial", title)
     fig = pareto_figure(study, objectives)
-    fig.update_layout(height=420, template=TEMPLATE, margin={"l": 60, "r": 20, "t": 50, "b": 40},
-                      title={"font": {"size": 14}}, clickmode="event")
+    scene = any(t.type == "scatter3d" for t in fig.data)  # a 3-D scene needs the room its axis titles take
+    fig.update_layout(height=520 if scene else 420, template=TEMPLATE, clickmode="event",
+                      margin={"l": 0, "r": 0, "t": 50, "b": 0} if scene else {"l": 60, "r": 20, "t": 50, "b": 40},
+                      title={"font": {"size": 14}})
     return fig
 
 

@@ -35,7 +35,7 @@ from optimer_lib.errors import ConfigError
 from optimer_lib.fileio import atomic_write_json
 from optimer_lib.merging.merger import Merger
 from optimer_lib.scoring.evaluate import EvalSuite
-from optimer_lib.scoring.objectives import Objective
+from optimer_lib.scoring.objectives import HIGHER_IS_BETTER, Objective
 from optimer_lib.scoring.scorer import TrialScorer
 from optimer_lib.search import record
 from optimer_lib.search.rerank import resolve_objective, score_stored
@@ -76,6 +76,17 @@ class ParetoResult:
     new_trials: int = 0
     interrupted: bool = False
     stopped: str | None = None   # "time_budget" when config.time_budget ended the search before config.trials
+
+
+def measured(spec: str, value: float) -> tuple[str, float]:
+    """How to show an objective's value: a lone accuracy term (``acc:math``, weight 1) enters an objective negated
+    (every objective is minimised), so it is shown as the accuracy itself, labelled higher-is-better; any other
+    spec as it is, lower-is-better. Returns ``(label, value)``."""
+    kind, _, rest = spec.partition(":")
+    name, _, weight = rest.partition("=")
+    if kind in HIGHER_IS_BETTER and name and "," not in rest and weight.strip() in ("", "1"):
+        return f"{spec} (higher is better)", -value
+    return f"{spec} (lower is better)", value
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -192,7 +203,8 @@ def export_point(pool: Any, point: ParetoPoint, out_dir: str | Path, *, overwrit
     return export_merged(pool.model, pool.tokenizer, out_dir, base_path=str(pool.base_dir), vectors=pool.vectors,
                          weights=point.weights, instruction=pool.instruction,
                          instruction_weight=pool.merger.instruction_weight if pool.instruction else None,
-                         scores={f"dev {k}": v for k, v in point.values.items()}, overwrite=overwrite)
+                         scores={f"dev {k}": measured(k, v)[1] for k, v in point.values.items()},
+                         overwrite=overwrite)
 
 
 def pareto_figure(study: optuna.Study, objectives: Sequence[str | Objective] | None = None, *,
@@ -211,18 +223,20 @@ def pareto_figure(study: optuna.Study, objectives: Sequence[str | Objective] | N
     fig = go.Figure()
     for on_front, name, color in ((False, "dominated", "lightgrey"), (True, "Pareto front", "crimson")):
         sel = sorted((p for p in points if (p.number in front) == on_front), key=lambda p: list(p.values.values()))
-        axes = {ax: [p.values[s] for p in sel] for ax, s in zip("xyz", specs, strict=False)}
+        axes = {ax: [measured(s, p.values[s])[1] for p in sel] for ax, s in zip("xyz", specs, strict=False)}
         hover = [f"trial {p.number}<br>" + "<br>".join(f"{n}={w:.3f}" for n, w in p.weights.items()) for p in sel]
         common = {"name": name, "customdata": [[p.number] for p in sel], "hovertext": hover, "hoverinfo": "text",
                   "marker": {"color": color, "size": 7 if on_front else 5}}
         mode = "markers+lines" if on_front and len(specs) == 2 else "markers"
         fig.add_trace(go.Scatter3d(mode="markers", **axes, **common) if len(specs) == 3
                       else go.Scatter(mode=mode, **axes, **common))
-    titles = {"xaxis_title": specs[0], "yaxis_title": specs[1]}
-    if len(specs) == 3:
-        fig.update_layout(scene={**titles, "zaxis_title": specs[2]})
+    labels = [measured(s, 0.0)[0] for s in specs]
+    title = f"Pareto front of {study.study_name} ({len(front)} of {len(points)} trials)"
+    if len(specs) == 3:  # a 3-D scene clips long axis titles: arrows there, their meaning in the title
+        short = [f"{s} {'↑' if 'higher' in t else '↓'}" for s, t in zip(specs, labels, strict=True)]
+        fig.update_layout(scene={f"{ax}axis_title": t for ax, t in zip("xyz", short, strict=True)})
+        title += "; ↓ lower is better, ↑ higher is better"
     else:
-        fig.update_layout(**titles)
-    fig.update_layout(title=f"Pareto front of {study.study_name} ({len(front)} of {len(points)} trials; lower is "
-                      "better)", legend={"orientation": "h"})
+        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1])
+    fig.update_layout(title=title, legend={"orientation": "h"})
     return fig

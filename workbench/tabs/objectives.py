@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from optimer_lib.search.defaults import INTERACTIVE
-from optimer_lib.search.pareto import PARETO_SAMPLERS, pareto_front
+from optimer_lib.search.pareto import PARETO_SAMPLERS, measured, pareto_front
 from workbench.figures import pareto_chart
 from workbench.searching import SearchSpec, load_study
 from workbench.session import Session
@@ -39,7 +39,8 @@ def default_objectives(texts: list[str], qa: list[str]) -> list[str]:
 
 
 def point_label(number: int, values: dict[str, float]) -> str:
-    return f"trial {number}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    """A front point in the dropdown, each value as measured (an accuracy as an accuracy, not negated)."""
+    return f"trial {number}: " + ", ".join(f"{k} {measured(k, v)[1]:.4g}" for k, v in values.items())
 
 
 class ObjectivesPanel:
