@@ -120,6 +120,11 @@ def test_app_loads_with_pool(page):
     page.wait_for_selector("#pool-table >> text=ja")
     wait_for(lambda: plot_data(page, "pool-heatmap"), what="the cosine heatmap")
     page.screenshot(path=str(ARTIFACTS / "workbench-pool.png"), full_page=True)
+    # every cell of the vector table shows its whole text: a file path is not cut off at the table's edge
+    clipped = page.evaluate("""() => [...document.querySelectorAll('#pool-table, #pool-table *')]
+        .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText || e.tagName)""")
+    assert clipped == []
+    assert "vectors/ja.safetensors" in page.locator("#pool-table").inner_text()
 
 
 def test_slider_release_updates_chart(page):

@@ -65,10 +65,10 @@ class PoolTab:
         self.ctx = ctx
         self._cosine: tuple[Any, Any] | None = None  # (pool, its heat-map): the same for every page of a pool
         root = ctx.workspace.workdir
-        with gr.Row():
-            with gr.Column(scale=3):
-                self.table = gr.Dataframe(label="vectors", interactive=False, elem_id="pool-table")
-            with gr.Column(scale=2):
+        with gr.Row():  # the table gets the width its paths need; a long path wraps rather than being cut off
+            with gr.Column(scale=5):
+                self.table = gr.Dataframe(label="vectors", interactive=False, wrap=True, elem_id="pool-table")
+            with gr.Column(scale=2, min_width=320):
                 self.heatmap = gr.Plot(show_label=False, elem_id="pool-heatmap")
         with gr.Accordion("add a vector", open=False):
             gr.Markdown(f"A checkpoint directory trained from this base (its vector is extracted into "
