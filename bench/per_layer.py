@@ -14,8 +14,8 @@ on the first ``--limit`` dev documents (the search's own value, now per document
 Cut for time (the issue asks for no particular size; the budget was ~25 min on one shared core): 25 trials,
 10 dev documents per set in the search, 80 test documents per set (of 400), 3 seeds.
 
-Intervals: the dev and test objectives are paired hierarchical bootstraps over seeds and documents
-(``optimer_lib.experiments.stats.bootstrap_methods``; every set's first N documents, the same for every run; an
+Intervals: the dev and test objectives are paired bootstraps over documents widened by a Student-t interval over
+seeds (``optimer_lib.experiments.stats.bootstrap_methods``; every set's first N documents, the same for every run; an
 objective is a function of per-document component means, ``docscores.objective_of_means``). Differences between
 granularities are paired the same way. Trial-equivalents: trials until the run's best-so-far comes within 0.1 % of
 that run's own final best, plus, for ``grad``, its gradient evaluations times the cost of one gradient evaluation

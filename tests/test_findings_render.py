@@ -335,5 +335,19 @@ def test_a_grid_whose_best_point_is_the_base_is_said_to_measure_its_resolution(t
         _edit(res, seed, "grid", grid)
     f4 = summarise_results(res)["findings"]["4"]
     assert "is the base itself (α = 0) in 2 of 2 seed(s)" in f4["ours"] and f4["numbers"]["grid_best_is_base"] == 2
+    assert f4["verdict"] == "inconclusive"  # the stated exception: a grid that never left the base cannot win
     _edit(res, 1, "grid", lambda d: d["values"].update(grid=[3.05, 3.3, 3.2]))
-    assert "in 1 of 2 seed(s)" in summarise_results(res)["findings"]["4"]["ours"]
+    f4 = summarise_results(res)["findings"]["4"]
+    assert "in 1 of 2 seed(s)" in f4["ours"] and f4["verdict"] == "holds"  # TPE first in both seeds
+
+
+def test_unequal_search_budgets_of_the_reoptimised_pool_are_said(tmp_path):
+    """Finding 6 compares OptiMer's search (``trials``) with the re-optimised ones (``reopt_trials``): when the two
+    differ the text says which comparisons the budget favours."""
+    res = _copy(tmp_path)
+    cfg = json.loads((res / "config.json").read_text())
+    for trials, reopt, said in ((5, 5, False), (9, 4, True)):
+        (res / "config.json").write_text(json.dumps({**cfg, "trials": trials, "reopt_trials": reopt}))
+        ours = summarise_results(res)["findings"]["6"]["ours"]
+        assert ("Budgets differ" in ours) == said
+    assert "OptiMer's (9 trials), the ja searches ran 4 each" in ours and "on balanced favour its search" in ours

@@ -52,7 +52,8 @@ CRITERIA = {
          f"fitted t is within ±{LINE_T_TOL} of the fraction of training, in every seed",
     "4": f"with a tolerance of {GAIN_SHARE:.0%} of OptiMer's dev gain over the base, TPE comes within the tolerance "
          "of the best value either search found in fewer trials than the grid, in every seed (a grid that never "
-         "gets there counts as one trial more than it ran)",
+         "gets there counts as one trial more than it ran; a grid whose best point is the base itself, α = 0, in "
+         "every seed never sampled near the optimum, so the comparison cannot fail: inconclusive)",
     "5": "test objective of the mixture retrained with α as ratios (dev-chosen conversion) minus the uniform-ratio "
          "mixture at the same total tokens: the 95% interval lies below 0",
     "6": "for each objective, the pool's search for that objective beats the searches for the other objectives "
@@ -301,8 +302,10 @@ def _f4(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
                  "point of its coarse grid lies near the optimum, so the margin measures what the grid's resolution "
                  "costs at this budget more than how sharp the landscape is; the share of the 2-D slice within the "
                  "tolerance is the direct measure of sharpness")
-    return _finding([st.Criterion("grid − TPE trials", "above", 0.0).every_seed(m)], text,
-                    numbers={"margin": m, "grid_best_is_base": grid_at_base}, seeds=seeds)
+    verdict = st.Criterion("grid − TPE trials", "above", 0.0).every_seed(m)
+    if grid_at_base == len(seeds):  # the stated exception: the comparison could not have gone the other way
+        verdict = st.INCONCLUSIVE
+    return _finding([verdict], text, numbers={"margin": m, "grid_best_is_base": grid_at_base}, seeds=seeds)
 
 
 def _f5(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
@@ -320,7 +323,7 @@ def _f5(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
     return _finding([st.Criterion("α-ratio − uniform", "below", 0.0).verdict(d)], text, numbers={"difference": d})
 
 
-def _f6(sm: Samples) -> dict[str, Any] | None:
+def _f6(sm: Samples, cfg: dict[str, Any] | None = None) -> dict[str, Any] | None:
     cands = {sm.objective: "OptiMer"}
     if sm.seeds:
         cands.update({r.removeprefix("OptiMer re-optimised for "): r for r in sm.final[sm.seeds[0]]["rows"]
@@ -336,7 +339,15 @@ def _f6(sm: Samples) -> dict[str, Any] | None:
             numbers[f"{k}: {own} − {other}"] = d
             verdicts.append(st.Criterion(k, "below", 0.0).verdict(d))
             parts.append(f"on {k}: {k}-search − {other_k}-search {_iv(d)}")
-    return _finding(verdicts, "; ".join(parts), numbers=numbers)
+    text = "; ".join(parts)
+    main, reopt = (cfg or {}).get("trials"), (cfg or {}).get("reopt_trials")
+    if main and reopt and main != reopt:  # unequal budgets, said where the numbers are read
+        others = " and ".join(k for k in cands if k != sm.objective)
+        text += (f". Budgets differ: the {sm.objective} search is OptiMer's ({main} trials), the {others} searches "
+                 f"ran {reopt} each, so " + (f"the comparisons on {sm.objective} favour its search, and those on "
+                 f"{others} are against theirs" if main > reopt else f"the comparisons on {others} favour their "
+                 f"searches, and those on {sm.objective} are against its search"))
+    return _finding(verdicts, text, numbers=numbers)
 
 
 def _f7(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
@@ -348,7 +359,8 @@ def _f7(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
             continue
         for mode, r in cost_ratios(stages, ledger_of(stages)).items():
             ratios.setdefault(mode, []).append(r["seconds"]["ratio"] or 0.0)  # never reached: fails the criterion
-            reverse.setdefault(mode, []).append(r["seconds"].get("reverse_ratio") or math.nan)
+            # the reverse race in compute: wall seconds carry a killed run's idle gap (seed 0: ~1.5 h mid-search)
+            reverse.setdefault(mode, []).append(r["compute"].get("reverse_ratio") or math.nan)
             seeds += [] if seed in seeds else [seed]
     if not ratios:
         return None
@@ -362,8 +374,8 @@ def _f7(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
         if reached:
             head += ("; " if head else "") + f"ratio where reached {_rng(st.seed_range(reached), 1, 'x')}"
         rev = [v for v in reverse[m] if math.isfinite(v)]
-        tail = (f"; the reverse race, the mixture search's seconds to reach OptiMer's best dev value over OptiMer's "
-                f"(its vector pool's training not charged): "
+        tail = (f"; the reverse race, the mixture search's compute (forward-token equivalents) to reach OptiMer's "
+                f"best dev value over OptiMer's (its vector pool's training not charged): "
                 f"{_rng(st.seed_range(rev), 1, 'x')}" + (f" ({len(rev)} of {len(reverse[m])} seed(s))"
                                                          if len(rev) < len(reverse[m]) else "") if rev else "")
         return f"({m}) {head}{tail}"
@@ -446,7 +458,7 @@ def summarise_results(d: str | Path, regime: str | Path | None = None) -> dict[s
     costs = cost_accounting(per_seed)
     for key, fn in (("1", lambda: _f1(sm, terms, costs)), ("1b", lambda: _f1b(sm, terms, per_seed)),
                     ("2", lambda: _f2(per_seed)), ("3", lambda: _f3(per_seed)), ("4", lambda: _f4(per_seed)),
-                    ("5", lambda: _f5(sm, terms)), ("6", lambda: _f6(sm)), ("7", lambda: _f7(per_seed)),
+                    ("5", lambda: _f5(sm, terms)), ("6", lambda: _f6(sm, cfg)), ("7", lambda: _f7(per_seed)),
                     ("it", lambda: _instruction(sm, terms)),
                     ("layers", lambda: gr.finding(sm, per_seed, terms, _dev_pick(sm, "data mixture", "best")))):
         if terms or key in ("2", "3", "4", "7"):

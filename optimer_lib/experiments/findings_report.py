@@ -172,7 +172,7 @@ def render_headline(summary: dict[str, Any]) -> str:
     note = (f"Test objective `{summary['objective']}` (lower is better), mean [95% interval over "
             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}) and the test documents]; every choice made on dev. "
             + (f"**Provisional: {len(seeds)} of {MIN_SEEDS} seeds.** " if summary.get("provisional") else "")
-            + "The differences between rows, paired over the same documents, have much narrower intervals: see "
+            + "Differences between rows are paired over the same documents and seeds: their intervals are in "
             "FINDINGS.md. Rendered by `optimer findings --results results/experiments --out FINDINGS.md "
             "--readme README.md --regime results/regime`.")
     rows = [f"| {label} | {_iv(table[row])} |" for row, label in HEADLINE if row in table]

@@ -85,8 +85,8 @@ def stacked(per_seed: Sequence[Components]) -> dict[str, list[list[float]]]:
 
 
 def objective_interval(terms: Mapping[str, float], per_seed: Sequence[Components], n_boot: int = 2000) -> st.Interval:
-    """The objective (``Objective.terms``) of per-seed per-document components, with its 95 % interval (bootstrap
-    over seeds and documents)."""
+    """The objective (``Objective.terms``) of per-seed per-document components, with its 95 % interval (over
+    documents and seeds, :func:`optimer_lib.experiments.stats.bootstrap`)."""
     return st.bootstrap_methods(lambda m: ds.objective_of_means(terms, m["x"]), {"x": stacked(per_seed)},
                                 n_boot=n_boot)
 

@@ -7,7 +7,7 @@
     run_regime_map(Experiments(seed_config(cfg, 0)))        # cells cached as regime-r<ratio>-lr<lr> stages
 
 The paper continues bases pretrained on trillions of tokens with ~1B tokens per dataset (a ratio near 1e-4); our
-main set uses 15% per run. Here the ratio (tokens of one CPT run / tokens the base was pretrained on) is swept
+main set uses 13% per run. Here the ratio (tokens of one CPT run / tokens the base was pretrained on) is swept
 over two orders of magnitude by pretraining the base longer while every CPT run keeps the same tokens. The bases
 are checkpoints of ONE pretraining run per size at a constant learning rate after warm-up (the stable phase of a
 warmup-stable-decay schedule, so a checkpoint at T tokens is the run a shorter budget would have been), each
