@@ -308,3 +308,45 @@ def test_two_sessions_at_once_each_see_their_own_merge(browser, server):
     finally:
         for pg in pages:
             pg.close()
+
+
+def test_an_idle_page_polls_the_study_only_while_the_search_tab_is_shown(browser, tmp_path: Path, monkeypatch):
+    """The Search tab's charts poll the study storage (every ``poll_s``, 0.5 s here) only while that tab is shown:
+    on Pool no poll reaches the server; on Search both panels poll; back on Pool they stop."""
+    from test_workbench_session import SUITE, tiny_workdir
+
+    import workbench.tabs.objectives as objectives
+    import workbench.tabs.search as search
+    from workbench.app import launch
+
+    ticks: list[float] = []
+    for cls in (search.SearchTab, objectives.ObjectivesPanel):  # before launch: the app binds these handlers
+        real = cls.on_tick
+
+        def counted(self, *a, _real=real, **kw):
+            ticks.append(time.monotonic())
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "on_tick", counted)
+    port = free_port()
+    demo = launch(tiny_workdir(tmp_path / "wd"), port=port, block=False, suite=SUITE, tune_limit=3, qa_limit=2,
+                  poll_s=0.5)
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(TIMEOUT_MS)
+    try:
+        pg.goto(f"http://127.0.0.1:{port}/")
+        pg.wait_for_selector("#pool-table >> text=ja")
+        time.sleep(1.0)
+        n = len(ticks)
+        time.sleep(3.0)
+        assert len(ticks) == n, "an idle page on the Pool tab polled the study storage"
+        pg.get_by_role("tab", name="Search").click()
+        wait_for(lambda: len(ticks) >= n + 6, timeout=10, what="the Search tab's polls")
+        pg.get_by_role("tab", name="Pool").click()
+        time.sleep(1.5)  # a tick already on its way may still land
+        n = len(ticks)
+        time.sleep(3.0)
+        assert len(ticks) == n, "the Search tab's timers kept polling after leaving the tab"
+    finally:
+        pg.close()
+        demo.close()

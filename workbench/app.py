@@ -185,16 +185,21 @@ def build_app(workdir: str | os.PathLike = "runs/demo", *, suite: EvalSuite | No
         restored = gr.Markdown(elem_id="restore-status")
         setup = SetupPanel(ctx)
         with gr.Tabs():
-            with gr.Tab("Pool", id="pool"):
+            with gr.Tab("Pool", id="pool") as pool_tab:
                 pool = PoolTab(ctx)
-            with gr.Tab("Tune", id="tune"):
+            with gr.Tab("Tune", id="tune") as tune_tab:
                 ctx.tune = tune = TuneTab(ctx)
-            with gr.Tab("Search", id="search"):
+            with gr.Tab("Search", id="search") as search_tab:
                 search = SearchTab(ctx)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 chat = ChatTab(ctx)
-            with gr.Tab("Export", id="export"):
+            with gr.Tab("Export", id="export") as export_tab:
                 export = ExportTab(ctx)
+        # The Search tab's charts poll the study storage only while that tab is shown
+        for tab in (pool_tab, tune_tab, search_tab, chat_tab, export_tab):
+            on = tab is search_tab
+            tab.select(lambda on=on: [gr.Timer(active=on) for _ in search.timers], None, search.timers,
+                       show_progress="hidden", concurrency_limit=None)
         parts = [setup, pool, tune, search, chat, export]
         outputs = [c for p in parts for c in getattr(p, "refresh_outputs", p.outputs)]
 

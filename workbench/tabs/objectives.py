@@ -84,7 +84,7 @@ class ObjectivesPanel:
                         self.point = gr.Dropdown([], label="front point", scale=3, elem_id="pareto-point")
                         self.load = gr.Button("Load into Tune", scale=1, size="sm", elem_id="pareto-load")
                     self.pick_status = gr.Markdown(elem_id="pareto-pick-status")
-        self.timer = gr.Timer(ctx.poll_s)
+        self.timer = gr.Timer(ctx.poll_s, active=False)  # on while the Search tab is shown (SearchTab.timers)
         self.outputs: list[Any] = list(self.objectives)
         self.live = [self.status, self.plot, self.point]
 

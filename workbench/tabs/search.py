@@ -135,7 +135,10 @@ class SearchTab:
                 self.table = gr.Dataframe(label="trials", elem_id="search-table", interactive=False, max_height=300)
                 self.send = gr.Button("Send best to Tune", elem_id="search-send-best")
         self.objectives = ObjectivesPanel(ctx, self)
-        self.timer = gr.Timer(ctx.poll_s)
+        # polls only while the Search tab is shown (the app turns it on and off with the tab): an idle page elsewhere
+        # asks the server nothing
+        self.timer = gr.Timer(ctx.poll_s, active=False)
+        self.timers = [self.timer, self.objectives.timer]
         self.live = [self.status, self.history, self.alphas, self.importance, self.landscape, self.table]
         self.outputs: list[Any] = [self.preset, self.storage, self.study, *self.objectives.outputs]
 
