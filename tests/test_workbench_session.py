@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import time
 import weakref
 import zipfile
@@ -209,6 +210,16 @@ def test_the_stop_button_answers_with_the_stopped_status(session: Session):
     text = SearchTab.on_stop(object.__new__(SearchTab), session)  # the handler uses only the session
     assert text.startswith("stopped `t-button` after") and text == run.status()
     assert "search_sig" not in session.ui
+    n, noun = re.search(r"after ([\d,]+) (trials?)\b", text).groups()
+    assert noun == ("trial" if n == "1" else "trials"), text  # "after 1 trial", never "after 1 trials"
+
+
+def test_counts_are_worded_in_the_right_number():
+    from workbench.text import counted
+
+    assert [counted(n, "trial") for n in (0, 1, 2, 1500)] == ["0 trials", "1 trial", "2 trials", "1,500 trials"]
+    assert counted(1, "scored merge") == "1 scored merge" and counted(1, "query", "queries") == "1 query"
+    assert counted(3, "query", "queries") == "3 queries"
 
 
 def test_chat_runs_while_a_search_runs(session: Session):

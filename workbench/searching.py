@@ -40,6 +40,7 @@ from optimer_lib.search.pareto import PARETO_SAMPLERS, ParetoResult, all_points,
 from optimer_lib.search.specs import parse_bounds
 from optimer_lib.search.storage import open_storage
 from optimer_lib.search.study import SearchConfig, SearchResult, run_search, trial_table
+from workbench.text import counted
 from workbench.workspace import SharedPool, WorkbenchError
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,8 @@ class SearchRun:
             return f"search `{self.study_name}` failed: {self.error}"
         if self.stopped:
             saved = f", best.json in {self.result.path.parent}" if self.result is not None else ""
-            return f"stopped `{self.study_name}` after {done} trials{best_s} (finished trials are kept{saved})"
+            return (f"stopped `{self.study_name}` after {counted(done, 'trial')}{best_s} (finished trials are "
+                    f"kept{saved})")
         if self.result is not None:
             return (f"done `{self.study_name}`: best objective {self.result.best_value:.4g} "
                     f"(trial {self.result.best_trial}), best.json in {self.result.path.parent}")
@@ -343,7 +345,7 @@ class ParetoRun(SearchRun):
         if self.error:
             return f"Pareto search `{self.study_name}` failed: {self.error}"
         if self.stopped:
-            return f"stopped `{self.study_name}` after {done} trials (finished trials are kept)"
+            return f"stopped `{self.study_name}` after {counted(done, 'trial')} (finished trials are kept)"
         if self.result is not None:
             return (f"done `{self.study_name}` ({what}): {len(self.result.front)} front points, "
                     f"pareto.json in {self.result.path.parent}")

@@ -38,6 +38,7 @@ from workbench.chatting import GenSettings, Message
 from workbench.figures import HEIGHT, TEMPLATE, empty, tune_chart
 from workbench.searching import SearchRun, SearchSpec, load_study
 from workbench.session import BASE, BASE_IT, TUNE, Session, TuneResult
+from workbench.text import counted
 from workbench.widget_parts import Component, pane_html, redraw
 from workbench.workspace import WorkbenchError
 
@@ -95,7 +96,8 @@ class WeightSliders(Component):
         t0 = time.perf_counter()
         r = self.session.apply({n: s.value for n, s in self.sliders.items()}, iw)
         refs = {k: self.session.reference(k, iw) for k in self.references}
-        redraw(self.figure, tune_chart(r.metrics, refs, title=f"dev metrics, first {r.limit} documents per set"))
+        title = f"dev metrics, first {counted(r.limit, 'document')} per set"
+        redraw(self.figure, tune_chart(r.metrics, refs, title=title))
         obj = f" · balanced objective <b>{r.objective:.4f}</b>" if r.objective is not None else ""
         self.status.value = (f"merge {r.merge_s * 1000:.0f} ms + score {r.score_s * 1000:.0f} ms; "
                              f"{(time.perf_counter() - t0) * 1000:.0f} ms with the chart{obj}")

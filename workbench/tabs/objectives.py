@@ -24,6 +24,7 @@ from workbench.figures import pareto_chart
 from workbench.searching import SearchSpec, load_study
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md, plotly_click_js, stop_reply
+from workbench.text import counted
 
 TOP_ROWS = 10
 HINT = "<small>Click a point of the front (or choose it below) to load its weights into Tune.</small>"
@@ -186,7 +187,7 @@ class ObjectivesPanel:
             status = run.status()
         if not status:
             what = " × ".join(specs) if specs else "its own objectives"
-            points = f"{len(front)} point" + ("s" if len(front) != 1 else "")
+            points = counted(len(front), "point")
             status = f"front of `{name}` ({what}, from stored metrics): {points}"
         choices = [(point_label(p.number, p.values), p.number) for p in front]
         keep = session.ui.get("pareto_pick")

@@ -25,6 +25,7 @@ from workbench.figures import FigureCache, empty, layer_heatmap, tune_chart
 from workbench.session import Session, TuneResult
 from workbench.tabs import Ctx, error_md, method_controls
 from workbench.tabs.tune_groups import GRANULARITIES, MAX_GROUPS, VECTOR_VIEW, GroupControls
+from workbench.text import counted
 from workbench.tuning import TuneUpdate
 
 SLIDER_MAX = 1.5
@@ -160,7 +161,7 @@ class TuneTab(GroupControls):
                 "best": session.reference("best", iw, wait=wait_best)}
         intervals = {k: (v.low, v.high) for k, v in (u.intervals if u else r.intervals).items()}
         sc = session.scoring
-        what = f"first {sc.docs} documents per set" if sc.docs else "every document"
+        what = f"first {counted(sc.docs, 'document')} per set" if sc.docs else "every document"
         if confirm and sc.docs:
             what = f"current: every document (confirm); base, average, best: first {sc.docs} per set"
         fig = self._chart(r.metrics, refs, title=f"dev metrics, {what}"
@@ -173,7 +174,7 @@ class TuneTab(GroupControls):
         steps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
         if u is not None and u.phase == "estimate":
             n = u.estimate.n_points
-            status = (f"≈ **estimate** ({u.estimate.kind} fit to {n} scored merge{'s' if n != 1 else ''}; no forward "
+            status = (f"≈ **estimate** ({u.estimate.kind} fit to {counted(n, 'scored merge')}; no forward "
                       f"pass) · scoring {u.sets_total} dev sets…")
         elif u is not None and u.phase == "partial":
             status = f"scored **{len(u.sets_done)} of {u.sets_total}** dev sets · release → {steps}"
