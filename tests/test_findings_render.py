@@ -351,3 +351,18 @@ def test_unequal_search_budgets_of_the_reoptimised_pool_are_said(tmp_path):
         ours = summarise_results(res)["findings"]["6"]["ours"]
         assert ("Budgets differ" in ours) == said
     assert "OptiMer's (9 trials), the ja searches ran 4 each" in ours and "on balanced favour its search" in ours
+
+
+def test_per_seed_differences_are_each_seeds_own_test_objectives():
+    """Finding 1b lists each seed's difference beside the interval: seed by seed it is the difference of the two
+    rows' test objectives that seed's final stage recorded (every test document)."""
+    from optimer_lib.experiments.findings import Samples, load_results
+
+    _, per_seed = load_results(FIXTURE)
+    sm = Samples(per_seed)
+    got = sm.per_seed_diff(lambda _s: "OptiMer", lambda _s: "baseline: ties", sm.terms[sm.objective])
+    rows = [per_seed[s]["final"]["rows"] for s in sm.seeds]
+    want = [r["OptiMer"]["test_objectives"][sm.objective] - r["baseline: ties"]["test_objectives"][sm.objective]
+            for r in rows]
+    assert len(got) == len(sm.seeds) == 2 and got == pytest.approx(want, abs=1e-9)
+    assert "per seed " in summarise_results(FIXTURE)["findings"]["1b"]["ours"]

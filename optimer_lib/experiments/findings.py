@@ -139,6 +139,14 @@ class Samples:
     def value(self, row_of: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
         return self.interval(lambda m: ds.objective_of_means(terms, m["a"]), {"a": row_of}, terms)
 
+    def per_seed_diff(self, a: Callable[[int], str], b: Callable[[int], str], terms: dict[str, float]) -> list[float]:
+        """``objective(a) − objective(b)`` in each seed alone (every test document): what the interval's seed part
+        is made of."""
+        comps = ds.needed_components(terms)
+        sa, sb = self.stack(a, comps), self.stack(b, comps)
+        return [ds.objective_of_means(terms, {k: v[i].mean() for k, v in sa.items()})
+                - ds.objective_of_means(terms, {k: v[i].mean() for k, v in sb.items()}) for i in range(len(self.seeds))]
+
     def diff(self, a: Callable[[int], str], b: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
         return self.interval(lambda m: ds.objective_of_means(terms, m["a"]) - ds.objective_of_means(terms, m["b"]),
                              {"a": a, "b": b}, terms)
@@ -219,7 +227,9 @@ def _f1b(sm: Samples, terms: dict[str, float], per_seed: dict[int, dict[str, Any
         return None
     diffs = {k: sm.diff(_fixed("OptiMer"), _fixed(r), terms) for k, r in rows.items()}
     trials = budgets(per_seed)
-    text = "; ".join(f"OptiMer − {k} {_iv(d)} ({trials.get(k, '?')} trials)" for k, d in diffs.items())
+    seeds = {k: sm.per_seed_diff(_fixed("OptiMer"), _fixed(r), terms) for k, r in rows.items()}
+    text = "; ".join(f"OptiMer − {k} {_iv(d)} (per seed {', '.join(f'{v:.4f}' for v in seeds[k])}; "
+                     f"{trials.get(k, '?')} trials)" for k, d in diffs.items())
     return _finding([st.Criterion(k, "below", 0.0).verdict(d) for k, d in diffs.items()],
                     text + f" (OptiMer's trials: {trials.get('optimer', '?')})", numbers=diffs)
 
