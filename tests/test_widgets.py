@@ -120,8 +120,26 @@ def test_search_runner_reports_bad_settings(session: Session):
     assert "bounds" in runner.status.value and runner.run is None
     runner.bounds.value = "0:1"
     runner.custom.value = "acc:nope"
-    with pytest.raises(Exception, match="nope"):
+    with pytest.raises(WorkbenchError, match="nope") as err:
         runner.start()
+    # in the form's words: the field to change, not a CLI flag the notebook user never typed
+    assert '"objective (custom, or the preset)"' in str(err.value) and "--objective" not in str(err.value)
+    runner.custom.value = ""
+    runner.bounds.value = "0-1"
+    with pytest.raises(WorkbenchError) as err:
+        runner.start()
+    assert '"bounds"' in str(err.value) and "--bounds" not in str(err.value)
+
+
+def test_sliders_refuse_a_weight_that_is_not_a_number_and_take_a_negative_one(session: Session):
+    """A refused value never sticks in a slider (the next move still works); a negative weight is merged as
+    session.apply merges it, the slider's range growing to hold it instead of clamping it to 0 unsaid."""
+    ws = WeightSliders(session)
+    with pytest.raises(WorkbenchError, match="finite"):
+        ws.set({"ja": float("nan")})
+    assert ws.sliders["ja"].value == ws.sliders["ja"].value  # not NaN
+    r = ws.set({"ja": -0.5, "math": 0.2})
+    assert r.weights == {"ja": -0.5, "math": 0.2} and ws.sliders["ja"].value == -0.5 and ws.sliders["ja"].min <= -0.5
 
 
 def test_history_figure_without_trials_says_why():

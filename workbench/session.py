@@ -143,8 +143,8 @@ class Session(ChatMethods, StudyMethods):
             held = self.use_pool()
             self._stale = replaced and held.engine is not engine
         if self._stale:
-            raise WorkbenchError("the pool was changed in another session or tab: reload this page to see its "
-                                 "vectors (your Tune weights were for the old pool)")
+            raise WorkbenchError("the pool was changed in another session or tab: reload this page (in a notebook: "
+                                 "session.use_pool()) to see its vectors (your Tune weights were for the old pool)")
         return held
 
     @property
@@ -345,7 +345,8 @@ class Session(ChatMethods, StudyMethods):
                 raise WorkbenchError(f"study {st.study_name!r} is multi-objective and has no single best: pick a "
                                      "point of its Pareto front (Search tab) instead")
             if best is None:
-                raise WorkbenchError("no search result yet: run a search (Search tab) or watch a study first")
+                raise WorkbenchError("no search result yet: run a search (Search tab, or SearchRunner.start() in a "
+                                     "notebook) or watch a study first")
             return best
         raise WorkbenchError(f"unknown preset {name!r}: choose zeros, average or best")
 
@@ -429,7 +430,7 @@ class Session(ChatMethods, StudyMethods):
         out = self.workspace.exports_dir / name
         if out.exists() and not overwrite:  # said here in the tab's words (the library's names the CLI's --force)
             raise WorkbenchError(f"exports/{name} already exists: choose another name, or tick \"replace an existing "
-                                 "export\"")
+                                 "export\" (overwrite=True)")
         scores = {f"dev {k} (first {self.tune_limit})": v for k, v in (self.last.metrics if self.last else {}).items()}
         # exact: base + Σ α τ merged afresh, without the rounding drift of incremental slider updates
         with self.merged(exact=True) as model:

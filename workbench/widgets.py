@@ -20,6 +20,7 @@ session's (:mod:`workbench.session`); nothing here re-implements them. Charts ar
 from __future__ import annotations
 
 import html
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from optuna.trial import TrialState
 
+from optimer_lib.errors import OptimerError
 from optimer_lib.scoring.objectives import presets
 from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.samplers import SAMPLERS
@@ -38,7 +40,7 @@ from workbench.chatting import GenSettings, Message
 from workbench.figures import HEIGHT, TEMPLATE, empty, tune_chart
 from workbench.searching import SearchRun, SearchSpec, load_study
 from workbench.session import BASE, BASE_IT, TUNE, Session, TuneResult
-from workbench.text import counted
+from workbench.text import counted, reworded
 from workbench.widget_parts import Component, pane_html, redraw
 from workbench.workspace import WorkbenchError
 
@@ -115,10 +117,14 @@ class WeightSliders(Component):
         targets = [(self.sliders[n], float(v)) for n, v in weights.items()]
         if instruction_weight is not None and self.instruction is not None:
             targets.append((self.instruction, float(instruction_weight)))
+        bad = {s.description: v for s, v in targets if not math.isfinite(v)}
+        if bad:  # checked before any slider moves: a refused value never sticks in a slider
+            raise WorkbenchError(f"weights must be finite numbers, got {bad}")
         self._quiet = True
         try:
-            for s, v in targets:
+            for s, v in targets:  # the slider's range grows to hold the value (as session.apply takes it), not clamps
                 s.max = max(s.max, v)
+                s.min = min(s.min, v)
                 s.value = v
         finally:
             self._quiet = False
@@ -146,6 +152,11 @@ def history_figure(trials: Sequence[Any], title: str = "objective per trial (low
     fig.update_layout(title=title, height=HEIGHT, template=TEMPLATE, xaxis_title="trial",
                       yaxis_title="objective", margin={"l": 50, "r": 20, "t": 40, "b": 40})
     return fig
+
+
+# What the SearchRunner form calls the settings the library's messages name by their CLI flags.
+FORM_FIELDS = {"--objective": "objective (custom, or the preset)", "--bounds": "bounds", "--sampler": "sampler",
+               "--trials": "trials", "--search-limit": "search_limit"}
 
 
 class SearchRunner(Component):
@@ -200,8 +211,12 @@ class SearchRunner(Component):
                           instruction_weight=self.instruction_weight)
 
     def start(self) -> SearchRun:
-        """Start the search the form describes (one per session at a time); returns at once."""
-        run = self.session.start_search(self.spec())
+        """Start the search the form describes (one per session at a time); returns at once. A mistake in the form
+        raises WorkbenchError naming the widget's field (``custom``, ``bounds``, ...)."""
+        try:
+            run = self.session.start_search(self.spec())
+        except OptimerError as exc:
+            raise WorkbenchError(reworded(str(exc), FORM_FIELDS)) from exc
         self.run = run
         run.on_event = lambda _ev: self.refresh()
         self.refresh()  # trials that finished before on_event was set

@@ -247,8 +247,9 @@ class Workspace:
             if self._pool is None:
                 m = self.manifest()
                 if m is None:
-                    raise WorkbenchError(f"no pool in {self.workdir}: build the demo pool (Pool tab) or add "
-                                         "vectors and choose a base")
+                    raise WorkbenchError(f"no pool in {self.workdir}: build the demo pool (Pool tab; in a notebook "
+                                         "Workspace.build_demo_pool()) or add vectors and choose a base "
+                                         "(Workspace.set_pool)")
                 self._pool = self._open(m)
             return self._pool
 
@@ -353,9 +354,10 @@ class Workspace:
 
     def _open(self, m: dict[str, Any]) -> SharedPool:
         if not m.get("base"):
-            raise WorkbenchError("the pool has no base model: choose one in the Pool tab")
+            raise WorkbenchError("the pool has no base model: choose one in the Pool tab (Workspace.set_pool)")
         if not m.get("vectors"):
-            raise WorkbenchError("cannot open the pool: the pool has no distribution vector: add one in the Pool tab")
+            raise WorkbenchError("cannot open the pool: the pool has no distribution vector: add one in the Pool tab "
+                                 "(Workspace.set_pool)")
         base_dir = self._abs(m["base"])
         inst = self._abs(m["instruction"]) if m.get("instruction") else None
         files = [self._abs(p) for p in m["vectors"]]

@@ -7,13 +7,13 @@ on page load and whenever the pool changes, so tabs never reach into each other 
 from __future__ import annotations
 
 import html
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from optimer_lib.merging.methods import MERGE_METHODS
+from workbench.text import reworded
 from workbench.workspace import Workspace
 
 METHODS = sorted(m for m in MERGE_METHODS if m != "linear")  # "linear" is an alias of "optimer"
@@ -41,23 +41,11 @@ FLAG_LABELS = {
     "--dev-docs": "documents per set", "--seed": "seed", "--vector": "distribution vectors",
     "--base": "base checkpoint", "--instruction": "instruction vector",
 }
-_FLAG = re.compile(r"--[a-z][a-z-]*")
-_COMMAND = re.compile(r"\boptimer [a-z][^:;()]*$")  # "... (optimer vector extract --name)": a command, kept
 
 
 def in_page_words(message: str) -> str:
-    """``message`` with the CLI flags it names replaced by the quoted labels of the boxes that set them.
-
-    >>> print(in_page_words("bad --objective x: use --sampler tpe (or optimer search --sampler grad)"))
-    bad "objective" x: use "sampler" tpe (or optimer search --sampler grad)
-    """
-    def label(m: re.Match[str]) -> str:
-        name = FLAG_LABELS.get(m.group())
-        if name is None or _COMMAND.search(message, 0, m.start()):
-            return m.group()
-        return f'"{name}"'
-
-    return _FLAG.sub(label, message)
+    """``message`` with the CLI flags it names replaced by the quoted labels of the boxes that set them."""
+    return reworded(message, FLAG_LABELS)
 
 
 def error_md(exc: BaseException) -> str:
