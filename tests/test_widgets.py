@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def test_sliders_refuse_a_weight_that_is_not_a_number_and_take_a_negative_one(se
     ws = WeightSliders(session)
     with pytest.raises(WorkbenchError, match="finite"):
         ws.set({"ja": float("nan")})
-    assert ws.sliders["ja"].value == ws.sliders["ja"].value  # not NaN
+    assert math.isfinite(ws.sliders["ja"].value)  # the refused NaN did not stick
     r = ws.set({"ja": -0.5, "math": 0.2})
     assert r.weights == {"ja": -0.5, "math": 0.2} and ws.sliders["ja"].value == -0.5 and ws.sliders["ja"].min <= -0.5
 
