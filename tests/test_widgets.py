@@ -132,6 +132,13 @@ def test_search_runner_reports_bad_settings(session: Session):
     assert '"bounds"' in str(err.value) and "--bounds" not in str(err.value)
 
 
+def test_search_runner_refuses_an_unknown_sampler_and_a_zero_budget_in_its_own_words(session: Session):
+    with pytest.raises(WorkbenchError, match="unknown sampler 'TPE': choose one of .*tpe"):
+        SearchRunner(session, sampler="TPE")
+    with pytest.raises(WorkbenchError, match="trials must be 1..100000"):
+        SearchRunner(session, trials=0)
+
+
 def test_sliders_refuse_a_weight_that_is_not_a_number_and_take_a_negative_one(session: Session):
     """A refused value never sticks in a slider (the next move still works); a negative weight is merged as
     session.apply merges it, the slider's range growing to hold it instead of clamping it to 0 unsaid."""

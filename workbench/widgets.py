@@ -170,6 +170,11 @@ class SearchRunner(Component):
                  trials: int = INTERACTIVE.trials, bounds: str = INTERACTIVE.bounds,
                  search_limit: int = INTERACTIVE.search_limit or 32, top_k: int = INTERACTIVE.top_k,
                  study_name: str = "", instruction_weight: float = INTERACTIVE.instruction_weight) -> None:
+        if sampler not in SAMPLERS:  # the Dropdown would refuse it with traitlets' bare "Invalid selection"
+            raise WorkbenchError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if not 1 <= int(trials) <= 100_000 or not 1 <= int(search_limit) <= 1_000_000:  # not clamped unsaid
+            raise WorkbenchError(f"trials must be 1..100000 and search_limit 1..1000000, got {trials} and "
+                                 f"{search_limit}")
         self.session = session
         suite = session.shared.suite
         choices = list(presets(list(suite.texts), list(suite.qa)))
