@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from optimer_lib.search.arena import Arena, Candidate, Pair
 from workbench.chatting import GenSettings, Message, stream_many
 from workbench.session import Session
+from workbench.text import counted
 
 KEY = "arena"  # the Session.ui slot holding this tab's ArenaRun
 DEFAULT_STUDY = "arena"
@@ -113,5 +114,5 @@ class ArenaRun:
         """One Markdown line: votes so far and the best estimate."""
         votes, best = self.arena.votes, self.best
         ties = sum(v["choice"] == "tie" for v in votes)
-        head = f"**{len(votes)} vote(s)** ({ties} tie(s)) in study `{self.arena.raw.study_name}`"
+        head = f"**{counted(len(votes), 'vote')}** ({counted(ties, 'tie')}) in study `{self.arena.raw.study_name}`"
         return head + (f"; best so far: {fmt_weights(best.weights)}" if best else "; no best yet: vote once")

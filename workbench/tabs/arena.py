@@ -16,6 +16,7 @@ from workbench.arena import DEFAULT_STUDY, ArenaRun, default_storage
 from workbench.chatting import GenSettings
 from workbench.session import Session
 from workbench.tabs import Ctx, error_md
+from workbench.text import counted
 
 VOTES = {"arena-left": ("A is better", "left"), "arena-tie": ("Tie", "tie"), "arena-right": ("B is better", "right")}
 
@@ -97,7 +98,8 @@ class ArenaPanel:
             run = self._run(session, storage, study, sampler, iw)
         except Exception as exc:
             return [gr.skip(), gr.skip(), error_md(exc), gr.skip()]
-        return [[], [], f"opened; {len(run.arena.votes)} vote(s) so far: ask both merges a prompt", run.summary()]
+        return [[], [], f"opened; {counted(len(run.arena.votes), 'vote')} so far: ask both merges a prompt",
+                run.summary()]
 
     def _stream(self, session: Session, run: ArenaRun, prompt: str, settings: GenSettings,
                 note: str) -> Iterator[list[Any]]:
