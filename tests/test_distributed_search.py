@@ -174,3 +174,14 @@ def test_a_worker_that_loses_the_table_creation_race_retries(monkeypatch):
     lost[:] = [ProgrammingError("SELECT", {}, Exception("syntax"))] * 5  # a real error still surfaces, after 5 tries
     with pytest.raises(ProgrammingError):
         open_storage("postgresql://u@h/db")
+
+
+def test_a_storage_file_in_a_missing_folder_is_refused_in_words(tmp_path):
+    """A SQLite or journal file whose folder does not exist: a ConfigError naming the folder, not the driver's
+    "unable to open database file" (the arena widget, the Search tab and the CLI all open storages here)."""
+    from optimer_lib.errors import ConfigError
+
+    for url in (f"sqlite:///{tmp_path}/nope/arena.db", f"journal://{tmp_path}/nope/study.log"):
+        with pytest.raises(ConfigError, match="the folder .*nope' does not exist"):
+            open_storage(url)
+    assert open_storage(f"sqlite:///{tmp_path}/arena.db") is not None  # the folder is there: opened

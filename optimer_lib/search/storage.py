@@ -38,6 +38,11 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     ``relation "studies" already exists``)."""
     if not url:
         return None
+    for prefix in ("sqlite:///", "journal://"):  # a file in a folder that is not there: say so, not the driver's error
+        file = url.removeprefix(prefix) if url.startswith(prefix) else ""
+        if file and file != ":memory:" and not Path(file).parent.is_dir():
+            raise ConfigError(f"cannot open the study storage {url!r}: the folder {str(Path(file).parent)!r} does not "
+                              "exist: create it, or choose another storage")
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
