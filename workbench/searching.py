@@ -38,7 +38,7 @@ from optimer_lib.scoring.objectives import LMEVAL, Objective, parse_objective
 from optimer_lib.search.defaults import INTERACTIVE
 from optimer_lib.search.pareto import PARETO_SAMPLERS, ParetoResult, all_points, run_pareto_search
 from optimer_lib.search.specs import parse_bounds
-from optimer_lib.search.storage import open_storage
+from optimer_lib.search.storage import open_storage, storage_file
 from optimer_lib.search.study import SearchConfig, SearchResult, run_search, trial_table
 from workbench.text import counted
 from workbench.workspace import SharedPool, WorkbenchError
@@ -358,14 +358,12 @@ _STORAGE_LOCK = threading.Lock()
 
 def _file_identity(url: str) -> tuple[int, int] | None:
     """(device, inode) of the file a ``sqlite:///`` or ``journal://`` URL names (None: no such file, or a server)."""
-    for prefix in ("sqlite:///", "journal://"):
-        if url.startswith(prefix):
-            try:
-                st = Path(url.removeprefix(prefix)).stat()
-            except OSError:
-                return None
-            return st.st_dev, st.st_ino
-    return None
+    file = storage_file(url)
+    try:
+        st = file[0].stat() if file else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:

@@ -29,6 +29,18 @@ def workdir_storage(workdir: str | os.PathLike, storage: str | None = None) -> s
     return storage or f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
 
 
+FILE_STORAGES = (("sqlite:///", "study database"), ("journal://", "study journal"))
+
+
+def storage_file(url: str) -> tuple[Path, str] | None:
+    """The file a SQLite or journal storage URL names (``:memory:`` for an in-memory SQLite one), with what it
+    holds; None for a server URL (postgresql://, mysql://)."""
+    for prefix, what in FILE_STORAGES:
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix)), what
+    return None
+
+
 def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     """The Optuna storage for ``--storage``: ``journal:///abs/file.log`` (or ``journal://rel/file.log``) is a
     JournalStorage on that file (several hosts on a shared file system); SQLite URLs get a 60 s lock
@@ -38,11 +50,10 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     ``relation "studies" already exists``)."""
     if not url:
         return None
-    for prefix in ("sqlite:///", "journal://"):  # a file in a folder that is not there: say so, not the driver's error
-        file = url.removeprefix(prefix) if url.startswith(prefix) else ""
-        if file and file != ":memory:" and not Path(file).parent.is_dir():
-            raise ConfigError(f"cannot open the study storage {url!r}: the folder {str(Path(file).parent)!r} does not "
-                              "exist: create it, or choose another storage")
+    file = storage_file(url)
+    if file and file[0].name != ":memory:" and not file[0].parent.is_dir():  # say so, not the driver's error
+        raise ConfigError(f"cannot open the study storage {url!r}: the folder {str(file[0].parent)!r} does not "
+                          "exist: create it, or choose another storage")
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -62,9 +73,9 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
 
 def open_study(storage: str, study_name: str | None = None) -> optuna.Study:
     """Load an existing study; ``study_name=None`` picks the storage's only study (else lists them)."""
-    for prefix, what in (("sqlite:///", "study database"), ("journal://", "study journal")):
-        if storage.startswith(prefix) and not Path(storage.removeprefix(prefix)).is_file():
-            raise ConfigError(f"no {what} at {storage!r}: point --workdir/--storage at a finished search")
+    file = storage_file(storage)
+    if file and not file[0].is_file():
+        raise ConfigError(f"no {file[1]} at {storage!r}: point --workdir/--storage at a finished search")
     store = open_storage(storage)
     names = optuna.get_all_study_names(store)
     if study_name is None:
