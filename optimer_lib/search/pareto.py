@@ -78,15 +78,17 @@ class ParetoResult:
     stopped: str | None = None   # "time_budget" when config.time_budget ended the search before config.trials
 
 
-def measured(spec: str, value: float) -> tuple[str, float]:
-    """How to show an objective's value: a lone accuracy term (``acc:math``, weight 1) enters an objective negated
-    (every objective is minimised), so it is shown as the accuracy itself, labelled higher-is-better; any other
-    spec as it is, lower-is-better. Returns ``(label, value)``."""
+def higher_is_better(spec: str) -> bool:
+    """Whether ``spec`` is a lone accuracy term (``acc:math``, weight 1): it enters an objective negated (every
+    objective is minimised), so it is shown as the accuracy itself (:func:`measured`), higher is better."""
     kind, _, rest = spec.partition(":")
     name, _, weight = rest.partition("=")
-    if kind in HIGHER_IS_BETTER and name and "," not in rest and weight.strip() in ("", "1"):
-        return f"{spec} (higher is better)", -value
-    return f"{spec} (lower is better)", value
+    return kind in HIGHER_IS_BETTER and bool(name) and "," not in rest and weight.strip() in ("", "1")
+
+
+def measured(spec: str, value: float) -> float:
+    """An objective's value as a person reads it: the accuracy of a lone accuracy term, else the value itself."""
+    return -value if higher_is_better(spec) else value
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -203,7 +205,7 @@ def export_point(pool: Any, point: ParetoPoint, out_dir: str | Path, *, overwrit
     return export_merged(pool.model, pool.tokenizer, out_dir, base_path=str(pool.base_dir), vectors=pool.vectors,
                          weights=point.weights, instruction=pool.instruction,
                          instruction_weight=pool.merger.instruction_weight if pool.instruction else None,
-                         scores={f"dev {k}": measured(k, v)[1] for k, v in point.values.items()},
+                         scores={f"dev {k}": measured(k, v) for k, v in point.values.items()},
                          overwrite=overwrite)
 
 
@@ -223,20 +225,21 @@ def pareto_figure(study: optuna.Study, objectives: Sequence[str | Objective] | N
     fig = go.Figure()
     for on_front, name, color in ((False, "dominated", "lightgrey"), (True, "Pareto front", "crimson")):
         sel = sorted((p for p in points if (p.number in front) == on_front), key=lambda p: list(p.values.values()))
-        axes = {ax: [measured(s, p.values[s])[1] for p in sel] for ax, s in zip("xyz", specs, strict=False)}
+        axes = {ax: [measured(s, p.values[s]) for p in sel] for ax, s in zip("xyz", specs, strict=False)}
         hover = [f"trial {p.number}<br>" + "<br>".join(f"{n}={w:.3f}" for n, w in p.weights.items()) for p in sel]
         common = {"name": name, "customdata": [[p.number] for p in sel], "hovertext": hover, "hoverinfo": "text",
                   "marker": {"color": color, "size": 7 if on_front else 5}}
         mode = "markers+lines" if on_front and len(specs) == 2 else "markers"
         fig.add_trace(go.Scatter3d(mode="markers", **axes, **common) if len(specs) == 3
                       else go.Scatter(mode=mode, **axes, **common))
-    labels = [measured(s, 0.0)[0] for s in specs]
+    up = [higher_is_better(s) for s in specs]
     title = f"Pareto front of {study.study_name} ({len(front)} of {len(points)} trials)"
     if len(specs) == 3:  # a 3-D scene clips long axis titles: arrows there, their meaning in the title
-        short = [f"{s} {'↑' if 'higher' in t else '↓'}" for s, t in zip(specs, labels, strict=True)]
-        fig.update_layout(scene={f"{ax}axis_title": t for ax, t in zip("xyz", short, strict=True)})
+        fig.update_layout(scene={f"{ax}axis_title": f"{s} {'↑' if u else '↓'}"
+                                 for ax, s, u in zip("xyz", specs, up, strict=True)})
         title += "; ↓ lower is better, ↑ higher is better"
     else:
+        labels = [f"{s} ({'higher' if u else 'lower'} is better)" for s, u in zip(specs, up, strict=True)]
         fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1])
     fig.update_layout(title=title, legend={"orientation": "h"})
     return fig

@@ -41,7 +41,7 @@ def default_objectives(texts: list[str], qa: list[str]) -> list[str]:
 
 def point_label(number: int, values: dict[str, float]) -> str:
     """A front point in the dropdown, each value as measured (an accuracy as an accuracy, not negated)."""
-    return f"trial {number}: " + ", ".join(f"{k} {measured(k, v)[1]:.4g}" for k, v in values.items())
+    return f"trial {number}: " + ", ".join(f"{k} {measured(k, v):.4g}" for k, v in values.items())
 
 
 class ObjectivesPanel:
