@@ -154,6 +154,8 @@ def history_figure(trials: Sequence[Any], title: str = "objective per trial (low
     return fig
 
 
+MAX_TRIALS, MAX_DOCS = 100_000, 1_000_000  # the form's trials and docs/set boxes, and the constructor's check
+
 # What the SearchRunner form calls the settings the library's messages name by their CLI flags.
 FORM_FIELDS = {"--objective": "objective (custom, or the preset)", "--bounds": "bounds", "--sampler": "sampler",
                "--trials": "trials", "--search-limit": "search_limit"}
@@ -172,8 +174,8 @@ class SearchRunner(Component):
                  study_name: str = "", instruction_weight: float = INTERACTIVE.instruction_weight) -> None:
         if sampler not in SAMPLERS:  # the Dropdown would refuse it with traitlets' bare "Invalid selection"
             raise WorkbenchError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if not 1 <= int(trials) <= 100_000 or not 1 <= int(search_limit) <= 1_000_000:  # not clamped unsaid
-            raise WorkbenchError(f"trials must be 1..100000 and search_limit 1..1000000, got {trials} and "
+        if not 1 <= int(trials) <= MAX_TRIALS or not 1 <= int(search_limit) <= MAX_DOCS:  # not clamped unsaid
+            raise WorkbenchError(f"trials must be 1..{MAX_TRIALS} and search_limit 1..{MAX_DOCS}, got {trials} and "
                                  f"{search_limit}")
         self.session = session
         suite = session.shared.suite
@@ -184,9 +186,9 @@ class SearchRunner(Component):
         self.custom = widgets.Text(value="" if objective in choices else objective, description="custom",
                                    placeholder="loss:ja=1,acc:math=2 or file.py:fn (overrides the preset)", **wide)
         self.sampler = widgets.Dropdown(options=list(SAMPLERS), value=sampler, description="sampler", **wide)
-        self.trials = widgets.BoundedIntText(value=trials, min=1, max=100_000, description="trials", **wide)
+        self.trials = widgets.BoundedIntText(value=trials, min=1, max=MAX_TRIALS, description="trials", **wide)
         self.bounds = widgets.Text(value=bounds, description="bounds", placeholder="0:1 or ja=0:1.5,zh=0:1", **wide)
-        self.search_limit = widgets.BoundedIntText(value=search_limit, min=1, max=1_000_000, description="docs/set",
+        self.search_limit = widgets.BoundedIntText(value=search_limit, min=1, max=MAX_DOCS, description="docs/set",
                                                    **wide)
         self.top_k, self.study_name, self.instruction_weight = top_k, study_name, instruction_weight
         self.start_button = widgets.Button(description="start", button_style="primary")

@@ -21,6 +21,7 @@ import gradio as gr
 
 from optimer_lib.merging import groups
 from optimer_lib.merging.methods import format_method_params, parse_method_params
+from optimer_lib.scoring.tune_config import TuneScoring
 from workbench.figures import FigureCache, empty, layer_heatmap, tune_chart
 from workbench.session import Session, TuneResult
 from workbench.tabs import Ctx, error_md, method_controls
@@ -38,6 +39,11 @@ def _fmt_interval(u: TuneUpdate) -> str:
         return ""
     band = f" (95% [{ci.low:.4f}, {ci.high:.4f}] over the scored documents)" if ci is not None else ""
     return f" · objective (balanced) **{u.objective:.4f}**{band}"
+
+
+def cost_line(session: Session, scoring: TuneScoring | None = None) -> str:
+    """The scoring set's cost line (``scoring`` or the Tune one): tokens and forward FLOPs of one Tune score."""
+    return f"one Tune score {session.scoring_cost(scoring)}"
 
 
 def dev_sets_update(session: Session, ticked: Sequence[str] | None) -> dict[str, Any]:
@@ -354,10 +360,8 @@ class TuneTab(GroupControls):
                 return "fill in every number to see what this scoring set costs"
             sc = session.scoring_for(sets or None, int(docs), int(docs), int(seq_len), int(batch),
                                      lmeval=(lmeval or "").split(","))
-            if sc == session.scoring:
-                return f"one Tune score {session.scoring_cost(sc)}"
-            return (f"this set (not used yet; press *use this scoring set*): one Tune score "
-                    f"{session.scoring_cost(sc)}")
+            line = cost_line(session, sc)
+            return line if sc == session.scoring else f"this set (not used yet; press *use this scoring set*): {line}"
         except Exception as exc:
             return error_md(exc)
 
@@ -370,7 +374,7 @@ class TuneTab(GroupControls):
         try:
             sc = session.set_scoring(sets or None, int(docs), int(docs), int(seq_len), int(batch),
                                      lmeval=(lmeval or "").split(","))
-            cost = f"one Tune score {session.scoring_cost(sc)}"
+            cost = cost_line(session, sc)
         except Exception as exc:
             yield error_md(exc), gr.update(), gr.update()
             return
@@ -410,7 +414,7 @@ class TuneTab(GroupControls):
             iw = session.tune.instruction_weight
             t0 = time.perf_counter()
             r = session.cached_result()
-            cost = f"one Tune score {session.scoring_cost()}"
+            cost = cost_line(session)
             if r is not None:
                 fig, status = self.render(session, r, t0)
             else:
