@@ -164,7 +164,7 @@ def test_fewer_seeds_than_the_protocol_make_every_verdict_provisional(tmp_path):
 
 def test_results_of_seeds_run_in_separate_workdirs_add_up(tmp_path):
     """Seed 0 copied to results, then seed 1 from a fresh workdir (a later session): results hold both."""
-    from optimer_lib.experiments.findings import copy_results
+    from optimer_lib.experiments.findings_data import copy_results
 
     dest = tmp_path / "results"
     for seed in (0, 1):
@@ -356,7 +356,7 @@ def test_unequal_search_budgets_of_the_reoptimised_pool_are_said(tmp_path):
 def test_per_seed_differences_are_each_seeds_own_test_objectives():
     """Finding 1b lists each seed's difference beside the interval: seed by seed it is the difference of the two
     rows' test objectives that seed's final stage recorded (every test document)."""
-    from optimer_lib.experiments.findings import Samples, load_results
+    from optimer_lib.experiments.findings_data import Samples, load_results
 
     _, per_seed = load_results(FIXTURE)
     sm = Samples(per_seed)

@@ -18,23 +18,20 @@ compared (the best mixture, the α-ratio conversion) is chosen per seed on the d
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from optimer_lib.errors import ConfigError
 from optimer_lib.experiments import docscores as ds
 from optimer_lib.experiments import granularity as gr
 from optimer_lib.experiments import stats as st
+from optimer_lib.experiments.findings_data import Samples, dev_pick, fixed, load_results
 from optimer_lib.experiments.regime_report import summarise_regime
-from optimer_lib.experiments.report import PAPER_COST_RATIO, cost_ratios, ledger_of, pick_on_dev
+from optimer_lib.experiments.report import PAPER_COST_RATIO, cost_ratios, ledger_of
 from optimer_lib.experiments.stats import fmt_interval
-from optimer_lib.fileio import atomic_write_json
 
 COSINE_MAX, LINE_MIN_COS, LINE_T_TOL, GAIN_SHARE = 0.31, 0.9, 0.1, 0.1
 # A verdict on fewer seeds than this is printed as provisional (the protocol asks for 3: CPT and search seed).
@@ -66,107 +63,6 @@ CRITERIA = {
 }
 
 
-# -- results directory ----------------------------------------------------------------------------------------
-def load_results(d: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """``(config, {seed: {stage: json}})`` of a results (or work) directory."""
-    d = Path(d)
-    if not (d / "config.json").is_file():
-        raise ConfigError(f"{d} has no config.json: point --results at a directory written by `optimer experiments`")
-    cfg = json.loads((d / "config.json").read_text())
-    per: dict[int, dict[str, Any]] = {}
-    for s in cfg.get("seeds", []):
-        folder = d / f"seed-{s}" / "stages"
-        if folder.is_dir():
-            per[int(s)] = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-    return cfg, per
-
-
-def copy_results(wd: str | Path, dest: str | Path) -> None:
-    """Copy the small JSONs (config, every seed's config and stages) of a workdir to ``dest``."""
-    wd, dest = Path(wd), Path(dest)
-    if dest.resolve() == wd.resolve():
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    # Seeds run in different sessions (fresh workdirs) add up: keep the seeds already in dest that still have stages.
-    cfg = json.loads((wd / "config.json").read_text())
-    old = json.loads((dest / "config.json").read_text()) if (dest / "config.json").is_file() else {}
-    kept = [s for s in old.get("seeds", []) if (dest / f"seed-{s}" / "stages").is_dir()]
-    cfg["seeds"] = sorted({int(s) for s in [*kept, *cfg.get("seeds", [])]})
-    atomic_write_json(dest / "config.json", cfg, indent=1)
-    for seed_dir in sorted(wd.glob("seed-*")):
-        (dest / seed_dir.name / "stages").mkdir(parents=True, exist_ok=True)
-        if (seed_dir / "config.json").is_file():
-            shutil.copyfile(seed_dir / "config.json", dest / seed_dir.name / "config.json")
-        for f in sorted((seed_dir / "stages").glob("*.json")):
-            shutil.copyfile(f, dest / seed_dir.name / "stages" / f.name)
-
-
-# -- per-document samples -------------------------------------------------------------------------------------
-class Samples:
-    """Per-document components of the final rows, stacked over seeds: ``[seeds, documents]`` arrays."""
-
-    def __init__(self, per_seed: dict[int, dict[str, Any]]) -> None:
-        self.seeds = sorted(s for s, stages in per_seed.items() if "final" in stages)
-        self.final = {s: per_seed[s]["final"] for s in self.seeds}
-        first = self.final[self.seeds[0]] if self.seeds else {}
-        self.objective = first.get("objective", "balanced")
-        self.terms: dict[str, dict[str, float]] = first.get("terms", {})
-
-    def with_rows(self, extra: dict[int, dict[str, Any]]) -> Samples:
-        """The seeds of ``extra`` only, their final rows plus ``extra[seed]`` (rows another stage scored on the same
-        test documents, e.g. the granularity stage's), so bootstraps pair them with the final rows."""
-        return Samples({s: {"final": {**self.final[s], "rows": {**self.final[s]["rows"], **extra[s]}}}
-                        for s in self.seeds if s in extra})
-
-    def has(self, row_of: Callable[[int], str | None]) -> bool:
-        return bool(self.seeds) and all((r := row_of(s)) is not None and r in self.final[s]["rows"]
-                                        and "test_docs" in self.final[s]["rows"][r] for s in self.seeds)
-
-    def stack(self, row_of: Callable[[int], str], comps: list[str]) -> dict[str, np.ndarray]:
-        rows = []
-        for s in self.seeds:
-            f = self.final[s]
-            c = ds.components(f["rows"][row_of(s)]["test_docs"], f["doc_tokens"])
-            rows.append([c[k] for k in comps])
-        arr = np.asarray(rows, dtype=float)  # [seeds, comps, docs]
-        return {k: arr[:, i, :] for i, k in enumerate(comps)}
-
-    def interval(self, stat: Callable[..., float], rows: dict[str, Callable[[int], str]],
-                 terms: dict[str, float]) -> st.Interval:
-        comps = ds.needed_components(terms)
-        return st.bootstrap_methods(stat, {k: self.stack(f, comps) for k, f in rows.items()})
-
-    def value(self, row_of: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
-        return self.interval(lambda m: ds.objective_of_means(terms, m["a"]), {"a": row_of}, terms)
-
-    def per_seed_diff(self, a: Callable[[int], str], b: Callable[[int], str], terms: dict[str, float]) -> list[float]:
-        """``objective(a) − objective(b)`` in each seed alone (every test document): what the interval's seed part
-        is made of."""
-        comps = ds.needed_components(terms)
-        sa, sb = self.stack(a, comps), self.stack(b, comps)
-        return [ds.objective_of_means(terms, {k: v[i].mean() for k, v in sa.items()})
-                - ds.objective_of_means(terms, {k: v[i].mean() for k, v in sb.items()}) for i in range(len(self.seeds))]
-
-    def diff(self, a: Callable[[int], str], b: Callable[[int], str], terms: dict[str, float]) -> st.Interval:
-        return self.interval(lambda m: ds.objective_of_means(terms, m["a"]) - ds.objective_of_means(terms, m["b"]),
-                             {"a": a, "b": b}, terms)
-
-
-def _fixed(row: str) -> Callable[[int], str]:
-    return lambda _s: row
-
-
-def _dev_pick(samples: Samples, prefix: str, suffix: str = "") -> Callable[[int], str | None]:
-    """Per seed, among rows named ``prefix...suffix``, the one with the lowest dev objective (never test)."""
-    def pick(s: int) -> str | None:
-        rows = samples.final[s]["rows"]
-        cands = [r for r in rows if r.startswith(prefix) and r.endswith(suffix)]
-        if not cands:
-            return None
-        return pick_on_dev(cands, {r: rows[r]["dev_objectives"][samples.objective] for r in cands})
-    return pick
-
-
 _iv = fmt_interval
 
 
@@ -181,10 +77,10 @@ def _finding(verdicts: list[str], ours: str, **extra: Any) -> dict[str, Any]:
 
 def _f1(sm: Samples, terms: dict[str, float],
         costs: dict[str, dict[str, float]] | None = None) -> dict[str, Any] | None:
-    mix = _dev_pick(sm, "data mixture", "best")
-    if not (sm.has(_fixed("OptiMer")) and sm.has(_fixed("baseline: uniform")) and sm.has(mix)):
+    mix = dev_pick(sm, "data mixture", "best")
+    if not (sm.has(fixed("OptiMer")) and sm.has(fixed("baseline: uniform")) and sm.has(mix)):
         return None
-    opt, uni, base = _fixed("OptiMer"), _fixed("baseline: uniform"), _fixed("base")
+    opt, uni, base = fixed("OptiMer"), fixed("baseline: uniform"), fixed("base")
     d_mix, d_uni = sm.diff(opt, mix, terms), sm.diff(opt, uni, terms)
     crit = st.Criterion("OptiMer − mixture", "below", 0.0), st.Criterion("OptiMer − uniform", "below", 0.0)
     chosen = sorted({mix(s) for s in sm.seeds})
@@ -214,20 +110,20 @@ def _budget_note(sm: Samples, terms: dict[str, float], opt: Callable[[int], str]
     for mode in sorted(k.removeprefix("mixture-") for k in costs if k.startswith("mixture-")):
         row, spent = f"data mixture ({mode}) best", costs[f"mixture-{mode}"]["first_model"]
         part = f"the {mode} mixture search cost {spent / 1e6:.2f}M forward-token equivalents"
-        if row not in chosen and sm.has(_fixed(row)):
-            part += f", OptiMer − that mixture {_iv(sm.diff(opt, _fixed(row), terms))}"
+        if row not in chosen and sm.has(fixed(row)):
+            part += f", OptiMer − that mixture {_iv(sm.diff(opt, fixed(row), terms))}"
         parts.append(part)
     return (f". Budgets: OptiMer cost {costs['optimer']['first_model'] / 1e6:.2f}M forward-token equivalents with "
             "its pool's CPT runs; " + "; ".join(parts) if parts else "")
 
 
 def _f1b(sm: Samples, terms: dict[str, float], per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    rows = {k: r for k, r in MERGE_BASELINES.items() if sm.has(_fixed(r))}
-    if not rows or not sm.has(_fixed("OptiMer")):
+    rows = {k: r for k, r in MERGE_BASELINES.items() if sm.has(fixed(r))}
+    if not rows or not sm.has(fixed("OptiMer")):
         return None
-    diffs = {k: sm.diff(_fixed("OptiMer"), _fixed(r), terms) for k, r in rows.items()}
+    diffs = {k: sm.diff(fixed("OptiMer"), fixed(r), terms) for k, r in rows.items()}
     trials = budgets(per_seed)
-    seeds = {k: sm.per_seed_diff(_fixed("OptiMer"), _fixed(r), terms) for k, r in rows.items()}
+    seeds = {k: sm.per_seed_diff(fixed("OptiMer"), fixed(r), terms) for k, r in rows.items()}
     text = "; ".join(f"OptiMer − {k} {_iv(d)} (per seed {', '.join(f'{v:.4f}' for v in seeds[k])}; "
                      f"{trials.get(k, '?')} trials)" for k, d in diffs.items())
     return _finding([st.Criterion(k, "below", 0.0).verdict(d) for k, d in diffs.items()],
@@ -319,7 +215,7 @@ def _f4(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _f5(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
-    alpha, uni = _dev_pick(sm, "α-ratio mixture"), _dev_pick(sm, "data mixture (equal_total) uniform")
+    alpha, uni = dev_pick(sm, "α-ratio mixture"), dev_pick(sm, "data mixture (equal_total) uniform")
     if not (sm.has(alpha) and sm.has(uni)):
         return None
     d = sm.diff(alpha, uni, terms)
@@ -338,14 +234,14 @@ def _f6(sm: Samples, cfg: dict[str, Any] | None = None) -> dict[str, Any] | None
     if sm.seeds:
         cands.update({r.removeprefix("OptiMer re-optimised for "): r for r in sm.final[sm.seeds[0]]["rows"]
                       if r.startswith("OptiMer re-optimised for ")})
-    if len(cands) < 2 or not all(sm.has(_fixed(r)) and k in sm.terms for k, r in cands.items()):
+    if len(cands) < 2 or not all(sm.has(fixed(r)) and k in sm.terms for k, r in cands.items()):
         return None
     verdicts, parts, numbers = [], [], {}
     for k, own in cands.items():
         for other_k, other in cands.items():
             if other_k == k:
                 continue
-            d = sm.diff(_fixed(own), _fixed(other), sm.terms[k])
+            d = sm.diff(fixed(own), fixed(other), sm.terms[k])
             numbers[f"{k}: {own} − {other}"] = d
             verdicts.append(st.Criterion(k, "below", 0.0).verdict(d))
             parts.append(f"on {k}: {k}-search − {other_k}-search {_iv(d)}")
@@ -396,7 +292,7 @@ def _f7(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _instruction(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
-    rows = [r for r in IT_ROWS if sm.has(_fixed(r))]
+    rows = [r for r in IT_ROWS if sm.has(fixed(r))]
     if "OptiMer + τ_IT (α searched with it)" not in rows or "OptiMer" not in rows:
         return None
     table, chat_q = {}, None
@@ -405,10 +301,10 @@ def _instruction(sm: Samples, terms: dict[str, float]) -> dict[str, Any] | None:
         qa = sorted(f.get("correct", {}))
         chat_q = chat_q or sorted(f.get("chat_correct", {}))
         chat = sorted(f.get("chat_correct", {}))
-        table[r] = {"objective": sm.value(_fixed(r), terms),
-                    **{f"acc:{q}": sm.value(_fixed(r), {f"acc:{q}": -1.0}) for q in qa},
-                    **{f"chat_acc:{q}": sm.value(_fixed(r), {f"chat_acc:{q}": -1.0}) for q in chat}}
-    with_it, without = _fixed("OptiMer + τ_IT (α searched with it)"), _fixed("OptiMer")
+        table[r] = {"objective": sm.value(fixed(r), terms),
+                    **{f"acc:{q}": sm.value(fixed(r), {f"acc:{q}": -1.0}) for q in qa},
+                    **{f"chat_acc:{q}": sm.value(fixed(r), {f"chat_acc:{q}": -1.0}) for q in chat}}
+    with_it, without = fixed("OptiMer + τ_IT (α searched with it)"), fixed("OptiMer")
     d_obj = sm.diff(with_it, without, terms)
     verdicts, d_chat = [], {}
     for q in chat_q or []:
@@ -470,7 +366,7 @@ def summarise_results(d: str | Path, regime: str | Path | None = None) -> dict[s
                     ("2", lambda: _f2(per_seed)), ("3", lambda: _f3(per_seed)), ("4", lambda: _f4(per_seed)),
                     ("5", lambda: _f5(sm, terms)), ("6", lambda: _f6(sm, cfg)), ("7", lambda: _f7(per_seed)),
                     ("it", lambda: _instruction(sm, terms)),
-                    ("layers", lambda: gr.finding(sm, per_seed, terms, _dev_pick(sm, "data mixture", "best")))):
+                    ("layers", lambda: gr.finding(sm, per_seed, terms, dev_pick(sm, "data mixture", "best")))):
         if terms or key in ("2", "3", "4", "7"):
             out = fn()
             if out is not None:
@@ -478,8 +374,8 @@ def summarise_results(d: str | Path, regime: str | Path | None = None) -> dict[s
     table = {}
     if sm.seeds and terms:
         for r in sm.final[sm.seeds[0]]["rows"]:
-            if sm.has(_fixed(r)):
-                table[r] = sm.value(_fixed(r), terms)
+            if sm.has(fixed(r)):
+                table[r] = sm.value(fixed(r), terms)
     return {"config": cfg, "seeds": sm.seeds, "seeds_configured": cfg.get("seeds", []), "objective": sm.objective,
             "provisional": len(sm.seeds) < MIN_SEEDS,
             "findings": f, "test_table": table, "budgets": budgets(per_seed), "costs": costs,

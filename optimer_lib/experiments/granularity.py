@@ -38,7 +38,7 @@ from optimer_lib.merging.groups import Granularity
 from optimer_lib.search import record
 
 if TYPE_CHECKING:
-    from optimer_lib.experiments.findings import Samples
+    from optimer_lib.experiments.findings_data import Samples
     from optimer_lib.search.study import SearchConfig
 
 STAGE, VECTOR = "granularity", "vector"

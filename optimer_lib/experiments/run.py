@@ -411,7 +411,7 @@ def run_experiments(cfg: ExperimentConfig, *, regime_map: bool = False,
     seed's report, the findings across seeds (``<workdir>/FINDINGS.md``) and, where asked, copies to
     ``cfg.results`` (the small JSONs) and ``findings`` (FINDINGS.md). Returns the last seed's report summary
     with ``findings_summary`` (across seeds) added."""
-    from optimer_lib.experiments.findings import copy_results
+    from optimer_lib.experiments.findings_data import copy_results
     from optimer_lib.experiments.findings_report import write_findings
     from optimer_lib.experiments.regime import run_regime_map
     from optimer_lib.experiments.report import write_all
